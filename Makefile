@@ -1,0 +1,54 @@
+# gliomaseg: `make demo` runs the whole pipeline on synthetic data; `make test` runs the suite.
+# Both create .venv from nothing. Without a GPU the CPU build of torch is installed (the CUDA one is GBs).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_DIR ?= demo
+STAMP := $(VENV)/.installed
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export WANDB_MODE ?= disabled
+export AWS_DEFAULT_REGION ?= us-east-1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test lint browser clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "no GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Headless Chromium for the web-page tests (Debian package; tests skip with a reason when absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: browser tests will be skipped"; }
+
+demo: $(STAMP)
+	$(PY) -m core data synth --out $(DEMO_DIR)/data --patients 12 --slices 24 --size 128
+	$(PY) -m core data prepare --src $(DEMO_DIR)/data/kaggle_3m --out $(DEMO_DIR)/prepared --no-progress
+	$(PY) -m core data eda $(DEMO_DIR)/prepared
+
+test: $(STAMP) browser
+	$(PY) -m pytest tests -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DEMO_DIR) runs .pytest_cache

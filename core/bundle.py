@@ -1,0 +1,120 @@
+"""The bundle: what a trained model is. A directory of model.safetensors + config.json + metrics.json.
+
+Loading never unpickles: weights come from safetensors, config and metrics from JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.io import atomic_dir, read_json, write_json
+from core.models import build_model
+
+BUNDLE_FORMAT = "gliomaseg-bundle/1"
+WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
+
+
+@dataclass
+class Bundle:
+    model: torch.nn.Module
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return str(self.config.get("version", "unknown"))
+
+
+def make_bundle_config(
+    train_config: dict[str, Any],
+    *,
+    in_channels: int,
+    class_names: list[str],
+    image_size: tuple[int, int],
+    postprocess: dict[str, Any],
+    split_hash: str = "",
+    name: str = "gliomaseg",
+) -> dict[str, Any]:
+    """Everything needed to rebuild, feed and post-process the model, beside the weights."""
+    out_channels = 1 if len(class_names) <= 2 else len(class_names)
+    return {
+        "format": BUNDLE_FORMAT,
+        "name": name,
+        "version": f"{name}-{time.strftime('%Y%m%dT%H%M%S')}",
+        "arch": train_config["arch"],
+        "model_args": {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "filters": int(train_config["filters"]),
+            "dropout": float(train_config["dropout"]),
+        },
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "channels": ["pre-contrast", "flair", "post-contrast"][:in_channels],
+        "normalisation": {"type": "scale", "scale": 1.0 / 255.0},
+        "threshold": float(train_config.get("threshold", 0.5)),
+        "postprocess": dict(postprocess),
+        "class_names": list(class_names),
+        "hyperparameters": dict(train_config),
+        "data": {"split_hash": split_hash},
+    }
+
+
+def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
+    args = config["model_args"]
+    return build_model(config["arch"], args["in_channels"], args["out_channels"], args["filters"], args["dropout"])
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    half: bool = False,
+) -> Path:
+    """Write a bundle atomically (a crash leaves any previous bundle at ``path`` intact)."""
+    module = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    config = {**config, "weights_dtype": "float16" if half else "float32"}
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": BUNDLE_FORMAT})
+        write_json(tmp / CONFIG, config)
+        write_json(tmp / METRICS, metrics)
+    return Path(path)
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle; errors name the missing or malformed file."""
+    path = Path(path)
+    for name in (WEIGHTS, CONFIG):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
+    try:
+        config = read_json(path / CONFIG)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / CONFIG}: not valid JSON ({exc})") from exc
+    if config.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
+    model = build_from_config(config)
+    state = load_file(str(path / WEIGHTS))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.to(device).eval()
+    return Bundle(model=model, config=config, metrics=metrics, path=path)
+
+
+def split_hash(split: dict[str, Any]) -> str:
+    """A stable hash of which patients are in which split, recorded in the bundle."""
+    patients = {k: sorted(v) for k, v in split.get("patients", {}).items()}
+    return hashlib.sha256(json.dumps(patients, sort_keys=True).encode()).hexdigest()[:16]

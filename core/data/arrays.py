@@ -1,0 +1,60 @@
+"""The prepared/ layout: split.json plus per-split uint8 arrays, memory-mapped on load."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.io import read_json
+
+SPLITS = ("train", "val", "test")
+ARRAYS = ("images", "masks", "patients", "slices")
+
+
+@dataclass
+class SplitArrays:
+    """One split: images (N,3,H,W) uint8, masks (N,H,W) uint8 labels, patient id and slice index per row."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    patients: np.ndarray
+    slices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def tumour(self) -> np.ndarray:
+        """Boolean per slice: does the ground truth have any foreground pixel."""
+        return self.masks.reshape(len(self), -1).max(axis=1) > 0
+
+    def select(self, rows: np.ndarray) -> SplitArrays:
+        return SplitArrays(self.images[rows], self.masks[rows], self.patients[rows], self.slices[rows])
+
+
+def load_split(prepared: str | os.PathLike, split: str, mmap: bool = True) -> SplitArrays:
+    """Load one split of a prepared directory (memory-mapped unless ``mmap=False``)."""
+    folder = Path(prepared) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such split; run `python -m core data prepare` first")
+    mode = "r" if mmap else None
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode=mode, allow_pickle=False) for name in ARRAYS}
+    return SplitArrays(**arrays)
+
+
+def load_split_info(prepared: str | os.PathLike) -> dict[str, Any]:
+    """split.json: patients per split, seed, slice and tumour-slice counts, classes, image size."""
+    path = Path(prepared) / "split.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {prepared} a prepared directory?")
+    return read_json(path)
+
+
+def save_split(folder: Path, arrays: SplitArrays) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ARRAYS:
+        np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(arrays, name)), allow_pickle=False)

@@ -1,0 +1,45 @@
+"""Mask post-processing: minimum lesion area per slice, largest 3D connected component per patient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+NO_POSTPROCESS: dict[str, Any] = {"largest_component": False, "min_area": 0}
+
+
+def remove_small_lesions(masks: np.ndarray, min_area: int) -> np.ndarray:
+    """Zero 2D connected components smaller than ``min_area`` pixels in each (H,W) slice of (N,H,W)."""
+    if min_area <= 0:
+        return masks
+    out = masks.copy()
+    for m in out:
+        labels, n = ndimage.label(m > 0)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())
+        small = np.flatnonzero(sizes < min_area)
+        small = small[small > 0]
+        if small.size:
+            m[np.isin(labels, small)] = 0
+    return out
+
+
+def keep_largest_component(masks: np.ndarray) -> np.ndarray:
+    """Keep the largest 3D connected component of the foreground of one patient's (N,H,W) stack."""
+    labels, n = ndimage.label(masks > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return masks
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return np.where(labels == int(sizes.argmax()), masks, 0).astype(masks.dtype)
+
+
+def apply_postprocess(masks: np.ndarray, settings: dict[str, Any], volume: bool) -> np.ndarray:
+    """Apply a bundle's post-processing to (N,H,W) masks; the 3D step only when they form one volume."""
+    out = remove_small_lesions(masks, int(settings.get("min_area", 0)))
+    if volume and settings.get("largest_component", False):
+        out = keep_largest_component(out)
+    return out
