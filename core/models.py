@@ -74,3 +74,48 @@ def build_model(arch: str, in_channels: int, out_channels: int, filters: int, dr
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def output_layer(
+    model: torch.nn.Module, in_channels: int, out_channels: int, size: int = SIZE_MULTIPLE * 2
+) -> torch.nn.Module | None:
+    """The last convolution (in execution order) that produces ``out_channels`` maps: the logits layer.
+
+    Found by running one dummy forward pass with hooks, because registration order is not execution
+    order for every MONAI network.
+    """
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    fired: list[torch.nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, _o: fired.append(mod))
+        for m in model.modules()
+        if isinstance(m, convs) and m.out_channels == out_channels and m.bias is not None
+    ]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, size, size, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return fired[-1] if fired else None
+
+
+def init_output_bias(model: torch.nn.Module, class_prior: list[float], in_channels: int = 3) -> bool:
+    """Start the logits at the class prior (RetinaNet's trick) instead of 0.
+
+    With ~1-2% tumour pixels a zero-bias network predicts p=0.5 everywhere and spends hundreds of Adam
+    steps unlearning that; starting at the prior makes the Dice term useful from the first step.
+    One prior (binary): bias = logit(p). K+1 priors (softmax): bias_c = log(p_c). Returns False when
+    no output convolution was found (the network keeps its default initialisation).
+    """
+    priors = torch.tensor(class_prior, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+    layer = output_layer(model, in_channels, len(class_prior))
+    if layer is None:
+        return False
+    bias = torch.log(priors / (1 - priors)) if len(class_prior) == 1 else torch.log(priors)
+    with torch.no_grad():
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+    return True

@@ -1,0 +1,166 @@
+"""Evaluate a bundle on a prepared split or a Kaggle-layout folder: CSVs, summary.json and plots.
+
+``evaluate_split`` is the reusable part (training and tune call it): it predicts each patient as one
+volume, so the bundle's 3D post-processing applies exactly as it will in serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.io import write_json
+from core.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
+from core.predictor import Predictor
+
+GALLERY = 6  # slices in the worst / best galleries
+
+
+def _as_predictor(predictor: Predictor | str | os.PathLike, device: str = "auto") -> Predictor:
+    return predictor if isinstance(predictor, Predictor) else Predictor.from_bundle(predictor, device)
+
+
+def patient_groups(arrays: SplitArrays) -> list[np.ndarray]:
+    """Row indices of each patient (patients sorted by id), slices in order."""
+    patients = np.asarray(arrays.patients).astype(str)
+    order = np.lexsort((np.asarray(arrays.slices), patients))
+    ids = patients[order]
+    return np.split(order, np.flatnonzero(ids[1:] != ids[:-1]) + 1) if len(order) else []
+
+
+def predict_split(predictor: Predictor, arrays: SplitArrays) -> np.ndarray:
+    """(N,H,W) uint8 masks in the rows' order, each patient predicted as a volume (post-processed)."""
+    out = np.zeros(np.shape(arrays.masks), dtype=np.uint8)
+    for rows in patient_groups(arrays):
+        images = np.ascontiguousarray(np.asarray(arrays.images[rows]).transpose(0, 2, 3, 1))
+        out[rows] = predictor.predict(images, volume=True)
+    return out
+
+
+def _class_names(predictor: Predictor) -> list[str] | None:
+    return list(predictor.config["class_names"]) if predictor.multiclass else None
+
+
+def evaluate_split(predictor: Predictor | str | os.PathLike, arrays: SplitArrays) -> dict[str, float]:
+    """All DESIGN.md metrics of a bundle (or ``Predictor``) on one split, with its post-processing."""
+    predictor = _as_predictor(predictor)
+    pred = predict_split(predictor, arrays)
+    return segmentation_metrics(pred, np.asarray(arrays.masks), arrays.patients, _class_names(predictor))
+
+
+def arrays_from_src(src: str | os.PathLike, classes: int = 1) -> SplitArrays:
+    """Read a Kaggle-layout folder (core.data.prepare.read_patients) into one SplitArrays."""
+    from core.data.prepare import read_patients
+
+    patients = list(read_patients(src, classes=classes))
+    if not patients:
+        raise ValueError(f"{src}: no patients")
+    return SplitArrays(
+        images=np.concatenate([p.images.transpose(0, 3, 1, 2) for p in patients]),
+        masks=np.concatenate([p.masks for p in patients]),
+        patients=np.concatenate([np.full(len(p.masks), p.id) for p in patients]),
+        slices=np.concatenate([p.slices for p in patients]),
+    )
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["patient"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(
+    predictor: Predictor, arrays: SplitArrays, out: str | os.PathLike, source: dict[str, Any]
+) -> dict[str, Any]:
+    """Predict, then write per_slice.csv, per_patient.csv, summary.json and the PNG plots to ``out``."""
+    from core import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    truth = np.asarray(arrays.masks)
+    patients = np.asarray(arrays.patients).astype(str)
+    pred = predict_split(predictor, arrays)
+    names = _class_names(predictor)
+    metrics = segmentation_metrics(pred, truth, patients, names)
+    dice = per_slice_dice(pred, truth)
+    true_px = np.count_nonzero(truth.reshape(len(truth), -1), axis=1)
+    pred_px = np.count_nonzero(pred.reshape(len(pred), -1), axis=1)
+    _write_csv(out / "per_slice.csv", [
+        {"patient": p, "slice": int(s), "dice": round(float(d), 6), "truth_pixels": int(t), "pred_pixels": int(q)}
+        for p, s, d, t, q in zip(patients, arrays.slices, dice, true_px, pred_px, strict=True)
+    ])
+    by_patient = per_patient_dice(pred, truth, patients)
+    _write_csv(out / "per_patient.csv", [
+        {"patient": pid, "dice": round(d, 6), "slices": int((patients == pid).sum()),
+         "tumour_slices": int((true_px[patients == pid] > 0).sum()),
+         "truth_pixels": int(true_px[patients == pid].sum()), "pred_pixels": int(pred_px[patients == pid].sum())}
+        for pid, d in by_patient.items()
+    ])
+    plots.dice_histogram(dice[(true_px > 0) | (pred_px > 0)], out / "dice_histogram.png",
+                         "Slice Dice (slices with tumour in truth or prediction)")
+    plots.per_patient_bars(list(by_patient), list(by_patient.values()), out / "per_patient.png")
+    # Galleries from slices where there is something to see (truth or prediction non-empty).
+    candidates = np.flatnonzero((true_px > 0) | (pred_px > 0))
+    ranked = candidates[np.argsort(dice[candidates], kind="stable")]
+    for label, rows in (("worst", ranked[:GALLERY]), ("best", ranked[::-1][:GALLERY])):
+        images = np.asarray(arrays.images[rows]).transpose(0, 2, 3, 1)
+        titles = [f"{patients[r]} #{arrays.slices[r]}\nDice {dice[r]:.2f}" for r in rows]
+        plots.slice_gallery(images, pred[rows], truth[rows], titles, out / f"{label}_slices.png",
+                            f"{label.capitalize()} slices by Dice")
+    summary: dict[str, Any] = {
+        "metrics": metrics, "source": source, "slices": len(truth), "patients": len(by_patient),
+        "tumour_slices": int((true_px > 0).sum()), "bundle": {
+            "name": predictor.config.get("name"), "version": predictor.version,
+            "postprocess": predictor.postprocess, "threshold": predictor.threshold,
+        },
+    }
+    if names:
+        matrix = confusion_matrix(pred, truth, len(names))
+        plots.confusion_plot(matrix, names, out / "confusion_matrix.png")
+        summary["confusion_matrix"] = {"classes": names, "pixels": matrix.tolist()}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="evaluate a bundle on a prepared split or a kaggle_3m folder",
+        description="Per-slice and per-patient CSVs, summary.json and plots for one bundle.",
+    )
+    p.add_argument("--bundle", required=True, type=Path, help="bundle directory (e.g. RUN/best)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="prepared directory")
+    source.add_argument("--src", type=Path, help="folder in the Kaggle kaggle_3m layout")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="with --data (default: test)")
+    p.add_argument("--out", required=True, type=Path, help="report directory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=evaluate_command)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    predictor = Predictor.from_bundle(args.bundle, args.device, args.batch_size)
+    classes = max(1, len(predictor.config["class_names"]) - 1)
+    if args.data is not None:
+        info = load_split_info(args.data)
+        if int(info.get("classes", 1)) != classes:
+            raise ValueError(f"{args.data} has {info.get('classes')} classes, the bundle {classes}")
+        arrays = load_split(args.data, args.split)
+        source = {"data": str(args.data), "split": args.split}
+    else:
+        arrays = arrays_from_src(args.src, classes)
+        source = {"src": str(args.src)}
+    if len(arrays) == 0:
+        raise ValueError(f"no slices to evaluate in {source}")
+    summary = write_report(predictor, arrays, args.out, {**source, "bundle": str(args.bundle)})
+    m = summary["metrics"]
+    print(f"dsc_volume={m['dsc_volume']:.4f} dice_tumour={m['dice_tumour']:.4f} dice_all={m['dice_all']:.4f} "
+          f"fp_slice_rate={m['fp_slice_rate']:.4f}; report: {args.out}")
+    return 0

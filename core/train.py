@@ -1,0 +1,407 @@
+"""The training engine: Trainer (one process, one device) and the `python -m core train` command.
+
+Data lives on the device for the whole run (core.loader), batches are augmented there (core.augment),
+the loss is computed in fp32 outside autocast, and each epoch ends with a full validation pass whose
+metrics drive best-epoch selection and early stopping. tune/ drives the same Trainer through
+``fit(on_epoch=...)``; core.distributed wraps it for Ray Train data-parallel runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss, DiceFocalLoss
+
+from core import checkpoint as ckpt
+from core.augment import augment_batch, settings_from_config
+from core.bundle import make_bundle_config, save_bundle, split_hash
+from core.config import TrainConfig, add_arguments, from_args
+from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.io import write_json
+from core.loader import DeviceDataset
+from core.metrics import is_better, segmentation_metrics, worst_value
+from core.models import SIZE_MULTIPLE, build_model, init_output_bias
+from core.postprocess import NO_POSTPROCESS, apply_postprocess
+from core.runtime import autocast, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+# Post-processing candidates tried on val at export: (largest 3D component, minimum lesion area in px).
+POSTPROCESS_GRID = [(lc, area) for lc in (False, True) for area in (0, 10, 25, 50, 100, 200)]
+# Config fields that change the network's shape: a checkpoint only resumes into the same ones.
+MODEL_FIELDS = ("arch", "filters")
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    metrics: dict[str, float]
+
+
+def make_loss(cfg: TrainConfig, multiclass: bool) -> torch.nn.Module:
+    """DiceFocal (default) or DiceCE; sigmoid for one logit, softmax + one-hot labels for K+1 logits.
+
+    ``batch=True`` pools Dice over the batch: most slices are tumour-free, and a per-slice Dice on an
+    empty slice is a cliff (any false positive costs the whole slice).
+    """
+    act = {"softmax": True, "to_onehot_y": True} if multiclass else {"sigmoid": True}
+    if cfg.loss == "dicece":
+        return DiceCELoss(batch=True, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_focal, **act)
+    return DiceFocalLoss(batch=True, lambda_dice=cfg.lambda_dice, lambda_focal=cfg.lambda_focal, **act)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _dist_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """One training run on one device. ``fit`` may be called again after ``load_checkpoint``."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train: SplitArrays,
+        val: SplitArrays,
+        split_info: dict[str, Any],
+        device: str | torch.device | None = None,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.split_info = split_info
+        self.device = device if isinstance(device, torch.device) else resolve_device(device or cfg.device)
+        seed_everything(cfg.seed)
+        # A private generator drives sampling and augmentation: deterministic per seed, and checkpointable.
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        classes = int(split_info.get("classes", 1))
+        self.class_names = list(split_info.get("class_names") or ["background", "tumour"])
+        if len(self.class_names) != classes + 1:
+            raise ValueError(f"split.json: {classes} classes but class_names {self.class_names}")
+        self.multiclass = classes > 1
+        if len(train) == 0 or len(val) == 0:
+            raise ValueError(f"empty split: {len(train)} train and {len(val)} val slices")
+        self.train_data = DeviceDataset(train, self.device)
+        self.val_data = DeviceDataset(val, self.device)
+        self.val_truth = np.ascontiguousarray(val.masks)
+        self.val_patients = np.asarray(val.patients).astype(str)
+        self.val_slices = np.asarray(val.slices)
+        self.image_size = self.val_data.image_size
+        for size in (*self.image_size, cfg.crop or SIZE_MULTIPLE):
+            if size % SIZE_MULTIPLE:
+                raise ValueError(
+                    f"image size {self.image_size} and crop {cfg.crop} must be multiples of {SIZE_MULTIPLE}"
+                )
+        out_ch = classes + 1 if self.multiclass else 1
+        self.model = build_model(cfg.arch, 3, out_ch, cfg.filters, cfg.dropout).to(self.device)
+        init_output_bias(self.model, self._class_prior(out_ch))
+        # Dropout draws from torch's global RNG; keep this run's own copy of it, so two trainers in one
+        # process (tests, tune's reuse) do not perturb each other and a checkpoint restores it exactly.
+        self._cpu_rng = torch.get_rng_state()
+        self._cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.net: torch.nn.Module = self.model  # what the training step calls (a DDP wrapper in Ray Train)
+        self.augment = settings_from_config(cfg) if cfg.augment else None
+        self.loss_fn = make_loss(cfg, self.multiclass)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = self.train_data.steps_per_epoch(cfg.batch_size)
+        schedule = warmup_cosine(cfg.warmup_epochs * self.steps_per_epoch, cfg.epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.epoch = 0
+        self.best_metric = worst_value(cfg.metric)
+        self.best_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best epoch's weights
+        self.should_stop = False  # an on_epoch callback may set this to end fit() after its epoch
+
+    def _class_prior(self, out_ch: int) -> list[float]:
+        """Pixel share of the foreground (binary) or of each label (multi-class) in the train split."""
+        n = max(2, out_ch)
+        counts = torch.zeros(n, dtype=torch.float64, device=self.device)
+        for chunk in self.train_data.masks.split(128):  # bounded temporaries on large splits
+            counts += torch.bincount(chunk.flatten().long(), minlength=n)[:n]
+        shares = (counts / counts.sum().clamp(min=1.0)).tolist()
+        return [float(sum(shares[1:]))] if out_ch == 1 else [float(s) for s in shares[:out_ch]]
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        cuda = [self.device] if self._cuda_rng is not None else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self._cpu_rng)
+            if self._cuda_rng is not None:
+                torch.cuda.set_rng_state(self._cuda_rng, self.device)
+            yield
+            self._cpu_rng = torch.get_rng_state()
+            if self._cuda_rng is not None:
+                self._cuda_rng = torch.cuda.get_rng_state(self.device)
+
+    # ---- one epoch ----------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the (device-resident) train split; returns mean loss and final lr."""
+        cfg = self.cfg
+        self.net.train()
+        batches = self.train_data.epoch_batches(cfg.batch_size, self.gen, cfg.oversample)
+        total = torch.zeros((), device=self.device)
+        with self._own_rng():
+            self._train_steps(batches, total)
+        mean_loss = float(total) / len(batches)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"non-finite training loss ({mean_loss}) in epoch {self.epoch + 1}")
+        return {"train_loss": mean_loss, "lr": float(self.scheduler.get_last_lr()[0])}
+
+    def _train_steps(self, batches: torch.Tensor, total: torch.Tensor) -> None:
+        cfg = self.cfg
+        for idx in batches:
+            x, y = self.train_data.batch(idx)
+            if self.augment is not None:
+                x, y = augment_batch(x, y, self.augment, self.gen)
+            with autocast(self.device, cfg.amp):
+                logits = self.net(x)
+            # fp32 loss outside autocast: bf16 Dice sums lose precision (fp16 gave NaN in the earlier study)
+            loss = self.loss_fn(logits.float(), y[:, None].float())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            total += loss.detach()  # summed on the device: one host sync per epoch, not per step
+
+    @torch.no_grad()
+    def predict_val(self, model: torch.nn.Module | None = None) -> np.ndarray:
+        """Label masks (N,H,W) uint8 for the val split, without post-processing."""
+        model = model or self.model
+        model.eval()
+        out = []
+        for idx in self.val_data.eval_batches(self.cfg.eval_batch_size):
+            x, _ = self.val_data.batch(idx)
+            with autocast(self.device, self.cfg.amp):
+                logits = model(x)
+            logits = logits.float()
+            masks = logits.argmax(1) if self.multiclass else logits[:, 0].sigmoid() > self.cfg.threshold
+            out.append(masks.to(torch.uint8))
+        return torch.cat(out).cpu().numpy()
+
+    def val_metrics(self, pred: np.ndarray) -> dict[str, float]:
+        names = self.class_names if self.multiclass else None
+        return segmentation_metrics(pred, self.val_truth, self.val_patients, names)
+
+    def validate(self) -> dict[str, float]:
+        return self.val_metrics(self.predict_val())
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[[EpochResult, Trainer], None] | None = None) -> dict[str, float]:
+        """Train from ``self.epoch + 1`` to ``cfg.epochs`` with early stopping; returns the best metrics."""
+        cfg = self.cfg
+        rank, world = _dist_rank()
+        if self.epoch and cfg.patience > 0 and self.epoch - self.best_epoch >= cfg.patience:
+            return self.best_metrics()  # resumed from a run that had already stopped early
+        for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            start = time.perf_counter()
+            metrics = self.train_epoch()
+            # Under data parallelism rank 0 validates and broadcasts, so every rank takes the same
+            # best-epoch and early-stopping decisions (and the others do not repeat the work).
+            val = self.validate() if rank == 0 else None
+            if world > 1:
+                box = [val]
+                torch.distributed.broadcast_object_list(box, src=0)
+                val = box[0]
+            assert val is not None
+            metrics.update(val)
+            metrics["epoch_seconds"] = time.perf_counter() - start
+            self.epoch = epoch
+            if self.best_state is None or is_better(cfg.metric, metrics[cfg.metric], self.best_metric):
+                self.best_metric, self.best_epoch = float(metrics[cfg.metric]), epoch
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.history.append({"epoch": epoch, **metrics})
+            if on_epoch is not None:
+                on_epoch(EpochResult(epoch, dict(metrics)), self)
+            if self.should_stop or (cfg.patience > 0 and epoch - self.best_epoch >= cfg.patience):
+                break
+        return self.best_metrics()
+
+    def best_metrics(self) -> dict[str, float]:
+        """The history row of the best epoch (``{}`` before the first epoch)."""
+        return next((dict(h) for h in self.history if h["epoch"] == self.best_epoch), {})
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Everything needed to resume (and to export the best epoch), with no pickle."""
+        tensors = ckpt.prefixed("model", self.model.state_dict())
+        if self.best_state is not None:
+            tensors.update(ckpt.prefixed("best", self.best_state))
+        optim_tensors, optim_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
+        tensors.update(optim_tensors)
+        tensors.update(ckpt.rng_state(self.gen, self._cpu_rng, self._cuda_rng))
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        meta = {
+            "epoch": self.epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+            "history": self.history, "config": self.cfg.to_dict(), "optimizer": optim_meta, "scheduler": sched,
+            "split_hash": split_hash(self.split_info),
+        }
+        ckpt.write_checkpoint(directory, tensors, meta)
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Restore a checkpoint written by ``save_checkpoint``; ``fit`` then continues at epoch + 1."""
+        tensors, meta = ckpt.read_checkpoint(directory)
+        saved = meta["config"]
+        changed = [f for f in MODEL_FIELDS if saved.get(f) != getattr(self.cfg, f)]
+        if changed:
+            raise ValueError(f"{directory}: checkpoint has a different {', '.join(changed)} than this run")
+        if meta.get("split_hash") != split_hash(self.split_info):
+            log.warning("%s: checkpoint was trained on a different data split", directory)
+        self.model.load_state_dict(ckpt.unprefixed("model", tensors))
+        best = ckpt.unprefixed("best", tensors)
+        self.best_state = best or None
+        self.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
+        cpu, cuda = ckpt.restore_rng(tensors, self.gen, meta.get("python_random"))
+        self._cpu_rng = cpu
+        if self._cuda_rng is not None and cuda is not None:
+            self._cuda_rng = cuda
+        self.epoch, self.best_epoch = int(meta["epoch"]), int(meta["best_epoch"])
+        self.best_metric = float(meta["best_metric"])
+        self.history = list(meta["history"])
+        self.should_stop = False
+
+    # ---- export -------------------------------------------------------------------------------------
+    def best_model(self) -> torch.nn.Module:
+        """A fresh copy of the network with the best epoch's weights (the current ones before any)."""
+        model = build_model(self.cfg.arch, 3, 1 if not self.multiclass else len(self.class_names),
+                            self.cfg.filters, self.cfg.dropout)
+        model.load_state_dict(self.best_state or self.model.state_dict())
+        return model.to(self.device).eval()
+
+    def choose_postprocess(self, raw: np.ndarray) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
+        """Best post-processing on val by ``dsc_volume``; ``NO_POSTPROCESS`` unless it strictly helps."""
+        order = np.lexsort((self.val_slices, self.val_patients))  # each patient's slices in order
+        ids = self.val_patients[order]
+        groups = np.split(order, np.flatnonzero(ids[1:] != ids[:-1]) + 1)
+        base = self.val_metrics(raw)
+        best, best_metrics, search = dict(NO_POSTPROCESS), base, []
+        for largest, area in POSTPROCESS_GRID:
+            settings = {"largest_component": largest, "min_area": area}
+            if settings == NO_POSTPROCESS:
+                continue
+            pred = raw.copy()
+            for rows in groups:
+                pred[rows] = apply_postprocess(raw[rows], settings, volume=True)
+            metrics = self.val_metrics(pred)
+            search.append({**settings, "dsc_volume": metrics["dsc_volume"]})
+            if metrics["dsc_volume"] > best_metrics["dsc_volume"]:
+                best, best_metrics = settings, metrics
+        return best, best_metrics, search
+
+    def export_bundle(self, path: str | os.PathLike, name: str = "gliomaseg") -> Path:
+        """Write a bundle of the best epoch, with post-processing chosen on val (cfg.postprocess='auto')."""
+        model = self.best_model()
+        raw = self.predict_val(model)
+        raw_metrics = self.val_metrics(raw)
+        if self.cfg.postprocess == "auto":
+            settings, pp_metrics, search = self.choose_postprocess(raw)
+        else:
+            settings, pp_metrics, search = dict(NO_POSTPROCESS), raw_metrics, []
+        config = make_bundle_config(
+            self.cfg.to_dict(), in_channels=3, class_names=self.class_names, image_size=self.image_size,
+            postprocess=settings, split_hash=split_hash(self.split_info), name=name,
+        )
+        metrics = {
+            "epoch": self.best_epoch, "selection_metric": self.cfg.metric, "val": pp_metrics,
+            "val_raw": raw_metrics, "val_postprocessed": pp_metrics, "postprocess": settings,
+            "postprocess_search": search, "epochs_trained": self.epoch,
+        }
+        return save_bundle(path, model, config, metrics)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def write_metrics_csv(path: str | os.PathLike, history: list[dict[str, float]]) -> None:
+    """Rewrite the per-epoch CSV from the history (small, and stays right across resumes)."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one model on a prepared directory",
+        description="Train one model; writes RUN/metrics.csv per epoch, RUN/checkpoint/, RUN/best/ (bundle).",
+    )
+    p.add_argument("--data", required=True, type=Path, help="prepared directory (python -m core data prepare)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    p.add_argument("--name", default="gliomaseg", help="bundle name (default: gliomaseg)")
+    add_arguments(p)
+    p.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """`python -m core train --data PREPARED --out RUN [options]`."""
+    from tqdm.auto import tqdm
+
+    cfg = from_args(args)
+    out, data = Path(args.out), Path(args.data)
+    info = load_split_info(data)
+    checkpoint_dir = out / "checkpoint"
+    if checkpoint_dir.exists() and not args.resume:
+        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
+    if args.resume and not checkpoint_dir.exists():
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint to resume from")
+    write_json(out / "config.json", {**cfg.to_dict(), "data": str(data.resolve()), "split_hash": split_hash(info)})
+    if cfg.workers > 1:
+        from core.distributed import train_distributed  # lazily: Ray only for multi-worker runs
+
+        best = train_distributed(cfg, data, out, name=args.name, resume=args.resume)
+    else:
+        trainer = Trainer(cfg, load_split(data, "train"), load_split(data, "val"), info)
+        if args.resume:
+            trainer.load_checkpoint(checkpoint_dir)
+        bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc="train", unit="epoch")
+
+        def on_epoch(result: EpochResult, tr: Trainer) -> None:
+            write_metrics_csv(out / "metrics.csv", tr.history)
+            tr.save_checkpoint(checkpoint_dir)
+            m = result.metrics
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['train_loss']:.3f}", dsc=f"{m['dsc_volume']:.3f}",
+                            best=f"{tr.best_metric:.3f}@{tr.best_epoch}")
+
+        try:
+            trainer.fit(on_epoch)
+        finally:
+            bar.close()
+        trainer.export_bundle(out / "best", name=args.name)
+        best = trainer.best_metrics()
+    shown = ", ".join(f"{k}={best[k]:.4f}" for k in ("dsc_volume", "dice_tumour", "dice_all") if k in best)
+    print(f"best epoch {best.get('epoch')}: {shown}; bundle: {out / 'best'}")
+    return 0

@@ -1,0 +1,286 @@
+"""Ray Serve application: an HTTP ingress (FastAPI) in front of a batching model deployment.
+
+The ingress decodes, validates, authenticates and encodes (CPU work that scales with requests); the
+model replica only runs the network, batching single slices from many requests with ``@serve.batch``.
+A volume goes to the model as one call so 3D post-processing sees the whole patient.
+
+``python -m serve run --bundle DIR`` serves it locally; ``serve run|deploy`` with
+``import_path: serve.app:app_builder`` and ``args: {bundle: DIR, ...}`` serves it on a cluster, and
+``GLIOMASEG_BUNDLE=DIR serve build serve.app:app`` writes a config for ``serve deploy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from serve.ingress import Ingress
+
+log = logging.getLogger(__name__)
+APP_NAME = "gliomaseg"
+
+
+@dataclass
+class ServeSettings:
+    """Everything the application needs; built from CLI flags or a ``serve deploy`` args dict."""
+
+    bundle: str
+    replicas: str = "1"  # an integer, or "auto" for autoscaling
+    max_replicas: int = 0  # with "auto": 0 derives it from the cluster's GPUs/CPUs
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    token_env: str | None = None
+    max_body_mb: float = 64.0
+    max_slices: int = 512
+    max_pixels: int = 1 << 25  # per volume request, after decoding: bounds memory whatever the compression
+    min_size: int = 32
+    max_size: int = 1024
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> ServeSettings:
+        """Coerce strings (``serve run ... key=value``) to the field types; unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(args) - set(known)
+        if unknown:
+            raise ValueError(f"unknown serve settings {sorted(unknown)}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in args.items():
+            kind = str(known[key].type)
+            if value is None or kind.startswith("str"):
+                values[key] = None if value is None else str(value)
+            elif kind == "int":
+                values[key] = int(value)
+            elif kind == "float":
+                values[key] = float(value)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.replicas != "auto" and (not str(self.replicas).isdigit() or int(self.replicas) < 1):
+            raise ValueError(f"replicas must be a positive integer or 'auto', got {self.replicas!r}")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"max_batch_size must be in 1..1024, got {self.max_batch_size}")
+        if self.batch_wait_ms < 0 or self.gpus_per_replica < 0 or self.max_body_mb <= 0:
+            raise ValueError("batch_wait_ms and gpus_per_replica must be >= 0 and max_body_mb > 0")
+
+    def autoscaling(self) -> dict[str, Any]:
+        """Autoscale on queued requests: a replica is 'full' at about one batch in flight."""
+        return {
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": max(1, self.max_replicas),
+            "target_ongoing_requests": max(2, self.max_batch_size),
+            "upscale_delay_s": 5.0,
+            "downscale_delay_s": 60.0,
+        }
+
+
+@serve.deployment(name="SegmentModel", health_check_period_s=10.0, health_check_timeout_s=30.0)
+class SegmentModel:
+    """One core Predictor per replica; single slices are batched across requests."""
+
+    def __init__(self, bundle: str, device: str, max_batch_size: int, batch_wait_s: float) -> None:
+        from core.predictor import Predictor  # torch loads in the replica, not in the driver
+
+        self.predictor = Predictor.from_bundle(bundle, device=device, batch_size=max_batch_size)
+        self.segment.set_max_batch_size(max_batch_size)
+        self.segment.set_batch_wait_timeout_s(batch_wait_s)
+        self._lock = asyncio.Lock()  # the Predictor is not thread-safe; the forward runs in a thread
+        self._fatal: str | None = None
+        # Warm up so the first request does not pay for lazy initialisation.
+        self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))
+
+    async def _run(self, images: list[np.ndarray] | np.ndarray, volume: bool) -> list[np.ndarray]:
+        async with self._lock:
+            try:
+                # A thread keeps the replica's event loop free, so requests queue up for the next batch.
+                masks = await asyncio.to_thread(self.predictor.predict, images, volume)
+            except RuntimeError as exc:
+                if "CUDA" in str(exc):
+                    self._fatal = str(exc)  # a broken device will not heal: fail the health check
+                raise
+        return list(masks)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def segment(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """One HxWx3 slice per caller -> (HxW mask, size of the batch it ran in)."""
+        masks = await self._run(images, volume=False)
+        return [(m, len(images)) for m in masks]
+
+    async def segment_volume(self, images: np.ndarray) -> np.ndarray:
+        """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing."""
+        return np.stack(await self._run(images, volume=True))
+
+    def info(self) -> dict[str, Any]:
+        p = self.predictor
+        return {"config": p.config, "metrics": p.metrics, "device": str(p.device), "version": p.version}
+
+    def ping(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        if self._fatal:
+            raise RuntimeError(f"model replica unusable: {self._fatal}")
+
+
+def _token_digest(settings: ServeSettings) -> str | None:
+    """SHA-256 of the bearer token, so the secret itself never lands in the Serve config."""
+    if not settings.token_env:
+        return None
+    token = os.environ.get(settings.token_env)
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def build_app(settings: ServeSettings) -> serve.Application:
+    """Bind the ingress and model deployments for ``settings`` (nothing starts until serve.run)."""
+    settings.validate()
+    actor = {"num_cpus": settings.cpus_per_replica}
+    if settings.gpus_per_replica > 0:
+        actor["num_gpus"] = settings.gpus_per_replica
+    scale: dict[str, Any] = (
+        {"autoscaling_config": settings.autoscaling()} if settings.replicas == "auto"
+        else {"num_replicas": int(settings.replicas)}
+    )
+    model = SegmentModel.options(
+        ray_actor_options=actor,
+        # Room for several batches per replica, or @serve.batch never sees a full one.
+        max_ongoing_requests=2 * settings.max_batch_size,
+        **scale,
+    ).bind(
+        str(Path(settings.bundle).resolve()),
+        "cuda" if settings.gpus_per_replica > 0 else "cpu",
+        settings.max_batch_size,
+        settings.batch_wait_ms / 1000.0,
+    )
+    ingress_settings = {**asdict(settings), "token_sha256": _token_digest(settings)}
+    return Ingress.options(
+        ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=max(64, 4 * settings.max_batch_size)
+    ).bind(model, ingress_settings)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run serve.app:app_builder bundle=DIR`` and deploy configs."""
+    import ray
+
+    settings = ServeSettings.from_dict(dict(args))
+    if not (Path(settings.bundle) / "config.json").is_file():
+        raise FileNotFoundError(f"{settings.bundle}: not a bundle (no config.json)")
+    if ray.is_initialized():  # `serve run`/`serve deploy` build inside the cluster; `serve build` does not
+        resolve_resources(settings, settings.gpus_per_replica if "gpus_per_replica" in args else None)
+    return build_app(settings)
+
+
+def __getattr__(name: str) -> Any:
+    # `serve build serve.app:app` needs an Application attribute; build it only when asked for.
+    if name == "app":
+        return build_app(ServeSettings(bundle=os.environ.get("GLIOMASEG_BUNDLE", "bundle")))
+    raise AttributeError(name)
+
+
+def resolve_resources(settings: ServeSettings, gpus_per_replica: float | None) -> ServeSettings:
+    """Fill GPU share and autoscaling ceiling from the running cluster (call after ray.init)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    if gpus_per_replica is None:
+        gpus_per_replica = 0.5 if gpus > 0 else 0.0
+    if gpus_per_replica > 0 and gpus == 0:
+        raise ValueError(f"--gpus-per-replica {gpus_per_replica} but the Ray cluster has no GPU")
+    settings.gpus_per_replica = gpus_per_replica
+    if settings.max_replicas <= 0:
+        per = int(gpus / gpus_per_replica) if gpus_per_replica > 0 else int(cpus // 2)
+        settings.max_replicas = max(1, per)
+    return settings
+
+
+def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+          route_prefix: str = "/", timeout_s: float = 180.0) -> str:
+    """Start Serve's HTTP proxy (if not yet running) and deploy the app; returns its base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+    actual = serve.context._get_global_client().http_config  # Serve may already run on another port
+    if (actual.host, actual.port) != (host, port):
+        log.warning("Serve was already running on %s:%s; using that", actual.host, actual.port)
+    shown = "127.0.0.1" if actual.host in ("0.0.0.0", "::") else actual.host
+    url = f"http://{shown}:{actual.port}{route_prefix.rstrip('/')}"
+    _wait_healthy(url, timeout_s)
+    return url
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import ray
+
+    for name in ("config.json", "model.safetensors"):
+        if not (Path(args.bundle) / name).is_file():
+            raise FileNotFoundError(f"{Path(args.bundle) / name}: missing; --bundle must be a bundle directory")
+    if args.token_env and not os.environ.get(args.token_env):
+        raise ValueError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    settings = ServeSettings(
+        bundle=args.bundle, replicas=args.replicas, max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms, token_env=args.token_env, max_body_mb=args.max_body_mb,
+    )
+    settings.validate()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address, configure_logging=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        resolve_resources(settings, args.gpus_per_replica)
+        url = start(settings, args.host, args.port)
+        print(f"serving {args.bundle} at {url}/ (Ctrl-C to stop)", flush=True)
+        stop.wait()
+    finally:
+        print("shutting down", flush=True)
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="serve a bundle over HTTP with Ray Serve (blocks until Ctrl-C/SIGTERM)")
+    p.add_argument("--bundle", required=True, help="bundle directory (model.safetensors + config.json)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", default="1", help="model replicas: an integer or 'auto' (autoscaling)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPU share per model replica (default 0.5 when the cluster has a GPU, else 0)")
+    p.add_argument("--token-env", default=None, help="environment variable holding a required bearer token")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.set_defaults(func=_cmd_run)

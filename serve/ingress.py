@@ -1,0 +1,248 @@
+"""The HTTP ingress deployment: FastAPI routes, auth, body limits, decoding and response encoding.
+
+Decoding and encoding run here (in a thread, off the event loop), so the model replica only ever sees
+(H,W,3) uint8 arrays and only ever returns masks. Every error is JSON ``{"error", "detail"}``.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route signatures' real annotations
+(``Request``) from the copy @serve.ingress makes, where postponed string annotations do not resolve.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import os
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core import codecs
+
+FORMATS = ("png", "tiff", "npy", "json")
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+                ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+
+api = FastAPI(title="gliomaseg", docs_url=None, redoc_url=None)  # swagger UI would load from a CDN
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.error, exc.detail, exc.headers)
+
+
+@api.exception_handler(codecs.DecodeError)
+async def _decode_error(_: Request, exc: codecs.DecodeError) -> JSONResponse:
+    return _error(exc.status, exc.error, exc.detail)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return _error(400, "bad_request", problems)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    names = {404: "not_found", 405: "method_not_allowed"}
+    return _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
+def _static_files() -> dict[str, bytes]:
+    folder = resources.files("serve") / "static"
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()} if folder.is_dir() else {}
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ApiError(400, "bad_request", f"format={fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _encode_masks(masks: np.ndarray, fmt: str, scale: int, headers: dict[str, str]) -> Response:
+    if fmt == "npy":  # raw labels (0/1 binary), the lossless machine format
+        return Response(codecs.encode_npy(masks), 200, headers, codecs.NPY)
+    if fmt == "tiff":
+        return Response(codecs.encode_tiff(masks, scale), 200, headers, codecs.TIFF)
+    return Response(codecs.encode_mask_png(masks, scale), 200, headers, codecs.PNG)
+
+
+def _overlay_pngs(images: np.ndarray, masks: np.ndarray) -> list[bytes]:
+    return [codecs.encode_overlay_png(i, m) for i, m in zip(images, masks, strict=True)]
+
+
+async def _awaitable(response: Any) -> Any:
+    return await response  # asyncio.wait_for wants a coroutine, a DeploymentResponse is only awaitable
+
+
+# The helpers above must be defined before the class: @serve.ingress freezes the FastAPI app (by
+# cloudpickle) at decoration time, capturing only the module globals that exist by then.
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP front door; ``settings`` is ServeSettings as a dict plus ``token_sha256``."""
+
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.model = model
+        self.settings = settings
+        self.max_body = int(settings["max_body_mb"] * 1024 * 1024)
+        self.token_sha256 = settings.get("token_sha256")
+        if settings.get("token_env") and not self.token_sha256:
+            # Built where the variable was unset (e.g. `serve deploy`): read it here, and fail closed.
+            token = os.environ.get(settings["token_env"])
+            if not token:
+                raise RuntimeError(f"token_env {settings['token_env']} is set but that variable is empty here")
+            self.token_sha256 = hashlib.sha256(token.encode()).hexdigest()
+        self.static = _static_files()
+        self._info: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _authorise(self, request: Request) -> None:
+        if not self.token_sha256:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(given.strip().encode()).hexdigest()
+        # Compare digests in constant time, so timing reveals nothing about the token.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                           {"WWW-Authenticate": 'Bearer realm="gliomaseg"'})
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise ApiError(413, "too_large", f"body of {int(declared)} bytes; at most {self.max_body}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:  # chunked uploads declare no length
+                raise ApiError(413, "too_large", f"body over {self.max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _decode(self, request: Request, volume: bool) -> np.ndarray:
+        self._authorise(request)
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";", 1)[0].strip().lower() not in codecs.SNIFFED:
+            codecs.media_type(content_type)  # 415 before reading a body we cannot use
+        data = await self._body(request)
+        s = self.settings
+        pages = s["max_slices"] if volume else 1
+        pixels = s["max_pixels"] if volume else s["max_size"] ** 2
+        return await asyncio.to_thread(
+            codecs.decode, data, content_type, volume=volume, max_pages=pages, max_pixels=pixels,
+            min_size=s["min_size"], max_size=s["max_size"],
+        )
+
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self.model.info.remote()
+        return self._info
+
+    async def _headers(self, masks: np.ndarray, **extra: Any) -> dict[str, str]:
+        info = await self.info()
+        out = {"X-Tumour-Pixels": str(int(np.count_nonzero(masks))), "X-Model-Version": info["version"]}
+        return out | {k: str(v) for k, v in extra.items()}
+
+    async def _scale(self) -> int:
+        return codecs.mask_scale((await self.info())["config"].get("class_names", []))
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/")
+    def index(self) -> Response:
+        return Response(self.static.get("index.html", b"<h1>gliomaseg</h1>"), media_type="text/html; charset=utf-8")
+
+    @api.get("/static/{name}")
+    def static(self, name: str) -> Response:
+        if name not in self.static:  # a fixed set of names: no path ever reaches the file system
+            raise ApiError(404, "not_found", f"no static file {name!r}")
+        media = STATIC_TYPES.get(os.path.splitext(name)[1], "application/octet-stream")
+        return Response(self.static[name], media_type=media)
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(_awaitable(self.model.ping.remote()), timeout=10)
+            info = await self.info()
+        except Exception as exc:  # an unreachable model is "unhealthy", not a server error
+            return _error(503, "unavailable", f"model deployment not ready: {type(exc).__name__}: {exc}")
+        return JSONResponse({"status": "ok", "model_version": info["version"]})
+
+    @api.get("/v1/model")
+    async def model_info(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        info = await self.info()
+        config = info["config"]
+        keys = ("name", "version", "arch", "image_size", "class_names", "channels", "threshold", "postprocess",
+                "hyperparameters", "model_args")
+        s = self.settings
+        return JSONResponse({
+            **{k: config.get(k) for k in keys}, "metrics": info["metrics"], "device": info["device"],
+            "serving": {"max_batch_size": s["max_batch_size"], "batch_wait_ms": s["batch_wait_ms"],
+                        "replicas": s["replicas"], "max_body_mb": s["max_body_mb"], "max_slices": s["max_slices"],
+                        "max_pixels": s["max_pixels"],
+                        "min_size": s["min_size"], "max_size": s["max_size"], "auth": bool(self.token_sha256)},
+        })
+
+    @api.post("/v1/segment")
+    async def segment(self, request: Request, format: str = "png", overlay: bool = False) -> Response:
+        _check_format(format)
+        image = (await self._decode(request, volume=False))[0]
+        mask, batch = await self.model.segment.remote(image)
+        headers = await self._headers(mask, **{"X-Batch-Size": batch})
+        scale = await self._scale()
+        if format == "json":
+            body = {"model_version": headers["X-Model-Version"], "size": list(mask.shape),
+                    "tumour_pixels": int(np.count_nonzero(mask)), "tumour_fraction": float(np.mean(mask > 0)),
+                    "rle": codecs.rle_encode(mask), "batch_size": batch}
+            if overlay:
+                body["overlay"] = codecs.data_url(await asyncio.to_thread(codecs.encode_overlay_png, image, mask))
+            return JSONResponse(body, headers=headers)
+        if overlay:
+            return Response(await asyncio.to_thread(codecs.encode_overlay_png, image, mask), 200, headers,
+                            codecs.PNG)
+        return await asyncio.to_thread(_encode_masks, mask, format, scale, headers)
+
+    @api.post("/v1/segment/volume")
+    async def segment_volume(self, request: Request, format: str = "tiff", overlay: bool = False) -> Response:
+        _check_format(format)
+        images = await self._decode(request, volume=True)
+        masks = await self.model.segment_volume.remote(images)
+        headers = await self._headers(masks, **{"X-Slices": len(masks)})
+        if format == "json":
+            areas = [int(np.count_nonzero(m)) for m in masks]
+            body: dict[str, Any] = {
+                "model_version": headers["X-Model-Version"], "slices": len(masks), "size": list(masks.shape[1:]),
+                "tumour_pixels": int(sum(areas)), "tumour_slices": int(sum(a > 0 for a in areas)),
+                "slice_tumour_pixels": areas,
+            }
+            if overlay:
+                pngs = await asyncio.to_thread(_overlay_pngs, images, masks)
+                body["overlays"] = [codecs.data_url(p) for p in pngs]
+            return JSONResponse(body, headers=headers)
+        if overlay:
+            return Response(await asyncio.to_thread(codecs.encode_animation, images, masks), 200, headers, codecs.PNG)
+        if format == "png":
+            raise ApiError(400, "bad_request", "format=png is for single slices; use tiff, npy or json for volumes")
+        return await asyncio.to_thread(_encode_masks, masks, format, await self._scale(), headers)
+

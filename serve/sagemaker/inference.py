@@ -1,0 +1,263 @@
+"""SageMaker entry point (becomes ``code/inference.py`` in model.tar.gz; not imported in this repo).
+
+The SageMaker PyTorch container imports this module and calls ``model_fn`` once, then per request
+``input_fn`` -> ``predict_fn`` -> ``output_fn``. Everything of gliomaseg's it needs is vendored next
+to it as ``gliomaseg_core`` (see serve/sagemaker/export.py).
+
+Requests (Content-Type): ``application/x-npy``, ``image/tiff`` (one page or many), ``image/png``, or
+``application/json`` ``{"s3_uri": "s3://b/k.tif", "output_prefix": "s3://b/out/"}``, which reads the
+image from S3 and writes the mask there (payloads over the 6 MB invocation limit go this way).
+Several slices form one patient volume (3D post-processing) unless the type says
+``; volume=false`` (or the JSON ``"volume": false``). Responses (Accept): ``application/json``
+(default: areas and RLE masks), ``application/x-npy`` ((N,H,W) uint8 labels), ``image/png`` (one
+slice, 0/255) or ``image/tiff`` (one page per slice). Bad requests raise errors the container turns
+into 4xx responses carrying the message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gliomaseg_core import codecs
+from gliomaseg_core.predictor import Predictor
+
+try:
+    from sagemaker_inference.errors import GenericInferenceToolkitError as RequestError
+except ImportError:  # outside the container: same shape, so callers can read .status_code/.message
+
+    class RequestError(Exception):  # type: ignore[no-redef]
+        def __init__(self, status_code: int, message: str | None = None, phrase: str | None = None) -> None:
+            self.status_code, self.message = status_code, message or "Invalid Request"
+            self.phrase = phrase or self.message
+            super().__init__(status_code, self.message, self.phrase)
+
+
+log = logging.getLogger("gliomaseg.sagemaker")
+
+JSON, NPY, PNG, TIFF = "application/json", "application/x-npy", "image/png", "image/tiff"
+RESPONSE_TYPES = (JSON, NPY, PNG, TIFF)
+LIMITS = {
+    "max_pixels": int(os.environ.get("GLIOMASEG_MAX_PIXELS", codecs.DEFAULT_MAX_PIXELS)),
+    "max_pages": int(os.environ.get("GLIOMASEG_MAX_PAGES", codecs.DEFAULT_MAX_PAGES)),
+    "max_size": int(os.environ.get("GLIOMASEG_MAX_SIZE", 1024)),
+}
+# S3 objects are not bound by the 6 MB invocation limit, but the instance's memory still is.
+MAX_S3_BYTES = int(os.environ.get("GLIOMASEG_MAX_S3_BYTES", 512 << 20))
+
+
+@dataclass
+class Request:
+    images: np.ndarray  # (N,H,W,3) uint8
+    volume: bool
+    s3_uri: str | None = None
+    output_prefix: str | None = None
+    output_format: str | None = None
+
+
+@dataclass
+class Prediction:
+    masks: np.ndarray  # (N,H,W) uint8 labels
+    request: Request
+    model_version: str
+    class_names: list[str] = field(default_factory=list)
+
+
+def model_fn(model_dir: str) -> Predictor:
+    """Load the bundle at the archive root (model.safetensors + config.json); GPU when there is one."""
+    device = os.environ.get("GLIOMASEG_DEVICE", "auto")
+    batch = int(os.environ.get("GLIOMASEG_BATCH_SIZE", 32))
+    predictor = Predictor.from_bundle(model_dir, device=device, batch_size=batch)
+    log.info("gliomaseg model %s on %s", predictor.version, predictor.device)
+    return predictor
+
+
+def input_fn(body: bytes | str, content_type: str | None) -> Request:
+    media, params = _parse_type(content_type)
+    if media == JSON:
+        return _json_request(body)
+    if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
+        body = body.encode("utf-8")
+    images = _decode(bytes(body), content_type.split(";", 1)[0] if content_type else None)
+    return Request(images, _volume(params.get("volume"), len(images)))
+
+
+def predict_fn(data: Request, model: Predictor) -> Prediction:
+    try:
+        masks = model.predict(data.images, volume=data.volume)
+    except ValueError as exc:  # input the predictor refuses (shape/dtype): the client's to fix
+        raise RequestError(422, f"invalid_input: {exc}") from exc
+    names = list(model.config.get("class_names", []))
+    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names)
+
+
+def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:
+    if prediction.request.s3_uri:
+        return _write_s3(prediction), JSON
+    media = _choose_accept(accept)
+    masks, scale = prediction.masks, codecs.mask_scale(prediction.class_names)
+    if media == NPY:
+        return codecs.encode_npy(masks), NPY
+    if media == TIFF:
+        return codecs.encode_tiff(masks, scale), TIFF
+    if media == PNG:
+        if len(masks) != 1:
+            raise RequestError(406, f"not_acceptable: image/png holds one slice, the request had {len(masks)}; "
+                                    "accept image/tiff or application/x-npy")
+        return codecs.encode_mask_png(masks[0], scale), PNG
+    return json.dumps(_summary(prediction, rle=True)).encode(), JSON
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _parse_type(content_type: str | None) -> tuple[str, dict[str, str]]:
+    parts = [p.strip() for p in (content_type or "").split(";")]
+    params = {}
+    for p in parts[1:]:
+        key, _, value = p.partition("=")
+        params[key.strip().lower()] = value.strip().strip('"').lower()
+    return parts[0].lower(), params
+
+
+def _volume(flag: Any, n: int) -> bool:
+    """Several slices are one patient unless the client says otherwise; one slice never is."""
+    if flag is None:
+        return n > 1
+    if isinstance(flag, bool):
+        return flag and n > 1
+    if str(flag).lower() in ("true", "1", "yes"):
+        return n > 1
+    if str(flag).lower() in ("false", "0", "no"):
+        return False
+    raise RequestError(400, f"bad_request: volume={flag!r}; use true or false")
+
+
+def _decode(data: bytes, content_type: str | None) -> np.ndarray:
+    try:
+        return codecs.decode(data, content_type, volume=True, **LIMITS)
+    except codecs.DecodeError as exc:
+        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+
+
+def _choose_accept(accept: str | None) -> str:
+    """First supported type in the Accept list; ``*/*`` (or nothing) means JSON."""
+    for item in (accept or JSON).split(","):
+        media = item.split(";", 1)[0].strip().lower()
+        if media in ("*/*", "application/*", ""):
+            return JSON
+        if media in ("image/*",):
+            return PNG
+        if media in RESPONSE_TYPES:
+            return media
+        if media in codecs.MEDIA_ALIASES:
+            return codecs.MEDIA_ALIASES[media]
+    raise RequestError(406, f"not_acceptable: {accept!r}; accept one of {', '.join(RESPONSE_TYPES)}")
+
+
+def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
+    masks = prediction.masks
+    out: dict[str, Any] = {
+        "model_version": prediction.model_version,
+        "slices": int(len(masks)),
+        "shape": [int(s) for s in masks.shape[1:]],
+        "volume": prediction.request.volume,
+        "tumour_pixels": [int(n) for n in (masks > 0).reshape(len(masks), -1).sum(1)],
+    }
+    out["total_tumour_pixels"] = int(sum(out["tumour_pixels"]))
+    if rle:
+        if len(prediction.class_names) > 2:
+            out["masks_rle"] = [
+                {prediction.class_names[k]: codecs.rle_encode(m == k) for k in np.unique(m[m > 0]).tolist()}
+                for m in masks
+            ]
+        else:
+            out["masks_rle"] = [codecs.rle_encode(m) for m in masks]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- S3
+
+
+def _s3_client() -> Any:
+    import boto3
+
+    # Older boto3 releases in the container ignore AWS_ENDPOINT_URL; pass it explicitly.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def _split_s3(uri: Any, what: str) -> tuple[str, str]:
+    if not isinstance(uri, str) or not uri.startswith("s3://") or "/" not in uri[5:] or uri.startswith("s3:///"):
+        raise RequestError(400, f"bad_request: {what} must be an s3://bucket/key string, got {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def _s3_error(exc: Exception, uri: str) -> RequestError:
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
+        return RequestError(404, f"not_found: {uri}")
+    if code in ("AccessDenied", "403", "Forbidden"):
+        return RequestError(403, f"forbidden: the endpoint's role may not access {uri}")
+    return RequestError(400, f"s3_error: {uri}: {exc}")
+
+
+def _json_request(body: bytes | str) -> Request:
+    try:
+        spec = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"bad_request: body is not valid JSON ({exc})") from exc
+    if not isinstance(spec, dict) or "s3_uri" not in spec:
+        raise RequestError(400, 'bad_request: JSON requests look like {"s3_uri": "s3://bucket/key", '
+                                '"output_prefix": "s3://bucket/prefix/"}')
+    uri = spec["s3_uri"]
+    bucket, key = _split_s3(uri, "s3_uri")
+    out = spec.get("output_prefix") or f"s3://{bucket}/{posixpath.dirname(key)}"
+    _split_s3(out.rstrip("/") + "/x", "output_prefix")
+    fmt = spec.get("format")
+    if fmt not in (None, "png", "tiff", "npy"):
+        raise RequestError(400, f"bad_request: format {fmt!r}; use png, tiff or npy")
+    client = _s3_client()
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+        if int(head.get("ContentLength", 0)) > MAX_S3_BYTES:
+            raise RequestError(413, f"too_large: {uri} is {head['ContentLength']} bytes; at most {MAX_S3_BYTES}")
+        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except RequestError:
+        raise
+    except Exception as exc:  # botocore ClientError and friends
+        raise _s3_error(exc, uri) from exc
+    ext = posixpath.splitext(key)[1].lower()
+    images = _decode(data, spec.get("content_type") or codecs.EXTENSIONS.get(ext, ""))
+    return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt)
+
+
+def _write_s3(prediction: Prediction) -> bytes:
+    req, masks = prediction.request, prediction.masks
+    fmt = req.output_format or ("png" if len(masks) == 1 else "tiff")
+    if fmt == "png" and len(masks) != 1:
+        raise RequestError(400, f"bad_request: format png holds one slice, the input had {len(masks)}")
+    scale = codecs.mask_scale(prediction.class_names)
+    if fmt == "png":
+        data, ctype = codecs.encode_mask_png(masks[0], scale), PNG
+    elif fmt == "tiff":
+        data, ctype = codecs.encode_tiff(masks, scale), TIFF
+    else:
+        data, ctype = codecs.encode_npy(masks), NPY
+    _, in_key = _split_s3(req.s3_uri, "s3_uri")
+    bucket, prefix = _split_s3(str(req.output_prefix).rstrip("/") + "/x", "output_prefix")
+    stem = posixpath.splitext(posixpath.basename(in_key))[0]
+    key = posixpath.join(posixpath.dirname(prefix), f"{stem}_mask.{fmt}").lstrip("/")
+    uri = f"s3://{bucket}/{key}"
+    try:
+        _s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=ctype)
+    except Exception as exc:
+        raise _s3_error(exc, uri) from exc
+    summary = _summary(prediction, rle=False)
+    return json.dumps({"input_uri": req.s3_uri, "mask_uri": uri, "mask_content_type": ctype, **summary}).encode()

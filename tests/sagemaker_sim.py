@@ -1,0 +1,105 @@
+"""Stand-ins for the SageMaker side in tests: the container's handler service in a fresh interpreter,
+and a runtime endpoint that records binary invocations (moto's invoke_endpoint cannot decode them)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+# The container's side, in a fresh interpreter: the archive's code dir on PYTHONPATH (as TorchServe
+# sets it), gliomaseg's editable install removed, the toolkit's handler service driving the handlers.
+DRIVER = r'''
+import importlib.util, json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+for name in ("core", "serve", "tune"):
+    assert importlib.util.find_spec(name) is None, f"{name} importable in the container simulation"
+from sagemaker_inference.default_handler_service import DefaultHandlerService
+from sagemaker_inference.transformer import Transformer
+
+model_dir, spec = sys.argv[1], json.load(open(sys.argv[2]))
+
+class RequestProcessor:
+    def __init__(self, headers): self.headers = headers
+    def get_request_properties(self): return self.headers
+
+class Context:
+    def __init__(self):
+        self.system_properties = {"model_dir": model_dir, "gpu_id": None}
+        self.request_processor = [RequestProcessor({})]
+        self.status, self.content_type = 200, None
+    def set_response_status(self, code=200, phrase=""): self.status = code
+    def set_response_content_type(self, idx, value): self.content_type = value
+
+ctx = Context()
+service = DefaultHandlerService(Transformer())
+service.initialize(ctx)
+results = []
+for i, req in enumerate(spec):
+    headers = {"Content-Type": req["content_type"]}
+    if req.get("accept"):
+        headers["Accept"] = req["accept"]
+    ctx.request_processor = [RequestProcessor(headers)]
+    ctx.status, ctx.content_type = 200, None
+    body = open(req["body"], "rb").read()
+    out = service.handle([{"body": body}], ctx)[0]
+    out = out.encode() if isinstance(out, str) else bytes(out)
+    open(f"{req['body']}.out", "wb").write(out)
+    results.append({"status": ctx.status, "content_type": ctx.content_type})
+mods = sys.modules
+results.append({"vendored": mods["gliomaseg_core"].__file__, "inference": mods["inference"].__file__,
+                 "core_loaded": "core" in mods, "serve_loaded": "serve" in mods})
+print("RESULTS" + json.dumps(results))
+'''
+
+
+
+def run_container(model_dir: Path, spec_path: Path, workdir: Path, env_extra: dict[str, str]) -> str:
+    """Run DRIVER on the extracted archive with only its code dir on the path; returns stdout."""
+    (workdir / "driver.py").write_text(DRIVER)
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+    env.update(env_extra, PYTHONPATH=str(model_dir / "code"), SAGEMAKER_PROGRAM="inference.py",
+               PYTHONNOUSERSITE="1", OMP_NUM_THREADS="2")
+    argv = [sys.executable, "-s", str(workdir / "driver.py"), str(model_dir), str(spec_path)]
+    proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+class FakeRuntime(BaseHTTPRequestHandler):
+    """Stands in for the SageMaker runtime for binary bodies, which moto's invoke cannot decode."""
+
+    seen: list[dict] = []
+    reply: bytes = b""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-npy")
+        self.send_header("Content-Length", str(len(self.reply)))
+        self.end_headers()
+        self.wfile.write(self.reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_runtime(reply: bytes) -> Iterator[str]:
+    FakeRuntime.seen, FakeRuntime.reply = [], reply
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeRuntime)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

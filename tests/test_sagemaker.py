@@ -1,0 +1,356 @@
+"""SageMaker path: archive layout, the archive's handlers in a fresh process through the inference
+toolkit, and the boto3 deployment commands against a local moto server (never real AWS)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from bundle_factory import make_random_bundle, sample_images
+from PIL import Image
+from sagemaker_sim import FakeRuntime, fake_runtime, run_container
+
+from core import codecs
+from core.cli import dispatch
+from core.predictor import Predictor
+from serve.sagemaker import deploy as dep
+from serve.sagemaker import images
+from serve.sagemaker.export import build_archive, core_closure
+
+REPO = Path(__file__).resolve().parents[1]
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+BUCKET = "gliomaseg-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def aws():
+    """A moto server on 127.0.0.1 with boto3 pointed at it through AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield {"url": url, "env": env}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("sm") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def archive(bundle, tmp_path_factory) -> Path:
+    return build_archive(bundle, tmp_path_factory.mktemp("sm_archive") / "model.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle) -> Predictor:
+    return Predictor.from_bundle(bundle, "cpu")
+
+
+def _cli(*argv: str) -> int:
+    return dispatch("python -m serve", "", ["serve.sagemaker.cli"], list(argv))
+
+
+def test_archive_layout_is_self_contained_and_reproducible(bundle, archive, tmp_path):
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        code = {n: tar.extractfile(n).read().decode() for n in names if n.startswith("code/") and n.endswith(".py")}
+        reqs = tar.extractfile("code/requirements.txt").read().decode()
+        manifest = json.loads(tar.extractfile("code/MANIFEST.json").read())
+    assert {"model.safetensors", "config.json", "metrics.json", "code/inference.py", "code/requirements.txt"} <= names
+    vendored = {f"code/gliomaseg_core/{m.split('.', 1)[1].replace('.', '/')}.py" for m in core_closure() if m != "core"}
+    assert vendored <= names and "code/gliomaseg_core/codecs.py" in names
+    for name, text in code.items():  # only the vendored package, never gliomaseg's own, and no pickle
+        assert "from core" not in text and "import core" not in text, name
+        assert "import pickle" not in text and "allow_pickle=True" not in text and "torch.load(" not in text, name
+    pins = [ln for ln in reqs.splitlines() if ln and not ln.startswith("#")]
+    assert pins and all("==" in ln for ln in pins) and any(ln.startswith("monai==") for ln in pins)
+    assert manifest["model_version"] == json.loads((bundle / "config.json").read_text())["version"]
+    assert build_archive(bundle, tmp_path / "again.tar.gz").read_bytes() == archive.read_bytes()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    return codecs.encode_npy(a)
+
+
+def _tiff(pages: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pages, photometric="rgb")
+    return buf.getvalue()
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pickled_npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # the attack, not our code
+    return buf.getvalue()
+
+
+def test_archive_handlers_in_fresh_process_match_predictor(archive, predictor, aws, tmp_path):
+    import boto3
+
+    vol = sample_images(6, seed=3)
+    one = vol[2]
+    odd = sample_images(1, 80, 96, seed=5)[0]  # not the model size: resize path
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="in/patient_vol.tif", Body=_tiff(vol))
+    s3.put_object(Bucket=BUCKET, Key="in/slice.png", Body=_png(one))
+    cases = {
+        "npy_one": (_npy(one), "application/x-npy", "application/x-npy"),
+        "npy_vol": (_npy(vol), "application/x-npy", "application/x-npy"),
+        "npy_slices": (_npy(vol), "application/x-npy; volume=false", "application/x-npy"),
+        "tiff_one_odd": (_tiff(odd[None]), "image/tiff", "image/png"),
+        "tiff_vol": (_tiff(vol), "image/tiff", "image/tiff"),
+        "png_json": (_png(one), "image/png", "application/json"),
+        "png_any": (_png(one), "image/png", "*/*"),
+        "s3_vol": (json.dumps({"s3_uri": f"s3://{BUCKET}/in/patient_vol.tif", "output_prefix": f"s3://{BUCKET}/out/"})
+                   .encode(), "application/json", "application/json"),
+        "s3_next_to_input": (json.dumps({"s3_uri": f"s3://{BUCKET}/in/slice.png"}).encode(), "application/json", None),
+        # bad requests: the toolkit must answer 4xx with our message, and keep serving
+        "garbage_png": (b"\x89PNG\r\n\x1a\nnot really", "image/png", "application/json"),
+        "csv": (b"1,2,3", "text/csv", "application/json"),
+        "pickle": (_pickled_npy(), "application/x-npy", "application/json"),
+        "tiny": (_npy(one[:16, :16]), "application/x-npy", "application/json"),
+        "png_for_volume": (_npy(vol), "application/x-npy", "image/png"),
+        "html": (_npy(one), "application/x-npy", "text/html"),
+        "json_no_uri": (b'{"bucket": "x"}', "application/json", None),
+        "s3_missing": (json.dumps({"s3_uri": f"s3://{BUCKET}/in/nope.tif"}).encode(), "application/json", None),
+        "after_errors": (_npy(one), "application/x-npy", "application/x-npy"),
+    }
+    spec = []
+    for name, (body, ctype, accept) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    model_dir = tmp_path / "opt_ml_model"
+    with tarfile.open(archive) as tar:
+        tar.extractall(model_dir, filter="data")
+    stdout = run_container(model_dir, tmp_path / "spec.json", tmp_path, aws["env"])
+    results = json.loads(stdout.split("RESULTS", 1)[1])
+    origin = results.pop()
+    assert origin["vendored"].startswith(str(model_dir / "code" / "gliomaseg_core"))
+    assert origin["inference"] == str(model_dir / "code" / "inference.py")
+    assert not origin["core_loaded"] and not origin["serve_loaded"]
+    res = {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=True)}
+
+    def ok(name: str, ctype: str) -> bytes:
+        r, body = res[name]
+        assert (r["status"], r["content_type"]) == (200, ctype), (name, r, body[:300])
+        return body
+
+    def load_npy(b: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(b), allow_pickle=False)
+
+    np.testing.assert_array_equal(load_npy(ok("npy_one", "application/x-npy")), predictor.predict(one))
+    expected_vol = predictor.predict(vol, volume=True)
+    assert not np.array_equal(expected_vol, predictor.predict(vol, volume=False))  # the flag matters here
+    np.testing.assert_array_equal(load_npy(ok("npy_vol", "application/x-npy")), expected_vol)
+    np.testing.assert_array_equal(load_npy(ok("npy_slices", "application/x-npy")), predictor.predict(vol))
+    png = np.asarray(Image.open(io.BytesIO(ok("tiff_one_odd", "image/png"))))
+    np.testing.assert_array_equal(png, predictor.predict(odd)[0] * 255)
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(ok("tiff_vol", "image/tiff"))), expected_vol * 255)
+    for name in ("png_json", "png_any"):  # */* falls back to the container's default accept (JSON)
+        summary = json.loads(ok(name, "application/json"))
+        mask = predictor.predict(one)[0]
+        np.testing.assert_array_equal(codecs.rle_decode(summary["masks_rle"][0]), mask)
+        assert summary["tumour_pixels"] == [int(mask.sum())] and summary["slices"] == 1
+
+    s3_out = json.loads(ok("s3_vol", "application/json"))
+    assert s3_out["mask_uri"] == f"s3://{BUCKET}/out/patient_vol_mask.tiff" and s3_out["volume"] is True
+    written = s3.get_object(Bucket=BUCKET, Key="out/patient_vol_mask.tiff")["Body"].read()
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(written)), expected_vol * 255)
+    assert s3_out["tumour_pixels"] == [int(m.sum()) for m in expected_vol]
+    nxt = json.loads(ok("s3_next_to_input", "application/json"))
+    assert nxt["mask_uri"] == f"s3://{BUCKET}/in/slice_mask.png"
+    written = s3.get_object(Bucket=BUCKET, Key="in/slice_mask.png")["Body"].read()
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(written))), predictor.predict(one)[0] * 255)
+
+    expected_status = {"garbage_png": 400, "csv": 415, "pickle": 422, "tiny": 422, "png_for_volume": 406,
+                       "html": 406, "json_no_uri": 400, "s3_missing": 404}
+    for name, status in expected_status.items():
+        r, body = res[name]
+        assert r["status"] == status, (name, r, body[:500])
+        assert body.strip() and b"Traceback" not in body.split(b"\n", 1)[0], name  # message first
+    np.testing.assert_array_equal(load_npy(ok("after_errors", "application/x-npy")), predictor.predict(one))
+
+
+def test_export_upload_and_deploy_realtime_and_serverless(bundle, aws, tmp_path, capsys):
+    import boto3
+
+    out = tmp_path / "model.tar.gz"
+    assert _cli("export-sagemaker", "--bundle", str(bundle), "--out", str(out),
+                "--upload", f"s3://{BUCKET}/models/run1") == 0
+    exported = json.loads(capsys.readouterr().out)
+    data = f"s3://{BUCKET}/models/run1/model.tar.gz"
+    assert exported["model_data"] == data and exported["bytes"] == out.stat().st_size
+    head = boto3.client("s3").head_object(Bucket=BUCKET, Key="models/run1/model.tar.gz")
+    assert head["ContentLength"] == out.stat().st_size
+
+    sm = boto3.client("sagemaker")
+    assert _cli("deploy-sagemaker", "--model-data", data, "--role", ROLE, "--endpoint", "glioma-rt",
+                "--instance-type", "ml.g4dn.xlarge", "--wait") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "InService"
+    ep = sm.describe_endpoint(EndpointName="glioma-rt")
+    cfg = sm.describe_endpoint_config(EndpointConfigName=ep["EndpointConfigName"])
+    variant = cfg["ProductionVariants"][0]
+    assert variant["InstanceType"] == "ml.g4dn.xlarge" and variant["InitialInstanceCount"] == 1
+    container = sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
+    assert container["Image"] == images.image_uri("us-east-1", "ml.g4dn.xlarge")
+    assert "-gpu-" in container["Image"] and container["Image"].startswith("763104351884.dkr.ecr.us-east-1")
+    assert container["ModelDataUrl"] == data
+    assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
+
+    assert _cli("deploy-sagemaker", "--model-data", data, "--role", ROLE, "--endpoint", "glioma-sls",
+                "--serverless", "--memory-mb", "6144", "--max-concurrency", "3", "--wait",
+                "--image-uri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/custom:1") == 0
+    capsys.readouterr()
+    ep = sm.describe_endpoint(EndpointName="glioma-sls")
+    variant = sm.describe_endpoint_config(EndpointConfigName=ep["EndpointConfigName"])["ProductionVariants"][0]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 6144, "MaxConcurrency": 3}
+    assert "InstanceType" not in variant
+    image = sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]["Image"]
+    assert image == "123456789012.dkr.ecr.us-east-1.amazonaws.com/custom:1"
+
+    assert _cli("deploy-sagemaker", "--model-data", data, "--role", ROLE, "--endpoint", "glioma-sls",
+                "--serverless", "--memory-mb", "5000") == 2  # not a serverless size: refused before AWS
+    assert "memory-mb" in capsys.readouterr().err
+
+
+def test_dry_run_prints_requests_and_sends_nothing(aws, capsys, monkeypatch):
+    import boto3
+
+    before = boto3.client("sagemaker").list_models()["Models"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: any call would fail
+    assert _cli("deploy-sagemaker", "--model-data", f"s3://{BUCKET}/m/model.tar.gz", "--role", ROLE,
+                "--endpoint", "dry", "--serverless", "--region", "eu-south-1", "--dry-run") == 0
+    plan = json.loads(capsys.readouterr().out)
+    ops = [r["operation"] for r in plan["requests"]]
+    assert ops == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+    image = plan["requests"][0]["params"]["PrimaryContainer"]["Image"]
+    assert image.startswith("692866216735.dkr.ecr.eu-south-1.amazonaws.com/pytorch-inference:") and "-cpu-" in image
+    assert plan["requests"][1]["params"]["ProductionVariants"][0]["ServerlessConfig"]["MemorySizeInMB"] == 6144
+    assert _cli("batch-transform-sagemaker", "--model", "m1", "--input", f"s3://{BUCKET}/in/",
+                "--output", f"s3://{BUCKET}/out/", "--dry-run") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["requests"][0]["operation"] == "CreateTransformJob"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws["url"])
+    assert boto3.client("sagemaker").list_models()["Models"] == before
+
+
+def test_image_uri_resolution():
+    assert images.image_uri("us-west-2", "ml.c5.xlarge").endswith(":2.6.0-cpu-py312-ubuntu22.04-sagemaker")
+    assert images.image_uri("us-west-2", "ml.g5.2xlarge").endswith(":2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker")
+    assert images.image_uri("cn-north-1").startswith("727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/")
+    assert images.image_uri("ap-east-1", "ml.m5.large").startswith("871362719292.")
+    with pytest.raises(ValueError, match="image-uri"):
+        images.image_uri("xx-nowhere-1")
+    with pytest.raises(ValueError, match="Neuron"):
+        images.processor_for("ml.inf2.xlarge")
+
+
+def _set_moto_results(url: str, results: list[dict]) -> None:
+    req = urllib.request.Request(f"{url}/moto-api/static/sagemaker/endpoint-results", method="POST",
+                                 data=json.dumps({"results": results}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req).read()
+
+
+def test_invoke_s3_uri_reaches_moto_and_cli_reads_the_response(aws, tmp_path, capsys):
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    canned = {"mask_uri": f"s3://{BUCKET}/out/a_mask.png", "total_tumour_pixels": 12}
+    _set_moto_results(aws["url"], [{"Body": json.dumps(canned), "ContentType": "application/json"}])
+    assert _cli("invoke-sagemaker", "--endpoint", "glioma-s3", f"s3://{BUCKET}/in/a.tif",
+                "--output-prefix", f"s3://{BUCKET}/out/", "--out", str(tmp_path)) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["response"] == canned and line["content_type"] == "application/json"
+    assert json.loads((tmp_path / "a_mask.json").read_text()) == canned
+    # moto keys recorded requests by endpoint name, but its parser loses the name (None): search them all
+    backend = sagemakerruntime_backends["123456789012"]["us-east-1"]
+    requests = [json.loads(base64.b64decode(k)) for per_endpoint in backend.results.values() for k in per_endpoint]
+    expected = {"s3_uri": f"s3://{BUCKET}/in/a.tif", "output_prefix": f"s3://{BUCKET}/out/"}
+    request = next(r for r in requests if json.loads(r["Body"]) == expected)
+    assert request["Accept"] == "application/json"
+
+
+def test_invoke_binary_files_and_payload_limit(aws, tmp_path, capsys, monkeypatch):
+    mask = np.zeros((1, 64, 64), np.uint8)
+    mask[0, 10:20, 10:30] = 1
+    tif = tmp_path / "TCGA_1.tif"
+    tif.write_bytes(_tiff(sample_images(3)))
+    big = tmp_path / "big.npy"
+    big.write_bytes(codecs.encode_npy(np.zeros((40, 256, 256, 3), np.uint8)))  # 7.9 MB > 6 MB
+    with fake_runtime(codecs.encode_npy(mask)) as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        assert _cli("invoke-sagemaker", "--endpoint", "glioma-rt", str(tif), "--accept", "application/x-npy",
+                    "--out", str(tmp_path / "masks")) == 0
+        line = json.loads(capsys.readouterr().out)
+        assert _cli("invoke-sagemaker", "--endpoint", "glioma-rt", str(big)) == 2
+        assert "6 MB" in capsys.readouterr().err
+        seen = list(FakeRuntime.seen)
+    assert len(seen) == 1  # the oversized body was never sent
+    assert seen[0]["path"] == "/endpoints/glioma-rt/invocations"
+    assert seen[0]["headers"]["Content-Type"] == "image/tiff" and seen[0]["headers"]["Accept"] == "application/x-npy"
+    assert seen[0]["body"] == tif.read_bytes()
+    saved = Path(line["saved"])
+    assert saved.name == "TCGA_1_mask.npy"
+    np.testing.assert_array_equal(np.load(saved, allow_pickle=False), mask)
+
+
+def test_batch_transform_creates_model_and_job(aws, capsys):
+    import boto3
+
+    data = f"s3://{BUCKET}/models/run1/model.tar.gz"
+    assert _cli("batch-transform-sagemaker", "--model", "glioma-batch", "--model-data", data, "--role", ROLE,
+                "--input", f"s3://{BUCKET}/volumes/", "--output", f"s3://{BUCKET}/masks/",
+                "--instance-type", "ml.c5.2xlarge", "--job-name", "glioma-batch-1", "--wait") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "Completed" and result["job"] == "glioma-batch-1"
+    sm = boto3.client("sagemaker")
+    image = sm.describe_model(ModelName="glioma-batch")["PrimaryContainer"]["Image"]
+    assert "-cpu-" in image
+    job = sm.describe_transform_job(TransformJobName="glioma-batch-1")
+    assert job["ModelName"] == "glioma-batch"
+    assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/volumes/"
+    assert job["TransformInput"]["ContentType"] == "image/tiff"
+    assert job["TransformOutput"]["S3OutputPath"] == f"s3://{BUCKET}/masks/"
+    assert job["TransformResources"] == {"InstanceType": "ml.c5.2xlarge", "InstanceCount": 1}
+    assert job["MaxPayloadInMB"] == dep.TRANSFORM_PAYLOAD_MB
+
+
+def test_repo_root_not_needed_for_template():
+    """The template imports only the vendored package (checked textually; it is not importable here)."""
+    text = (REPO / "serve" / "sagemaker" / "inference.py").read_text()
+    assert "from gliomaseg_core" in text and "from core" not in text and "import serve" not in text

@@ -1,0 +1,332 @@
+"""Ray Serve app on loopback: every endpoint and format, every error, batching, auth, client and CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from bundle_factory import make_random_bundle, sample_images
+from PIL import Image
+from serve_support import serving, slice_files
+
+from core import codecs
+from core.cli import dispatch
+from serve.app import ServeSettings, app_builder, build_app
+from serve.client import collect, safe_name
+
+TOKEN = "s3cret-token-for-tests"
+MY_COMMANDS = ("serve.app", "serve.client")  # serve/__main__ also lists issue 6's modules
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("serve") / "bundle",
+                              postprocess={"min_area": 3, "largest_component": True})
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle):
+    from core.predictor import Predictor
+
+    return Predictor.from_bundle(bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def urls(ray_session, bundle):
+    apps = {
+        # A long batch window so concurrent requests reliably share batches on a 2-core machine.
+        "/": ServeSettings(bundle=str(bundle), max_batch_size=16, batch_wait_ms=50, max_body_mb=1, max_slices=32),
+        "/secure": ServeSettings(bundle=str(bundle), token_env="GLIOMASEG_TEST_TOKEN"),
+    }
+    with serving(apps, env={"GLIOMASEG_TEST_TOKEN": TOKEN}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def url(urls) -> str:
+    return urls["/"]
+
+
+def post(url: str, path: str, data: bytes, kind: str, **params) -> httpx.Response:
+    return httpx.post(f"{url}{path}", content=data, headers={"Content-Type": kind}, params=params, timeout=60)
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] and body["detail"]
+    return body
+
+
+def mask_from(r: httpx.Response, fmt: str) -> np.ndarray:
+    if fmt == "png":
+        return np.asarray(Image.open(io.BytesIO(r.content))) // 255
+    if fmt == "tiff":
+        return tifffile.imread(io.BytesIO(r.content)) // 255
+    if fmt == "npy":
+        return np.load(io.BytesIO(r.content), allow_pickle=False)
+    return codecs.rle_decode(r.json()["rle"])
+
+
+def test_health_model_and_page(url: str) -> None:
+    assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+    info = httpx.get(f"{url}/v1/model").json()
+    assert info["arch"] == "lite" and info["metrics"]["dsc_volume"] == 0.5
+    assert info["serving"]["max_batch_size"] == 16 and info["serving"]["auth"] is False
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "gliomaseg" in page.text and "v1/segment" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+    assert_error(httpx.get(f"{url}/static/..%2Fapp.py"), 404)
+    assert_error(httpx.get(f"{url}/no/such/route"), 404)
+
+
+SLICES = {  # (body, content type) of inputs at other sizes, dtypes and layouts than the model's 64x64x3
+    "tiff-rgb-64": lambda: (codecs.encode_volume_tiff(sample_images(1, seed=3)), "image/tiff"),
+    "png-rgb-96x80": lambda: (codecs.encode_png(sample_images(1, 96, 80, seed=4)[0]), "image/png"),
+    "npy-grey-u16-48": lambda: (codecs.encode_npy(sample_images(1, 48, 48, seed=5)[0, ..., 1].astype(np.uint16) * 40),
+                                "application/x-npy"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "npy", "json"])
+@pytest.mark.parametrize("name", list(SLICES))
+def test_segment_matches_predictor(url: str, predictor, name: str, fmt: str) -> None:
+    data, kind = SLICES[name]()
+    image = codecs.decode(data, kind, volume=False)
+    expected = predictor.predict(image)[0]
+    assert 0 < expected.sum() < expected.size  # the check means something
+    r = post(url, "/v1/segment", data, kind, format=fmt)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(mask_from(r, fmt), expected)
+    assert int(r.headers["X-Tumour-Pixels"]) == int(expected.sum())
+    assert r.headers["X-Model-Version"] == predictor.version and int(r.headers["X-Batch-Size"]) >= 1
+    if fmt == "json":
+        assert r.json()["tumour_pixels"] == int(expected.sum()) and r.json()["size"] == list(expected.shape)
+
+
+def test_overlay(url: str, predictor) -> None:
+    image = sample_images(1, 72, 72, seed=6)[0]
+    expected = predictor.predict(image)[0]
+    r = post(url, "/v1/segment", codecs.encode_png(image), "image/png", overlay="true")
+    assert r.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), codecs.overlay(image, expected))
+    body = post(url, "/v1/segment", codecs.encode_png(image), "image/png", format="json", overlay="true").json()
+    assert body["overlay"].startswith("data:image/png;base64,")
+
+
+def test_volume(url: str, predictor) -> None:
+    vol = sample_images(12, seed=7)
+    expected = predictor.predict(vol, volume=True)  # 3D largest component applies
+    assert not np.array_equal(expected, predictor.predict(vol))  # and makes a difference here
+    for data, kind in [(codecs.encode_npy(vol), "application/x-npy"), (codecs.encode_volume_tiff(vol), "image/tiff")]:
+        r = post(url, "/v1/segment/volume", data, kind)  # default: multi-page TIFF
+        assert r.status_code == 200 and r.headers["X-Slices"] == "12"
+        np.testing.assert_array_equal(tifffile.imread(io.BytesIO(r.content)) // 255, expected)
+    r = post(url, "/v1/segment/volume", codecs.encode_npy(vol), "application/x-npy", format="npy")
+    np.testing.assert_array_equal(np.load(io.BytesIO(r.content), allow_pickle=False), expected)
+    body = post(url, "/v1/segment/volume", codecs.encode_npy(vol), "application/x-npy", format="json").json()
+    assert body["slice_tumour_pixels"] == [int(m.sum()) for m in expected]
+    assert body["tumour_pixels"] == int(expected.sum()) and body["slices"] == 12
+    r = post(url, "/v1/segment/volume", codecs.encode_npy(vol), "application/x-npy", overlay="true")
+    anim = Image.open(io.BytesIO(r.content))
+    assert anim.is_animated and anim.n_frames == 12 and int(r.headers["X-Tumour-Pixels"]) == int(expected.sum())
+    body = post(url, "/v1/segment/volume", codecs.encode_npy(vol[:3]), "application/x-npy", format="json",
+                overlay="1").json()
+    assert len(body["overlays"]) == 3
+
+
+def test_errors_are_json_and_the_server_keeps_serving(url: str, bundle: Path) -> None:
+    from test_codecs import bomb_tiff
+
+    ok = codecs.encode_png(sample_images(1, seed=1)[0])
+    cases = [
+        (post(url, "/v1/segment", b"not a tiff", "image/tiff"), 400),
+        (post(url, "/v1/segment", codecs.encode_npy(sample_images(1))[:300], "application/x-npy"), 400),
+        (post(url, "/v1/segment", ok, "image/png", format="bmp"), 400),
+        (post(url, "/v1/segment", ok, "image/png", overlay="maybe"), 400),
+        (post(url, "/v1/segment/volume", codecs.encode_npy(sample_images(2)), "application/x-npy", format="png"), 400),
+        (post(url, "/v1/segment", ok, "text/plain"), 415),
+        (post(url, "/v1/segment", ok, "image/jpeg"), 415),
+        (post(url, "/v1/segment", os.urandom(1_200_000), "image/tiff"), 413),  # over --max-body-mb 1
+        (post(url, "/v1/segment", bomb_tiff(), "image/tiff"), 413),  # header claims 100000 x 65535
+        (post(url, "/v1/segment", codecs.encode_npy(np.zeros((2048, 40), np.uint8)), "application/x-npy"), 413),
+        (post(url, "/v1/segment/volume", codecs.encode_npy(sample_images(33)), "application/x-npy"), 413),
+        (post(url, "/v1/segment", codecs.encode_npy(sample_images(1).astype(np.float32)), "application/x-npy"), 422),
+        (post(url, "/v1/segment", codecs.encode_npy(np.zeros((64, 64, 4), np.uint8)), "application/x-npy"), 422),
+        (post(url, "/v1/segment", codecs.encode_npy(np.zeros((16, 16), np.uint8)), "application/x-npy"), 422),
+        (post(url, "/v1/segment", codecs.encode_volume_tiff(sample_images(2)), "image/tiff"), 422),
+        (httpx.get(f"{url}/v1/segment"), 405),
+    ]
+    for response, status in cases:
+        assert_error(response, status)
+    assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+    assert post(url, "/v1/segment", ok, "image/png").status_code == 200
+
+
+def test_concurrent_slices_are_batched(url: str, predictor) -> None:
+    images = sample_images(24, seed=8)
+    bodies = [codecs.encode_npy(i) for i in images]
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/segment", content=b, params={"format": "npy"},
+                                                      headers={"Content-Type": "application/x-npy"}) for b in bodies))
+
+    responses = asyncio.run(send())
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert max(sizes) > 1, sizes
+    expected = predictor.predict(images)
+    for r, e in zip(responses, expected, strict=True):  # batching never mixes up or alters results
+        np.testing.assert_array_equal(np.load(io.BytesIO(r.content), allow_pickle=False), e)
+
+
+def test_token_protected_app(urls: dict[str, str]) -> None:
+    secure, data = urls["/secure"], codecs.encode_png(sample_images(1)[0])
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}):
+        r = httpx.post(f"{secure}/v1/segment", content=data, headers={"Content-Type": "image/png", **headers})
+        assert_error(r, 401)
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_error(httpx.get(f"{secure}/v1/model"), 401)
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"{secure}/v1/model", headers=good).json()["serving"]["auth"] is True
+    r = httpx.post(f"{secure}/v1/segment", content=data, headers={"Content-Type": "image/png", **good})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert httpx.get(f"{secure}/healthz").status_code == 200  # probes need no token
+    assert httpx.get(f"{secure}/").status_code == 200
+
+
+def test_client_cli(url: str, predictor, synth_src: Path, tmp_path: Path) -> None:
+    files = slice_files(synth_src)
+    odd = tmp_path / "in" / "..;odd name .tif"
+    odd.parent.mkdir()
+    odd.write_bytes(files[5].read_bytes())
+    bad = tmp_path / "in2" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    patient = files[0].parent
+    out = tmp_path / "out"
+    argv = ["predict", "--url", url, str(files[3]), str(odd), str(patient), "--out", str(out), "--concurrency", "4"]
+    assert dispatch("python -m serve", "", MY_COMMANDS, argv) == 0
+    summary = {Path(s["input"]).name: s for s in json.loads((out / "summary.json").read_text())}
+    assert summary[odd.name]["name"] == "odd_name"
+    assert all(p.parent == out for p in out.rglob("*"))  # nothing outside --out, no sub-folders
+    mask = np.asarray(Image.open(out / f"{files[3].stem}_mask.png")) // 255
+    np.testing.assert_array_equal(mask, predictor.predict(tifffile.imread(files[3]))[0])
+    assert (out / f"{files[3].stem}_overlay.png").is_file()
+    volume = np.stack([tifffile.imread(f) for f in files])
+    masks = tifffile.imread(out / f"{patient.name}_masks.tif") // 255
+    np.testing.assert_array_equal(masks, predictor.predict(volume, volume=True))
+    assert Image.open(out / f"{patient.name}_overlay.png").n_frames > 1
+    assert json.loads((out / f"{patient.name}.json").read_text())["slices"] == len(files)
+    # A broken file fails alone (exit 1); the others are still written.
+    assert dispatch("python -m serve", "", MY_COMMANDS, ["predict", "--url", url, str(bad), str(files[1]),
+                                                          "--out", str(tmp_path / "out2")]) == 1
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert "error" in summary[0] and summary[1]["tumour_pixels"] >= 0
+
+
+def test_client_onnx_needs_no_server(url: str, bundle: Path, synth_src: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from serve.onnx_export import export_onnx
+
+    model = export_onnx(bundle, tmp_path / "model.onnx")["onnx"]
+    inputs = [str(slice_files(synth_src)[2]), str(slice_files(synth_src, 1)[0].parent)]
+    for args in (["--onnx", model], ["--url", url]):
+        out = str(tmp_path / args[0].strip("-"))
+        assert dispatch("python -m serve", "", MY_COMMANDS, ["predict", *args, *inputs, "--out", out]) == 0
+    names = sorted(p.name for p in (tmp_path / "url").iterdir() if p.suffix in (".png", ".tif"))
+    assert len(names) == 4
+    for name in names:
+        a, b = Image.open(tmp_path / "onnx" / name), Image.open(tmp_path / "url" / name)
+        assert getattr(a, "n_frames", 1) == getattr(b, "n_frames", 1)
+        # ONNX Runtime and torch differ by ~1e-6 in probability: allow a rare pixel on the threshold.
+        assert np.mean(np.asarray(a) != np.asarray(b)) < 1e-3, name
+
+
+def test_client_names_and_collection(synth_src: Path) -> None:
+    assert safe_name("../../etc/passwd") == "etc_passwd" and safe_name("...") == "input"
+    assert "/" not in safe_name("a/b\\c") and len(safe_name("x" * 500)) == 100
+    jobs = collect([synth_src])  # kaggle_3m: one volume per patient, masks excluded
+    assert len(jobs) == 12 and all(len(j.files) == 16 for j in jobs)
+    assert not any(f.stem.endswith("_mask") for j in jobs for f in j.files)
+    assert [int(f.stem.rsplit("_", 1)[1]) for f in jobs[0].files] == list(range(1, 17))
+    with pytest.raises(FileNotFoundError):
+        collect(["/no/such/path"])
+
+
+def test_builder_settings_and_cli_validation(ray_session, bundle: Path, tmp_path: Path) -> None:
+    from serve.app import resolve_resources
+
+    with pytest.raises(ValueError, match="no GPU"):
+        resolve_resources(ServeSettings(bundle="b"), 0.5)
+    cpu = resolve_resources(ServeSettings(bundle="b", replicas="auto"), None)
+    assert cpu.gpus_per_replica == 0 and cpu.max_replicas == int(ray_session.cluster_resources()["CPU"] // 2)
+    app = app_builder({"bundle": str(bundle), "max_batch_size": "8", "replicas": "auto", "batch_wait_ms": "2"})
+    assert app is not None and build_app(ServeSettings(bundle=str(bundle), replicas="3")) is not None
+    auto = ServeSettings(bundle="b", replicas="auto", max_replicas=4, max_batch_size=8).autoscaling()
+    assert auto["max_replicas"] == 4 and auto["min_replicas"] == 1 and auto["target_ongoing_requests"] == 8
+    for bad in ({"bundle": str(bundle), "colour": "red"}, {"bundle": str(bundle), "replicas": "0"},
+                {"bundle": str(tmp_path)}):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            app_builder(bad)
+    run = ["run", "--bundle"]
+    assert dispatch("python -m serve", "", MY_COMMANDS, [*run, str(tmp_path)]) == 2
+    os.environ.pop("GLIOMASEG_UNSET_TOKEN", None)
+    argv = [*run, str(bundle), "--token-env", "GLIOMASEG_UNSET_TOKEN"]
+    assert dispatch("python -m serve", "", MY_COMMANDS, argv) == 2
+
+
+@pytest.mark.slow
+def test_run_command_serves_until_sigterm(bundle: Path, tmp_path: Path) -> None:
+    """`python -m serve run` on its own local Ray: serves, then exits 0 and frees the port on SIGTERM."""
+    from serve.demo import free_port
+
+    port, root = free_port(), Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GLIOMASEG_RUN_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "serve", "run", "--bundle", str(bundle), "--port", str(port), "--address", "local",
+           "--token-env", "GLIOMASEG_RUN_TOKEN", "--max-batch-size", "4"]
+    with (tmp_path / "log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 150
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.5)
+            assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
+            assert httpx.get(f"{url}/v1/model").status_code == 401
+            info = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+            assert info["serving"]["max_batch_size"] == 4 and info["device"] == "cpu"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=90) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "shutting down" in (tmp_path / "log").read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_serve_build_writes_a_deploy_config(bundle: Path, tmp_path: Path) -> None:
+    cli = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "GLIOMASEG_BUNDLE": str(bundle)}
+    out = tmp_path / "serve.yaml"
+    subprocess.run([str(cli), "build", "serve.app:app", "-o", str(out)], check=True, env=env, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1], timeout=120)
+    text = out.read_text()
+    assert "import_path: serve.app:app" in text and "SegmentModel" in text and "Ingress" in text

@@ -1,0 +1,87 @@
+"""A search stored on S3 (a local moto server): Ray's experiment, checkpoints and the driver's files
+land under s3://bucket/prefix/NAME, `--resume` restores from S3 alone, and the report uploads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import socket
+
+import pytest
+
+from tune.search import SearchOptions, run_search
+
+BUCKET, PREFIX, NAME = "gliomaseg-test", "sweeps", "s3run"
+TINY = {"arch": "lite", "filters": 8, "batch_size": 8, "oversample": 0.5, "patience": 0,
+        "lr": {"loguniform": [1.0e-4, 3.0e-2]}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    server.stop()
+
+
+def keys(client, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+
+
+def read(client, key: str) -> str:
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+
+
+def test_search_on_s3_resumes_from_s3_and_reports(ray_session, prepared_dir, tmp_path, monkeypatch, s3):
+    from tune.report import make_report
+
+    monkeypatch.setenv("GLIOMASEG_CACHE", str(tmp_path / "cache-a"))
+    opts = dict(data=prepared_dir, name=NAME, storage=f"s3://{BUCKET}/{PREFIX}", num_samples=3, max_epochs=2,
+                scheduler="none", fixed=dict(TINY), verbose=0)
+    info = run_search(SearchOptions(**opts))
+    assert info["storage"] == f"s3://{BUCKET}/{PREFIX}/{NAME}"
+    run = f"{PREFIX}/{NAME}/"
+    stored = keys(s3, run)
+    for name in ("optuna.db", "leaderboard.csv", "history.json", "run.json", "best/model.safetensors",
+                 "best/config.json", "ray/tuner.pkl"):
+        assert name in stored, sorted(stored)
+    trial_ids = {k.split("/")[1][len("trial_"):] for k in stored if k.startswith("ray/trial_")}
+    assert len(trial_ids) == 3
+    assert any(k.endswith("checkpoint/state.safetensors") for k in stored)
+    results_before = {t: read(s3, f"{run}ray/trial_{t}/result.json") for t in trial_ids}
+    assert not (tmp_path / "runs").exists()  # nothing of the run outside S3 and the driver's cache
+
+    # Resume on a "different machine": an empty local cache, everything comes back from S3.
+    shutil.rmtree(tmp_path / "cache-a")
+    info2 = run_search(SearchOptions(**opts, resume=True))
+    assert info2["trials"] == 3
+    rows = list(csv.DictReader(io.StringIO(read(s3, f"{run}leaderboard.csv"))))
+    assert {r["trial_id"] for r in rows} == trial_ids
+    assert all(r["stop_reason"] == "completed" for r in rows)
+    for t in trial_ids:  # restored as finished, not re-run
+        assert read(s3, f"{run}ray/trial_{t}/result.json") == results_before[t]
+
+    monkeypatch.setenv("GLIOMASEG_CACHE", str(tmp_path / "cache-b"))
+    index = make_report(f"s3://{BUCKET}/{PREFIX}/{NAME}")
+    assert index.is_file()
+    stored = keys(s3, run)
+    assert {"report/index.html", "report/learning_curves.png", "report/best_predictions.png"} <= stored

@@ -1,0 +1,151 @@
+"""From Tune's results to the run's products: leaderboard.csv, history.json and the best bundle.
+
+The best bundle is exported from the best trial's last checkpoint, which carries the best epoch's
+weights (Trainer keeps them), so nothing is trained again.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ray.tune import ResultGrid
+
+from core.config import TrainConfig
+from core.data.arrays import SplitArrays
+from core.io import read_json, write_json
+from core.metrics import METRIC_KEYS, MINIMISED
+from core.train import Trainer
+from tune.trainable import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
+
+log = logging.getLogger(__name__)
+
+HISTORY_KEYS = ("epoch", "train_loss", "lr", "epoch_seconds", *METRIC_KEYS)
+STOP_REASONS = {
+    COMPLETED: "completed",
+    PATIENCE: "early-stopped by patience",
+    DIVERGED: "diverged (non-finite loss)",
+}
+
+
+def stop_reason(last: dict[str, Any], error: Exception | None, scheduler: str) -> str:
+    if error is not None:
+        return f"error: {type(error).__name__}"
+    status = last.get("stop_reason")
+    if status is None:
+        return "not started"
+    if status == RUNNING:
+        # A trial that ended mid-schedule without error was stopped by the scheduler.
+        return f"early-stopped by {scheduler.upper() if scheduler == 'asha' else scheduler}"
+    return STOP_REASONS.get(status, str(status))
+
+
+def trial_history(result: Any) -> list[dict[str, float]]:
+    """Per-epoch rows (one per epoch; a re-reported final epoch after a resume counts once)."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty or "epoch" not in frame:
+        return []
+    rows: dict[int, dict[str, float]] = {}
+    for record in frame.to_dict("records"):
+        epoch = record.get("epoch")
+        if epoch is None or (isinstance(epoch, float) and math.isnan(epoch)):
+            continue
+        rows[int(epoch)] = {k: _plain(record[k]) for k in HISTORY_KEYS if k in record}
+    return [rows[e] for e in sorted(rows)]
+
+
+def collect(grid: ResultGrid, metric: str, scheduler: str) -> list[dict[str, Any]]:
+    """One record per trial: id, config, history, best metrics, epochs run, stop reason, checkpoint."""
+    key = objective_key(metric)
+    trials = []
+    for result in grid:
+        last = dict(result.metrics or {})
+        history = trial_history(result)
+        best_epoch = int(last.get("best_epoch") or 0)
+        best_row = next((r for r in history if r["epoch"] == best_epoch), {})
+        trials.append({
+            "trial_id": last.get("trial_id") or Path(result.path).name,
+            "config": {k: _plain(v) for k, v in (result.config or {}).items()},
+            "objective": last.get(key),
+            "best_epoch": best_epoch,
+            "epochs_run": int(last.get("epoch") or 0),
+            "stop_reason": stop_reason(last, result.error, scheduler),
+            "best": {k: best_row.get(k) for k in METRIC_KEYS},
+            "history": history,
+            "checkpoint": result.checkpoint,
+            "path": result.path,
+        })
+    worst = math.inf if metric in MINIMISED else -math.inf
+    sign = 1 if metric in MINIMISED else -1
+    trials.sort(key=lambda t: sign * (t["objective"] if t["objective"] is not None else worst))
+    for rank, trial in enumerate(trials, 1):
+        trial["rank"] = rank
+    return trials
+
+
+def write_leaderboard(path: Path, trials: list[dict[str, Any]], searched: list[str]) -> None:
+    """leaderboard.csv: rank, id, stop reason, epochs, objective, best-epoch metrics, then the config."""
+    config_keys = list(searched) + sorted({k for t in trials for k in t["config"]} - set(searched))
+    columns = ["rank", "trial_id", "stop_reason", "epochs_run", "best_epoch", "objective", *METRIC_KEYS, *config_keys]
+    lines: list[dict[str, Any]] = []
+    for t in trials:
+        lines.append({
+            **{k: t[k] for k in ("rank", "trial_id", "stop_reason", "epochs_run", "best_epoch", "objective")},
+            **t["best"],
+            **{k: t["config"].get(k) for k in config_keys},
+        })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(lines)
+    tmp.replace(path)
+
+
+def write_history(path: Path, trials: list[dict[str, Any]]) -> None:
+    """history.json: each trial's config, stop reason and per-epoch metrics (for the report)."""
+    keep = ("rank", "trial_id", "config", "objective", "best_epoch", "epochs_run", "stop_reason", "best", "history")
+    write_json(path, [{k: t[k] for k in keep} for t in trials])
+
+
+def read_leaderboard(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def export_best(
+    trials: list[dict[str, Any]], out: Path, train: SplitArrays, val: SplitArrays, info: dict[str, Any], name: str,
+) -> dict[str, Any] | None:
+    """Export the best trial that has a checkpoint as a core bundle at ``out``; returns that trial."""
+    for trial in trials:
+        checkpoint = trial["checkpoint"]
+        if checkpoint is None or trial["objective"] is None:
+            continue
+        cfg = TrainConfig.from_dict(trial["config"])
+        # The driver may have no GPU (or share one with finishing trials): export on what it has.
+        trainer = Trainer(cfg.replace(device="auto"), train, val, info)
+        with checkpoint.as_directory() as folder:
+            trainer.load_checkpoint(Path(folder) / CHECKPOINT_DIR)
+        trainer.export_bundle(out, name=name)
+        metrics = read_json(out / "metrics.json")
+        metrics["trial_id"] = trial["trial_id"]
+        write_json(out / "metrics.json", metrics)
+        log.info("best trial %s (%s=%.4f at epoch %d) -> %s", trial["trial_id"], cfg.metric,
+                 trial["objective"], trial["best_epoch"], out)
+        return trial
+    log.warning("no trial has a checkpoint; no best bundle written")
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and NaN as JSON/CSV-friendly Python values."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+

@@ -1,0 +1,342 @@
+"""`python -m tune run`: many trials of core's trainer in parallel, TPE-guided and ASHA-pruned.
+
+Everything of a run lands in ``runs/NAME/`` (or ``S/NAME/`` with ``--storage S``): Ray's experiment in
+``ray/``, the Optuna study in ``optuna.db``, ``leaderboard.csv``, ``history.json``, ``run.json`` and the
+best trial's bundle in ``best/``. ``--resume`` continues an interrupted run through ``Tuner.restore``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from core.bundle import split_hash
+from core.config import METRICS
+from core.data.arrays import load_split, load_split_info
+from core.io import read_json, write_json
+from core.metrics import MINIMISED
+from tune import results
+from tune.space import load_space
+from tune.storage import STUDY_DB, RunStorage
+from tune.trainable import objective_key, train_trial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchOptions:
+    """The `tune run` options (also the library entry point: ``run_search(SearchOptions(...))``)."""
+
+    data: Path
+    name: str
+    config: Path | None = None
+    num_samples: int = 100
+    max_epochs: int = 50
+    search: str = "tpe"
+    scheduler: str = "asha"
+    grace_period: int = 5
+    reduction_factor: int = 3
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 0.25 where the cluster has GPUs, else 0
+    max_concurrent: int | None = None
+    metric: str = "dsc_volume"
+    storage: str | None = None
+    resume: bool = False
+    wandb_project: str | None = None
+    seed: int = 0
+    fixed: dict[str, Any] = field(default_factory=dict)  # --set key=value: constants in every trial
+    max_failures: int = 2
+    verbose: int = 1
+
+    def validate(self) -> None:
+        if self.search not in ("tpe", "random"):
+            raise ValueError(f"--search {self.search!r}: tpe or random")
+        if self.scheduler not in ("asha", "median", "none"):
+            raise ValueError(f"--scheduler {self.scheduler!r}: asha, median or none")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric {self.metric!r}: one of {', '.join(METRICS)}")
+        for name in ("num_samples", "max_epochs", "grace_period"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.reduction_factor < 2:
+            raise ValueError("--reduction-factor must be >= 2")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError("--max-concurrent must be >= 1")
+
+
+def run_search(opts: SearchOptions) -> dict[str, Any]:
+    """Run (or resume) a search; returns run.json's content. Uses the current Ray, or starts one."""
+    import ray
+
+    opts.validate()
+    storage = RunStorage.open(opts.name, opts.storage)
+    mode = "min" if opts.metric in MINIMISED else "max"
+    key = objective_key(opts.metric)
+    if opts.resume:
+        if not storage.exists():
+            raise FileNotFoundError(f"{storage.uri}: no run to resume")
+        storage.pull(STUDY_DB, "run.json")
+        saved = read_json(storage.local / "run.json")
+        mode, key, opts.metric, opts.scheduler = saved["mode"], saved["objective"], saved["metric"], saved["scheduler"]
+    elif storage.exists():
+        raise FileExistsError(f"{storage.uri}: already holds a run; pass --resume to continue it, or another --name")
+    storage.local.mkdir(parents=True, exist_ok=True)
+
+    data = Path(opts.data).resolve()
+    info = load_split_info(data)
+    # Loaded into memory (not memory-mapped): the object store gets one real copy per node.
+    train, val = load_split(data, "train", mmap=False), load_split(data, "val", mmap=False)
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
+    cluster = ray.cluster_resources()
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if cluster.get("GPU", 0) > 0 else 0.0
+    if gpus > cluster.get("GPU", 0):
+        raise ValueError(f"--gpus-per-trial {gpus}: the Ray cluster has {cluster.get('GPU', 0)} GPU(s)")
+    slots = cluster.get("CPU", 1) // max(opts.cpus_per_trial, 1e-3)
+    if gpus > 0:
+        slots = min(slots, cluster["GPU"] // gpus)
+    slots = int(max(1, min(slots, opts.max_concurrent or slots)))
+
+    wandb = None
+    if opts.wandb_project:
+        from tune.wandb_logging import wandb_settings
+
+        wandb = wandb_settings(opts.wandb_project, opts.name, str(storage.local))  # W&B adds wandb/
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, train=train, val=val, split_info=info, wandb=wandb),
+        {"cpu": opts.cpus_per_trial, "gpu": gpus},
+    )
+
+    if opts.resume:
+        run_info = read_json(storage.local / "run.json")
+        if run_info.get("split_hash") != split_hash(info):
+            log.warning("%s: resuming on a different data split than the run started with", data)
+        tuner = tune.Tuner.restore(
+            storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=storage.fs,
+        )
+    else:
+        space = load_space(opts.config, opts.fixed)
+        constants = {"seed": opts.seed, **space.constants, "epochs": opts.max_epochs, "metric": opts.metric}
+        run_info = {
+            "name": opts.name, "storage": storage.uri, "data": str(data), "split_hash": split_hash(info),
+            "metric": opts.metric, "mode": mode, "objective": key, "searched": list(space.searched),
+            "space": space.describe(), "constants": constants, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+            "scheduler": opts.scheduler, "gpus_per_trial": gpus, "status": "running",
+        }
+        write_json(storage.local / "run.json", run_info)
+        storage.push("run.json")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=constants,
+            tune_config=tune.TuneConfig(
+                metric=key, mode=mode, num_samples=opts.num_samples, scheduler=_scheduler(opts),
+                search_alg=_searcher(opts, space, storage, key, mode), max_concurrent_trials=opts.max_concurrent,
+                # A finished trial's worker (torch imported, data fetched) takes the next trial.
+                reuse_actors=True, trial_dirname_creator=trial_dirname,
+            ),
+            run_config=_run_config(opts, storage, mode),
+        )
+    with _tune_env(slots):
+        grid = tuner.fit()
+    return finish(storage, grid, run_info, train, val, info)
+
+
+@contextlib.contextmanager
+def _tune_env(slots: int) -> Iterator[None]:
+    """Tune settings read from the environment, for this fit only (a user's own values win)."""
+    values = {
+        # Ray snapshots its experiment state at most this often; a small period means a killed driver
+        # loses (and re-runs) at most a few seconds of trial bookkeeping.
+        "TUNE_GLOBAL_CHECKPOINT_S": "5",
+        # Tune also snapshots whenever a trial has written num_to_keep checkpoints; with epochs of
+        # seconds that is often and harmless, so its warning is noise.
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        # With a searcher Tune keeps one trial pending at a time, so trials would start one worker
+        # launch apart; let as many wait as can run at once (TPE's first trials are random anyway).
+        "TUNE_MAX_PENDING_TRIALS_PG": str(slots),
+    }
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _searcher(opts: SearchOptions, space: Any, storage: RunStorage, key: str, mode: str) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if not space.searched:
+        return None  # nothing to search: num_samples repeats of the constants
+    sampler = (
+        optuna.samplers.TPESampler(seed=opts.seed) if opts.search == "tpe"
+        else optuna.samplers.RandomSampler(seed=opts.seed)
+    )
+    return OptunaSearch(
+        space=space.searched, metric=key, mode=mode, sampler=sampler, study_name=opts.name,
+        storage=optuna.storages.RDBStorage(storage.study_url),
+    )
+
+
+def _scheduler(opts: SearchOptions) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    if opts.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="epoch", max_t=opts.max_epochs, grace_period=min(opts.grace_period, opts.max_epochs),
+            reduction_factor=opts.reduction_factor,
+        )
+    if opts.scheduler == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=opts.grace_period, min_samples_required=3)
+    return FIFOScheduler()
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _run_config(opts: SearchOptions, storage: RunStorage, mode: str) -> Any:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # Explicit result loggers: the leaderboard and learning curves read them, and Tune's automatic
+    # ones can be switched off by environment (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS).
+    callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if storage.remote:
+        callbacks.append(PushStudy(storage))
+    return tune.RunConfig(
+        name="ray",
+        storage_path=storage.ray_storage_path,
+        storage_filesystem=storage.fs,
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=opts.metric, checkpoint_score_order=mode,
+        ),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        sync_config=tune.SyncConfig(sync_period=10),
+        callbacks=callbacks,
+        verbose=opts.verbose,
+    )
+
+
+class PushStudy(tune.Callback):
+    """Uploads optuna.db to S3 as trials start and end (SQLite lives in a local mirror), so a resume
+    on another machine finds the study as the experiment state left it."""
+
+    def __init__(self, storage: RunStorage) -> None:
+        self.storage = storage
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.storage.push(STUDY_DB)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.storage.push(STUDY_DB)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.storage.push(STUDY_DB)
+
+
+def finish(
+    storage: RunStorage, grid: Any, run_info: dict[str, Any], train: Any, val: Any, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Leaderboard, history and best bundle from the finished grid; uploads them for S3 runs."""
+    trials = results.collect(grid, run_info["metric"], run_info["scheduler"])
+    results.write_leaderboard(storage.local / "leaderboard.csv", trials, run_info.get("searched", []))
+    results.write_history(storage.local / "history.json", trials)
+    best = results.export_best(trials, storage.local / "best", train, val, info, name=run_info["name"])
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["stop_reason"]] = counts.get(t["stop_reason"], 0) + 1
+    run_info.update(
+        status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), trials=len(trials), stop_reasons=counts,
+        best_trial=best and {k: best[k] for k in ("trial_id", "objective", "best_epoch", "config")},
+    )
+    write_json(storage.local / "run.json", run_info)
+    storage.push(STUDY_DB, "leaderboard.csv", "history.json", "run.json", "best")
+    return run_info
+
+
+# ---- command line ------------------------------------------------------------------------------------
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are YAML (so 1e-3, true, [a, b], {uniform: [a, b]} work)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        out[key.strip().replace("-", "_")] = _number(yaml.safe_load(value))
+    return out
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a flag value that looks like a number is one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="hyperparameter search with Ray Tune (Optuna TPE + ASHA)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, type=Path, help="prepared directory")
+    p.add_argument("--name", required=True, help="run name: writes runs/NAME (or STORAGE/NAME)")
+    p.add_argument("--config", type=Path, help="search-space YAML; its keys replace the default space")
+    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix or override one space key (YAML value: constant, list, {loguniform: [a, b]}); repeatable")
+    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--max-epochs", type=int, default=50)
+    p.add_argument("--search", choices=("tpe", "random"), default="tpe")
+    p.add_argument("--scheduler", choices=("asha", "median", "none"), default="asha")
+    p.add_argument("--grace-period", type=int, default=5, help="epochs before the scheduler may stop a trial")
+    p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="default 0.25 with GPUs, else 0")
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--metric", choices=METRICS, default="dsc_volume")
+    p.add_argument("--storage", help="directory or s3://bucket/prefix (default: runs)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--max-failures", type=int, default=2, help="retries per trial, from its last checkpoint")
+    p.add_argument("--wandb-project", help="log trials to Weights & Biases (offline without WANDB_API_KEY)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
+    p.add_argument("--quiet", action="store_true", help="no progress table")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    opts = SearchOptions(
+        data=args.data, name=args.name, config=args.config, num_samples=args.num_samples,
+        max_epochs=args.max_epochs, search=args.search, scheduler=args.scheduler,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent, metric=args.metric, storage=args.storage, resume=args.resume,
+        wandb_project=args.wandb_project, seed=args.seed, fixed=parse_sets(args.fixed),
+        max_failures=args.max_failures, verbose=0 if args.quiet else 1,
+    )
+    info = run_search(opts)
+    best = info.get("best_trial")
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(info.get("stop_reasons", {}).items()))
+    print(f"{info['trials']} trials ({reasons}); leaderboard: {info['storage']}/leaderboard.csv")
+    if best:
+        print(f"best trial {best['trial_id']}: {info['objective']}={best['objective']:.4f} at epoch "
+              f"{best['best_epoch']}; bundle: {info['storage']}/best")
+    return 0

@@ -1,0 +1,148 @@
+"""The search space: the default (the earlier study's, plus architecture and loss weighting) and YAML.
+
+A space maps `python -m core train` option names to one of: a list (categorical choice), a constant,
+``{uniform: [a, b]}``, ``{loguniform: [a, b]}`` or ``{int: [a, b]}``. Keys a YAML file names replace
+the defaults; the rest of the defaults stay. Searched keys become Optuna distributions (so the study
+in optuna.db is readable by Optuna's own tools); constants go to every trial unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import optuna.distributions as od
+import yaml
+
+from core.config import TrainConfig
+
+# The earlier study's space (dropout, lr, batch size, filters) plus architecture and loss weighting.
+# lambda_dice stays 1 and lambda_focal varies, so the search is over their ratio (the scale is lr's job).
+DEFAULT_SPACE: dict[str, Any] = {
+    "arch": ["unet", "attention_unet", "segresnet"],
+    "filters": [8, 16, 32],
+    "dropout": {"uniform": [0.0, 0.5]},
+    "lr": {"loguniform": [1.0e-6, 0.1]},
+    "batch_size": [16, 32],
+    "lambda_focal": {"loguniform": [0.1, 10.0]},
+}
+FORMS = ("uniform", "loguniform", "int")
+# Owned by the search itself (--max-epochs, one process per trial), so a space may not set them.
+RESERVED = {"epochs": "--max-epochs", "workers": "one process per trial (workers=1)"}
+
+
+@dataclass(frozen=True)
+class Space:
+    """Searched keys as Optuna distributions, and the constants every trial shares."""
+
+    searched: dict[str, od.BaseDistribution]
+    constants: dict[str, Any]
+
+    def describe(self) -> dict[str, str]:
+        out = {k: _describe(d) for k, d in self.searched.items()}
+        out.update({k: f"= {v!r}" for k, v in self.constants.items()})
+        return out
+
+
+def load_space(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Space:
+    """The default space, with the keys of the YAML file at ``path`` and then ``overrides`` replacing it."""
+    spec = dict(DEFAULT_SPACE)
+    if path is not None:
+        spec.update(read_yaml(path))
+    spec.update(overrides or {})
+    return parse_space(spec, source=str(path) if path else "search space")
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such search-space file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def parse_space(spec: dict[str, Any], source: str = "search space") -> Space:
+    """Validate ``spec`` against TrainConfig; every error names the key (and the file)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key, why in RESERVED.items():
+        if key in spec:
+            raise ValueError(f"{source}: {key!r} cannot be searched or fixed in a space; it is set by {why}")
+    searched: dict[str, od.BaseDistribution] = {}
+    constants: dict[str, Any] = {}
+    for key, value in spec.items():
+        where = f"{source}: {key}"
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"{where}: an empty list has nothing to choose from")
+            choices = [_checked(key, v, where) for v in value]
+            if len(set(choices)) == 1:
+                constants[key] = choices[0]  # one choice is a constant (Optuna would record a 1-way param)
+            else:
+                searched[key] = od.CategoricalDistribution(list(dict.fromkeys(choices)))
+        elif isinstance(value, dict):
+            searched[key] = _range(key, value, known[key].type, where)
+        else:
+            constants[key] = _checked(key, value, where)
+    # The combination of constants must itself be a valid config (e.g. loss names).
+    TrainConfig.from_dict(constants)
+    return Space(searched, constants)
+
+
+def _checked(key: str, value: Any, where: str) -> Any:
+    """One value as TrainConfig would hold it, validated by TrainConfig itself."""
+    if isinstance(value, (dict, list)) or value is None:
+        raise ValueError(f"{where}: {value!r} is not a plain value")
+    try:
+        return getattr(TrainConfig.from_dict({key: value}), key)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _range(key: str, value: dict[str, Any], kind: Any, where: str) -> od.BaseDistribution:
+    if len(value) != 1 or next(iter(value)) not in FORMS:
+        raise ValueError(f"{where}: expected one of {{{', '.join(f + ': [a, b]' for f in FORMS)}}}, got {value!r}")
+    form, bounds = next(iter(value.items()))
+    if not (isinstance(bounds, list) and len(bounds) == 2):
+        raise ValueError(f"{where}: {form} needs [low, high], got {bounds!r}")
+    try:
+        low, high = (float(b) for b in bounds)  # YAML reads 1e-3 (no dot) as a string
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {form} bounds must be numbers, got {bounds!r}") from exc
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise ValueError(f"{where}: {form} needs low < high, got {bounds!r}")
+    is_int = kind in ("int", int)
+    if form == "int" or is_int:
+        if form != "int":
+            raise ValueError(f"{where}: an integer option takes a list or {{int: [a, b]}}, not {form}")
+        if not (low.is_integer() and high.is_integer()):
+            raise ValueError(f"{where}: int bounds must be integers, got {bounds!r}")
+        dist: od.BaseDistribution = od.IntDistribution(int(low), int(high))
+    else:
+        if kind not in ("float", float):
+            raise ValueError(f"{where}: {key} is not numeric; use a list of choices")
+        if form == "loguniform" and low <= 0:
+            raise ValueError(f"{where}: loguniform needs low > 0, got {bounds!r}")
+        dist = od.FloatDistribution(low, high, log=form == "loguniform")
+    for probe in (low, high):  # the bounds themselves must be legal values (e.g. dropout < 1)
+        _checked(key, int(probe) if is_int else probe, where)
+    return dist
+
+
+def _describe(dist: od.BaseDistribution) -> str:
+    if isinstance(dist, od.CategoricalDistribution):
+        return "choice " + repr(list(dist.choices))
+    if isinstance(dist, od.IntDistribution):
+        return f"int [{dist.low}, {dist.high}]"
+    assert isinstance(dist, od.FloatDistribution)
+    return f"{'loguniform' if dist.log else 'uniform'} [{dist.low:g}, {dist.high:g}]"

@@ -1,0 +1,108 @@
+"""The trial function: one core Trainer per trial, reporting and checkpointing every epoch.
+
+The data arrives through ``tune.with_parameters`` (one object-store copy per node, read zero-copy by
+every trial there) and the Trainer copies it to the trial's device once. A trial restarted by
+FailureConfig, or resumed with ``--resume``, loads its last checkpoint and continues at the next epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from core.config import TrainConfig
+from core.data.arrays import SplitArrays
+from core.metrics import MINIMISED
+from core.train import EpochResult, Trainer
+
+# Reported on every result; the leaderboard reads the last one to tell why a trial ended.
+RUNNING, COMPLETED, PATIENCE, DIVERGED = "running", "completed", "patience", "diverged"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def objective_key(metric: str) -> str:
+    """The reported key Tune, ASHA and Optuna select on: the best epoch's value so far."""
+    return f"best_{metric}"
+
+
+def finite(metric: str, value: float) -> float:
+    """NaN (an undefined metric) as the worst possible value, so ASHA and Optuna can rank it.
+
+    Every selectable metric lies in [0, 1].
+    """
+    if value is None or not math.isfinite(value):
+        return 1.0 if metric in MINIMISED else 0.0
+    return float(value)
+
+
+def trial_result(trainer: Trainer, metrics: dict[str, float], status: str) -> dict[str, Any]:
+    metric = trainer.cfg.metric
+    out: dict[str, Any] = {k: float(v) for k, v in metrics.items() if k != "epoch"}
+    out[metric] = finite(metric, metrics.get(metric, float("nan")))
+    out.update(
+        epoch=trainer.epoch,
+        best_epoch=trainer.best_epoch,
+        stop_reason=status,
+    )
+    out[objective_key(metric)] = finite(metric, trainer.best_metric)
+    return out
+
+
+def epoch_status(trainer: Trainer) -> str:
+    """What ``fit`` will do after this epoch: go on, or stop (and why)."""
+    cfg = trainer.cfg
+    if trainer.epoch >= cfg.epochs:
+        return COMPLETED
+    if cfg.patience > 0 and trainer.epoch - trainer.best_epoch >= cfg.patience:
+        return PATIENCE
+    return RUNNING
+
+
+def train_trial(
+    config: dict[str, Any],
+    train: SplitArrays,
+    val: SplitArrays,
+    split_info: dict[str, Any],
+    wandb: dict[str, Any] | None = None,
+) -> None:
+    """Train one configuration; Tune passes ``config``, with_parameters the rest."""
+    cfg = TrainConfig.from_dict(config)
+    trainer = Trainer(cfg, train, val, split_info)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_checkpoint(Path(folder) / CHECKPOINT_DIR)
+        status = epoch_status(trainer)
+        if status != RUNNING and trainer.history:
+            # Finished before the driver last saved its state: report the end again, train nothing.
+            tune.report(trial_result(trainer, trainer.history[-1], status))
+            return
+    logger = None
+    if wandb:
+        from tune.wandb_logging import TrialWandb  # lazily: W&B is optional
+
+        logger = TrialWandb(cfg, val, **wandb)
+
+    def on_epoch(result: EpochResult, tr: Trainer) -> None:
+        status = epoch_status(tr)
+        if logger is not None:
+            logger.log_epoch(result, tr)
+        with tempfile.TemporaryDirectory() as tmp:
+            tr.save_checkpoint(Path(tmp) / CHECKPOINT_DIR)
+            # report() persists the checkpoint to storage before it returns, so tmp may go after it.
+            tune.report(trial_result(tr, result.metrics, status), checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    try:
+        trainer.fit(on_epoch)
+    except FloatingPointError:
+        # A diverged configuration (a large lr) fails the same way on every retry: end it here with
+        # the best epoch it reached rather than burning FailureConfig retries on it.
+        last = trainer.history[-1] if trainer.history else {cfg.metric: float("nan")}
+        tune.report(trial_result(trainer, last, DIVERGED))
+    finally:
+        if logger is not None:
+            logger.finish()
