@@ -39,10 +39,25 @@ browser:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: browser tests will be skipped"; }
 
+# The whole pipeline on the embedded default (synthetic data, local Ray, CPU): about 5 minutes on
+# 2 cores. Everything it writes is under $(DEMO_DIR)/, which it replaces.
+BEST := $(DEMO_DIR)/runs/demo/best
 demo: $(STAMP)
-	$(PY) -m core data synth --out $(DEMO_DIR)/data --patients 12 --slices 24 --size 128
-	$(PY) -m core data prepare --src $(DEMO_DIR)/data/kaggle_3m --out $(DEMO_DIR)/prepared --no-progress
+	rm -rf $(DEMO_DIR)
+	$(PY) -m core data synth --out $(DEMO_DIR)/data --patients 12 --slices 24 --size 128 --seed 0
+	$(PY) -m core data prepare --src $(DEMO_DIR)/data/kaggle_3m --out $(DEMO_DIR)/prepared --val 2 --test 2 \
+		--no-progress
 	$(PY) -m core data eda $(DEMO_DIR)/prepared
+	$(PY) -m tune run --data $(DEMO_DIR)/prepared --name demo --storage $(DEMO_DIR)/runs --num-samples 8 \
+		--max-epochs 6 --grace-period 2 --reduction-factor 2 --set arch=lite --set filters=8 \
+		--set batch_size=16 --set oversample=0.5 --set 'lr={loguniform: [1.0e-4, 3.0e-2]}' --quiet
+	$(PY) -m tune report $(DEMO_DIR)/runs/demo
+	$(PY) -m core evaluate --bundle $(BEST) --data $(DEMO_DIR)/prepared --split test --out $(DEMO_DIR)/evaluate
+	$(PY) -m serve.demo --bundle $(BEST) --data $(DEMO_DIR)/data/kaggle_3m --out $(DEMO_DIR)/serve
+	$(PY) -m serve export-onnx --bundle $(BEST) --out $(DEMO_DIR)/export/model.onnx
+	$(PY) -m serve export-sagemaker --bundle $(BEST) --out $(DEMO_DIR)/export/model.tar.gz
+	@echo "demo done: report $(DEMO_DIR)/runs/demo/report/index.html, best bundle $(BEST)," \
+		"served responses $(DEMO_DIR)/serve/, exports $(DEMO_DIR)/export/"
 
 test: $(STAMP) browser
 	$(PY) -m pytest tests -q

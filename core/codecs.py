@@ -115,6 +115,8 @@ def decode(
         slices = [_decode_png(data, limits)]
     else:
         slices = _decode_tiff(data, limits)
+    if not slices:  # a (0,H,W,3) .npy: np.stack would raise a bare ValueError (a 500)
+        raise _shape("the request holds no slices")
     slices = [_to_hwc(s, i) for i, s in enumerate(slices)]
     if len({s.shape for s in slices}) > 1:
         raise _shape(f"slices differ in shape: {sorted({s.shape[:2] for s in slices})}")
@@ -338,11 +340,18 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
 
 
 def rle_decode(rle: dict[str, Any]) -> np.ndarray:
-    """Inverse of rle_encode: (H,W) uint8 0/1."""
-    h, w = (int(v) for v in rle["size"])
-    counts = np.asarray(rle["counts"], dtype=np.int64)
+    """Inverse of rle_encode: (H,W) uint8 0/1. Malformed input raises DecodeError (400)."""
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = np.asarray(rle["counts"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise _bad(f"not a COCO RLE dict with size [H, W] and integer counts ({type(exc).__name__})") from None
+    if counts.ndim != 1 or h < 0 or w < 0 or (counts < 0).any():
+        raise _bad("RLE size and counts must be non-negative, counts a flat list")
+    if h * w > DEFAULT_MAX_PIXELS:
+        raise _too_large(f"RLE of {h}x{w}; at most {DEFAULT_MAX_PIXELS} pixels")
     if counts.sum() != h * w:
-        raise ValueError(f"RLE counts sum to {counts.sum()}, expected {h * w}")
+        raise _bad(f"RLE counts sum to {counts.sum()}, expected {h * w}")
     values = np.arange(len(counts)) % 2
     return np.repeat(values.astype(np.uint8), counts).reshape((h, w), order="F")
 

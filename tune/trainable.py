@@ -7,6 +7,7 @@ FailureConfig, or resumed with ``--resume``, loads its last checkpoint and conti
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -70,6 +71,8 @@ def train_trial(
     wandb: dict[str, Any] | None = None,
 ) -> None:
     """Train one configuration; Tune passes ``config``, with_parameters the rest."""
+    # Ray logs every persisted checkpoint at INFO; one per epoch per trial drowns the driver's output.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config)
     trainer = Trainer(cfg, train, val, split_info)
     checkpoint = tune.get_checkpoint()
