@@ -357,7 +357,7 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """HxWx3 uint8 slice with the mask's foreground tinted (red for label 1); matches core.data.eda.overlay."""
+    """HxWx3 uint8 slice with the mask's foreground tinted (red for label 1)."""
     out = image.astype(np.float32)
     for label in np.unique(mask[mask > 0]):
         region = mask == label

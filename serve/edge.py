@@ -17,15 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from core.postprocess import apply_postprocess
+from core.slices import SlicePredictor
 
 FORMAT = "gliomaseg-onnx/1"
 META_FORMAT, META_CONFIG, META_METRICS = "gliomaseg.format", "gliomaseg.config", "gliomaseg.metrics"
 
-Images = np.ndarray | Sequence[np.ndarray]
 
-
-class OnnxPredictor:
+class OnnxPredictor(SlicePredictor):
     """Batched ONNX Runtime inference for one exported bundle. One per thread or replica."""
 
     def __init__(
@@ -47,52 +45,11 @@ class OnnxPredictor:
         if meta.get(META_FORMAT) != FORMAT or META_CONFIG not in meta:
             raise ValueError(f"{path}: not a gliomaseg ONNX export (metadata {META_FORMAT!r} missing); "
                              "make it with `python -m serve export-onnx`")
-        self.config: dict[str, Any] = json.loads(meta[META_CONFIG])
-        self.metrics: dict[str, Any] = json.loads(meta.get(META_METRICS, "{}"))
+        self._configure(json.loads(meta[META_CONFIG]), json.loads(meta.get(META_METRICS, "{}")), batch_size)
         self.input_name = self.session.get_inputs()[0].name
-        self.batch_size = batch_size
-        self.size = (int(self.config["image_size"][0]), int(self.config["image_size"][1]))
-        self.threshold = float(self.config.get("threshold", 0.5))
-        self.postprocess = self.config.get("postprocess", {})
-        self.multiclass = int(self.config["model_args"]["out_channels"]) > 1
-
-    @property
-    def version(self) -> str:
-        return str(self.config.get("version", "unknown"))
 
     def info(self) -> dict[str, Any]:
         return {"config": self.config, "metrics": self.metrics, "providers": self.session.get_providers()}
-
-    def predict_proba(self, images: Images) -> list[np.ndarray]:
-        """Per slice: (H,W) tumour probability (binary) or (C,H,W) class probabilities (multi-class)."""
-        slices = _as_slices(images)
-        out: list[np.ndarray | None] = [None] * len(slices)
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(slices):
-            by_shape.setdefault(s.shape[:2], []).append(i)
-        for shape, idx in by_shape.items():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                probs = self._forward(np.stack([slices[i] for i in chunk]), shape)
-                for i, p in zip(chunk, probs, strict=True):
-                    out[i] = p
-        return out  # type: ignore[return-value]
-
-    def predict(self, images: Images, volume: bool = False) -> np.ndarray | list[np.ndarray]:
-        """Masks (uint8 0/1 or 0..K). ``volume=True``: one patient's slices in order (3D post-processing)."""
-        masks = [self.masks_from_proba(p) for p in self.predict_proba(images)]
-        if volume:
-            masks = list(apply_postprocess(np.stack(masks), self.postprocess, volume=True))
-        else:
-            masks = [apply_postprocess(m[None], self.postprocess, volume=False)[0] for m in masks]
-        if len({m.shape for m in masks}) == 1:
-            return np.stack(masks) if masks else np.zeros((0, *self.size), np.uint8)
-        return masks
-
-    def masks_from_proba(self, proba: np.ndarray) -> np.ndarray:
-        if self.multiclass:
-            return proba.argmax(axis=0).astype(np.uint8)
-        return (proba > self.threshold).astype(np.uint8)
 
     def _forward(self, batch: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         # The graph applies the normalisation itself; it takes pixel values at the model's size.
@@ -138,24 +95,3 @@ def _weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
         w[i, i0] += 1.0 - lam
         w[i, i1] += lam
     return w.astype(np.float32)
-
-
-def _as_slices(images: Images) -> list[np.ndarray]:
-    """Validate and unify inputs to HxWx3 uint8 arrays (the rules of core.predictor, without torch)."""
-    if isinstance(images, np.ndarray):
-        if images.ndim == 3 and images.shape[-1] == 3:
-            images = images[None]
-        if images.ndim != 4:
-            raise ValueError(f"expected (N,H,W,3) or (H,W,3) images, got shape {images.shape}")
-        images = list(images)
-    slices = []
-    for i, s in enumerate(images):
-        s = np.asarray(s)
-        if s.ndim == 2:
-            s = np.repeat(s[..., None], 3, axis=-1)
-        if s.ndim != 3 or s.shape[-1] != 3:
-            raise ValueError(f"slice {i}: expected HxWx3 or HxW, got shape {s.shape}")
-        if s.dtype != np.uint8:
-            raise ValueError(f"slice {i}: expected uint8, got {s.dtype}")
-        slices.append(s)
-    return slices

@@ -24,6 +24,9 @@ from core.bundle import load_bundle
 from serve.edge import FORMAT, META_CONFIG, META_FORMAT, META_METRICS
 
 log = logging.getLogger(__name__)
+# The exporter's optimisation passes log every rewrite at INFO; a user wants the summary, not those.
+for _noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 INPUT, OUTPUT = "image", "proba"
 DEFAULT_OPSET = 18
 

@@ -185,13 +185,15 @@ def test_encoders() -> None:
         assert len(tif.pages) == 3
         np.testing.assert_array_equal(tif.asarray(), masks * 255)
     np.testing.assert_array_equal(np.load(io.BytesIO(codecs.encode_npy(masks)), allow_pickle=False), masks)
-    from core.data.eda import overlay
-
-    np.testing.assert_array_equal(codecs.overlay(RGB, mask), overlay(RGB, mask))
+    tinted = codecs.overlay(RGB, mask)
+    np.testing.assert_array_equal(tinted[mask == 0], RGB[mask == 0])  # background untouched
+    fg = mask == 1
+    assert (tinted[fg][:, 0].astype(int) - RGB[fg][:, 0] >= 0).all()  # label 1 pulled towards red
+    assert (tinted[fg][:, 0].astype(int) - tinted[fg][:, 1]).mean() > (RGB[fg][:, 0].astype(int) - RGB[fg][:, 1]).mean()
     labels = mask * 2
-    np.testing.assert_array_equal(codecs.overlay(RGB, labels), overlay(RGB, labels))
+    assert not np.array_equal(codecs.overlay(RGB, labels)[fg], tinted[fg])  # other labels, other tints
     ov = np.asarray(Image.open(io.BytesIO(codecs.encode_overlay_png(RGB, mask))))
-    np.testing.assert_array_equal(ov, overlay(RGB, mask))
+    np.testing.assert_array_equal(ov, tinted)
     vol = RNG.integers(0, 256, (4, 40, 56, 3), dtype=np.uint8)
     anim = Image.open(io.BytesIO(codecs.encode_animation(vol, np.vstack([masks, mask[None]]))))
     assert anim.format == "PNG" and anim.n_frames == 4 and getattr(anim, "is_animated", False)

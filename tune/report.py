@@ -21,8 +21,8 @@ matplotlib.use("Agg")  # files only; no display on servers and in trials
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.codecs import overlay  # noqa: E402
 from core.data.arrays import load_split  # noqa: E402
-from core.data.eda import overlay  # noqa: E402
 from core.io import read_json  # noqa: E402
 from core.metrics import per_slice_dice  # noqa: E402
 from tune.results import read_leaderboard  # noqa: E402

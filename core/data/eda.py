@@ -11,20 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.codecs import overlay  # noqa: E402
 from core.data.arrays import SPLITS, SplitArrays, load_split, load_split_info  # noqa: E402
 from core.io import write_json  # noqa: E402
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """HxWx3 uint8 slice with the mask's foreground tinted red (labels > 1 get other tints)."""
-    out = image.astype(np.float32).copy()
-    colours = np.array([[255, 40, 40], [40, 200, 255], [255, 200, 0], [120, 255, 120], [200, 120, 255]], np.float32)
-    for label in np.unique(mask[mask > 0]):
-        region = mask == label
-        out[region] = (1 - alpha) * out[region] + alpha * colours[(int(label) - 1) % len(colours)]
-    return out.clip(0, 255).astype(np.uint8)
 
 
 def _channel_stats(arrays: SplitArrays) -> dict[str, np.ndarray]:
