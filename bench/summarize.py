@@ -1,0 +1,100 @@
+"""Render bench/results/*.json into the table in bench/README.md (between the RESULTS markers).
+
+    python bench/summarize.py            # rewrite the table in place
+    python bench/summarize.py --print    # print it instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+ORDER = ("train-pipeline", "hpo-throughput", "serve-load", "model-latency")
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _met(value: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "n/a"}[value]
+
+
+def _machine(result: dict[str, Any]) -> str:
+    m = result.get("machine", {})
+    device = m.get("gpu") or f"CPU ({m.get('cpu_count')} cores)"
+    return f"{device}; {m.get('date', '?')[:16]}"
+
+
+def _load(result: dict[str, Any]) -> str:
+    load = result.get("load", {})
+    if not load:
+        return "?"
+    return f"{load['loadavg_1m_min']}-{load['loadavg_1m_max']} (mean {load['loadavg_1m_mean']}) on {load['cpu_count']}"
+
+
+def table(results: list[dict[str, Any]], others: list[str] | None = None) -> str:
+    lines = [
+        "| benchmark | figure | target | measured | met? | machine / device | load avg (1 min) | what limits it |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for result in results:
+        for r in result.get("summary", []):
+            if not isinstance(r, dict) or "metric" not in r:
+                continue
+            lines.append("| " + " | ".join(_cell(c) for c in (
+                f"{result['benchmark']} ({result['_file']})", r["metric"], r["target"], r["measured"],
+                _met(r["met"]), _machine(result), _load(result), r["limits"])) + " |")
+    if len(lines) == 2:
+        lines.append("| (no results yet: run the scripts) | | | | | | | |")
+    if others:
+        lines += ["", "Other result files here (another format, not in this table): " + ", ".join(others) + "."]
+    return "\n".join(lines)
+
+
+def load_results(folder: Path = RESULTS) -> tuple[list[dict[str, Any]], list[str]]:
+    """(results with a ``summary`` list, names of the other JSON files)."""
+    out, others = [], []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            others.append(path.name)
+            continue
+        if not isinstance(result, dict) or not isinstance(result.get("summary"), list):
+            others.append(path.name)
+            continue
+        result["_file"] = path.name
+        out.append(result)
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(out, key=lambda r: (rank.get(r.get("benchmark"), len(ORDER)), r["_file"])), others
+
+
+def render(readme: Path = README, folder: Path = RESULTS) -> str:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme}: markers {BEGIN} / {END} missing")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table(*load_results(folder))}\n{END}{tail}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--print", action="store_true", help="print the table instead of rewriting README.md")
+    args = p.parse_args()
+    if args.print:
+        print(table(*load_results()))
+        return
+    README.write_text(render())
+    print(f"wrote {README}")
+
+
+if __name__ == "__main__":
+    main()
