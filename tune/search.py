@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from core.bundle import split_hash
 from core.config import METRICS
@@ -179,9 +180,25 @@ def _tune_env(slots: int) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a resume where the study on disk is ahead of Ray's experiment state.
+
+    A driver killed after a trial finished (its Optuna trial COMPLETE in optuna.db) but before Ray
+    snapshotted that, resumes the trial; its re-reported result would raise UpdateFinishedTrialError
+    and end the whole run. The study already holds that trial's value, so the result is dropped.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        import optuna
+
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.debug("trial %s already finished in the Optuna study; result not re-recorded", trial_id)
+
+
 def _searcher(opts: SearchOptions, space: Any, storage: RunStorage, key: str, mode: str) -> Any:
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     if not space.searched:
         return None  # nothing to search: num_samples repeats of the constants
@@ -189,7 +206,7 @@ def _searcher(opts: SearchOptions, space: Any, storage: RunStorage, key: str, mo
         optuna.samplers.TPESampler(seed=opts.seed) if opts.search == "tpe"
         else optuna.samplers.RandomSampler(seed=opts.seed)
     )
-    return OptunaSearch(
+    return ResumableOptunaSearch(
         space=space.searched, metric=key, mode=mode, sampler=sampler, study_name=opts.name,
         storage=optuna.storages.RDBStorage(storage.study_url),
     )

@@ -1,0 +1,236 @@
+"""Tune under faults: a trial's worker killed mid-epoch resumes from its checkpoint; a driver killed
+three times at random points still ends with every trial completed exactly once; a crash while
+writing prepared/ or a checkpoint leaves the previous files intact.
+
+Builds on tests/test_tune_resume.py (one driver kill) and reuses its experiment-state readers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_tune_resume import result_lines, snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"arch": "lite", "filters": 8, "batch_size": 8, "patience": 0, "warmup_epochs": 0}
+
+
+def _trial_workers(ray_session) -> list[psutil.Process]:
+    """This session's Tune trial processes (children of our raylet: other Rays on the host are left alone)."""
+    node = ray_session._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::ImplicitFunc") and raylet in {p.pid for p in proc.parents()}:
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_trial_worker_killed_mid_epoch_resumes_from_its_checkpoint(ray_session, prepared_dir, tmp_path):
+    from tune.search import SearchOptions, run_search
+
+    epochs, experiment = 8, tmp_path / "actor" / "ray"
+    killed: dict[str, object] = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "epochs_before" not in killed:
+            trials = list(experiment.glob("trial_*/result.json"))
+            lines = len(result_lines(experiment, trials[0].parent.name[6:])) if trials else 0
+            workers = _trial_workers(ray_session)
+            if lines >= 2 and workers:  # two epochs (and checkpoints) done: now inside a later epoch
+                workers[0].send_signal(signal.SIGKILL)
+                killed.update(epochs_before=lines, pid=workers[0].pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    run_search(SearchOptions(data=prepared_dir, name="actor", storage=str(tmp_path), num_samples=1,
+                             max_epochs=epochs, scheduler="none", fixed={**TINY, "lr": 3e-3}, verbose=0))
+    thread.join(5)
+    assert "epochs_before" in killed, "the trial finished before its worker could be killed"
+    (trial_dir,) = experiment.glob("trial_*")
+    lines = result_lines(experiment, trial_dir.name[6:])
+    reported = [line["epoch"] for line in lines]
+    # Continued, not restarted: every epoch reported once, in order (a restart from zero repeats 1, 2...).
+    assert reported == list(range(1, epochs + 1)), reported
+    assert lines[-1]["stop_reason"] == "completed"
+    state = snapshot(experiment)
+    assert list(state.values()) == ["TERMINATED"]
+    errors = list(trial_dir.glob("error*.txt")) + list(trial_dir.glob("error*.pkl"))
+    assert errors or any(int(line.get("iterations_since_restore", 0)) < int(line["training_iteration"])
+                         for line in lines), "no sign the trial failed and was restored"
+    history = json.loads((tmp_path / "actor" / "history.json").read_text())
+    assert [h["epoch"] for h in history[0]["history"]] == list(range(1, epochs + 1))
+
+
+SAMPLES, EPOCHS, KILLS = 4, 3, 3
+
+
+def _cmd(prepared: Path, storage: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tune", "run", "--data", str(prepared), "--name", "thrice", "--storage", str(storage),
+        "--num-samples", str(SAMPLES), "--max-epochs", str(EPOCHS), "--scheduler", "none", "--max-concurrent", "2",
+        *(f"--set={k}={v}" for k, v in TINY.items()), "--set", "lr={loguniform: [1.0e-3, 1.0e-2]}", "--quiet",
+        *extra,
+    ]
+
+
+def _epochs_reported(experiment: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in experiment.glob("trial_*/result.json"))
+
+
+@pytest.mark.slow
+def test_driver_killed_three_times_ends_with_every_trial_completed_once(ray_session, prepared_dir, tmp_path):
+    # Ray snapshots the experiment state every TUNE_GLOBAL_CHECKPOINT_S (5 s by default in tune run),
+    # while num_to_keep deletes superseded checkpoints at once: a driver killed in between resumes a
+    # trial from a checkpoint that no longer exists and the trial fails every retry (a Ray Tune
+    # limitation, see the issue report). Snapshotting after every event closes that window.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "0",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    experiment, rng = tmp_path / "thrice" / "ray", random.Random(8)
+    done_at_kill: list[dict[str, int]] = []  # per kill: lines of each trial finished by then
+    for attempt in range(KILLS):
+        extra = ("--resume",) if attempt else ()
+        with (tmp_path / f"driver{attempt}.log").open("w") as log:
+            proc = subprocess.Popen(_cmd(prepared_dir, tmp_path, *extra), cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        try:
+            # A random point 1-3 reported epochs into this driver's life (of 12 in all), so each
+            # resume makes progress and the kills land early, midway and late in the run.
+            target = _epochs_reported(experiment) + rng.randint(1, 3)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None and _epochs_reported(experiment) < target:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.0))
+            assert proc.poll() is None, (tmp_path / f"driver{attempt}.log").read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        finished = [t for t, s in snapshot(experiment).items() if s == "TERMINATED"]
+        done_at_kill.append({t: len(result_lines(experiment, t)) for t in finished})
+        time.sleep(1.0)  # let the cluster reap the dead driver's trial workers
+    assert len(done_at_kill[-1]) < SAMPLES, "the run finished before the third kill"
+
+    final = subprocess.run(_cmd(prepared_dir, tmp_path, "--resume"), cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=240)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    state = snapshot(experiment)
+    # What an uninterrupted run ends with: SAMPLES trials, all completed, every epoch reported.
+    assert len(state) == SAMPLES and set(state.values()) == {"TERMINATED"}, state
+    run = json.loads((tmp_path / "thrice" / "run.json").read_text())
+    assert run["status"] == "finished" and run["trials"] == SAMPLES and run["stop_reasons"] == {"completed": SAMPLES}
+    for trial_id in state:
+        lines = result_lines(experiment, trial_id)
+        epochs = [(line["epoch"], line["training_iteration"]) for line in lines]
+        # Trained to completion once: the final epoch trained (iteration == epoch) exactly once. A trial
+        # that finished before the snapshot caught up is restored from its final checkpoint and only
+        # re-reports its end (iteration EPOCHS + 1, nothing trained).
+        assert epochs.count((EPOCHS, EPOCHS)) == 1, (trial_id, epochs)
+        assert {e for e, _ in epochs} == set(range(1, EPOCHS + 1)), (trial_id, epochs)
+    for before in done_at_kill:  # a trial finished before a kill was not touched afterwards
+        for trial_id, count in before.items():
+            assert len(result_lines(experiment, trial_id)) == count, trial_id
+    history = json.loads((tmp_path / "thrice" / "history.json").read_text())
+    assert sorted(t["trial_id"] for t in history) == sorted(state)
+    assert (tmp_path / "thrice" / "best" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------- crash-safe writes
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_prepare_leaves_previous_prepared_intact(synth_src, tmp_path, monkeypatch):
+    import core.data.prepare as prep
+
+    out = tmp_path / "prepared"
+    prep.prepare(synth_src, out, val=2, test=2, seed=0, progress=False)
+    before = _digests(out)
+    real, calls = prep.save_split, []
+
+    def failing(folder: Path, arrays) -> None:
+        calls.append(folder)
+        real(folder, arrays)
+        if len(calls) == 2:  # train and val written into the temporary folder, then the crash
+            raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(prep, "save_split", failing)
+    with pytest.raises(OSError, match="injected"):
+        prep.prepare(synth_src, out, val=3, test=3, seed=1, progress=False)
+    assert _digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporary folder left
+
+
+CRASH = r'''
+import os, signal, sys
+from pathlib import Path
+import core.checkpoint as ckpt
+from core.config import TrainConfig
+from core.data.arrays import load_split, load_split_info
+from core.train import Trainer
+
+prepared, target, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+cfg = TrainConfig(arch="lite", filters=8, epochs=1, batch_size=8, device="cpu", patience=0)
+trainer = Trainer(cfg, load_split(prepared, "train"), load_split(prepared, "val"), load_split_info(prepared))
+trainer.fit()
+real = ckpt.save_file
+
+def crash(tensors, path):
+    real(tensors, path)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])  # half a weights file on disk
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no exception handler runs
+    raise OSError("injected")
+
+ckpt.save_file = crash
+try:
+    trainer.save_checkpoint(target)
+except OSError:
+    sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_crashed_checkpoint_write_leaves_previous_checkpoint_intact(prepared_dir, tmp_path, mode):
+    from core.config import TrainConfig
+    from core.data.arrays import load_split, load_split_info
+    from core.train import Trainer
+
+    cfg = TrainConfig(arch="lite", filters=8, epochs=1, batch_size=8, device="cpu", patience=0)
+    trainer = Trainer(cfg, load_split(prepared_dir, "train"), load_split(prepared_dir, "val"),
+                      load_split_info(prepared_dir))
+    target = tmp_path / "ckpt" / "checkpoint"
+    trainer.save_checkpoint(target)
+    before = _digests(target)
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(prepared_dir), str(target), mode], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (3 if mode == "raise" else -signal.SIGKILL), proc.stderr[-2000:]
+    assert _digests(target) == before
+    fresh = Trainer(cfg, load_split(prepared_dir, "train"), load_split(prepared_dir, "val"),
+                    load_split_info(prepared_dir))
+    fresh.load_checkpoint(target)  # still a whole, loadable checkpoint
+    assert fresh.epoch == trainer.epoch
+    leftovers = [p.name for p in target.parent.iterdir() if p.name != "checkpoint"]
+    if mode == "raise":
+        assert not leftovers, leftovers  # cleaned up on the way out
+    else:  # SIGKILL runs no cleanup: a hidden temporary sibling may remain, never the target itself
+        assert all(name.startswith(".checkpoint.tmp-") for name in leftovers), leftovers
