@@ -90,3 +90,14 @@ def row(metric: str, target: str, measured: str, met: bool | None, limits: str) 
 
 def fmt(value: float, digits: int = 3) -> float:
     return float(f"{value:.{digits}g}") if value == value else value
+
+
+def publish(name: str, result: dict[str, Any]) -> Path:
+    """Write bench/results/<name>-<device>.json and print its summary lines."""
+    from bench.machine import write_result
+
+    path = write_result(name, result)
+    for line in result["summary"]:
+        print(f"{line['metric']}: {line['measured']}")
+    print(f"load {result['load']['loadavg_1m_mean']} (1 min mean); wrote {path}")
+    return path

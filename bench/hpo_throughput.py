@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, LoadSampler, fmt, row, synthetic_prepared
-
-from bench.machine import write_result
+from common import ROOT, LoadSampler, fmt, publish, row, synthetic_prepared
 
 SPACE = """\
 arch: unet
@@ -241,10 +239,7 @@ def main() -> None:
     result["load"] = load.summary()
     result["target"] = {"sharing_ratio_min": 3.0, "asha_epoch_ratio_max": 1 / 3}
     result["met"] = {line["metric"]: line["met"] for line in result["summary"]}
-    path = write_result("hpo-throughput", result)
-    for line in result["summary"]:
-        print(f"{line['metric']}: {line['measured']}")
-    print(f"load {result['load']['loadavg_1m_mean']} (1 min mean); wrote {path}")
+    publish("hpo-throughput", result)
 
 
 if __name__ == "__main__":

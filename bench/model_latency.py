@@ -20,9 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from common import CACHE, LoadSampler, fmt, row, sync
-
-from bench.machine import write_result
+from common import CACHE, LoadSampler, fmt, publish, row, sync
 
 
 def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, Any]]:
@@ -164,10 +162,7 @@ def main() -> None:
         "met": None,
         "summary": summary_rows(args, archs),
     }
-    path = write_result("model-latency", result)
-    for line in result["summary"]:
-        print(f"{line['metric']}: {line['measured']}")
-    print(f"load {result['load']['loadavg_1m_mean']} (1 min mean); wrote {path}")
+    publish("model-latency", result)
 
 
 if __name__ == "__main__":

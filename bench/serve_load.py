@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import CACHE, ROOT, LoadSampler, fmt, percentile, row, timed_repeats
-
-from bench.machine import write_result
+from common import CACHE, ROOT, LoadSampler, fmt, percentile, publish, row, timed_repeats
 
 
 def free_port() -> int:
@@ -284,10 +282,7 @@ def main() -> None:
         args.threads = 0 if args.device.startswith("cuda") else 1
     CACHE.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    path = write_result("serve-load", result)
-    for line in result["summary"]:
-        print(f"{line['metric']}: {line['measured']}")
-    print(f"load {result['load']['loadavg_1m_mean']} (1 min mean); wrote {path}")
+    publish("serve-load", result)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from common import LoadSampler, fmt, row, sync, synthetic_prepared
-
-from bench.machine import write_result
+from common import LoadSampler, fmt, publish, row, sync, synthetic_prepared
 
 Batch = tuple[Any, Any]
 
@@ -237,10 +235,7 @@ def main() -> None:
     if args.threads < 0:
         args.threads = 0 if args.device.startswith("cuda") else 1
     result = run(args)
-    path = write_result("train-pipeline", result)
-    for line in result["summary"]:
-        print(f"{line['metric']}: {line['measured']}")
-    print(f"load {result['load']['loadavg_1m_mean']} (1 min mean); wrote {path}")
+    publish("train-pipeline", result)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ from core.augment import augment_batch, settings_from_config
 from core.bundle import make_bundle_config, save_bundle, split_hash
 from core.config import TrainConfig, add_arguments, from_args
 from core.data.arrays import SplitArrays, load_split, load_split_info
-from core.io import write_json
+from core.io import write_csv, write_json
 from core.loader import DeviceDataset
 from core.metrics import is_better, segmentation_metrics, worst_value
 from core.models import SIZE_MULTIPLE, build_model, init_output_bias
@@ -339,17 +338,7 @@ class Trainer:
 # ---- command line ----------------------------------------------------------------------------------
 def write_metrics_csv(path: str | os.PathLike, history: list[dict[str, float]]) -> None:
     """Rewrite the per-epoch CSV from the history (small, and stays right across resumes)."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    write_csv(path, history)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

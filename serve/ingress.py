@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,6 +67,19 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 @api.exception_handler(Exception)
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
+async def _call_model(method: Any, *args: Any) -> Any:
+    """Call a model-deployment method; a replica lost mid-call (killed, preempted node) is retried once on
+    another, since segmentation is idempotent. If none answers, 503 with Retry-After, never a 500."""
+    for attempt in (1, 2):
+        try:
+            return await method.remote(*args)
+        except (RayActorError, ActorUnavailableError) as exc:
+            if attempt == 2:
+                raise ApiError(503, "unavailable", f"model replica lost ({type(exc).__name__}); retry shortly",
+                               {"Retry-After": "1"}) from exc
+    raise AssertionError("unreachable")
 
 
 def _static_files() -> dict[str, bytes]:
@@ -208,7 +222,7 @@ class Ingress:
     async def segment(self, request: Request, format: str = "png", overlay: bool = False) -> Response:
         _check_format(format)
         image = (await self._decode(request, volume=False))[0]
-        mask, batch = await self.model.segment.remote(image)
+        mask, batch = await _call_model(self.model.segment, image)
         headers = await self._headers(mask, **{"X-Batch-Size": batch})
         scale = await self._scale()
         if format == "json":
@@ -227,7 +241,7 @@ class Ingress:
     async def segment_volume(self, request: Request, format: str = "tiff", overlay: bool = False) -> Response:
         _check_format(format)
         images = await self._decode(request, volume=True)
-        masks = await self.model.segment_volume.remote(images)
+        masks = await _call_model(self.model.segment_volume, images)
         headers = await self._headers(masks, **{"X-Slices": len(masks)})
         if format == "json":
             areas = [int(np.count_nonzero(m)) for m in masks]

@@ -225,3 +225,17 @@ def test_prepare_real_patients(real_lgg_src: Path, tmp_path: Path) -> None:
     for pid in np.unique(train.patients):
         k = train.slices[train.patients == pid]
         assert np.all(np.diff(k) == 1) and k[0] == 1
+
+
+def test_interrupted_swap_restores_previous_version(tmp_path: Path) -> None:
+    """A crash between atomic_dir's two renames leaves the old copy aside; the next write puts it back."""
+    import os
+
+    from core.io import atomic_dir
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("v1")
+    os.replace(tmp_path / "out", tmp_path / ".out.old-4242")  # the state a crash mid-swap leaves
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out"):
+        raise RuntimeError("crash while writing v2")
+    assert (tmp_path / "out" / "a").read_text() == "v1"

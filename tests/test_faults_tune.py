@@ -95,11 +95,11 @@ def _epochs_reported(experiment: Path) -> int:
 
 @pytest.mark.slow
 def test_driver_killed_three_times_ends_with_every_trial_completed_once(ray_session, prepared_dir, tmp_path):
-    # Ray snapshots the experiment state every TUNE_GLOBAL_CHECKPOINT_S (5 s by default in tune run),
-    # while num_to_keep deletes superseded checkpoints at once: a driver killed in between resumes a
-    # trial from a checkpoint that no longer exists and the trial fails every retry (a Ray Tune
-    # limitation, see the issue report). Snapshotting after every event closes that window.
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    # `tune run` snapshots Ray's experiment state after every event (TUNE_GLOBAL_CHECKPOINT_S=0): with
+    # Ray's default period a driver killed between a checkpoint's deletion and the next snapshot would
+    # resume a trial from a checkpoint that no longer exists. This test pins that default.
+    env = {k: v for k, v in os.environ.items() if k != "TUNE_GLOBAL_CHECKPOINT_S"}
+    env = {**env, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     experiment, rng = tmp_path / "thrice" / "ray", random.Random(8)
     done_at_kill: list[dict[str, int]] = []  # per kill: lines of each trial finished by then

@@ -16,7 +16,7 @@ from ray.tune import ResultGrid
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
-from core.io import read_json, write_json
+from core.io import read_json, write_csv, write_json
 from core.metrics import METRIC_KEYS, MINIMISED
 from core.train import Trainer
 from tune.trainable import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
@@ -97,13 +97,7 @@ def write_leaderboard(path: Path, trials: list[dict[str, Any]], searched: list[s
             **t["best"],
             **{k: t["config"].get(k) for k in config_keys},
         })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(lines)
-    tmp.replace(path)
+    write_csv(path, lines, columns)
 
 
 def write_history(path: Path, trials: list[dict[str, Any]]) -> None:

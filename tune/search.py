@@ -161,9 +161,10 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
 def _tune_env(slots: int) -> Iterator[None]:
     """Tune settings read from the environment, for this fit only (a user's own values win)."""
     values = {
-        # Ray snapshots its experiment state at most this often; a small period means a killed driver
-        # loses (and re-runs) at most a few seconds of trial bookkeeping.
-        "TUNE_GLOBAL_CHECKPOINT_S": "5",
+        # Ray snapshots its experiment state at most this often, but deletes superseded checkpoints at
+        # once: a driver killed in between would resume trials from checkpoints that no longer exist.
+        # Snapshot on every result (tiny next to an epoch) so --resume always finds what it names.
+        "TUNE_GLOBAL_CHECKPOINT_S": "0",
         # Tune also snapshots whenever a trial has written num_to_keep checkpoints; with epochs of
         # seconds that is often and harmless, so its warning is noise.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
