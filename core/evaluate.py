@@ -7,7 +7,6 @@ volume, so the bundle's 3D post-processing applies exactly as it will in serving
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from core.data.arrays import SplitArrays, load_split, load_split_info
-from core.io import write_json
+from core.io import write_csv, write_json
 from core.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
-from core.predictor import Predictor
+from core.predictor import Predictor, add_predictor_arguments
 
 GALLERY = 6  # slices in the worst / best galleries
 
@@ -69,13 +68,6 @@ def arrays_from_src(src: str | os.PathLike, classes: int = 1) -> SplitArrays:
     )
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["patient"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_report(
     predictor: Predictor, arrays: SplitArrays, out: str | os.PathLike, source: dict[str, Any]
 ) -> dict[str, Any]:
@@ -92,12 +84,12 @@ def write_report(
     dice = per_slice_dice(pred, truth)
     true_px = np.count_nonzero(truth.reshape(len(truth), -1), axis=1)
     pred_px = np.count_nonzero(pred.reshape(len(pred), -1), axis=1)
-    _write_csv(out / "per_slice.csv", [
+    write_csv(out / "per_slice.csv", [
         {"patient": p, "slice": int(s), "dice": round(float(d), 6), "truth_pixels": int(t), "pred_pixels": int(q)}
         for p, s, d, t, q in zip(patients, arrays.slices, dice, true_px, pred_px, strict=True)
     ])
     by_patient = per_patient_dice(pred, truth, patients)
-    _write_csv(out / "per_patient.csv", [
+    write_csv(out / "per_patient.csv", [
         {"patient": pid, "dice": round(d, 6), "slices": int((patients == pid).sum()),
          "tumour_slices": int((true_px[patients == pid] > 0).sum()),
          "truth_pixels": int(true_px[patients == pid].sum()), "pred_pixels": int(pred_px[patients == pid].sum())}
@@ -134,19 +126,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="evaluate a bundle on a prepared split or a kaggle_3m folder",
         description="Per-slice and per-patient CSVs, summary.json and plots for one bundle.",
     )
-    p.add_argument("--bundle", required=True, type=Path, help="bundle directory (e.g. RUN/best)")
+    add_predictor_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="prepared directory")
     source.add_argument("--src", type=Path, help="folder in the Kaggle kaggle_3m layout")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="with --data (default: test)")
     p.add_argument("--out", required=True, type=Path, help="report directory")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=evaluate_command)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    predictor = Predictor.from_bundle(args.bundle, args.device, args.batch_size)
+    predictor = Predictor.from_args(args)
     classes = max(1, len(predictor.config["class_names"]) - 1)
     if args.data is not None:
         info = load_split_info(args.data)

@@ -8,7 +8,6 @@ and unusual character removed, so nothing is written outside ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from core.codecs import encode_mask_png, encode_overlay_png, mask_scale, read_file
-from core.io import atomic_write_bytes
-from core.predictor import Predictor
+from core.io import atomic_write_bytes, write_csv
+from core.predictor import Predictor, add_predictor_arguments
 
 SUFFIXES = (".tif", ".tiff", ".png")
 _NUMBER = re.compile(r"(\d+)$")
@@ -108,10 +107,7 @@ def run(predictor: Predictor, inputs: list[Path], out: Path) -> list[dict[str, o
             atomic_write_bytes(target / f"{stem}_overlay.png", encode_overlay_png(image, mask))
             rows.append({"input": str(path), "mask": (target / f"{stem}_mask.png").relative_to(out).as_posix(),
                          "tumour_pixels": int(np.count_nonzero(mask))})
-    with (out / "predictions.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["input", "mask", "tumour_pixels"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "predictions.csv", rows, ["input", "mask", "tumour_pixels"])
     return rows
 
 
@@ -121,16 +117,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Writes <name>_mask.png (0/255; labels as-is for multi-class) and <name>_overlay.png per "
         "slice, and predictions.csv. A patient folder or a multi-page TIFF is predicted as one volume.",
     )
-    p.add_argument("--bundle", required=True, type=Path, help="bundle directory")
+    add_predictor_arguments(p)
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="slice files or patient folders")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=predict_command)
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    predictor = Predictor.from_bundle(args.bundle, args.device, args.batch_size)
+    predictor = Predictor.from_args(args)
     rows = run(predictor, list(args.inputs), Path(args.out))
     tumour = sum(1 for r in rows if int(r["tumour_pixels"]) > 0)  # type: ignore[call-overload]
     print(f"{len(rows)} slices, {tumour} with tumour; masks and overlays in {args.out}")

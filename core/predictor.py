@@ -6,7 +6,9 @@ callers (the CLI, Ray Serve, SageMaker, evaluation) all get masks at their own r
 
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,13 @@ from core.bundle import Bundle, load_bundle
 from core.runtime import autocast, resolve_device
 from core.slices import Images, SlicePredictor, as_slices
 
-__all__ = ["Images", "Predictor", "as_slices"]
+__all__ = ["Images", "Predictor", "add_predictor_arguments", "as_slices"]
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", required=True, type=Path, help="bundle directory (e.g. RUN/best)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
 
 
 class Predictor(SlicePredictor):
@@ -33,6 +41,11 @@ class Predictor(SlicePredictor):
     def from_bundle(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> Predictor:
         dev = resolve_device(device)
         return cls(load_bundle(path, dev), dev, batch_size)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Predictor:
+        """From the options ``add_predictor_arguments`` adds (the core evaluate/predict commands)."""
+        return cls.from_bundle(args.bundle, args.device, args.batch_size)
 
     def info(self) -> dict[str, Any]:
         return {"config": self.config, "metrics": self.metrics, "device": str(self.device)}
