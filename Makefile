@@ -25,10 +25,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	elif $(PIP) install -q --dry-run --no-index --no-deps "torch==$(TORCH_VERSION)" >/dev/null 2>&1; then \
+		echo "no GPU: installing the local CPU build of torch $(TORCH_VERSION)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	else \
-		echo "no GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-		$(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-		|| $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
+		echo "no GPU: installing the CPU build of torch $(TORCH_VERSION) from $(TORCH_CPU_INDEX)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) \
+			--extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
