@@ -25,18 +25,10 @@ def _as_predictor(predictor: Predictor | str | os.PathLike, device: str = "auto"
     return predictor if isinstance(predictor, Predictor) else Predictor.from_bundle(predictor, device)
 
 
-def patient_groups(arrays: SplitArrays) -> list[np.ndarray]:
-    """Row indices of each patient (patients sorted by id), slices in order."""
-    patients = np.asarray(arrays.patients).astype(str)
-    order = np.lexsort((np.asarray(arrays.slices), patients))
-    ids = patients[order]
-    return np.split(order, np.flatnonzero(ids[1:] != ids[:-1]) + 1) if len(order) else []
-
-
 def predict_split(predictor: Predictor, arrays: SplitArrays) -> np.ndarray:
     """(N,H,W) uint8 masks in the rows' order, each patient predicted as a volume (post-processed)."""
     out = np.zeros(np.shape(arrays.masks), dtype=np.uint8)
-    for rows in patient_groups(arrays):
+    for rows in arrays.patient_rows():
         images = np.ascontiguousarray(np.asarray(arrays.images[rows]).transpose(0, 2, 3, 1))
         out[rows] = predictor.predict(images, volume=True)
     return out
@@ -54,18 +46,13 @@ def evaluate_split(predictor: Predictor | str | os.PathLike, arrays: SplitArrays
 
 
 def arrays_from_src(src: str | os.PathLike, classes: int = 1) -> SplitArrays:
-    """Read a Kaggle-layout folder (core.data.prepare.read_patients) into one SplitArrays."""
-    from core.data.prepare import read_patients
+    """Read a Kaggle-layout folder (validated as `core data prepare` does) into one SplitArrays."""
+    from core.data.prepare import read_patients, stack_patients
 
     patients = list(read_patients(src, classes=classes))
     if not patients:
         raise ValueError(f"{src}: no patients")
-    return SplitArrays(
-        images=np.concatenate([p.images.transpose(0, 3, 1, 2) for p in patients]),
-        masks=np.concatenate([p.masks for p in patients]),
-        patients=np.concatenate([np.full(len(p.masks), p.id) for p in patients]),
-        slices=np.concatenate([p.slices for p in patients]),
-    )
+    return stack_patients(patients)
 
 
 def write_report(

@@ -27,7 +27,7 @@ from core import checkpoint as ckpt
 from core.augment import augment_batch, settings_from_config
 from core.bundle import make_bundle_config, save_bundle, split_hash
 from core.config import TrainConfig, add_arguments, from_args
-from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.data.arrays import SplitArrays, load_split, load_split_info, patient_rows
 from core.io import write_csv, write_json
 from core.loader import DeviceDataset
 from core.metrics import is_better, segmentation_metrics, worst_value
@@ -115,9 +115,9 @@ class Trainer:
                 raise ValueError(
                     f"image size {self.image_size} and crop {cfg.crop} must be multiples of {SIZE_MULTIPLE}"
                 )
-        out_ch = classes + 1 if self.multiclass else 1
-        self.model = build_model(cfg.arch, 3, out_ch, cfg.filters, cfg.dropout).to(self.device)
-        init_output_bias(self.model, self._class_prior(out_ch))
+        self.out_channels = classes + 1 if self.multiclass else 1
+        self.model = build_model(cfg.arch, 3, self.out_channels, cfg.filters, cfg.dropout).to(self.device)
+        init_output_bias(self.model, self._class_prior(self.out_channels))
         # Dropout draws from torch's global RNG; keep this run's own copy of it, so two trainers in one
         # process (tests, tune's reuse) do not perturb each other and a checkpoint restores it exactly.
         self._cpu_rng = torch.get_rng_state()
@@ -289,16 +289,13 @@ class Trainer:
     # ---- export -------------------------------------------------------------------------------------
     def best_model(self) -> torch.nn.Module:
         """A fresh copy of the network with the best epoch's weights (the current ones before any)."""
-        model = build_model(self.cfg.arch, 3, 1 if not self.multiclass else len(self.class_names),
-                            self.cfg.filters, self.cfg.dropout)
+        model = build_model(self.cfg.arch, 3, self.out_channels, self.cfg.filters, self.cfg.dropout)
         model.load_state_dict(self.best_state or self.model.state_dict())
         return model.to(self.device).eval()
 
     def choose_postprocess(self, raw: np.ndarray) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
         """Best post-processing on val by ``dsc_volume``; ``NO_POSTPROCESS`` unless it strictly helps."""
-        order = np.lexsort((self.val_slices, self.val_patients))  # each patient's slices in order
-        ids = self.val_patients[order]
-        groups = np.split(order, np.flatnonzero(ids[1:] != ids[:-1]) + 1)
+        groups = patient_rows(self.val_patients, self.val_slices)
         base = self.val_metrics(raw)
         best, best_metrics, search = dict(NO_POSTPROCESS), base, []
         for largest, area in POSTPROCESS_GRID:

@@ -35,6 +35,17 @@ class SplitArrays:
     def select(self, rows: np.ndarray) -> SplitArrays:
         return SplitArrays(self.images[rows], self.masks[rows], self.patients[rows], self.slices[rows])
 
+    def patient_rows(self) -> list[np.ndarray]:
+        return patient_rows(self.patients, self.slices)
+
+
+def patient_rows(patients: np.ndarray, slices: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each patient (patients sorted by id), each patient's slices in order: its volume."""
+    patients = np.asarray(patients).astype(str)
+    order = np.lexsort((np.asarray(slices), patients))
+    ids = patients[order]
+    return np.split(order, np.flatnonzero(ids[1:] != ids[:-1]) + 1) if len(order) else []
+
 
 def load_split(prepared: str | os.PathLike, split: str, mmap: bool = True) -> SplitArrays:
     """Load one split of a prepared directory (memory-mapped unless ``mmap=False``)."""

@@ -195,7 +195,7 @@ def prepare(
     with atomic_dir(out) as tmp:
         for name in SPLITS:
             chosen = [patients[pid] for pid in assignment[name]]
-            arrays = _stack(chosen, tuple(info["image_size"]))
+            arrays = stack_patients(chosen, tuple(info["image_size"]))
             save_split(tmp / name, arrays)
             tumour = int(arrays.tumour.sum()) if len(arrays) else 0
             info["counts"][name] = {
@@ -209,7 +209,8 @@ def prepare(
     return info
 
 
-def _stack(patients: list[Patient], size: tuple[int, int]) -> SplitArrays:
+def stack_patients(patients: list[Patient], size: tuple[int, int] = (0, 0)) -> SplitArrays:
+    """Concatenate patients into one SplitArrays (channel-first images); ``size`` shapes an empty one."""
     if not patients:
         h, w = size
         return SplitArrays(
