@@ -5,6 +5,7 @@ Imports no Ray, so the training and model benchmarks run on GPU machines without
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -81,6 +82,30 @@ def synthetic_prepared(patients: int, slices: int, size: int, seed: int = 0,
     if not (prepared / "split.json").is_file():
         prepare(tiffs, prepared, val=0.2, test=0.1, seed=seed, progress=False)
     return tiffs, prepared
+
+
+def random_bundle(prefix: str, arch: str, filters: int, size: int) -> Path:
+    """A random-weight bundle under the cache (``<prefix>-<arch>-f<filters>-<size>px``), made once."""
+    from tests.bundle_factory import make_random_bundle
+
+    path = CACHE / f"{prefix}-{arch}-f{filters}-{size}px"
+    if not (path / "config.json").is_file():
+        make_random_bundle(path, arch=arch, filters=filters, size=(size, size))
+    return path
+
+
+def add_threads_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--threads``: ``help`` says what it sets; resolve it after parsing with ``resolve_threads``."""
+    parser.add_argument("--threads", type=int, default=-1,
+                        help=f"{help}; 0 = torch's default; default 1 on CPU, torch's default on CUDA")
+
+
+def resolve_threads(args: argparse.Namespace) -> int:
+    """The default -1 becomes 1 on CPU (a shared machine stalls multi-thread OpenMP steps whenever another
+    job preempts a thread; it is also what Ray gives a 1-CPU trial or replica) and 0 on CUDA."""
+    if args.threads < 0:
+        args.threads = 0 if args.device.startswith("cuda") else 1
+    return args.threads
 
 
 def row(metric: str, target: str, measured: str, met: bool | None, limits: str) -> dict[str, Any]:

@@ -41,15 +41,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def device_tag() -> str:
+def device_tag(info: dict[str, Any] | None = None) -> str:
     """`cpu`, or the GPU's name in lower case with dashes (e.g. `nvidia-h100-80gb-hbm3`)."""
-    info = machine_info()
+    info = info or machine_info()
     return "cpu" if info["gpu"] is None else info["gpu"].lower().replace(" ", "-")
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>-<device>.json with the machine recorded beside the figures."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{device_tag()}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine_info(), **payload}, indent=1, default=float))
+    """bench/results/<name>-<device>.json (written atomically) with the machine recorded beside the figures."""
+    from core.io import atomic_write_bytes
+
+    info = machine_info()
+    path = RESULTS / f"{name}-{device_tag(info)}.json"
+    text = json.dumps({"benchmark": name, "machine": info, **payload}, indent=1, default=float)
+    atomic_write_bytes(path, text.encode())
     return path

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from common import CACHE, LoadSampler, fmt, publish, row, sync
+from common import LoadSampler, add_threads_option, fmt, publish, random_bundle, resolve_threads, row, sync
 
 
 def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, Any]]:
@@ -31,11 +31,7 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
     from core.models import count_parameters
     from core.runtime import autocast
     from serve.onnx_export import ProbabilityModel, export_onnx
-    from tests.bundle_factory import make_random_bundle
-
-    path = CACHE / f"latency-{arch}-f{args.filters}-{args.size}px"
-    if not (path / "config.json").is_file():
-        make_random_bundle(path, arch=arch, filters=args.filters, size=(args.size, args.size))
+    path = random_bundle("latency", arch, args.filters, args.size)
     device = torch.device(args.device)
     loaded = load_bundle(path, device)
     module = ProbabilityModel(loaded.model.eval(), float(loaded.config["normalisation"]["scale"]), False).eval()
@@ -49,7 +45,7 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
         return {"eager_fp32": eager, "eager_bf16": lambda x: eager(x, True)}, facts
     import onnxruntime as ort
 
-    onnx_path = CACHE / f"latency-{arch}-f{args.filters}-{args.size}px.onnx"
+    onnx_path = path.with_name(path.name + ".onnx")
     t0 = time.perf_counter()
     try:
         if not onnx_path.is_file():
@@ -140,17 +136,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repeats at b<=8 (one fewer above)")
     p.add_argument("--point-budget-s", type=float, default=30.0,
                    help="skip a batch size projected to take longer than this (all backends, all repeats)")
-    p.add_argument("--threads", type=int, default=-1,
-                   help="torch and ORT threads; 0 = torch's default; default 1 on CPU (on a shared machine a "
-                        "preempted OpenMP thread stalls multi-thread runs; one thread measures the compute)")
+    add_threads_option(p, "torch and ORT threads (one thread measures the compute on a shared CPU)")
     args = p.parse_args()
-    if args.threads < 0:
-        args.threads = 0 if args.device.startswith("cuda") else 1
     import torch
 
-    if args.threads:
+    if resolve_threads(args):
         torch.set_num_threads(args.threads)
-    CACHE.mkdir(parents=True, exist_ok=True)
     load = LoadSampler()
     sizes = [int(s) for s in args.sizes.split(",")]
     archs = {a: measure_arch(args, a, sizes, load) for a in args.archs.split(",")}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from bench.machine import RESULTS, device_tag, machine_info  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
 from core.data.arrays import load_split, load_split_info  # noqa: E402
 from core.data.prepare import prepare  # noqa: E402
+from core.io import atomic_write_bytes, read_json  # noqa: E402
 from core.train import EpochResult, Trainer  # noqa: E402
 
 # The earlier study's best configuration (UNet 32 filters, lr 1.09e-3, batch 16, dropout 0.02, DiceFocal).
@@ -42,13 +42,17 @@ BASELINE = {"arch": "unet", "filters": 32, "lr": 1.09e-3, "batch_size": 16, "dro
 EXTRA_SPACE = {"oversample": {"uniform": [0.0, 0.5]}, "loss": ["dicefocal", "dicece"]}
 
 
-def run_trial(cfg: TrainConfig, prepared: Path, out: Path, report=None) -> dict[str, Any]:
+def load_data(prepared: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(train, val, split info), read once per process and shared by its trials (Trainer copies to the device)."""
+    return (load_split(prepared, "train", mmap=False), load_split(prepared, "val", mmap=False),
+            load_split_info(prepared))
+
+
+def run_trial(cfg: TrainConfig, data: tuple[Any, Any, dict[str, Any]], out: Path, report=None) -> dict[str, Any]:
     """Train one configuration; returns its record (settings, per-epoch metrics, best, memory)."""
-    info = load_split_info(prepared)
-    train, val = load_split(prepared, "train", mmap=False), load_split(prepared, "val", mmap=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(cfg, train, val, info)
+    trainer = Trainer(cfg, *data)
 
     def on_epoch(result: EpochResult, tr: Trainer) -> None:
         if report is not None and report(result):
@@ -57,7 +61,7 @@ def run_trial(cfg: TrainConfig, prepared: Path, out: Path, report=None) -> dict[
     start = time.perf_counter()
     trainer.fit(on_epoch)
     bundle = trainer.export_bundle(out / "bundle", name="gliomaseg-lgg")
-    final = json.loads((bundle / "metrics.json").read_text())
+    final = read_json(bundle / "metrics.json")
     return {
         "config": cfg.to_dict(),
         "epochs_run": trainer.epoch,
@@ -80,6 +84,7 @@ def search_worker(rank: int, args: dict[str, Any], deadline: float) -> None:
 
     space = load_space(args.get("config"), EXTRA_SPACE)
     study = optuna.load_study(study_name="real-lgg", storage=f"sqlite:///{args['work']}/optuna.db")
+    data = load_data(Path(args["prepared"]))
     while time.time() < deadline:
         trial = study.ask(space.searched)
         cfg = TrainConfig.from_dict({**space.constants, **trial.params, "epochs": args["epochs"],
@@ -91,7 +96,7 @@ def search_worker(rank: int, args: dict[str, Any], deadline: float) -> None:
 
         out = Path(args["work"]) / "trials" / f"{trial.number:04d}"
         try:
-            record = run_trial(cfg, Path(args["prepared"]), out, report)
+            record = run_trial(cfg, data, out, report)
         except (FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             print(f"[worker {rank}] trial {trial.number} failed: {exc}", flush=True)
@@ -127,12 +132,12 @@ def main() -> int:
     info = prepare(args.src, prepared, val=args.val, test=args.test, seed=args.seed, progress=False)
     epochs = 2 if args.smoke else args.epochs
     results: dict[str, Any] = {"machine": machine_info(), "split": info, "runs": []}
-    result_path = RESULTS / f"real-lgg-{device_tag()}{'-smoke' if args.smoke else ''}.json"
+    result_path = RESULTS / f"real-lgg-{device_tag(results['machine'])}{'-smoke' if args.smoke else ''}.json"
 
     if not args.skip_baseline:
         base = TrainConfig.from_dict({**BASELINE, "epochs": epochs, "seed": args.seed,
                                       **({"filters": 8} if args.smoke else {})})
-        record = run_trial(base, prepared, work / "baseline")
+        record = run_trial(base, load_data(prepared), work / "baseline")
         results["baseline"] = record
         print("baseline", json.dumps(record["bundle_metrics"].get("val", {}), default=float), flush=True)
 
@@ -161,8 +166,7 @@ def main() -> int:
         results["best"] = {k: best[k] for k in ("config", "bundle_metrics", "epochs_run", "bundle")}
         if args.export:
             export(Path(best["bundle"]), Path(args.export), best, info)
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(results, indent=1, default=float))
+    atomic_write_bytes(result_path, json.dumps(results, indent=1, default=float).encode())
     print(f"wrote {result_path}")
     return 0
 
@@ -180,7 +184,6 @@ def export(bundle: Path, target: Path, record: dict[str, Any], info: dict[str, A
         metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in val.items() if isinstance(v, float)),
     )
     (target / "MODEL_CARD.md").write_text(card)
-    shutil.copy(bundle / "metrics.json", target / "metrics.json")
 
 
 MODEL_CARD = """# gliomaseg LGG FLAIR-abnormality segmentation model

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,34 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import CACHE, ROOT, LoadSampler, fmt, percentile, publish, row, timed_repeats
+from common import (
+    CACHE,
+    ROOT,
+    LoadSampler,
+    add_threads_option,
+    fmt,
+    percentile,
+    publish,
+    random_bundle,
+    resolve_threads,
+    row,
+    timed_repeats,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_bundle(args: argparse.Namespace) -> Path:
-    from tests.bundle_factory import make_random_bundle
-
-    path = CACHE / f"bundle-{args.arch}-f{args.filters}-{args.size}px"
-    if not (path / "config.json").is_file():
-        make_random_bundle(path, arch=args.arch, filters=args.filters, size=(args.size, args.size))
-    return path
-
-
-def images(args: argparse.Namespace) -> np.ndarray:
-    from tests.bundle_factory import sample_images
-
-    return sample_images(max(16, args.volume_slices), args.size, args.size, seed=1)
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+from core.codecs import encode_npy, encode_png
+from serve.demo import free_port
 
 
 def bound(args: argparse.Namespace, bundle: Path, slices: np.ndarray) -> dict[str, float]:
@@ -160,16 +146,18 @@ def server(cmd: list[str], health: str, timeout: float) -> Iterator[subprocess.P
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load = LoadSampler()
-    bundle = make_bundle(args)
-    slices = images(args)
+    from tests.bundle_factory import sample_images
+
+    bundle = random_bundle("bundle", args.arch, args.filters, args.size)
+    slices = sample_images(max(16, args.volume_slices), args.size, args.size, seed=1)
     before = bound(args, bundle, slices)
     load.mark("bound before")
     levels = [int(c) for c in args.concurrency.split(",")]
     one, vol = slices[0], slices[: args.volume_slices]
     bodies = {
-        "slice_npy": ("/v1/segment?format=npy", npy(one), "application/x-npy", levels),
-        "slice_png": ("/v1/segment?format=png", _png(one), "image/png", [1, 32]),
-        "volume_npy": ("/v1/segment/volume?format=npy", npy(vol), "application/x-npy", levels),
+        "slice_npy": ("/v1/segment?format=npy", encode_npy(one), "application/x-npy", levels),
+        "slice_png": ("/v1/segment?format=png", encode_png(one), "image/png", [1, 32]),
+        "volume_npy": ("/v1/segment/volume?format=npy", encode_npy(vol), "application/x-npy", levels),
     }
     serve_port = free_port()
     base = f"http://127.0.0.1:{serve_port}"
@@ -205,12 +193,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             load.mark(f"json c={conc}")
             print(f"json c={conc}: {res['requests_per_s']:.1f} req/s p50 {res['p50_ms']:.0f} ms", flush=True)
     return summarise(args, before, after, results, json_results, startup, load)
-
-
-def _png(image: np.ndarray) -> bytes:
-    from core.codecs import encode_png
-
-    return encode_png(image)
 
 
 def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[str, float],
@@ -274,12 +256,10 @@ def main() -> None:
     p.add_argument("--level-s", type=float, default=60.0, help="time limit per level")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--startup-timeout", type=float, default=300.0)
-    p.add_argument("--threads", type=int, default=-1,
-                   help="torch threads of the in-process bound and the JSON endpoint; default 1 on CPU, as Ray "
-                        "gives the 1-CPU model replica (OMP_NUM_THREADS=1); 0 = torch's default")
+    add_threads_option(p, "torch threads of the in-process bound and the JSON endpoint (1 on CPU, as Ray gives "
+                          "the 1-CPU model replica)")
     args = p.parse_args()
-    if args.threads < 0:
-        args.threads = 0 if args.device.startswith("cuda") else 1
+    resolve_threads(args)
     CACHE.mkdir(parents=True, exist_ok=True)
     result = run(args)
     publish("serve-load", result)

@@ -13,13 +13,12 @@ synthetic patients, interleaved round by round in one process, so load on a shar
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from common import LoadSampler, fmt, publish, row, sync, synthetic_prepared
+from common import LoadSampler, add_threads_option, fmt, publish, resolve_threads, row, sync, synthetic_prepared
 
 Batch = tuple[Any, Any]
 
@@ -30,14 +29,13 @@ def monai_loader(tiffs: Any, train_patients: list[str], crop: int, batch: int, w
     from monai.data import CacheDataset, DataLoader
     from monai.utils import set_determinism
 
+    from core.data.prepare import patient_id, scan
+
     set_determinism(seed)
-    items = []
-    for folder in sorted(p for p in tiffs.iterdir() if p.is_dir()):
-        if not any(folder.name.startswith(pid) for pid in train_patients):
-            continue
-        for image in sorted(folder.glob("*.tif")):
-            if not image.name.endswith("_mask.tif"):
-                items.append({"image": str(image), "label": str(image.with_name(image.stem + "_mask.tif"))})
+    wanted = set(train_patients)
+    items = [{"image": str(image), "label": str(mask)}
+             for folder, slices in scan(tiffs).items() if patient_id(folder.name) in wanted
+             for _, image, mask in slices]
     keys = ["image", "label"]
     pipeline = T.Compose([
         # No ITK here: PIL reads the 8-bit RGB and mask TIFFs (MONAI only picks it for .tif when named).
@@ -60,7 +58,7 @@ def monai_loader(tiffs: Any, train_patients: list[str], crop: int, batch: int, w
 
 
 def forever(loader: Any) -> Iterator[Batch]:
-    for _ in itertools.count():
+    while True:
         yield from loader
 
 
@@ -186,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limits = ("CPU: the model step (conv forward/backward on 2 loaded cores) dominates every pipeline, and "
               "the study's DataLoader workers compete with it for the same cores" if not on_gpu else
               "GPU: see figures")
-    settings_out = {k: v for k, v in vars(args).items()}
+    settings_out = dict(vars(args))
     settings_out.update(crop=crop, crop_note=f"the study's 224 of 256 scaled to {crop} of {args.size}",
                         train_slices=len(data), study_items=n_items)
     return {
@@ -228,12 +226,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-amp", action="store_true", help="fp32 on GPU (default bf16 autocast)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=-1,
-                   help="torch threads of the training process; 0 = torch's default; default 1 on CPU (a shared "
-                        "machine stalls 2-thread OpenMP steps whenever another job preempts a thread)")
+    add_threads_option(p, "torch threads of the training process")
     args = p.parse_args()
-    if args.threads < 0:
-        args.threads = 0 if args.device.startswith("cuda") else 1
+    resolve_threads(args)
     result = run(args)
     publish("train-pipeline", result)
 

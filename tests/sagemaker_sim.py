@@ -60,7 +60,6 @@ print("RESULTS" + json.dumps(results))
 '''
 
 
-
 def run_container(model_dir: Path, spec_path: Path, workdir: Path, env_extra: dict[str, str]) -> str:
     """Run DRIVER on the extracted archive with only its code dir on the path; returns stdout."""
     (workdir / "driver.py").write_text(DRIVER)

@@ -29,6 +29,12 @@ def binary(tmp_path_factory):
     return bundle, d / "model.onnx", info
 
 
+@pytest.fixture(scope="module")
+def torch_pred(binary) -> Predictor:
+    """core's PyTorch predictor on the exported bundle: the reference, loaded once."""
+    return Predictor.from_bundle(binary[0], "cpu")
+
+
 def _images() -> list[np.ndarray]:
     """Model-size slices plus other sizes, so both resize directions are exercised."""
     return [*sample_images(5, seed=7), *sample_images(2, 80, 96, seed=8), *sample_images(2, 48, 40, seed=9)]
@@ -47,9 +53,8 @@ def test_export_is_checked_self_describing_and_batch_dynamic(binary):
     assert not list(path.parent.glob("*.data"))  # weights inside the one file
 
 
-def test_edge_matches_pytorch_probabilities_and_masks(binary):
-    bundle, path, _ = binary
-    torch_pred, edge = Predictor.from_bundle(bundle, "cpu"), OnnxPredictor(path, batch_size=4)
+def test_edge_matches_pytorch_probabilities_and_masks(binary, torch_pred):
+    edge = OnnxPredictor(binary[1], batch_size=4)
     images = _images()
     ref, got = torch_pred.predict_proba(images), edge.predict_proba(images)
     assert max(float(np.abs(r - g).max()) for r, g in zip(ref, got, strict=True)) < 1e-4
@@ -106,8 +111,8 @@ print("EDGE_OK")
 '''
 
 
-def test_edge_runs_where_torch_cannot_be_imported(binary, tmp_path):
-    bundle, path, _ = binary
+def test_edge_runs_where_torch_cannot_be_imported(binary, torch_pred, tmp_path):
+    path = binary[1]
     images = sample_images(6, seed=13)
     np.save(tmp_path / "images.npy", images)
     (tmp_path / "edge.py").write_text(EDGE_DRIVER)
@@ -117,6 +122,5 @@ def test_edge_runs_where_torch_cannot_be_imported(binary, tmp_path):
                           timeout=120)
     assert proc.returncode == 0 and "EDGE_OK" in proc.stdout, proc.stderr[-3000:]
     vol, slices = np.load(tmp_path / "masks.npy")
-    torch_pred = Predictor.from_bundle(bundle, "cpu")
     assert (vol == torch_pred.predict(images, volume=True)).mean() >= 0.999
     assert (slices == torch_pred.predict(images)).mean() >= 0.999

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ from sagemaker_sim import FakeRuntime, fake_runtime, run_container
 from core import codecs
 from core.cli import dispatch
 from core.predictor import Predictor
+from serve.demo import free_port
 from serve.sagemaker import deploy as dep
 from serve.sagemaker import images
 from serve.sagemaker.export import build_archive, core_closure
@@ -30,18 +30,12 @@ ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "gliomaseg-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def aws():
     """A moto server on 127.0.0.1 with boto3 pointed at it through AWS_ENDPOINT_URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
@@ -94,20 +88,7 @@ def test_archive_layout_is_self_contained_and_reproducible(bundle, archive, tmp_
     assert build_archive(bundle, tmp_path / "again.tar.gz").read_bytes() == archive.read_bytes()
 
 
-def _npy(a: np.ndarray) -> bytes:
-    return codecs.encode_npy(a)
-
-
-def _tiff(pages: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, pages, photometric="rgb")
-    return buf.getvalue()
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
+_npy, _tiff, _png = codecs.encode_npy, codecs.encode_volume_tiff, codecs.encode_png
 
 
 def _pickled_npy() -> bytes:

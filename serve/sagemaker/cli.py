@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.codecs import EXTENSIONS as CONTENT_TYPES
 from serve.sagemaker import deploy as dep
 from serve.sagemaker.export import build_archive, parse_s3_uri, upload_archive
 
-CONTENT_TYPES = {".tif": "image/tiff", ".tiff": "image/tiff", ".png": "image/png", ".npy": "application/x-npy"}
 EXTENSIONS = {"image/tiff": ".tif", "image/png": ".png", "application/x-npy": ".npy", "application/json": ".json"}
 
 
@@ -108,11 +108,12 @@ def _print(obj: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.upload:
+        parse_s3_uri(args.upload)  # a malformed URI fails before the archive is built
     out = build_archive(args.bundle, args.out, args.requirement)
     result: dict[str, Any] = {"archive": str(out), "bytes": out.stat().st_size}
     if args.upload:
-        parse_s3_uri(args.upload)
-        result["model_data"] = upload_archive(out, args.upload, _client("s3", getattr(args, "region", None)))
+        result["model_data"] = upload_archive(out, args.upload, _client("s3", None))
     _print(result)
     return 0
 

@@ -23,12 +23,12 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from core.bundle import CONFIG, METRICS, WEIGHTS, load_bundle
+from core.io import atomic_write_bytes
 
 VENDOR = "gliomaseg_core"
 ENTRY_POINT = "inference.py"
@@ -161,24 +161,18 @@ def archive_members(bundle: str | os.PathLike, extra_requirements: Iterable[str]
 
 def build_archive(bundle: str | os.PathLike, out: str | os.PathLike, extra_requirements: Iterable[str] = ()) -> Path:
     """Write ``model.tar.gz`` atomically; byte-identical for the same bundle and code (fixed mtimes)."""
-    out = Path(out)
     members = archive_members(bundle, extra_requirements)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(
-            fileobj=gz, mode="w", format=tarfile.PAX_FORMAT
-        ) as tar:
-            dirs = sorted({p.rsplit("/", i)[0] for p in members for i in range(1, p.count("/") + 1)})
-            for d in dirs:
-                tar.addfile(_info(d, 0, tarfile.DIRTYPE))
-            for name in sorted(members):
-                tar.addfile(_info(name, len(members[name])), io.BytesIO(members[name]))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    raw = io.BytesIO()  # the members are in memory already; the compressed archive is smaller
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(
+        fileobj=gz, mode="w", format=tarfile.PAX_FORMAT
+    ) as tar:
+        dirs = sorted({p.rsplit("/", i)[0] for p in members for i in range(1, p.count("/") + 1)})
+        for d in dirs:
+            tar.addfile(_info(d, 0, tarfile.DIRTYPE))
+        for name in sorted(members):
+            tar.addfile(_info(name, len(members[name])), io.BytesIO(members[name]))
+    atomic_write_bytes(out, raw.getvalue())
+    return Path(out)
 
 
 def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:

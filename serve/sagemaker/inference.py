@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from gliomaseg_core import codecs
+from gliomaseg_core.codecs import JSON, NPY, PNG, TIFF
 from gliomaseg_core.predictor import Predictor
 
 try:
@@ -40,7 +41,6 @@ except ImportError:  # outside the container: same shape, so callers can read .s
 
 log = logging.getLogger("gliomaseg.sagemaker")
 
-JSON, NPY, PNG, TIFF = "application/json", "application/x-npy", "image/png", "image/tiff"
 RESPONSE_TYPES = (JSON, NPY, PNG, TIFF)
 LIMITS = {
     "max_pixels": int(os.environ.get("GLIOMASEG_MAX_PIXELS", codecs.DEFAULT_MAX_PIXELS)),
@@ -100,17 +100,12 @@ def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:
     if prediction.request.s3_uri:
         return _write_s3(prediction), JSON
     media = _choose_accept(accept)
-    masks, scale = prediction.masks, codecs.mask_scale(prediction.class_names)
-    if media == NPY:
-        return codecs.encode_npy(masks), NPY
-    if media == TIFF:
-        return codecs.encode_tiff(masks, scale), TIFF
-    if media == PNG:
-        if len(masks) != 1:
-            raise RequestError(406, f"not_acceptable: image/png holds one slice, the request had {len(masks)}; "
-                                    "accept image/tiff or application/x-npy")
-        return codecs.encode_mask_png(masks[0], scale), PNG
-    return json.dumps(_summary(prediction, rle=True)).encode(), JSON
+    if media == JSON:
+        return json.dumps(_summary(prediction, rle=True)).encode(), JSON
+    if media == PNG and len(prediction.masks) != 1:
+        raise RequestError(406, f"not_acceptable: image/png holds one slice, the request had "
+                                f"{len(prediction.masks)}; accept image/tiff or application/x-npy")
+    return _encode(prediction, media), media
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -151,13 +146,23 @@ def _choose_accept(accept: str | None) -> str:
         media = item.split(";", 1)[0].strip().lower()
         if media in ("*/*", "application/*", ""):
             return JSON
-        if media in ("image/*",):
+        if media == "image/*":
             return PNG
         if media in RESPONSE_TYPES:
             return media
         if media in codecs.MEDIA_ALIASES:
             return codecs.MEDIA_ALIASES[media]
     raise RequestError(406, f"not_acceptable: {accept!r}; accept one of {', '.join(RESPONSE_TYPES)}")
+
+
+def _encode(prediction: Prediction, media: str) -> bytes:
+    """Masks as NPY ((N,H,W) labels), TIFF (one page per slice) or PNG (one slice); binary masks 0/255."""
+    masks, scale = prediction.masks, codecs.mask_scale(prediction.class_names)
+    if media == NPY:
+        return codecs.encode_npy(masks)
+    if media == TIFF:
+        return codecs.encode_tiff(masks, scale)
+    return codecs.encode_mask_png(masks[0], scale)
 
 
 def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
@@ -243,13 +248,8 @@ def _write_s3(prediction: Prediction) -> bytes:
     fmt = req.output_format or ("png" if len(masks) == 1 else "tiff")
     if fmt == "png" and len(masks) != 1:
         raise RequestError(400, f"bad_request: format png holds one slice, the input had {len(masks)}")
-    scale = codecs.mask_scale(prediction.class_names)
-    if fmt == "png":
-        data, ctype = codecs.encode_mask_png(masks[0], scale), PNG
-    elif fmt == "tiff":
-        data, ctype = codecs.encode_tiff(masks, scale), TIFF
-    else:
-        data, ctype = codecs.encode_npy(masks), NPY
+    ctype = {"png": PNG, "tiff": TIFF, "npy": NPY}[fmt]
+    data = _encode(prediction, ctype)
     _, in_key = _split_s3(req.s3_uri, "s3_uri")
     bucket, prefix = _split_s3(str(req.output_prefix).rstrip("/") + "/x", "output_prefix")
     stem = posixpath.splitext(posixpath.basename(in_key))[0]
