@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -123,10 +125,13 @@ def decode(
     return _to_uint8(np.stack(slices))
 
 
+@dataclass(frozen=True)
 class _Limits:
-    def __init__(self, volume: bool, max_pixels: int, max_pages: int, min_size: int, max_size: int) -> None:
-        self.volume, self.max_pixels, self.max_pages = volume, max_pixels, max_pages
-        self.min_size, self.max_size = min_size, max_size
+    volume: bool
+    max_pixels: int
+    max_pages: int
+    min_size: int
+    max_size: int
 
     def check_count(self, n: int) -> None:
         if n > self.max_pages:
@@ -180,8 +185,8 @@ def _decode_npy(data: bytes, limits: _Limits) -> list[np.ndarray]:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise ValueError(f"npy format version {version} is not supported")
-    except (ValueError, SyntaxError, EOFError, TypeError) as exc:
-        raise _bad(f"not a readable .npy file ({exc})") from None
+    except Exception as exc:  # numpy's header parser raises many types (tokenize.TokenError among them)
+        raise _bad(f"not a readable .npy file ({type(exc).__name__}: {exc})") from None
     _check_dtype(dtype, "npy")
     n, h, w = _spatial(tuple(shape), limits.volume)
     limits.check(n, h, w)
@@ -387,8 +392,8 @@ def data_url(png: bytes) -> str:
 
 def read_file(path: str, *, volume: bool = False, **limits: Any) -> np.ndarray:
     """Decode a local file by its extension, with the same rules and limits as a request."""
-    suffix = "." + str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else ""
     with open(path, "rb") as f:
         data = f.read()
+    suffix = os.path.splitext(path)[1].lower()  # unknown or none: sniffed from the magic bytes
     return decode(data, EXTENSIONS.get(suffix, ""), volume=volume, **limits)
 

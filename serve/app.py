@@ -105,7 +105,8 @@ class SegmentModel:
         # Warm up so the first request does not pay for lazy initialisation.
         self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))
 
-    async def _run(self, images: list[np.ndarray] | np.ndarray, volume: bool) -> list[np.ndarray]:
+    async def _run(self, images: list[np.ndarray] | np.ndarray, volume: bool) -> np.ndarray | list[np.ndarray]:
+        """Predictor.predict's masks: one (N,H,W) array for same-size slices (a volume always), else a list."""
         async with self._lock:
             try:
                 # A thread keeps the replica's event loop free, so requests queue up for the next batch.
@@ -114,7 +115,7 @@ class SegmentModel:
                 if "CUDA" in str(exc):
                     self._fatal = str(exc)  # a broken device will not heal: fail the health check
                 raise
-        return list(masks)
+        return masks
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def segment(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
@@ -124,11 +125,10 @@ class SegmentModel:
 
     async def segment_volume(self, images: np.ndarray) -> np.ndarray:
         """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing."""
-        return np.stack(await self._run(images, volume=True))
+        return np.asarray(await self._run(images, volume=True))  # already one array: no copy
 
     def info(self) -> dict[str, Any]:
-        p = self.predictor
-        return {"config": p.config, "metrics": p.metrics, "device": str(p.device), "version": p.version}
+        return {**self.predictor.info(), "version": self.predictor.version}
 
     def ping(self) -> bool:
         return True

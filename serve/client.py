@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from core import codecs
+from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}
 
@@ -114,7 +114,7 @@ def write_outputs(out: Path, job: Job, images: np.ndarray, masks: np.ndarray, vo
     written: list[str] = []
 
     def put(suffix: str, data: bytes) -> None:
-        _inside(out, job.name + suffix).write_bytes(data)
+        atomic_write_bytes(_inside(out, job.name + suffix), data)
         written.append(job.name + suffix)
 
     if volume:
@@ -164,12 +164,10 @@ def _run_onnx(jobs: list[Job], out: Path, model: str) -> None:
     from serve.edge import OnnxPredictor  # optional path: onnxruntime loads only when asked for
 
     predictor = OnnxPredictor(model)
-    takes_volume = "volume" in inspect.signature(predictor.predict).parameters
     for job in jobs:
         try:
             _, _, images, volume = load(job)
-            masks = predictor.predict(images, volume=volume) if takes_volume else predictor.predict(images)
-            job.result = write_outputs(out, job, images, np.asarray(masks), volume)
+            job.result = write_outputs(out, job, images, predictor.predict(images, volume=volume), volume)
         except (codecs.DecodeError, ValueError, OSError) as exc:
             job.result = {"input": str(job.source), "name": job.name, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -187,7 +185,7 @@ def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = N
     else:
         asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s))
     summary = [j.result for j in jobs]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -8,7 +8,6 @@ writes the masks, overlays, ``model.json`` and ``summary.json`` under DIR, and s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import socket
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from core.io import write_json
 
 
 def free_port() -> int:
@@ -61,7 +60,7 @@ def run_demo(bundle: str | Path, data: str | Path, out: str | Path, slices: int 
         url = start(settings, "127.0.0.1", free_port())
         ready_s = time.perf_counter() - t0
         model = httpx.get(f"{url}/v1/model", timeout=30).json()
-        (out / "model.json").write_text(json.dumps(model, indent=1))
+        write_json(out / "model.json", model)
         t1 = time.perf_counter()
         summary = predict_paths([*chosen, patient], out, url=url, concurrency=8)
         result = {"url": url, "startup_s": round(ready_s, 2), "requests_s": round(time.perf_counter() - t1, 3),
@@ -70,7 +69,7 @@ def run_demo(bundle: str | Path, data: str | Path, out: str | Path, slices: int 
         serve.shutdown()
         if started_ray:
             ray.shutdown()
-    (out / "demo.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "demo.json", result)
     return result
 
 

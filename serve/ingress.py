@@ -87,9 +87,12 @@ def _static_files() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()} if folder.is_dir() else {}
 
 
-def _check_format(fmt: str) -> None:
+def _check_format(fmt: str, volume: bool = False, overlay: bool = False) -> None:
+    """Refuse a bad ``format`` before the body is read or the model runs."""
     if fmt not in FORMATS:
         raise ApiError(400, "bad_request", f"format={fmt!r}; expected one of {', '.join(FORMATS)}")
+    if volume and fmt == "png" and not overlay:
+        raise ApiError(400, "bad_request", "format=png is for single slices; use tiff, npy or json for volumes")
 
 
 def _encode_masks(masks: np.ndarray, fmt: str, scale: int, headers: dict[str, str]) -> Response:
@@ -172,9 +175,9 @@ class Ingress:
             self._info = await self.model.info.remote()
         return self._info
 
-    async def _headers(self, masks: np.ndarray, **extra: Any) -> dict[str, str]:
+    async def _headers(self, tumour_pixels: int, **extra: Any) -> dict[str, str]:
         info = await self.info()
-        out = {"X-Tumour-Pixels": str(int(np.count_nonzero(masks))), "X-Model-Version": info["version"]}
+        out = {"X-Tumour-Pixels": str(tumour_pixels), "X-Model-Version": info["version"]}
         return out | {k: str(v) for k, v in extra.items()}
 
     async def _scale(self) -> int:
@@ -223,11 +226,11 @@ class Ingress:
         _check_format(format)
         image = (await self._decode(request, volume=False))[0]
         mask, batch = await _call_model(self.model.segment, image)
-        headers = await self._headers(mask, **{"X-Batch-Size": batch})
-        scale = await self._scale()
+        pixels = int(np.count_nonzero(mask))
+        headers = await self._headers(pixels, **{"X-Batch-Size": batch})
         if format == "json":
             body = {"model_version": headers["X-Model-Version"], "size": list(mask.shape),
-                    "tumour_pixels": int(np.count_nonzero(mask)), "tumour_fraction": float(np.mean(mask > 0)),
+                    "tumour_pixels": pixels, "tumour_fraction": pixels / mask.size,
                     "rle": codecs.rle_encode(mask), "batch_size": batch}
             if overlay:
                 body["overlay"] = codecs.data_url(await asyncio.to_thread(codecs.encode_overlay_png, image, mask))
@@ -235,19 +238,19 @@ class Ingress:
         if overlay:
             return Response(await asyncio.to_thread(codecs.encode_overlay_png, image, mask), 200, headers,
                             codecs.PNG)
-        return await asyncio.to_thread(_encode_masks, mask, format, scale, headers)
+        return await asyncio.to_thread(_encode_masks, mask, format, await self._scale(), headers)
 
     @api.post("/v1/segment/volume")
     async def segment_volume(self, request: Request, format: str = "tiff", overlay: bool = False) -> Response:
-        _check_format(format)
+        _check_format(format, volume=True, overlay=overlay)
         images = await self._decode(request, volume=True)
         masks = await _call_model(self.model.segment_volume, images)
-        headers = await self._headers(masks, **{"X-Slices": len(masks)})
+        areas = np.count_nonzero(masks, axis=(1, 2)).tolist()  # per slice, counted once
+        headers = await self._headers(sum(areas), **{"X-Slices": len(masks)})
         if format == "json":
-            areas = [int(np.count_nonzero(m)) for m in masks]
             body: dict[str, Any] = {
                 "model_version": headers["X-Model-Version"], "slices": len(masks), "size": list(masks.shape[1:]),
-                "tumour_pixels": int(sum(areas)), "tumour_slices": int(sum(a > 0 for a in areas)),
+                "tumour_pixels": sum(areas), "tumour_slices": sum(a > 0 for a in areas),
                 "slice_tumour_pixels": areas,
             }
             if overlay:
@@ -256,7 +259,5 @@ class Ingress:
             return JSONResponse(body, headers=headers)
         if overlay:
             return Response(await asyncio.to_thread(codecs.encode_animation, images, masks), 200, headers, codecs.PNG)
-        if format == "png":
-            raise ApiError(400, "bad_request", "format=png is for single slices; use tiff, npy or json for volumes")
         return await asyncio.to_thread(_encode_masks, masks, format, await self._scale(), headers)
 

@@ -1,4 +1,5 @@
-"""Shared by the reliability tests: the malformed-request corpus and Serve replica bookkeeping."""
+"""Shared by the reliability and codec tests: TIFF byte builders, the malformed-request corpus and Serve
+replica bookkeeping. Imports no torch at module level, so the codec tests stay light."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from bundle_factory import sample_images
 
 from core import codecs
 
@@ -46,7 +46,8 @@ def pickled_blob(marker: Path) -> bytes:
     return pickle.dumps({"weight": Unpickled(marker)})
 
 
-def _tiff(arr: np.ndarray, **kw: object) -> bytes:
+def tiff_bytes(arr: np.ndarray, **kw: object) -> bytes:
+    """``arr`` written by tifffile with ``kw`` (photometric, compression, planarconfig...)."""
     buf = io.BytesIO()
     tifffile.imwrite(buf, arr, **kw)
     return buf.getvalue()
@@ -54,7 +55,7 @@ def _tiff(arr: np.ndarray, **kw: object) -> bytes:
 
 def bomb_tiff(width: int = 100_000, height: int = 100_000) -> bytes:
     """A ~200-byte TIFF whose tags claim a width x height image (a decompression bomb's header)."""
-    data = bytearray(_tiff(np.zeros((40, 50), np.uint8), compression="zlib"))
+    data = bytearray(tiff_bytes(np.zeros((40, 50), np.uint8), compression="zlib"))
     page = tifffile.TiffFile(io.BytesIO(bytes(data))).pages[0]
     for tag in page.tags.values():
         if tag.name in ("ImageWidth", "ImageLength"):
@@ -67,11 +68,13 @@ def bomb_tiff(width: int = 100_000, height: int = 100_000) -> bytes:
 
 def many_pages_tiff(pages: int = 10_000) -> bytes:
     """A TIFF with ``pages`` tiny pages (~1.6 MB): a page-count bomb."""
-    return _tiff(np.zeros((pages, 8, 8), np.uint8), photometric="minisblack")
+    return tiff_bytes(np.zeros((pages, 8, 8), np.uint8), photometric="minisblack")
 
 
 def corpus(marker: Path) -> dict[str, tuple[bytes, str, int]]:
     """Malformed single-slice requests: name -> (body, content type, expected status)."""
+    from bundle_factory import sample_images  # torch: only the Serve tests build this corpus
+
     good_tiff = codecs.encode_volume_tiff(sample_images(1, seed=1))
     good_png = codecs.encode_png(sample_images(1, seed=2)[0])
     one = sample_images(1, seed=3)[0]
@@ -105,13 +108,14 @@ def volume_corpus() -> dict[str, tuple[bytes, str, int]]:
     return {
         "pages_10k_volume": (many_pages_tiff(), TIFF, 413),
         "bomb_volume": (bomb_tiff(), TIFF, 413),
-        "mixed_sizes": (_mixed_tiff(), TIFF, 422),
+        "mixed_sizes": (mixed_tiff(), TIFF, 422),
         "five_channel_volume": (codecs.encode_npy(np.zeros((4, 64, 64, 5), np.uint8)), NPY, 422),
         "zero_slices": (codecs.encode_npy(np.zeros((0, 64, 64, 3), np.uint8)), NPY, 422),
     }
 
 
-def _mixed_tiff() -> bytes:
+def mixed_tiff() -> bytes:
+    """A two-page TIFF whose pages differ in size (40x40, then 48x40)."""
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as tw:
         tw.write(np.zeros((40, 40), np.uint8))

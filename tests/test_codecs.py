@@ -12,35 +12,13 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reliability_support import bomb_tiff, mixed_tiff, tiff_bytes
 
 from core import codecs
 from core.codecs import DecodeError, decode
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 56, 3), dtype=np.uint8)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def tiff_bytes(arr: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, **kw)
-    return buf.getvalue()
-
-
-def bomb_tiff(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A ~200-byte TIFF whose tags claim a width x height image (a decompression bomb's header)."""
-    data = bytearray(tiff_bytes(np.zeros((40, 50), np.uint8), compression="zlib"))
-    page = tifffile.TiffFile(io.BytesIO(bytes(data))).pages[0]
-    for tag in page.tags.values():
-        if tag.name in ("ImageWidth", "ImageLength"):
-            fmt = "<I" if tag.dtype == 4 else "<H"
-            struct.pack_into(fmt, data, tag.valueoffset, width if tag.name == "ImageWidth" else min(height, 65535))
-    return bytes(data)
 
 
 def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
@@ -55,12 +33,12 @@ def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
     ("image/tiff", tiff_bytes(RGB, photometric="rgb")),
     ("image/tiff", tiff_bytes(RGB, photometric="rgb", compression="zlib")),
     ("image/tiff", tiff_bytes(np.moveaxis(RGB, -1, 0), photometric="rgb", planarconfig="separate")),
-    ("image/png", png_bytes(RGB)),
+    ("image/png", codecs.encode_png(RGB)),
     ("application/x-npy", codecs.encode_npy(RGB)),
     ("application/x-npy", codecs.encode_npy(np.moveaxis(RGB, -1, 0))),  # channels first
     ("application/x-npy", codecs.encode_npy(np.asfortranarray(RGB))),
     ("application/octet-stream", codecs.encode_npy(RGB)),  # sniffed
-    ("image/png; charset=binary", png_bytes(RGB)),
+    ("image/png; charset=binary", codecs.encode_png(RGB)),
 ])
 def test_decode_rgb_slice(kind: str, data: bytes) -> None:
     out = decode(data, kind, volume=False)
@@ -70,12 +48,12 @@ def test_decode_rgb_slice(kind: str, data: bytes) -> None:
 
 def test_grey_replicates_and_uint16_rescales() -> None:
     grey = RGB[..., 0]
-    for data, kind in [(png_bytes(grey), "image/png"), (tiff_bytes(grey), "image/tiff"),
+    for data, kind in [(codecs.encode_png(grey), "image/png"), (tiff_bytes(grey), "image/tiff"),
                        (codecs.encode_npy(grey), "application/x-npy")]:
         out = decode(data, kind, volume=False)[0]
         np.testing.assert_array_equal(out, np.repeat(grey[..., None], 3, -1))
     wide = (grey.astype(np.uint16) * 16)  # 12-bit MRI-like range
-    for data, kind in [(png_bytes(wide), "image/png"), (tiff_bytes(wide), "image/tiff"),
+    for data, kind in [(codecs.encode_png(wide), "image/png"), (tiff_bytes(wide), "image/tiff"),
                        (codecs.encode_npy(wide.astype(">u2")), "application/x-npy")]:
         out = decode(data, kind, volume=False)[0]
         assert out.dtype == np.uint8 and out.max() == 255
@@ -91,7 +69,7 @@ def test_volumes() -> None:
     out = decode(tiff_bytes(grey, photometric="minisblack"), "image/tiff", volume=True)
     assert out.shape == (5, 40, 56, 3)
     np.testing.assert_array_equal(decode(codecs.encode_npy(grey), "application/x-npy", volume=True)[..., 2], grey)
-    assert decode(png_bytes(RGB), "image/png", volume=True).shape == (1, 40, 56, 3)
+    assert decode(codecs.encode_png(RGB), "image/png", volume=True).shape == (1, 40, 56, 3)
 
 
 def _status(data: bytes, kind: str, volume: bool = False, **kw) -> int:
@@ -104,10 +82,12 @@ def _status(data: bytes, kind: str, volume: bool = False, **kw) -> int:
 def test_refusals() -> None:
     assert _status(b"", "image/png") == 400
     assert _status(b"hello", "image/tiff") == 400
-    assert _status(png_bytes(RGB)[:60], "image/png") == 400  # truncated
+    assert _status(codecs.encode_png(RGB)[:60], "image/png") == 400  # truncated
     assert _status(codecs.encode_npy(RGB)[:200], "application/x-npy") == 400
     assert _status(b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}    \n", "application/x-npy") == 400
-    assert _status(png_bytes(RGB), "text/plain") == 415
+    npy = codecs.encode_npy(RGB)
+    assert _status(npy[:10] + b"\x00" + npy[11:], "application/x-npy") == 400  # numpy raises tokenize.TokenError
+    assert _status(codecs.encode_png(RGB), "text/plain") == 415
     assert _status(b"whatever", "application/octet-stream") == 415
     assert _status(b"<x/>", "") == 415
     for bad in (RGB.astype(np.float32), np.full((40, 40), np.nan), RGB.astype(np.int16), RGB > 0):
@@ -119,9 +99,9 @@ def test_refusals() -> None:
     assert _status(codecs.encode_volume_tiff(np.zeros((2, 40, 40, 3), np.uint8)), "image/tiff") == 422
     assert _status(tiff_bytes(RGB.astype(np.float32), photometric="rgb"), "image/tiff") == 422
     rgba = np.dstack([RGB, np.full(RGB.shape[:2], 128, np.uint8)])
-    assert _status(png_bytes(rgba), "image/png") == 422
+    assert _status(codecs.encode_png(rgba), "image/png") == 422
     rgba[..., 3] = 255  # an opaque alpha channel is dropped, not refused
-    np.testing.assert_array_equal(decode(png_bytes(rgba), "image/png", volume=False)[0], RGB)
+    np.testing.assert_array_equal(decode(codecs.encode_png(rgba), "image/png", volume=False)[0], RGB)
     # Object arrays are refused from the header; np.save needs pickle for them, which we never load.
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
@@ -142,11 +122,7 @@ def test_size_limits_checked_before_decoding() -> None:
     assert _status(vol, "image/tiff", volume=True, max_pages=5) == 413
     assert _status(vol, "image/tiff", volume=True, max_pixels=5 * 40 * 40) == 413
     assert decode(vol, "image/tiff", volume=True, max_pages=6).shape[0] == 6
-    mixed = io.BytesIO()
-    with tifffile.TiffWriter(mixed) as tw:
-        tw.write(np.zeros((40, 40), np.uint8))
-        tw.write(np.zeros((48, 40), np.uint8))
-    assert _status(mixed.getvalue(), "image/tiff", volume=True) == 422
+    assert _status(mixed_tiff(), "image/tiff", volume=True) == 422
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

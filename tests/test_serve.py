@@ -19,6 +19,7 @@ import pytest
 import tifffile
 from bundle_factory import make_random_bundle, sample_images
 from PIL import Image
+from reliability_support import bomb_tiff
 from serve_support import serving, slice_files
 
 from core import codecs
@@ -150,8 +151,6 @@ def test_volume(url: str, predictor) -> None:
 
 
 def test_errors_are_json_and_the_server_keeps_serving(url: str, bundle: Path) -> None:
-    from test_codecs import bomb_tiff
-
     ok = codecs.encode_png(sample_images(1, seed=1)[0])
     cases = [
         (post(url, "/v1/segment", b"not a tiff", "image/tiff"), 400),
@@ -162,7 +161,7 @@ def test_errors_are_json_and_the_server_keeps_serving(url: str, bundle: Path) ->
         (post(url, "/v1/segment", ok, "text/plain"), 415),
         (post(url, "/v1/segment", ok, "image/jpeg"), 415),
         (post(url, "/v1/segment", os.urandom(1_200_000), "image/tiff"), 413),  # over --max-body-mb 1
-        (post(url, "/v1/segment", bomb_tiff(), "image/tiff"), 413),  # header claims 100000 x 65535
+        (post(url, "/v1/segment", bomb_tiff(), "image/tiff"), 413),  # header claims 100000 x 100000
         (post(url, "/v1/segment", codecs.encode_npy(np.zeros((2048, 40), np.uint8)), "application/x-npy"), 413),
         (post(url, "/v1/segment/volume", codecs.encode_npy(sample_images(33)), "application/x-npy"), 413),
         (post(url, "/v1/segment", codecs.encode_npy(sample_images(1).astype(np.float32)), "application/x-npy"), 422),
