@@ -106,10 +106,10 @@ def load(job: Job) -> tuple[bytes, str, np.ndarray, bool]:
     return codecs.encode_npy(images), codecs.NPY, images, True
 
 
-def write_outputs(out: Path, job: Job, images: np.ndarray, masks: np.ndarray, volume: bool) -> dict[str, Any]:
-    """Write masks and overlays for one job; returns its summary entry."""
+def write_outputs(out: Path, job: Job, images: np.ndarray, masks: np.ndarray, volume: bool,
+                  scale: int) -> dict[str, Any]:
+    """Write masks (foreground x ``scale``: the model's, so every job of a run looks alike) and overlays."""
     masks = np.asarray(masks, dtype=np.uint8).reshape(len(images), *images.shape[1:3])
-    scale = 255 if masks.max(initial=0) <= 1 else 1
     areas = [int(np.count_nonzero(m)) for m in masks]
     written: list[str] = []
 
@@ -137,6 +137,12 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
+        try:
+            info = await client.get("/v1/model", headers=auth)
+            info.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ValueError(f"{url}: cannot read the model's metadata from /v1/model ({exc})") from exc
+        scale = codecs.mask_scale(info.json()["class_names"])
 
         async def one(job: Job) -> None:
             async with limit:
@@ -152,7 +158,7 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
                             err = {"error": "http_error", "detail": r.text[:200]}
                         raise RuntimeError(f"HTTP {r.status_code} {err.get('error')}: {err.get('detail')}")
                     masks = np.load(io.BytesIO(r.content), allow_pickle=False)
-                    job.result = await asyncio.to_thread(write_outputs, out, job, images, masks, volume)
+                    job.result = await asyncio.to_thread(write_outputs, out, job, images, masks, volume, scale)
                     job.result["model_version"] = r.headers.get("X-Model-Version")
                 except (codecs.DecodeError, ValueError, RuntimeError, OSError, httpx.HTTPError) as exc:
                     job.result = {"input": str(job.source), "name": job.name, "error": f"{type(exc).__name__}: {exc}"}
@@ -164,10 +170,12 @@ def _run_onnx(jobs: list[Job], out: Path, model: str) -> None:
     from serve.edge import OnnxPredictor  # optional path: onnxruntime loads only when asked for
 
     predictor = OnnxPredictor(model)
+    scale = codecs.mask_scale(predictor.config["class_names"])
     for job in jobs:
         try:
             _, _, images, volume = load(job)
-            job.result = write_outputs(out, job, images, predictor.predict(images, volume=volume), volume)
+            masks = predictor.predict(images, volume=volume)
+            job.result = write_outputs(out, job, images, masks, volume, scale)
         except (codecs.DecodeError, ValueError, OSError) as exc:
             job.result = {"input": str(job.source), "name": job.name, "error": f"{type(exc).__name__}: {exc}"}
 
