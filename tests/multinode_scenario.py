@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from tune_support import TINY_NET
 
 SAMPLES, EPOCHS = 4, 6
 
@@ -61,18 +62,25 @@ def main(prepared: str, storage: str) -> None:
     pid_node: dict[int, str | None] = {}  # a dead worker's processes cannot be traced later
     record: dict[str, Any] = {}
 
+    def trace() -> dict[str, list[dict[str, Any]]]:
+        """Every trial's rows so far, each new process traced to its node while it still lives."""
+        lines = _lines(experiment)
+        for rows in lines.values():
+            for row in rows:
+                if pid_node.get(row["pid"]) is None:
+                    pid_node[row["pid"]] = _node_of(row["pid"], raylets)
+        return lines
+
     def watch() -> None:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and not record.get("done"):
-            for rows in _lines(experiment).values():
-                for row in rows:
-                    if row["pid"] not in pid_node or pid_node[row["pid"]] is None:
-                        pid_node[row["pid"]] = _node_of(row["pid"], raylets)
-            on_worker = [t for t, rows in _lines(experiment).items()
+            lines = trace()
+            on_worker = [t for t, rows in lines.items()
                          if len(rows) >= 2 and pid_node.get(rows[-1]["pid"]) == "worker"]
             if on_worker and "removed_at" not in record:
+                lines = trace()  # rows written since: their processes die with the node
                 record["removed_at"] = time.time()
-                record["epochs_at_removal"] = {t: len(r) for t, r in _lines(experiment).items()}
+                record["epochs_at_removal"] = {t: len(r) for t, r in lines.items()}
                 cluster.remove_node(worker, allow_graceful=False)  # as a preempted spot node goes
             time.sleep(0.05)
 
@@ -83,8 +91,7 @@ def main(prepared: str, storage: str) -> None:
     info = run_search(SearchOptions(
         data=Path(prepared), name="multi", storage=storage, num_samples=SAMPLES, max_epochs=EPOCHS,
         scheduler="none", max_concurrent=SAMPLES, cpus_per_trial=1.0, verbose=0, max_failures=3,
-        fixed={"arch": "lite", "filters": 8, "batch_size": 8, "patience": 0, "warmup_epochs": 0,
-               "lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+        fixed={**TINY_NET, "warmup_epochs": 0, "lr": {"loguniform": [1.0e-3, 1.0e-2]}},
     ))
     record["done"] = True
     thread.join(5)

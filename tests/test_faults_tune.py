@@ -2,14 +2,13 @@
 three times at random points still ends with every trial completed exactly once; a crash while
 writing prepared/ or a checkpoint leaves the previous files intact.
 
-Builds on tests/test_tune_resume.py (one driver kill) and reuses its experiment-state readers.
+Builds on tests/test_tune_resume.py (one driver kill); both read experiment state through tests/tune_support.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_tune_resume import result_lines, snapshot
+from tune_support import ROOT, TINY_NET, driver_env, result_lines, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"arch": "lite", "filters": 8, "batch_size": 8, "patience": 0, "warmup_epochs": 0}
+TINY = {**TINY_NET, "warmup_epochs": 0}
 
 
 def _trial_workers(ray_session) -> list[psutil.Process]:
@@ -98,9 +96,7 @@ def test_driver_killed_three_times_ends_with_every_trial_completed_once(ray_sess
     # `tune run` snapshots Ray's experiment state after every event (TUNE_GLOBAL_CHECKPOINT_S=0): with
     # Ray's default period a driver killed between a checkpoint's deletion and the next snapshot would
     # resume a trial from a checkpoint that no longer exists. This test pins that default.
-    env = {k: v for k, v in os.environ.items() if k != "TUNE_GLOBAL_CHECKPOINT_S"}
-    env = {**env, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = driver_env(ray_session.get_runtime_context().gcs_address, drop=("TUNE_GLOBAL_CHECKPOINT_S",))
     experiment, rng = tmp_path / "thrice" / "ray", random.Random(8)
     done_at_kill: list[dict[str, int]] = []  # per kill: lines of each trial finished by then
     for attempt in range(KILLS):

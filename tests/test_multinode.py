@@ -5,22 +5,18 @@ resumed from their checkpoints on the head node (see tests/multinode_scenario.py
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tune_support import ROOT, driver_env
 
 
 @pytest.mark.slow
 def test_trials_spread_over_nodes_and_survive_losing_the_worker(prepared_dir, tmp_path):
     from multinode_scenario import EPOCHS, SAMPLES
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = driver_env(None)  # its own cluster, not the session's
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_scenario.py"), str(prepared_dir),
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

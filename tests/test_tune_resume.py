@@ -4,7 +4,6 @@ before the kill is kept and not re-run, the unfinished ones complete, the Optuna
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 import signal
@@ -14,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tune_support import ROOT, driver_env, result_lines, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLES, EPOCHS = 8, 6
 
 
@@ -28,27 +27,8 @@ def tune_cmd(prepared: Path, storage: Path, *extra: str) -> list[str]:
     ]
 
 
-def snapshot(experiment: Path) -> dict[str, str]:
-    """Trial id -> status in the driver's latest experiment-state file (what a resume starts from)."""
-    files = sorted(glob.glob(str(experiment / "experiment_state-*.json")))
-    if not files:
-        return {}
-    try:
-        state = json.loads(Path(files[-1]).read_text())
-    except (json.JSONDecodeError, OSError):  # caught mid-write
-        return {}
-    trials = (json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in state["trial_data"])
-    return {t["trial_id"]: t["status"] for t in trials}
-
-
-def result_lines(experiment: Path, trial_id: str) -> list[dict]:
-    path = experiment / f"trial_{trial_id}" / "result.json"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def test_killed_driver_resumes_without_losing_or_rerunning_trials(ray_session, prepared_dir, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = driver_env(ray_session.get_runtime_context().gcs_address)
     experiment = tmp_path / "killed" / "ray"
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(tune_cmd(prepared_dir, tmp_path), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -9,12 +9,12 @@ import shutil
 import socket
 
 import pytest
+from tune_support import TINY_NET
 
 from tune.search import SearchOptions, run_search
 
 BUCKET, PREFIX, NAME = "gliomaseg-test", "sweeps", "s3run"
-TINY = {"arch": "lite", "filters": 8, "batch_size": 8, "oversample": 0.5, "patience": 0,
-        "lr": {"loguniform": [1.0e-4, 3.0e-2]}}
+TINY = {**TINY_NET, "oversample": 0.5, "lr": {"loguniform": [1.0e-4, 3.0e-2]}}
 
 
 def free_port() -> int:

@@ -3,22 +3,20 @@ study is Optuna's, the report has its images."""
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import types
 
 import numpy as np
 import pytest
+from tune_support import TINY_NET
 
+from tune.results import read_leaderboard
 from tune.search import SearchOptions, run_search
 
 # A tiny, fast-learning network; lr spans "learns nothing" to "learns in one epoch", so the trials'
 # metrics differ widely and ASHA (grace 1, reduction factor 2) certainly stops some.
-TINY = {
-    "arch": "lite", "filters": 8, "batch_size": 8, "oversample": 0.5, "warmup_epochs": 0,
-    "lr": {"loguniform": [1.0e-5, 3.0e-2]}, "patience": 0,
-}
+TINY = {**TINY_NET, "oversample": 0.5, "warmup_epochs": 0, "lr": {"loguniform": [1.0e-5, 3.0e-2]}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,8 +31,7 @@ def asha_run(ray_session, prepared_dir, tmp_path_factory):
 
 
 def leaderboard(run) -> list[dict[str, str]]:
-    with (run / "leaderboard.csv").open() as fh:
-        return list(csv.DictReader(fh))
+    return read_leaderboard(run / "leaderboard.csv")
 
 
 def test_asha_stops_trials_early_and_leaderboard_lists_every_trial(asha_run):

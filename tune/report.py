@@ -8,10 +8,12 @@ validation slices of the best bundle (overlays of truth and prediction).
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from core.codecs import overlay  # noqa: E402
-from core.data.arrays import load_split  # noqa: E402
+from core.data.arrays import SplitArrays, load_split  # noqa: E402
 from core.io import read_json  # noqa: E402
 from core.metrics import per_slice_dice  # noqa: E402
 from tune.results import read_leaderboard  # noqa: E402
@@ -54,11 +56,12 @@ def make_report(run: str, data: str | Path | None = None) -> Path:
     ]
     data_dir = Path(data) if data else Path(info["data"])
     if (local / "best" / "config.json").is_file():
+        preds = functools.cache(lambda: ValPredictions.of(local / "best", data_dir))
         figures += [
             ("best_predictions.png", "Best validation slices (best trial)",
-             lambda: prediction_panel(local / "best", data_dir, best=True)),
+             lambda: prediction_panel(preds(), best=True)),
             ("worst_predictions.png", "Worst validation slices (best trial)",
-             lambda: prediction_panel(local / "best", data_dir, best=False)),
+             lambda: prediction_panel(preds(), best=False)),
         ]
     written = []
     for filename, title, make in figures:
@@ -123,36 +126,44 @@ def learning_curves(history: list[dict[str, Any]], metric: str) -> plt.Figure:
     return fig
 
 
-def prediction_panel(bundle: Path, data: Path, best: bool, count: int = PANEL_SLICES) -> plt.Figure:
-    """The ``count`` val slices with the highest (or lowest) Dice under the best bundle.
+@dataclass
+class ValPredictions:
+    """The best bundle's val predictions, ranked by slice Dice (worst first); one prediction pass serves
+    both panels."""
 
-    Only slices where truth or prediction has foreground compete: empty/empty slices are trivially 1.
-    """
-    from core.predictor import Predictor
+    val: SplitArrays
+    pred: np.ndarray
+    dice: np.ndarray
+    ranked: np.ndarray
 
-    val = load_split(data, "val")
-    predictor = Predictor.from_bundle(bundle, device="cpu")
-    images = np.ascontiguousarray(val.images.transpose(0, 2, 3, 1))
-    patients = np.asarray(val.patients).astype(str)
-    pred = np.zeros_like(np.asarray(val.masks))
-    for patient in np.unique(patients):
-        rows = np.flatnonzero(patients == patient)
-        rows = rows[np.argsort(np.asarray(val.slices)[rows])]  # volume post-processing needs slice order
-        pred[rows] = predictor.predict(images[rows], volume=True)
-    truth = np.asarray(val.masks)
-    dice = per_slice_dice(pred, truth)
-    candidates = np.flatnonzero((truth.reshape(len(truth), -1).max(1) > 0) | (pred.reshape(len(pred), -1).max(1) > 0))
-    if not len(candidates):
-        raise ValueError("no validation slice has tumour in truth or prediction")
-    order = candidates[np.argsort(dice[candidates], kind="stable")]
-    chosen = order[::-1][:count] if best else order[:count]
+    @classmethod
+    def of(cls, bundle: Path, data: Path) -> ValPredictions:
+        """Only slices where truth or prediction has foreground are ranked: empty/empty ones are trivially 1."""
+        from core.evaluate import predict_split
+        from core.predictor import Predictor
+
+        val = load_split(data, "val")
+        pred = predict_split(Predictor.from_bundle(bundle, device="cpu"), val)  # volumes, as served
+        truth = np.asarray(val.masks)
+        dice = per_slice_dice(pred, truth)
+        candidates = np.flatnonzero(val.tumour | (pred.reshape(len(pred), -1).max(1) > 0))
+        if not len(candidates):
+            raise ValueError("no validation slice has tumour in truth or prediction")
+        return cls(val, pred, dice, candidates[np.argsort(dice[candidates], kind="stable")])
+
+
+def prediction_panel(preds: ValPredictions, best: bool, count: int = PANEL_SLICES) -> plt.Figure:
+    """The ``count`` val slices with the highest (or lowest) Dice under the best bundle."""
+    val, pred, dice = preds.val, preds.pred, preds.dice
+    chosen = preds.ranked[::-1][:count] if best else preds.ranked[:count]
     fig, axes = plt.subplots(len(chosen), 3, figsize=(9, 3 * len(chosen)), squeeze=False)
     for row, i in zip(axes, chosen, strict=True):
-        panels = [(images[i], "image"), (overlay(images[i], truth[i]), "truth"),
-                  (overlay(images[i], pred[i]), f"prediction (Dice {dice[i]:.3f})")]
+        image = np.ascontiguousarray(val.images[i].transpose(1, 2, 0))
+        panels = [(image, f"{val.patients[i]} #{int(val.slices[i])}: image"), (overlay(image, val.masks[i]), "truth"),
+                  (overlay(image, pred[i]), f"prediction (Dice {dice[i]:.3f})")]
         for ax, (img, title) in zip(row, panels, strict=True):
             ax.imshow(img)
-            ax.set_title(f"{patients[i]} #{int(val.slices[i])}: {title}" if title == "image" else title, fontsize=8)
+            ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     return fig

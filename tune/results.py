@@ -17,7 +17,7 @@ from ray.tune import ResultGrid
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
 from core.io import read_json, write_csv, write_json
-from core.metrics import METRIC_KEYS, MINIMISED
+from core.metrics import METRIC_KEYS, MINIMISED, worst_value
 from core.train import Trainer
 from tune.trainable import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
 
@@ -78,7 +78,7 @@ def collect(grid: ResultGrid, metric: str, scheduler: str) -> list[dict[str, Any
             "checkpoint": result.checkpoint,
             "path": result.path,
         })
-    worst = math.inf if metric in MINIMISED else -math.inf
+    worst = worst_value(metric)
     sign = 1 if metric in MINIMISED else -1
     trials.sort(key=lambda t: sign * (t["objective"] if t["objective"] is not None else worst))
     for rank, trial in enumerate(trials, 1):

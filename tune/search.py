@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,14 +82,10 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
 
     opts.validate()
     storage = RunStorage.open(opts.name, opts.storage)
-    mode = "min" if opts.metric in MINIMISED else "max"
-    key = objective_key(opts.metric)
     if opts.resume:
         if not storage.exists():
             raise FileNotFoundError(f"{storage.uri}: no run to resume")
         storage.pull(STUDY_DB, "run.json")
-        saved = read_json(storage.local / "run.json")
-        mode, key, opts.metric, opts.scheduler = saved["mode"], saved["objective"], saved["metric"], saved["scheduler"]
     elif storage.exists():
         raise FileExistsError(f"{storage.uri}: already holds a run; pass --resume to continue it, or another --name")
     storage.local.mkdir(parents=True, exist_ok=True)
@@ -122,6 +119,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     )
 
     if opts.resume:
+        # Metric, mode and scheduler are the run's own (run.json, and Ray's restored state), not opts'.
         run_info = read_json(storage.local / "run.json")
         if run_info.get("split_hash") != split_hash(info):
             log.warning("%s: resuming on a different data split than the run started with", data)
@@ -131,6 +129,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         )
     else:
         space = load_space(opts.config, opts.fixed)
+        mode, key = ("min" if opts.metric in MINIMISED else "max"), objective_key(opts.metric)
         constants = {"seed": opts.seed, **space.constants, "epochs": opts.max_epochs, "metric": opts.metric}
         run_info = {
             "name": opts.name, "storage": storage.uri, "data": str(data), "split_hash": split_hash(info),
@@ -262,11 +261,7 @@ class PushStudy(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.storage.push(STUDY_DB)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.storage.push(STUDY_DB)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.storage.push(STUDY_DB)
+    on_trial_complete = on_trial_error = on_trial_start
 
 
 def finish(
@@ -277,11 +272,10 @@ def finish(
     results.write_leaderboard(storage.local / "leaderboard.csv", trials, run_info.get("searched", []))
     results.write_history(storage.local / "history.json", trials)
     best = results.export_best(trials, storage.local / "best", train, val, info, name=run_info["name"])
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t["stop_reason"]] = counts.get(t["stop_reason"], 0) + 1
+    counts = Counter(t["stop_reason"] for t in trials)
     run_info.update(
-        status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), trials=len(trials), stop_reasons=counts,
+        status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), trials=len(trials),
+        stop_reasons=dict(counts),
         best_trial=best and {k: best[k] for k in ("trial_id", "objective", "best_epoch", "config")},
     )
     write_json(storage.local / "run.json", run_info)

@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,10 @@ class RunStorage:
                     snap = Path(tmp) / STUDY_DB
                     sqlite_backup(src, snap)
                     pafs.copy_files(str(snap), dest, destination_filesystem=self.fs)
-            elif src.is_dir():
+                continue
+            if src.is_dir():
                 self.fs.create_dir(dest, recursive=True)
-                pafs.copy_files(str(src), dest, destination_filesystem=self.fs)
-            else:
-                pafs.copy_files(str(src), dest, destination_filesystem=self.fs)
+            pafs.copy_files(str(src), dest, destination_filesystem=self.fs)
 
     def pull(self, *names: str) -> None:
         """Download driver files or directories from S3 into ``local`` (missing ones are skipped)."""
@@ -146,7 +146,5 @@ class RunStorage:
 
 def sqlite_backup(src: Path, dest: Path) -> None:
     """Copy a SQLite database through its backup API (safe while another connection writes)."""
-    with sqlite3.connect(src) as source, sqlite3.connect(dest) as target:
+    with closing(sqlite3.connect(src)) as source, closing(sqlite3.connect(dest)) as target:
         source.backup(target)
-    source.close()
-    target.close()

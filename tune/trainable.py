@@ -104,8 +104,7 @@ def train_trial(
     except FloatingPointError:
         # A diverged configuration (a large lr) fails the same way on every retry: end it here with
         # the best epoch it reached rather than burning FailureConfig retries on it.
-        last = trainer.history[-1] if trainer.history else {cfg.metric: float("nan")}
-        tune.report(trial_result(trainer, last, DIVERGED))
+        tune.report(trial_result(trainer, trainer.history[-1] if trainer.history else {}, DIVERGED))
     finally:
         if logger is not None:
             logger.finish()

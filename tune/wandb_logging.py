@@ -15,6 +15,7 @@ import numpy as np
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
 from core.train import EpochResult, Trainer
+from tune.trainable import objective_key
 
 PANEL_SLICES = 6
 
@@ -64,14 +65,11 @@ class TrialWandb:
         self.truth = np.asarray(val.masks[self.rows])
         self.patients = np.asarray(val.patients)[self.rows].astype(str)
         self.slices = np.asarray(val.slices)[self.rows]
-        self.best_epoch = 0
 
     def log_epoch(self, result: EpochResult, trainer: Trainer) -> None:
-        data: dict[str, Any] = {k: v for k, v in result.metrics.items()}
-        data["epoch"] = result.epoch
-        data[f"best_{trainer.cfg.metric}"] = trainer.best_metric
-        if trainer.best_epoch == result.epoch and trainer.best_epoch != self.best_epoch:
-            self.best_epoch = trainer.best_epoch
+        data: dict[str, Any] = {**result.metrics, "epoch": result.epoch}
+        data[objective_key(trainer.cfg.metric)] = trainer.best_metric
+        if trainer.best_epoch == result.epoch:  # this epoch is a new best (epochs only go forward)
             data["val_predictions"] = self.panel(trainer)
         self.run.log(data, step=result.epoch)
 
