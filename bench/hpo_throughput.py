@@ -45,13 +45,12 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from core.config import TrainConfig
-    from core.data.arrays import load_split, load_split_info
     from core.train import Trainer
 
     prepared = Path(args.prepared)
     cfg = TrainConfig(arch=args.arch, filters=args.filters, batch_size=16, epochs=args.epochs + 1, patience=0,
                       seed=args.seed, device=args.device, postprocess="none")
-    trainer = Trainer(cfg, load_split(prepared, "train"), load_split(prepared, "val"), load_split_info(prepared))
+    trainer = Trainer.from_prepared(cfg, prepared)
     trainer.train_epoch()
     trainer.validate()
     Path(args.out + ".ready").touch()

@@ -135,6 +135,15 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best epoch's weights
         self.should_stop = False  # an on_epoch callback may set this to end fit() after its epoch
+        self.val_pred: np.ndarray | None = None  # last validation masks (rank 0), without post-processing
+
+    @classmethod
+    def from_prepared(
+        cls, cfg: TrainConfig, prepared: str | os.PathLike, device: str | torch.device | None = None
+    ) -> Trainer:
+        """A Trainer on the train and val splits of a prepared directory."""
+        info = load_split_info(prepared)
+        return cls(cfg, load_split(prepared, "train"), load_split(prepared, "val"), info, device)
 
     def _class_prior(self, out_ch: int) -> list[float]:
         """Pixel share of the foreground (binary) or of each label (multi-class) in the train split."""
@@ -209,14 +218,24 @@ class Trainer:
         return segmentation_metrics(pred, self.val_truth, self.val_patients, names)
 
     def validate(self) -> dict[str, float]:
-        return self.val_metrics(self.predict_val())
+        """Metrics of the current weights on val; the masks stay in ``val_pred`` (e.g. for logging)."""
+        self.val_pred = self.predict_val()
+        return self.val_metrics(self.val_pred)
+
+    def stop_reason(self) -> str | None:
+        """Why ``fit`` ends after the epochs done so far: "completed", "patience", or None (it goes on)."""
+        if self.epoch >= self.cfg.epochs:
+            return "completed"
+        if self.cfg.patience > 0 and self.epoch and self.epoch - self.best_epoch >= self.cfg.patience:
+            return "patience"
+        return None
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, on_epoch: Callable[[EpochResult, Trainer], None] | None = None) -> dict[str, float]:
         """Train from ``self.epoch + 1`` to ``cfg.epochs`` with early stopping; returns the best metrics."""
         cfg = self.cfg
         rank, world = _dist_rank()
-        if self.epoch and cfg.patience > 0 and self.epoch - self.best_epoch >= cfg.patience:
+        if self.stop_reason() == "patience":
             return self.best_metrics()  # resumed from a run that had already stopped early
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
             start = time.perf_counter()
@@ -238,7 +257,7 @@ class Trainer:
             self.history.append({"epoch": epoch, **metrics})
             if on_epoch is not None:
                 on_epoch(EpochResult(epoch, dict(metrics)), self)
-            if self.should_stop or (cfg.patience > 0 and epoch - self.best_epoch >= cfg.patience):
+            if self.should_stop or self.stop_reason() == "patience":
                 break
         return self.best_metrics()
 
@@ -311,8 +330,11 @@ class Trainer:
                 best, best_metrics = settings, metrics
         return best, best_metrics, search
 
-    def export_bundle(self, path: str | os.PathLike, name: str = "gliomaseg") -> Path:
-        """Write a bundle of the best epoch, with post-processing chosen on val (cfg.postprocess='auto')."""
+    def export_bundle(
+        self, path: str | os.PathLike, name: str = "gliomaseg", extra_metrics: dict[str, Any] | None = None
+    ) -> Path:
+        """Write a bundle of the best epoch, with post-processing chosen on val (cfg.postprocess='auto');
+        ``extra_metrics`` (e.g. the tune trial id) go into its metrics.json too."""
         model = self.best_model()
         raw = self.predict_val(model)
         raw_metrics = self.val_metrics(raw)
@@ -327,7 +349,7 @@ class Trainer:
         metrics = {
             "epoch": self.best_epoch, "selection_metric": self.cfg.metric, "val": pp_metrics,
             "val_raw": raw_metrics, "val_postprocessed": pp_metrics, "postprocess": settings,
-            "postprocess_search": search, "epochs_trained": self.epoch,
+            "postprocess_search": search, "epochs_trained": self.epoch, **(extra_metrics or {}),
         }
         return save_bundle(path, model, config, metrics)
 
@@ -369,7 +391,7 @@ def train_command(args: argparse.Namespace) -> int:
 
         best = train_distributed(cfg, data, out, name=args.name, resume=args.resume)
     else:
-        trainer = Trainer(cfg, load_split(data, "train"), load_split(data, "val"), info)
+        trainer = Trainer.from_prepared(cfg, data)
         if args.resume:
             trainer.load_checkpoint(checkpoint_dir)
         bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc="train", unit="epoch")

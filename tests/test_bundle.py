@@ -17,8 +17,7 @@ from core.train import Trainer
 @pytest.fixture(scope="module")
 def exported(prepared_dir, tmp_path_factory):
     cfg = TrainConfig.from_dict({"arch": "lite", "filters": 8, "epochs": 2, "device": "cpu", "lr": 3e-3})
-    info = load_split_info(prepared_dir)
-    trainer = Trainer(cfg, load_split(prepared_dir, "train"), load_split(prepared_dir, "val"), info)
+    trainer = Trainer.from_prepared(cfg, prepared_dir)
     trainer.fit()
     return trainer, trainer.export_bundle(tmp_path_factory.mktemp("bundle") / "b", name="t")
 

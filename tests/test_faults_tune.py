@@ -180,12 +180,11 @@ import os, signal, sys
 from pathlib import Path
 import core.checkpoint as ckpt
 from core.config import TrainConfig
-from core.data.arrays import load_split, load_split_info
 from core.train import Trainer
 
 prepared, target, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = TrainConfig(arch="lite", filters=8, epochs=1, batch_size=8, device="cpu", patience=0)
-trainer = Trainer(cfg, load_split(prepared, "train"), load_split(prepared, "val"), load_split_info(prepared))
+trainer = Trainer.from_prepared(cfg, prepared)
 trainer.fit()
 real = ckpt.save_file
 
@@ -208,12 +207,10 @@ except OSError:
 @pytest.mark.parametrize("mode", ["raise", "kill"])
 def test_crashed_checkpoint_write_leaves_previous_checkpoint_intact(prepared_dir, tmp_path, mode):
     from core.config import TrainConfig
-    from core.data.arrays import load_split, load_split_info
     from core.train import Trainer
 
     cfg = TrainConfig(arch="lite", filters=8, epochs=1, batch_size=8, device="cpu", patience=0)
-    trainer = Trainer(cfg, load_split(prepared_dir, "train"), load_split(prepared_dir, "val"),
-                      load_split_info(prepared_dir))
+    trainer = Trainer.from_prepared(cfg, prepared_dir)
     target = tmp_path / "ckpt" / "checkpoint"
     trainer.save_checkpoint(target)
     before = _digests(target)
@@ -221,8 +218,7 @@ def test_crashed_checkpoint_write_leaves_previous_checkpoint_intact(prepared_dir
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == (3 if mode == "raise" else -signal.SIGKILL), proc.stderr[-2000:]
     assert _digests(target) == before
-    fresh = Trainer(cfg, load_split(prepared_dir, "train"), load_split(prepared_dir, "val"),
-                    load_split_info(prepared_dir))
+    fresh = Trainer.from_prepared(cfg, prepared_dir)
     fresh.load_checkpoint(target)  # still a whole, loadable checkpoint
     assert fresh.epoch == trainer.epoch
     leftovers = [p.name for p in target.parent.iterdir() if p.name != "checkpoint"]

@@ -29,8 +29,7 @@ def main(argv: list[str]) -> int:
 
 def _trainer(prepared, **options) -> Trainer:
     cfg = TrainConfig.from_dict({**FAST, **options})
-    info = load_split_info(prepared)
-    return Trainer(cfg, load_split(prepared, "train"), load_split(prepared, "val"), info)
+    return Trainer.from_prepared(cfg, prepared)
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from ray.tune import ResultGrid
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
-from core.io import read_json, write_csv, write_json
+from core.io import write_csv, write_json
 from core.metrics import METRIC_KEYS, MINIMISED, worst_value
 from core.train import Trainer
 from tune.trainable import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
@@ -124,10 +124,7 @@ def export_best(
         trainer = Trainer(cfg.replace(device="auto"), train, val, info)
         with checkpoint.as_directory() as folder:
             trainer.load_checkpoint(Path(folder) / CHECKPOINT_DIR)
-        trainer.export_bundle(out, name=name)
-        metrics = read_json(out / "metrics.json")
-        metrics["trial_id"] = trial["trial_id"]
-        write_json(out / "metrics.json", metrics)
+        trainer.export_bundle(out, name=name, extra_metrics={"trial_id": trial["trial_id"]})
         log.info("best trial %s (%s=%.4f at epoch %d) -> %s", trial["trial_id"], cfg.metric,
                  trial["objective"], trial["best_epoch"], out)
         return trial

@@ -54,13 +54,8 @@ def trial_result(trainer: Trainer, metrics: dict[str, float], status: str) -> di
 
 
 def epoch_status(trainer: Trainer) -> str:
-    """What ``fit`` will do after this epoch: go on, or stop (and why)."""
-    cfg = trainer.cfg
-    if trainer.epoch >= cfg.epochs:
-        return COMPLETED
-    if cfg.patience > 0 and trainer.epoch - trainer.best_epoch >= cfg.patience:
-        return PATIENCE
-    return RUNNING
+    """What ``fit`` will do after this epoch: go on, or stop (and why) — the Trainer's own rule."""
+    return {"completed": COMPLETED, "patience": PATIENCE}.get(trainer.stop_reason() or "", RUNNING)
 
 
 def train_trial(

@@ -74,7 +74,8 @@ class TrialWandb:
         self.run.log(data, step=result.epoch)
 
     def panel(self, trainer: Trainer) -> list[Any]:
-        pred = trainer.predict_val()[self.rows]
+        # the masks validate() just made for this epoch's metrics; predict only if there are none
+        pred = (trainer.val_pred if trainer.val_pred is not None else trainer.predict_val())[self.rows]
         labels = {i: name for i, name in enumerate(trainer.class_names)}
         return [
             self.wandb.Image(
