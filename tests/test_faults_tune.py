@@ -226,3 +226,27 @@ def test_crashed_checkpoint_write_leaves_previous_checkpoint_intact(prepared_dir
         assert not leftovers, leftovers  # cleaned up on the way out
     else:  # SIGKILL runs no cleanup: a hidden temporary sibling may remain, never the target itself
         assert all(name.startswith(".checkpoint.tmp-") for name in leftovers), leftovers
+
+
+def test_resume_sets_torn_ray_snapshots_aside(tmp_path):
+    """A driver killed while Ray wrote its snapshot leaves it truncated; resume must start from the last
+    whole one, not restore a run with trials missing (seen as a run that 'finished' with one trial)."""
+    import pickle
+
+    from tune.storage import RunStorage
+
+    storage = RunStorage.open("run", str(tmp_path))
+    ray_dir = Path(storage.experiment_path)
+    ray_dir.mkdir(parents=True)
+    for stamp, whole in (("2026-01-01_00-00-01", True), ("2026-01-01_00-00-02", False)):
+        state = json.dumps({"trial_data": [], "stamp": stamp})
+        (ray_dir / f"experiment_state-{stamp}.json").write_text(state if whole else state[: len(state) // 2])
+        (ray_dir / f"search_gen_state-{stamp}.json").write_bytes(pickle.dumps({"counter": 4}))
+        (ray_dir / f"searcher-state-{stamp}.pkl").write_bytes(pickle.dumps({"n": 4}))
+    moved = storage.set_aside_torn_snapshots()
+    assert sorted(moved) == sorted(f"{kind}-2026-01-01_00-00-02.{ext}" for kind, ext in
+                                   (("experiment_state", "json"), ("search_gen_state", "json"),
+                                    ("searcher-state", "pkl")))
+    newest = sorted(p.name for p in ray_dir.glob("experiment_state-*.json"))[-1]
+    assert newest == "experiment_state-2026-01-01_00-00-01.json"
+    assert storage.set_aside_torn_snapshots() == []  # whole snapshots are left alone

@@ -123,6 +123,9 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         run_info = read_json(storage.local / "run.json")
         if run_info.get("split_hash") != split_hash(info):
             log.warning("%s: resuming on a different data split than the run started with", data)
+        torn = storage.set_aside_torn_snapshots()
+        if torn:
+            log.warning("set aside Ray snapshots cut short by the interruption: %s", ", ".join(torn))
         tuner = tune.Tuner.restore(
             storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
             storage_filesystem=storage.fs,

@@ -8,6 +8,7 @@ live on S3, so the study is kept in a local mirror and pushed after every finish
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -20,6 +21,7 @@ import pyarrow.fs as pafs
 
 RAY_DIR = "ray"  # Ray's experiment directory inside the run
 STUDY_DB = "optuna.db"
+SNAPSHOT_PREFIX = "experiment_state-"  # Ray's experiment snapshots: experiment_state-<time>.json
 DRIVER_FILES = (STUDY_DB, "leaderboard.csv", "history.json", "run.json")
 
 
@@ -94,6 +96,30 @@ class RunStorage:
     def experiment_path(self) -> str:
         return f"{self.ray_storage_path}/{RAY_DIR}"
 
+    def set_aside_torn_snapshots(self) -> list[str]:
+        """Rename Ray's newest experiment snapshots to ``*.torn`` while they are not whole files.
+
+        Ray writes its experiment state in place, so a driver killed mid-write leaves a truncated
+        snapshot, and Tuner.restore takes the newest one: it would resume with trials missing. Setting
+        torn ones aside makes it resume from the last whole snapshot (finished trials re-report from
+        their checkpoints). Returns the names set aside.
+        """
+        fs = self.fs or pafs.LocalFileSystem()
+        base = self.experiment_path
+        names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))}
+        stamps = sorted((n[len(SNAPSHOT_PREFIX):-len(".json")] for n in names
+                         if n.startswith(SNAPSHOT_PREFIX) and n.endswith(".json")), reverse=True)
+        moved: list[str] = []
+        for stamp in stamps:
+            group = [n for n in (f"{SNAPSHOT_PREFIX}{stamp}.json", f"search_gen_state-{stamp}.json",
+                                 f"searcher-state-{stamp}.pkl") if n in names]
+            if all(_whole(fs, f"{base}/{n}") for n in group):
+                break
+            for n in group:
+                fs.move(f"{base}/{n}", f"{base}/{n}.torn")
+            moved += group
+        return moved
+
     @property
     def study_url(self) -> str:
         return f"sqlite:///{self.local / STUDY_DB}"
@@ -142,6 +168,20 @@ class RunStorage:
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
             pafs.copy_files(src, str(dest), source_filesystem=self.fs)
+
+
+def _whole(fs: pafs.FileSystem, path: str) -> bool:
+    """The experiment snapshot parses as JSON; Ray's searcher snapshots (pickles, whatever their suffix) end
+    with pickle's STOP opcode (checked, never unpickled)."""
+    with fs.open_input_stream(path) as fh:
+        data = fh.read()
+    if path.rsplit("/", 1)[-1].startswith(SNAPSHOT_PREFIX):
+        try:
+            json.loads(data)
+        except ValueError:
+            return False
+        return True
+    return data.endswith(b".")
 
 
 def sqlite_backup(src: Path, dest: Path) -> None:
