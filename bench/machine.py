@@ -47,12 +47,13 @@ def device_tag(info: dict[str, Any] | None = None) -> str:
     return "cpu" if info["gpu"] is None else info["gpu"].lower().replace(" ", "-")
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>-<device>.json (written atomically) with the machine recorded beside the figures."""
+def write_result(name: str, payload: dict[str, Any], directory: Path | None = None) -> Path:
+    """``directory`` (default bench/results)/<name>-<device>.json, written atomically, with the machine
+    recorded beside the figures."""
     from core.io import atomic_write_bytes
 
     info = machine_info()
-    path = RESULTS / f"{name}-{device_tag(info)}.json"
+    path = (directory or RESULTS) / f"{name}-{device_tag(info)}.json"
     text = json.dumps({"benchmark": name, "machine": info, **payload}, indent=1, default=float)
     atomic_write_bytes(path, text.encode())
     return path

@@ -48,7 +48,7 @@ def bound(args: argparse.Namespace, bundle: Path, slices: np.ndarray) -> dict[st
     """In-process Predictor: slices/s at batch 32 (all threads and 1 thread) and one-slice latency."""
     import torch
 
-    from core.predictor import Predictor
+    from core.inference.predictor import Predictor
 
     pred = Predictor.from_bundle(bundle, device=args.device, batch_size=32)
     batch = np.concatenate([slices] * (32 // len(slices) + 1))[:32]

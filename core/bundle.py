@@ -42,6 +42,7 @@ def make_bundle_config(
     class_names: list[str],
     image_size: tuple[int, int],
     postprocess: dict[str, Any],
+    tta: str = "none",
     split_hash: str = "",
     name: str = "gliomaseg",
 ) -> dict[str, Any]:
@@ -63,6 +64,7 @@ def make_bundle_config(
         "normalisation": {"type": "scale", "scale": 1.0 / 255.0},
         "threshold": float(train_config.get("threshold", 0.5)),
         "postprocess": dict(postprocess),
+        "tta": tta,
         "class_names": list(class_names),
         "hyperparameters": dict(train_config),
         "data": {"split_hash": split_hash},

@@ -36,12 +36,19 @@ class TrainConfig:
     oversample: float = field(
         default=0.0, metadata={"help": "share of each batch drawn from tumour slices; 0 = natural rate"}
     )
+    image_size: int = field(
+        default=0, metadata={"help": "training resolution (square, a multiple of 32); 0 = the data's own size"}
+    )
     augment: bool = True
     crop: int = field(default=0, metadata={"help": "random crop size during training; 0 = no crop"})
     noise: float = field(default=0.05, metadata={"help": "std of Gaussian noise augmentation (0-1 scale)"})
     postprocess: str = field(
         default="auto",
         metadata={"choices": ("auto", "none"), "help": "auto: keep post-processing only where it helps"},
+    )
+    tta: str = field(
+        default="auto",
+        metadata={"choices": ("auto", "none"), "help": "auto: keep left-right flip TTA only where it helps val"},
     )
     threshold: float = 0.5
     metric: str = field(default="dsc_volume", metadata={"choices": METRICS, "help": "selects the best epoch"})
@@ -79,6 +86,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_size < 0 or self.image_size % 32:
+            raise ValueError(f"image_size must be 0 (the data's own) or a multiple of 32, got {self.image_size}")
         if not 0.0 <= self.oversample <= 1.0:
             raise ValueError(f"oversample must be in [0, 1], got {self.oversample}")
 

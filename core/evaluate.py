@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.inference.predictor import Predictor, add_predictor_arguments
 from core.io import write_csv, write_json
 from core.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
-from core.predictor import Predictor, add_predictor_arguments
 
 GALLERY = 6  # slices in the worst / best galleries
 

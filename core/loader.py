@@ -13,14 +13,25 @@ import numpy as np
 import torch
 
 from core.data.arrays import SplitArrays
+from core.inference.resize import resize_images, resize_labels
 
 SCALE = 1.0 / 255.0  # the bundle's normalisation: uint8 -> [0, 1]
 
 
 class DeviceDataset:
-    """One split resident on ``device``: images (N,3,H,W) uint8, masks (N,H,W) uint8."""
+    """One split resident on ``device``: images (N,3,H,W) uint8, masks (N,H,W) uint8.
 
-    def __init__(self, arrays: SplitArrays, device: torch.device | str, scale: float = SCALE) -> None:
+    With ``size``, the split is resized once, on the device, to that training resolution (images
+    area-averaged, masks by majority so they stay 0/1 or labels): one prepared directory serves every size.
+    """
+
+    def __init__(
+        self,
+        arrays: SplitArrays,
+        device: torch.device | str,
+        scale: float = SCALE,
+        size: tuple[int, int] | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.scale = scale
         # One host-to-device copy per split for the whole run (np.array reads a read-only memmap once).
@@ -30,6 +41,8 @@ class DeviceDataset:
             raise ValueError(f"expected uint8 images and masks, got {self.images.dtype} and {self.masks.dtype}")
         if self.images.ndim != 4 or self.masks.shape != (self.images.shape[0], *self.images.shape[2:]):
             raise ValueError(f"images {tuple(self.images.shape)} and masks {tuple(self.masks.shape)} do not match")
+        if size is not None:
+            self.images, self.masks = resize_images(self.images, size), resize_labels(self.masks, size)
         tumour = self.masks.flatten(1).amax(1) > 0
         self.tumour_idx = torch.nonzero(tumour).flatten()
 

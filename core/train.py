@@ -28,6 +28,7 @@ from core.augment import augment_batch, settings_from_config
 from core.bundle import make_bundle_config, save_bundle, split_hash
 from core.config import TrainConfig, add_arguments, from_args
 from core.data.arrays import SplitArrays, load_split, load_split_info, patient_rows
+from core.inference.resize import resize
 from core.io import write_csv, write_json
 from core.loader import DeviceDataset
 from core.metrics import is_better, segmentation_metrics, worst_value
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 # Post-processing candidates tried on val at export: (largest 3D component, minimum lesion area in px).
 POSTPROCESS_GRID = [(lc, area) for lc in (False, True) for area in (0, 10, 25, 50, 100, 200)]
 # Config fields that change the network's shape: a checkpoint only resumes into the same ones.
-MODEL_FIELDS = ("arch", "filters")
+MODEL_FIELDS = ("arch", "filters", "image_size")
 
 
 @dataclass
@@ -104,8 +105,12 @@ class Trainer:
         self.multiclass = classes > 1
         if len(train) == 0 or len(val) == 0:
             raise ValueError(f"empty split: {len(train)} train and {len(val)} val slices")
-        self.train_data = DeviceDataset(train, self.device)
-        self.val_data = DeviceDataset(val, self.device)
+        # Trained at cfg.image_size (the data's own when 0); validated at the data's own resolution, the
+        # probabilities resized back, so trials at different sizes compare on the same masks.
+        self.native_size = (int(val.images.shape[2]), int(val.images.shape[3]))
+        size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
+        self.train_data = DeviceDataset(train, self.device, size=size)
+        self.val_data = DeviceDataset(val, self.device, size=size)
         self.val_truth = np.ascontiguousarray(val.masks)
         self.val_patients = np.asarray(val.patients).astype(str)
         self.val_slices = np.asarray(val.slices)
@@ -198,18 +203,26 @@ class Trainer:
             self.scheduler.step()
             total += loss.detach()  # summed on the device: one host sync per epoch, not per step
 
+    def _probabilities(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.cfg.amp):
+            logits = model(x)
+        logits = logits.float()
+        return logits.softmax(1) if self.multiclass else logits.sigmoid()
+
     @torch.no_grad()
-    def predict_val(self, model: torch.nn.Module | None = None) -> np.ndarray:
-        """Label masks (N,H,W) uint8 for the val split, without post-processing."""
+    def predict_val(self, model: torch.nn.Module | None = None, tta: bool = False) -> np.ndarray:
+        """Label masks (N,H,W) uint8 for the val split at the data's own resolution, without
+        post-processing; ``tta`` averages the probabilities with the left-right mirrored pass."""
         model = model or self.model
         model.eval()
         out = []
         for idx in self.val_data.eval_batches(self.cfg.eval_batch_size):
             x, _ = self.val_data.batch(idx)
-            with autocast(self.device, self.cfg.amp):
-                logits = model(x)
-            logits = logits.float()
-            masks = logits.argmax(1) if self.multiclass else logits[:, 0].sigmoid() > self.cfg.threshold
+            probs = self._probabilities(model, x)
+            if tta:
+                probs = 0.5 * (probs + self._probabilities(model, x.flip(-1)).flip(-1))
+            probs = resize(probs, self.native_size)
+            masks = probs.argmax(1) if self.multiclass else probs[:, 0] > self.cfg.threshold
             out.append(masks.to(torch.uint8))
         return torch.cat(out).cpu().numpy()
 
@@ -286,7 +299,8 @@ class Trainer:
         """Restore a checkpoint written by ``save_checkpoint``; ``fit`` then continues at epoch + 1."""
         tensors, meta = ckpt.read_checkpoint(directory)
         saved = meta["config"]
-        changed = [f for f in MODEL_FIELDS if saved.get(f) != getattr(self.cfg, f)]
+        defaults = TrainConfig().to_dict()  # a checkpoint from before a field existed had its default
+        changed = [f for f in MODEL_FIELDS if saved.get(f, defaults[f]) != getattr(self.cfg, f)]
         if changed:
             raise ValueError(f"{directory}: checkpoint has a different {', '.join(changed)} than this run")
         if meta.get("split_hash") != split_hash(self.split_info):
@@ -330,26 +344,49 @@ class Trainer:
                 best, best_metrics = settings, metrics
         return best, best_metrics, search
 
+    def choose_inference(self, model: torch.nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """Test-time augmentation and post-processing chosen together on val by ``dsc_volume``.
+
+        Returns (tta, post-processing, metrics.json entries). Flip TTA and each post-processing step are
+        kept only where they strictly raise val ``dsc_volume`` over the plain prediction.
+        """
+        raw = self.predict_val(model)
+        candidates = {"none": raw}
+        if self.cfg.tta == "auto":
+            candidates["flip"] = self.predict_val(model, tta=True)
+        chosen: dict[str, tuple[dict[str, Any], dict[str, float], list[dict]]] = {}
+        for mode, pred in candidates.items():
+            if self.cfg.postprocess == "auto":
+                chosen[mode] = self.choose_postprocess(pred)
+            else:
+                chosen[mode] = (dict(NO_POSTPROCESS), self.val_metrics(pred), [])
+        tta = "none"
+        if "flip" in chosen and chosen["flip"][1]["dsc_volume"] > chosen["none"][1]["dsc_volume"]:
+            tta = "flip"
+        settings, metrics, search = chosen[tta]
+        entries = {
+            "val": metrics, "val_raw": self.val_metrics(raw), "val_postprocessed": chosen["none"][1],
+            "tta": tta, "postprocess": settings, "postprocess_search": search,
+            "tta_search": {mode: c[1]["dsc_volume"] for mode, c in chosen.items()},
+        }
+        if "flip" in chosen:
+            entries["val_tta"] = chosen["flip"][1]
+        return tta, settings, entries
+
     def export_bundle(
         self, path: str | os.PathLike, name: str = "gliomaseg", extra_metrics: dict[str, Any] | None = None
     ) -> Path:
-        """Write a bundle of the best epoch, with post-processing chosen on val (cfg.postprocess='auto');
-        ``extra_metrics`` (e.g. the tune trial id) go into its metrics.json too."""
+        """Write a bundle of the best epoch, with TTA and post-processing chosen on val (cfg.tta and
+        cfg.postprocess 'auto'); ``extra_metrics`` (e.g. the tune trial id) go into its metrics.json too."""
         model = self.best_model()
-        raw = self.predict_val(model)
-        raw_metrics = self.val_metrics(raw)
-        if self.cfg.postprocess == "auto":
-            settings, pp_metrics, search = self.choose_postprocess(raw)
-        else:
-            settings, pp_metrics, search = dict(NO_POSTPROCESS), raw_metrics, []
+        tta, settings, entries = self.choose_inference(model)
         config = make_bundle_config(
             self.cfg.to_dict(), in_channels=3, class_names=self.class_names, image_size=self.image_size,
-            postprocess=settings, split_hash=split_hash(self.split_info), name=name,
+            postprocess=settings, tta=tta, split_hash=split_hash(self.split_info), name=name,
         )
         metrics = {
-            "epoch": self.best_epoch, "selection_metric": self.cfg.metric, "val": pp_metrics,
-            "val_raw": raw_metrics, "val_postprocessed": pp_metrics, "postprocess": settings,
-            "postprocess_search": search, "epochs_trained": self.epoch, **(extra_metrics or {}),
+            "epoch": self.best_epoch, "selection_metric": self.cfg.metric, "data_size": list(self.native_size),
+            **entries, "epochs_trained": self.epoch, **(extra_metrics or {}),
         }
         return save_bundle(path, model, config, metrics)
 

@@ -95,7 +95,7 @@ class SegmentModel:
     """One core Predictor per replica; single slices are batched across requests."""
 
     def __init__(self, bundle: str, device: str, max_batch_size: int, batch_wait_s: float) -> None:
-        from core.predictor import Predictor  # torch loads in the replica, not in the driver
+        from core.inference.predictor import Predictor  # torch loads in the replica, not in the driver
 
         self.predictor = Predictor.from_bundle(bundle, device=device, batch_size=max_batch_size)
         self.segment.set_max_batch_size(max_batch_size)

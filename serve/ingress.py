@@ -211,7 +211,7 @@ class Ingress:
         info = await self.info()
         config = info["config"]
         keys = ("name", "version", "arch", "image_size", "class_names", "channels", "threshold", "postprocess",
-                "hyperparameters", "model_args")
+                "tta", "hyperparameters", "model_args")
         s = self.settings
         return JSONResponse({
             **{k: config.get(k) for k in keys}, "metrics": info["metrics"], "device": info["device"],

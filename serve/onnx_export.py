@@ -3,7 +3,9 @@
 The graph takes ``image``: float32 (N,3,H,W) pixel values 0..255 at the bundle's input size, with a
 dynamic batch axis, and returns ``proba``: sigmoid (binary, (N,1,H,W)) or softmax (multi-class)
 probabilities. Normalisation and activation are inside the graph; the bundle's config and metrics
-ride along as ONNX metadata, so serve/edge.py's OnnxPredictor needs only the file.
+ride along as ONNX metadata, so serve/edge.py's OnnxPredictor needs only the file. ``--quantize int8``
+writes an INT8 model instead (serve/quantize.py: static, calibrated on ``--calibration PREPARED``'s
+validation slices, or dynamic without them); the metadata says which (``gliomaseg.quantization``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from core.bundle import load_bundle
 from serve.edge import FORMAT, META_CONFIG, META_FORMAT, META_METRICS
+from serve.quantize import DEFAULT_CALIBRATION_SLICES, META_QUANT, MODES, calibration_images, model_inputs
 
 log = logging.getLogger(__name__)
 # The exporter's optimisation passes log every rewrite at INFO; a user wants the summary, not those.
@@ -59,12 +62,45 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: i
             )
 
 
+def prelu_to_leaky_relu(model: Any) -> int:
+    """Rewrite PRelu nodes whose slope is one constant as LeakyRelu (the same function; ONNX Runtime runs
+    PRelu as a broadcast op, LeakyRelu as a fast activation). MONAI's PReLU has one slope. Returns the count."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        slope = consts.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
+        if slope is None or int(np.prod(slope.dims)) != 1:
+            continue
+        alpha = float(numpy_helper.to_array(slope).ravel()[0])
+        node.CopyFrom(helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name, alpha=alpha))
+        done += 1
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [t for t in model.graph.initializer if t.name not in used]
+    for t in unused:
+        model.graph.initializer.remove(t)
+    return done
+
+
 def export_onnx(
-    bundle: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET, verify: bool = True
+    bundle: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET, verify: bool = True,
+    quantize: str = "none", calibration: str | os.PathLike | np.ndarray | None = None,
+    calibration_slices: int = DEFAULT_CALIBRATION_SLICES,
 ) -> dict[str, Any]:
-    """Export, embed metadata, run onnx.checker, and (``verify``) compare with PyTorch on random input."""
+    """Export, embed metadata, run onnx.checker, and (``verify``) compare with PyTorch on random input.
+
+    ``quantize="int8"``: write an INT8 model to ``out``, statically quantized with ``calibration`` (a
+    prepared directory, whose val split is used, or (N,3,H,W) uint8 slices), dynamically without it;
+    ``verify`` then also compares it with the fp32 graph on the calibration slices.
+    """
     import onnx
 
+    if quantize not in MODES:
+        raise ValueError(f"quantize must be one of {', '.join(MODES)}, got {quantize!r}")
+    if calibration is not None and quantize == "none":
+        raise ValueError("--calibration applies only with --quantize int8")
+    calib = None if calibration is None else calibration_images(calibration, calibration_slices)
     loaded = load_bundle(bundle, "cpu")
     config = loaded.config
     multiclass = int(config["model_args"]["out_channels"]) > 1
@@ -83,6 +119,7 @@ def export_onnx(
             exporter = "torchscript"
             _export(module, example, raw, opset, dynamo=False)
         model = onnx.load(str(raw), load_external_data=True)
+        rewritten = prelu_to_leaky_relu(model)
         meta = {
             META_FORMAT: FORMAT,
             META_CONFIG: json.dumps(config, sort_keys=True),
@@ -90,6 +127,7 @@ def export_onnx(
             "gliomaseg.version": loaded.version,
             "gliomaseg.input": f"{INPUT}: float32 (N,3,{h},{w}) pixel values 0..255",
             "gliomaseg.output": f"{OUTPUT}: {'softmax' if multiclass else 'sigmoid'} probabilities",
+            META_QUANT: "none",
         }
         del model.metadata_props[:]
         for key, value in meta.items():
@@ -98,15 +136,30 @@ def export_onnx(
         onnx.checker.check_model(model, full_check=True)
         staged = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(staged))
+        info: dict[str, Any] = {
+            "onnx": str(out), "exporter": exporter,
+            "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+            "input": [INPUT, "batch", 3, h, w], "model_version": loaded.version, "prelu_to_leaky_relu": rewritten,
+        }
+        if verify:
+            info["max_abs_diff"] = verify_onnx(staged, module, (h, w))
+        if quantize == "int8":
+            from serve.quantize import compare, quantize_int8
+
+            x = None if calib is None else model_inputs(calib, (h, w))
+            quantized = Path(tmp) / "int8.onnx"
+            info.update(quantize_int8(staged, quantized, x, input_name=INPUT))
+            if verify:
+                probe = x if x is not None else _random_inputs(4, (h, w))
+                info["int8_vs_fp32"] = compare(staged, quantized, probe, float(config.get("threshold", 0.5)))
+            staged = quantized
         os.replace(staged, out)
-    info: dict[str, Any] = {
-        "onnx": str(out), "bytes": out.stat().st_size, "exporter": exporter,
-        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
-        "input": [INPUT, "batch", 3, h, w], "model_version": loaded.version,
-    }
-    if verify:
-        info["max_abs_diff"] = verify_onnx(out, module, (h, w))
+    info["bytes"] = out.stat().st_size
     return info
+
+
+def _random_inputs(batch: int, size: tuple[int, int]) -> np.ndarray:
+    return (torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0)) * 255).round().numpy()
 
 
 def verify_onnx(path: str | os.PathLike, module: torch.nn.Module, size: tuple[int, int], batch: int = 3) -> float:
@@ -129,12 +182,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="model.onnx")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
+    p.add_argument("--quantize", choices=MODES, default="none",
+                   help="int8: INT8 model for CPUs and edge devices (static with --calibration, else dynamic)")
+    p.add_argument("--calibration", default=None, metavar="PREPARED",
+                   help="prepared directory whose val slices calibrate static INT8 quantization")
+    p.add_argument("--calibration-slices", type=int, default=DEFAULT_CALIBRATION_SLICES, metavar="N",
+                   help=f"calibration slices, half with tumour where masks say (default {DEFAULT_CALIBRATION_SLICES})")
     p.set_defaults(func=cmd_export_onnx)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    info = export_onnx(args.bundle, args.out, opset=args.opset, verify=not args.no_verify)
+    info = export_onnx(args.bundle, args.out, opset=args.opset, verify=not args.no_verify, quantize=args.quantize,
+                       calibration=args.calibration, calibration_slices=args.calibration_slices)
     print(json.dumps(info, indent=2))
     if info.get("max_abs_diff", 0.0) > 1e-4:
         log.warning("ONNX probabilities differ from PyTorch by up to %.2e", info["max_abs_diff"])
+    if "quantization" in info:
+        log.info("%s model written to %s (%d bytes)", info["quantization"], info["onnx"], info["bytes"])
     return 0

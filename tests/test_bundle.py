@@ -9,8 +9,8 @@ import torch
 from core.bundle import load_bundle, make_bundle_config, save_bundle, split_hash
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info
+from core.inference.predictor import Predictor
 from core.models import build_model
-from core.predictor import Predictor
 from core.train import Trainer
 
 

@@ -1,9 +1,13 @@
 """Serving under faults: a model replica is killed during a bounded loopback load; Serve replaces it,
-the run's failed-request share and time to recover are measured and kept in bench/results/."""
+and the run's failed-request share and time to recover are measured.
+
+The figures go to a temporary folder; `python bench/serve_faults.py` runs this test to record them in
+bench/results/ (GLIOMASEG_FAULTS_RESULTS names the folder)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -101,7 +105,7 @@ def _killer(kill_at: threading.Event, record: dict) -> None:
 
 
 @pytest.mark.slow
-def test_killed_replica_is_replaced_and_requests_keep_succeeding(url: str) -> None:
+def test_killed_replica_is_replaced_and_requests_keep_succeeding(url: str, tmp_path: Path) -> None:
     body = codecs.encode_npy(sample_images(1, seed=11)[0])
     assert httpx.post(f"{url}/v1/segment", content=body, headers={"Content-Type": codecs.NPY}).status_code == 200
     assert len(replica_names(APP)) == 2
@@ -146,7 +150,7 @@ def test_killed_replica_is_replaced_and_requests_keep_succeeding(url: str) -> No
     }
     from bench.machine import write_result
 
-    path = write_result("serve-faults", figures)
+    path = write_result("serve-faults", figures, Path(os.environ.get("GLIOMASEG_FAULTS_RESULTS", tmp_path)))
     assert Path(path).is_file()
     print(figures)
     assert figures["success_share_with_retry"] >= 0.99, figures

@@ -14,7 +14,7 @@ import pytest
 from bundle_factory import make_random_bundle, sample_images
 
 from core.cli import dispatch
-from core.predictor import Predictor
+from core.inference.predictor import Predictor
 from serve.edge import META_CONFIG, OnnxPredictor
 from serve.onnx_export import export_onnx
 

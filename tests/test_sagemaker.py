@@ -19,11 +19,11 @@ from sagemaker_sim import FakeRuntime, fake_runtime, run_container
 
 from core import codecs
 from core.cli import dispatch
-from core.predictor import Predictor
+from core.inference.predictor import Predictor
 from serve.demo import free_port
 from serve.sagemaker import deploy as dep
 from serve.sagemaker import images
-from serve.sagemaker.export import build_archive, core_closure
+from serve.sagemaker.export import build_archive, core_closure, core_dir, module_path
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
@@ -77,7 +77,8 @@ def test_archive_layout_is_self_contained_and_reproducible(bundle, archive, tmp_
         reqs = tar.extractfile("code/requirements.txt").read().decode()
         manifest = json.loads(tar.extractfile("code/MANIFEST.json").read())
     assert {"model.safetensors", "config.json", "metrics.json", "code/inference.py", "code/requirements.txt"} <= names
-    vendored = {f"code/gliomaseg_core/{m.split('.', 1)[1].replace('.', '/')}.py" for m in core_closure() if m != "core"}
+    root = core_dir()
+    vendored = {f"code/gliomaseg_core/{module_path(m, root).relative_to(root).as_posix()}" for m in core_closure()}
     assert vendored <= names and "code/gliomaseg_core/codecs.py" in names
     for name, text in code.items():  # only the vendored package, never gliomaseg's own, and no pickle
         assert "from core" not in text and "import core" not in text, name

@@ -143,7 +143,7 @@ def test_pickled_inputs_are_refused_without_unpickling(url: str, bundle: Path, t
     import shutil
 
     from core.checkpoint import read_checkpoint
-    from core.predictor import Predictor
+    from core.inference.predictor import Predictor
 
     marker = tmp_path / "unpickled"
     r = httpx.post(f"{url}/v1/segment", content=pickled_npy(marker),
@@ -180,9 +180,9 @@ def _tree(root: Path) -> set[Path]:
 
 
 def test_output_names_stay_inside_out(url: str, bundle: Path, synth_src: Path, tmp_path: Path) -> None:
-    from core.predict import run as core_predict
-    from core.predict import safe_name as core_safe
-    from core.predictor import Predictor
+    from core.inference.predict import run as core_predict
+    from core.inference.predict import safe_name as core_safe
+    from core.inference.predictor import Predictor
     from serve.client import predict_paths
     from serve.client import safe_name as client_safe
 

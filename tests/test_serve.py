@@ -39,7 +39,7 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(bundle):
-    from core.predictor import Predictor
+    from core.inference.predictor import Predictor
 
     return Predictor.from_bundle(bundle, device="cpu")
 

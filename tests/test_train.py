@@ -14,8 +14,8 @@ from core.cli import dispatch
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info
 from core.evaluate import evaluate_split
-from core.predict import safe_name
-from core.predictor import Predictor
+from core.inference.predict import safe_name
+from core.inference.predictor import Predictor
 from core.train import EpochResult, Trainer
 
 # Small and fast on 2 CPU cores (~0.25 s per epoch at 64x64); the quality bar is not lowered for it.

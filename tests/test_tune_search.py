@@ -54,7 +54,7 @@ def test_asha_stops_trials_early_and_leaderboard_lists_every_trial(asha_run):
 
 def test_best_bundle_is_the_best_trial_and_predicts(asha_run, prepared_dir):
     from core.data.arrays import load_split
-    from core.predictor import Predictor
+    from core.inference.predictor import Predictor
 
     run, info = asha_run
     top = leaderboard(run)[0]

@@ -140,7 +140,7 @@ class ValPredictions:
     def of(cls, bundle: Path, data: Path) -> ValPredictions:
         """Only slices where truth or prediction has foreground are ranked: empty/empty ones are trivially 1."""
         from core.evaluate import predict_split
-        from core.predictor import Predictor
+        from core.inference.predictor import Predictor
 
         val = load_split(data, "val")
         pred = predict_split(Predictor.from_bundle(bundle, device="cpu"), val)  # volumes, as served

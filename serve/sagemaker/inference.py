@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from gliomaseg_core import codecs
 from gliomaseg_core.codecs import JSON, NPY, PNG, TIFF
-from gliomaseg_core.predictor import Predictor
+from gliomaseg_core.inference.predictor import Predictor
 
 try:
     from sagemaker_inference.errors import GenericInferenceToolkitError as RequestError

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core.bundle import Bundle, load_bundle
+from core.inference.resize import resize
+from core.inference.slices import Images, SlicePredictor, as_slices
 from core.runtime import autocast, resolve_device
-from core.slices import Images, SlicePredictor, as_slices
 
 __all__ = ["Images", "Predictor", "add_predictor_arguments", "as_slices"]
 
@@ -53,14 +53,10 @@ class Predictor(SlicePredictor):
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
-        if shape != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        # Resized pixels are rounded to uint8 values, as the trainer's resized split is stored.
+        x = resize(x.permute(0, 3, 1, 2).float(), self.size).round_().clamp_(0, 255).mul_(self.scale)
         with autocast(self.device):
             logits = self.model(x)
         logits = logits.float()
-        probs = logits.softmax(1) if self.multiclass else logits.sigmoid()
-        if shape != self.size:
-            probs = F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)
-        probs = probs.cpu().numpy()
+        probs = resize(logits.softmax(1) if self.multiclass else logits.sigmoid(), shape).cpu().numpy()
         return probs if self.multiclass else probs[:, 0]

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from core.codecs import encode_mask_png, encode_overlay_png, mask_scale, read_file
+from core.inference.predictor import Predictor, add_predictor_arguments
 from core.io import atomic_write_bytes, write_csv
-from core.predictor import Predictor, add_predictor_arguments
 
 SUFFIXES = (".tif", ".tiff", ".png")
 _NUMBER = re.compile(r"(\d+)$")

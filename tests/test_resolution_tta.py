@@ -1,0 +1,197 @@
+"""Training resolution and test-time augmentation (issue 12): a bundle trained at 64 px on 128 px data
+predicts 128 px masks, and its TTA and post-processing give the same masks in every inference path."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_factory import sample_images
+from sagemaker_sim import run_container
+from scipy import ndimage
+
+from core import codecs
+from core.bundle import load_bundle
+from core.config import TrainConfig
+from core.data.arrays import load_split, patient_rows
+from core.inference.predictor import Predictor
+from core.metrics import segmentation_metrics
+from core.postprocess import NO_POSTPROCESS
+from core.train import Trainer
+
+NATIVE, TRAINED = 128, 64
+
+
+@pytest.fixture(scope="module")
+def prepared_128(tmp_path_factory) -> Path:
+    from core.data.prepare import prepare
+    from core.data.synth import synthesize
+
+    src = synthesize(tmp_path_factory.mktemp("synth128"), patients=5, slices=10, size=NATIVE, seed=3)
+    out = tmp_path_factory.mktemp("prepared128") / "prepared"
+    prepare(src, out, val=1, test=0, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_128, tmp_path_factory) -> tuple[Trainer, Path]:
+    cfg = TrainConfig(arch="lite", filters=8, epochs=3, batch_size=8, image_size=TRAINED, lr=5e-3,
+                      oversample=0.5, device="cpu", seed=0)
+    trainer = Trainer.from_prepared(cfg, prepared_128)
+    trainer.fit()
+    return trainer, trainer.export_bundle(tmp_path_factory.mktemp("bundle") / "b")
+
+
+@pytest.fixture(scope="module")
+def bundles(trained, tmp_path_factory) -> dict[str, Path]:
+    """The trained bundle with TTA forced off and on (post-processing on), whatever val chose."""
+    out = {}
+    for tta in ("none", "flip"):
+        path = tmp_path_factory.mktemp(f"tta-{tta}") / "bundle"
+        shutil.copytree(trained[1], path)
+        config = json.loads((path / "config.json").read_text())
+        config.update(tta=tta, postprocess={"largest_component": True, "min_area": 5})
+        (path / "config.json").write_text(json.dumps(config))
+        out[tta] = path
+    return out
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def val_images(prepared: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    val = load_split(prepared, "val")
+    return np.asarray(val.images).transpose(0, 2, 3, 1), np.asarray(val.masks), np.asarray(val.patients).astype(str)
+
+
+def test_split_is_resized_once_on_the_device_and_masks_stay_binary(trained, prepared_128):
+    trainer, _ = trained
+    assert trainer.image_size == (TRAINED, TRAINED) and trainer.native_size == (NATIVE, NATIVE)
+    assert tuple(trainer.train_data.images.shape[2:]) == (TRAINED, TRAINED)
+    assert set(trainer.train_data.masks.unique().tolist()) <= {0, 1}
+    # Majority: a 2x2 block turns tumour exactly where more than half of it was tumour.
+    native = np.asarray(load_split(prepared_128, "train").masks)[:4].astype(int)
+    blocks = native.reshape(4, TRAINED, 2, TRAINED, 2).sum((2, 4))
+    assert np.array_equal(trainer.train_data.masks[:4].numpy(), (blocks > 2).astype(np.uint8))
+    # Validation runs at the data's own size: masks come back at 128 px.
+    assert trainer.predict_val().shape[1:] == (NATIVE, NATIVE)
+
+
+def test_bundle_trained_at_64_predicts_128_masks_matching_its_val_metrics(trained, prepared_128):
+    trainer, path = trained
+    bundle = load_bundle(path)
+    assert bundle.config["image_size"] == [TRAINED, TRAINED]
+    assert bundle.config["hyperparameters"]["image_size"] == TRAINED
+    assert bundle.metrics["data_size"] == [NATIVE, NATIVE]
+    images, truth, patients = val_images(prepared_128)
+    predictor = Predictor(bundle, "cpu")
+    masks = np.zeros_like(truth)
+    for rows in patient_rows(patients, np.arange(len(patients))):
+        masks[rows] = predictor.predict(images[rows], volume=True)
+    assert masks.shape[1:] == (NATIVE, NATIVE)
+    # The bundle's recorded val metrics are what its Predictor gives on val (same resize, TTA, post-proc).
+    got = segmentation_metrics(masks, truth, patients)
+    assert got["dsc_volume"] == pytest.approx(bundle.metrics["val"]["dsc_volume"], abs=1e-6)
+
+
+def test_tta_averages_the_mirrored_pass(bundles):
+    plain, flip = Predictor.from_bundle(bundles["none"], "cpu"), Predictor.from_bundle(bundles["flip"], "cpu")
+    images = sample_images(3, NATIVE, NATIVE, seed=4)
+    a, b = plain.predict_proba(images), plain.predict_proba(np.ascontiguousarray(images[:, :, ::-1]))
+    expected = [0.5 * (p + q[:, ::-1]) for p, q in zip(a, b, strict=True)]
+    got = flip.predict_proba(images)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got, strict=True)) < 1e-6
+    assert max(float(np.abs(e - p).max()) for e, p in zip(expected, a, strict=True)) > 1e-3  # TTA did something
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_same_masks_through_predictor_onnx_serve_and_sagemaker(tta, bundles, prepared_128, ray_session, tmp_path):
+    import httpx
+    from serve_support import serving
+
+    from serve.app import ServeSettings
+    from serve.edge import OnnxPredictor
+    from serve.onnx_export import export_onnx
+    from serve.sagemaker.export import build_archive
+
+    bundle = bundles[tta]
+    images, _, patients = val_images(prepared_128)
+    volume = images[patients == patients[0]]
+    reference = Predictor.from_bundle(bundle, "cpu")
+    ref_volume = reference.predict(volume, volume=True)
+    ref_slices = reference.predict(volume[:4])
+    assert ref_volume.shape == (len(volume), NATIVE, NATIVE) and ref_volume.any()
+
+    export_onnx(bundle, tmp_path / "model.onnx")
+    edge = OnnxPredictor(tmp_path / "model.onnx")
+    assert edge.tta == tta
+    assert (edge.predict(volume, volume=True) == ref_volume).mean() >= 0.9999
+    assert (edge.predict(volume[:4]) == ref_slices).mean() >= 0.9999
+
+    with serving({"/": ServeSettings(bundle=str(bundle))}) as urls:
+        url = urls["/"]
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+        assert info["tta"] == tta and info["image_size"] == [TRAINED, TRAINED]
+        assert info["metrics"]["val"]["dsc_volume"] >= 0
+        r = httpx.post(f"{url}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
+                       headers={"Content-Type": codecs.NPY}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(read_npy(r.content) > 0, ref_volume > 0)
+        for i in range(4):
+            r = httpx.post(f"{url}/v1/segment", content=codecs.encode_npy(volume[i]), params={"format": "npy"},
+                           headers={"Content-Type": codecs.NPY}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert np.array_equal(read_npy(r.content) > 0, ref_slices[i] > 0)
+
+    archive = build_archive(bundle, tmp_path / "model.tar.gz")
+    model_dir = tmp_path / "model"
+    with tarfile.open(archive) as tar:
+        tar.extractall(model_dir, filter="data")
+    (tmp_path / "vol.npy").write_bytes(codecs.encode_npy(volume))
+    spec = [{"body": str(tmp_path / "vol.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_container(model_dir, tmp_path / "spec.json", tmp_path, {})
+    assert np.array_equal(read_npy((tmp_path / "vol.npy.out").read_bytes()) > 0, ref_volume > 0)
+
+
+def test_tta_and_postprocessing_left_out_unless_they_raise_val(trained, monkeypatch):
+    trainer, _ = trained
+    truth = trainer.val_truth
+    noisy = truth.copy()
+    noisy[:, :3, :3] = 1  # a speck on every slice: hurts, and post-processing can remove it
+    model = trainer.best_model()
+
+    monkeypatch.setattr(trainer, "predict_val", lambda m=None, tta=False: noisy if tta else truth.copy())
+    tta, settings, entries = trainer.choose_inference(model)
+    assert (tta, settings) == ("none", NO_POSTPROCESS)  # perfect already: nothing can strictly help
+    assert entries["val"]["dsc_volume"] == pytest.approx(1.0)
+    assert entries["tta_search"]["flip"] <= entries["tta_search"]["none"]
+
+    # Lesions grown by a pixel: no post-processing undoes that, so only TTA (here perfect) can help.
+    grown = ndimage.binary_dilation(truth > 0, structure=np.ones((1, 3, 3), bool)).astype(np.uint8)
+    monkeypatch.setattr(trainer, "predict_val", lambda m=None, tta=False: truth.copy() if tta else grown)
+    tta, settings, entries = trainer.choose_inference(model)
+    assert tta == "flip" and settings == NO_POSTPROCESS
+    assert entries["tta_search"]["flip"] > entries["tta_search"]["none"]
+
+    monkeypatch.setattr(trainer, "cfg", trainer.cfg.replace(tta="none"))
+    monkeypatch.setattr(trainer, "predict_val", lambda m=None, tta=False: noisy)
+    tta, settings, entries = trainer.choose_inference(model)
+    assert tta == "none" and "val_tta" not in entries
+    assert settings != NO_POSTPROCESS  # the specks are what minimum-area post-processing removes
+    assert entries["val"]["dsc_volume"] > entries["val_raw"]["dsc_volume"]
+
+
+def test_image_size_is_checked_and_reaches_the_cli_and_space():
+    from tune.space import parse_space
+
+    with pytest.raises(ValueError, match="image_size"):
+        TrainConfig(image_size=100).validate()
+    space = parse_space({"image_size": [64, 128]})
+    assert list(space.searched["image_size"].choices) == [64, 128]
