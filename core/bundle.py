@@ -1,12 +1,15 @@
 """The bundle: what a trained model is. A directory of model.safetensors + config.json + metrics.json.
 
-Loading never unpickles: weights come from safetensors, config and metrics from JSON.
+Loading never unpickles: weights come from safetensors, config and metrics from JSON. config.json records
+a sha256 per other file (``files``) and loading checks them; a bundle may live at ``s3://bucket/prefix``
+(see ``core.inference.bundle_uri``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,8 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.inference.bundle_uri import FILES_KEY, hash_files, is_remote, listed_files, resolve_bundle, verify_files
 from core.io import atomic_dir, read_json, write_json
 from core.models import build_model
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "gliomaseg-bundle/1"
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
@@ -72,7 +78,13 @@ def make_bundle_config(
 
 
 def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
+    """The network a bundle config describes (weights not loaded): one architecture, or an ensemble."""
     args = config["model_args"]
+    if "members" in config:
+        from core.inference.ensemble import build_ensemble
+
+        multiclass = int(args["out_channels"]) > 1
+        return build_ensemble(config["members"], multiclass, float(config["normalisation"]["scale"]))
     return build_model(config["arch"], args["in_channels"], args["out_channels"], args["filters"], args["dropout"])
 
 
@@ -91,27 +103,41 @@ def save_bundle(
     config = {**config, "weights_dtype": "float16" if half else "float32"}
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": BUNDLE_FORMAT})
-        write_json(tmp / CONFIG, config)
         write_json(tmp / METRICS, metrics)
+        # Written last: it records the digest of every other file (a copy or download is checked on load).
+        write_json(tmp / CONFIG, {**config, FILES_KEY: hash_files(tmp)})
     return Path(path)
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle; errors name the missing or malformed file."""
-    path = Path(path)
-    for name in (WEIGHTS, CONFIG):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
+    """Load a bundle from a directory or ``s3://bucket/prefix``; errors name the missing, changed or bad file."""
+    remote = is_remote(path)
+    path = resolve_bundle(path)  # a remote bundle is fetched (or reused from the node's cache) and checked
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path / CONFIG}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
     try:
         config = read_json(path / CONFIG)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path / CONFIG}: not valid JSON ({exc})") from exc
     if config.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    ensemble = "members" in config  # an ensemble keeps one weights file per member instead
+    if not ensemble and not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path / WEIGHTS}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
+    files = listed_files(config, str(path))
+    if files is None:
+        log.info("%s: no file hashes in %s (written before they were recorded); loading it unchecked", path, CONFIG)
+    elif not remote:  # resolve_bundle has just checked a fetched copy
+        verify_files(path, files)
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
     model = build_from_config(config)
-    state = load_file(str(path / WEIGHTS))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if ensemble:
+        from core.inference.ensemble import load_ensemble_weights
+
+        load_ensemble_weights(model, path, config)  # type: ignore[arg-type]
+    else:
+        state = load_file(str(path / WEIGHTS))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.to(device).eval()
     return Bundle(model=model, config=config, metrics=metrics, path=path)
 

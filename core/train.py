@@ -27,19 +27,17 @@ from core import checkpoint as ckpt
 from core.augment import augment_batch, settings_from_config
 from core.bundle import make_bundle_config, save_bundle, split_hash
 from core.config import TrainConfig, add_arguments, from_args
-from core.data.arrays import SplitArrays, load_split, load_split_info, patient_rows
+from core.data.arrays import SplitArrays, load_split, load_split_info
 from core.inference.resize import resize
+from core.inference.selection import ValSplit, choose_inference
 from core.io import write_csv, write_json
 from core.loader import DeviceDataset
 from core.metrics import is_better, segmentation_metrics, worst_value
 from core.models import SIZE_MULTIPLE, build_model, init_output_bias
-from core.postprocess import NO_POSTPROCESS, apply_postprocess
 from core.runtime import autocast, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-# Post-processing candidates tried on val at export: (largest 3D component, minimum lesion area in px).
-POSTPROCESS_GRID = [(lc, area) for lc in (False, True) for area in (0, 10, 25, 50, 100, 200)]
 # Config fields that change the network's shape: a checkpoint only resumes into the same ones.
 MODEL_FIELDS = ("arch", "filters", "image_size")
 
@@ -326,52 +324,12 @@ class Trainer:
         model.load_state_dict(self.best_state or self.model.state_dict())
         return model.to(self.device).eval()
 
-    def choose_postprocess(self, raw: np.ndarray) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
-        """Best post-processing on val by ``dsc_volume``; ``NO_POSTPROCESS`` unless it strictly helps."""
-        groups = patient_rows(self.val_patients, self.val_slices)
-        base = self.val_metrics(raw)
-        best, best_metrics, search = dict(NO_POSTPROCESS), base, []
-        for largest, area in POSTPROCESS_GRID:
-            settings = {"largest_component": largest, "min_area": area}
-            if settings == NO_POSTPROCESS:
-                continue
-            pred = raw.copy()
-            for rows in groups:
-                pred[rows] = apply_postprocess(raw[rows], settings, volume=True)
-            metrics = self.val_metrics(pred)
-            search.append({**settings, "dsc_volume": metrics["dsc_volume"]})
-            if metrics["dsc_volume"] > best_metrics["dsc_volume"]:
-                best, best_metrics = settings, metrics
-        return best, best_metrics, search
-
     def choose_inference(self, model: torch.nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """Test-time augmentation and post-processing chosen together on val by ``dsc_volume``.
-
-        Returns (tta, post-processing, metrics.json entries). Flip TTA and each post-processing step are
-        kept only where they strictly raise val ``dsc_volume`` over the plain prediction.
-        """
-        raw = self.predict_val(model)
-        candidates = {"none": raw}
-        if self.cfg.tta == "auto":
-            candidates["flip"] = self.predict_val(model, tta=True)
-        chosen: dict[str, tuple[dict[str, Any], dict[str, float], list[dict]]] = {}
-        for mode, pred in candidates.items():
-            if self.cfg.postprocess == "auto":
-                chosen[mode] = self.choose_postprocess(pred)
-            else:
-                chosen[mode] = (dict(NO_POSTPROCESS), self.val_metrics(pred), [])
-        tta = "none"
-        if "flip" in chosen and chosen["flip"][1]["dsc_volume"] > chosen["none"][1]["dsc_volume"]:
-            tta = "flip"
-        settings, metrics, search = chosen[tta]
-        entries = {
-            "val": metrics, "val_raw": self.val_metrics(raw), "val_postprocessed": chosen["none"][1],
-            "tta": tta, "postprocess": settings, "postprocess_search": search,
-            "tta_search": {mode: c[1]["dsc_volume"] for mode, c in chosen.items()},
-        }
-        if "flip" in chosen:
-            entries["val_tta"] = chosen["flip"][1]
-        return tta, settings, entries
+        """TTA and post-processing chosen together on val (core.inference.selection): each is kept only
+        where it strictly raises val ``dsc_volume``. Returns (tta, post-processing, metrics.json entries)."""
+        val = ValSplit(self.val_truth, self.val_patients, self.val_slices, self.class_names)
+        flipped = self.predict_val(model, tta=True) if self.cfg.tta == "auto" else None
+        return choose_inference(self.predict_val(model), flipped, val, postprocess=self.cfg.postprocess == "auto")
 
     def export_bundle(
         self, path: str | os.PathLike, name: str = "gliomaseg", extra_metrics: dict[str, Any] | None = None

@@ -6,7 +6,8 @@ A volume goes to the model as one call so 3D post-processing sees the whole pati
 
 ``python -m serve run --bundle DIR`` serves it locally; ``serve run|deploy`` with
 ``import_path: serve.app:app_builder`` and ``args: {bundle: DIR, ...}`` serves it on a cluster, and
-``GLIOMASEG_BUNDLE=DIR serve build serve.app:app`` writes a config for ``serve deploy``.
+``GLIOMASEG_BUNDLE=DIR serve build serve.app:app`` writes a config for ``serve deploy``. DIR may be
+``s3://bucket/prefix``: each replica fetches it on its own node (core.inference.bundle_uri).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from core.inference.bundle_uri import is_remote, listed_files, read_config
 from serve.ingress import Ingress
+from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
 
 log = logging.getLogger(__name__)
 APP_NAME = "gliomaseg"
@@ -97,6 +100,7 @@ class SegmentModel:
     def __init__(self, bundle: str, device: str, max_batch_size: int, batch_wait_s: float) -> None:
         from core.inference.predictor import Predictor  # torch loads in the replica, not in the driver
 
+        # ``bundle`` may be s3://...: resolved here, on the replica's node, into that node's cache.
         self.predictor = Predictor.from_bundle(bundle, device=device, batch_size=max_batch_size)
         self.segment.set_max_batch_size(max_batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)
@@ -162,8 +166,10 @@ def build_app(settings: ServeSettings) -> serve.Application:
         max_ongoing_requests=2 * settings.max_batch_size,
         **scale,
     ).bind(
-        str(Path(settings.bundle).resolve()),
-        "cuda" if settings.gpus_per_replica > 0 else "cpu",
+        _bundle_location(settings.bundle),
+        # "auto", not "cuda": a replica given a GPU share where CUDA is absent serves on the CPU with a
+        # warning (core.runtime.resolve_device) instead of failing every restart.
+        "auto" if settings.gpus_per_replica > 0 else "cpu",
         settings.max_batch_size,
         settings.batch_wait_ms / 1000.0,
     )
@@ -173,13 +179,30 @@ def build_app(settings: ServeSettings) -> serve.Application:
     ).bind(model, ingress_settings)
 
 
+def _bundle_location(bundle: str) -> str:
+    """What replicas receive: an s3:// URI as given (each replica fetches it), a local path made absolute."""
+    return bundle if is_remote(bundle) else str(Path(bundle).resolve())
+
+
+def check_bundle(bundle: str) -> None:
+    """Fail early, in the driver, on a location that is not a bundle: reads config.json, never the weights
+    (replicas fetch and check those); a local bundle's listed files must exist."""
+    config = read_config(bundle)
+    if is_remote(bundle):
+        return
+    names = listed_files(config, bundle) or ({} if "members" in config else {"model.safetensors": ""})
+    for name in names:
+        if not (Path(bundle) / name).is_file():
+            raise FileNotFoundError(f"{Path(bundle) / name}: missing; --bundle must be a bundle directory "
+                                    "or s3://bucket/prefix")
+
+
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run serve.app:app_builder bundle=DIR`` and deploy configs."""
+    """Application builder for ``serve run serve.app:app_builder bundle=DIR|s3://...`` and deploy configs."""
     import ray
 
     settings = ServeSettings.from_dict(dict(args))
-    if not (Path(settings.bundle) / "config.json").is_file():
-        raise FileNotFoundError(f"{settings.bundle}: not a bundle (no config.json)")
+    check_bundle(settings.bundle)
     if ray.is_initialized():  # `serve run`/`serve deploy` build inside the cluster; `serve build` does not
         resolve_resources(settings, settings.gpus_per_replica if "gpus_per_replica" in args else None)
     return build_app(settings)
@@ -210,40 +233,18 @@ def resolve_resources(settings: ServeSettings, gpus_per_replica: float | None) -
 
 
 def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
-          route_prefix: str = "/", timeout_s: float = 180.0) -> str:
-    """Start Serve's HTTP proxy (if not yet running) and deploy the app; returns its base URL."""
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
-    actual = serve.context._get_global_client().http_config  # Serve may already run on another port
-    if (actual.host, actual.port) != (host, port):
-        log.warning("Serve was already running on %s:%s; using that", actual.host, actual.port)
-    shown = "127.0.0.1" if actual.host in ("0.0.0.0", "::") else actual.host
-    url = f"http://{shown}:{actual.port}{route_prefix.rstrip('/')}"
-    _wait_healthy(url, timeout_s)
-    return url
+          route_prefix: str = "/", timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
+    """Start Serve's HTTP proxy (if not yet running) and deploy the app; returns its base URL.
 
-
-def _wait_healthy(url: str, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f} s")
-        time.sleep(0.25)
+    Bounded by ``timeout_s``: ServeStartError names what did not come up (see serve.startup).
+    """
+    return bring_up(lambda: build_app(settings), host, port, name, route_prefix, timeout_s)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import ray
 
-    for name in ("config.json", "model.safetensors"):
-        if not (Path(args.bundle) / name).is_file():
-            raise FileNotFoundError(f"{Path(args.bundle) / name}: missing; --bundle must be a bundle directory")
+    check_bundle(args.bundle)
     if args.token_env and not os.environ.get(args.token_env):
         raise ValueError(f"--token-env {args.token_env}: that environment variable is empty or unset")
     settings = ServeSettings(
@@ -253,13 +254,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings.validate()
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=args.address, configure_logging=False)
+        apply_env_defaults()  # before Ray starts: its processes read them at start-up
+        try:
+            # No dashboard unless asked: its head starts ~10 Python processes, and on a machine whose cores
+            # are busy they starve the node's own agents, which the raylet gives only seconds to start.
+            init_local_ray(args.address, args.dashboard)
+        except Exception as exc:  # Ray raises a bare Exception when its node does not come up
+            print(f"error: serve run: Ray did not start ({type(exc).__name__}: {exc}); its logs are in "
+                  "/tmp/ray/session_latest/logs (raylet.out, gcs_server.out)", file=sys.stderr, flush=True)
+            return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         resolve_resources(settings, args.gpus_per_replica)
-        url = start(settings, args.host, args.port)
+        try:
+            url = start(settings, args.host, args.port, timeout_s=args.start_timeout)
+        except ServeStartError as exc:
+            print(f"error: serve run did not come up (start timeout {args.start_timeout:g} s): {exc}",
+                  file=sys.stderr, flush=True)
+            return 1
         print(f"serving {args.bundle} at {url}/ (Ctrl-C to stop)", flush=True)
         stop.wait()
     finally:
@@ -272,7 +286,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="serve a bundle over HTTP with Ray Serve (blocks until Ctrl-C/SIGTERM)")
-    p.add_argument("--bundle", required=True, help="bundle directory (model.safetensors + config.json)")
+    p.add_argument("--bundle", required=True, type=str,
+                   help="bundle directory (model.safetensors + config.json) or s3://bucket/prefix (honours "
+                   "AWS_ENDPOINT_URL; each replica fetches it once per node into a cache and checks its sha256s)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", default="1", help="model replicas: an integer or 'auto' (autoscaling)")
@@ -283,4 +299,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-env", default=None, help="environment variable holding a required bearer token")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="also start Ray's dashboard when serve run starts Ray itself (costs CPU at start-up)")
+    p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
+                   help="seconds for Serve and the model to come up before giving up with a message saying "
+                   f"what did not (default {DEFAULT_START_TIMEOUT_S:.0f})")
     p.set_defaults(func=_cmd_run)

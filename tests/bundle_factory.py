@@ -34,6 +34,7 @@ def make_random_bundle(
     postprocess: dict | None = None,
     seed: int = 0,
     foreground: float = 0.25,
+    metrics: dict | None = None,
 ) -> Path:
     """Random-init bundle whose output layer is shifted so ~``foreground`` of pixels are positive."""
     torch.manual_seed(seed)
@@ -53,4 +54,5 @@ def make_random_bundle(
                 last.bias.sub_(torch.quantile(logits.flatten(), 1 - foreground))
             else:
                 last.bias.sub_(logits.mean(dim=(0, 2, 3)))
-    return save_bundle(path, model, config, {"dsc_volume": 0.5, "note": "random weights for tests"})
+    metrics = metrics if metrics is not None else {"dsc_volume": 0.5}
+    return save_bundle(path, model, config, {**metrics, "note": "random weights for tests"})

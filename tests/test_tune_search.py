@@ -25,7 +25,7 @@ def asha_run(ray_session, prepared_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune_runs")
     info = run_search(SearchOptions(
         data=prepared_dir, name="asha", storage=str(root), num_samples=6, max_epochs=4, grace_period=1,
-        reduction_factor=2, scheduler="asha", search="tpe", seed=0, fixed=dict(TINY), verbose=0,
+        reduction_factor=2, scheduler="asha", search="tpe", seed=0, fixed=dict(TINY), verbose=0, ensemble=2,
     ))
     return root / "asha", info
 
@@ -69,6 +69,25 @@ def test_best_bundle_is_the_best_trial_and_predicts(asha_run, prepared_dir):
     masks = predictor.predict(np.ascontiguousarray(val.images[:4].transpose(0, 2, 3, 1)))
     assert masks.shape == (4, *val.masks.shape[1:]) and masks.dtype == np.uint8
     assert set(np.unique(masks)) <= {0, 1}
+
+
+def test_run_builds_the_top_two_ensemble_and_compares_it(asha_run, prepared_dir):
+    from core.bundle import load_bundle
+
+    run, info = asha_run
+    comparison = json.loads((run / "ensemble.json").read_text())
+    assert info["ensemble"] == comparison
+    ranked = [r["trial_id"] for r in leaderboard(run)]
+    members = load_bundle(run / "ensemble").config["members"]
+    assert [m["source"].split()[1] for m in members] == ranked[:2]  # the two best trials, best first
+    best = json.loads((run / "best" / "metrics.json").read_text())["val"]["dsc_volume"]
+    assert comparison["best_single"]["val"]["dsc_volume"] == pytest.approx(best)
+    assert 0.0 <= comparison["ensemble"]["val"]["dsc_volume"] <= 1.0
+    assert "selected on this val" in comparison["selection"]
+    from tune.ensemble import build_run_ensemble
+
+    with pytest.raises(ValueError, match="at least 2"):
+        build_run_ensemble(run, 1)
 
 
 def test_checkpoints_keep_the_best_two_plus_the_latest(asha_run):

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
 
 @pytest.fixture(scope="module")
 def url(ray_session, tmp_path_factory):
-    bundle = make_random_bundle(tmp_path_factory.mktemp("web") / "bundle", postprocess={"min_area": 0})
+    val = {"dsc_volume": 0.8125, "dice_tumour": 0.75, "fp_slice_rate": 0.0625}
+    bundle = make_random_bundle(tmp_path_factory.mktemp("web") / "bundle", postprocess={"min_area": 0},
+                                metrics={"val": val, "epoch": 7, "selection_metric": "dsc_volume"})
     with serving({"/": ServeSettings(bundle=str(bundle))}) as urls:
         yield urls["/"]
 
@@ -43,7 +45,9 @@ def test_page_loads_model_and_segments_a_slice(url: str, page, synth_src: Path, 
     page.on("requestfailed", lambda r: failed.append(r.url))
     page.goto(f"{url}/")
     page.wait_for_function("document.querySelector('#model-name').textContent.includes('gliomaseg-')")
-    assert "lite" in page.inner_text("#model") and "dsc_volume" in page.inner_text("#metrics")
+    assert "lite" in page.inner_text("#model") and "test-time augmentation" in page.inner_text("#model")
+    metrics = page.inner_text("#metrics")  # the validation metrics of the model, not only its epoch
+    assert "val dsc_volume" in metrics and "0.8125" in metrics and "val fp_slice_rate" in metrics
     files = slice_files(synth_src)
     page.set_input_files("#file", str(files[8]))
     page.wait_for_function("document.body.dataset.state === 'done' || document.body.dataset.state === 'error'")

@@ -111,6 +111,18 @@ def read_leaderboard(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def export_trial(
+    checkpoint_dir: Path, config: dict[str, Any], out: Path, train: SplitArrays, val: SplitArrays,
+    info: dict[str, Any], name: str, extra_metrics: dict[str, Any] | None = None,
+) -> Path:
+    """A trial's bundle from one of its checkpoints (which carry the best epoch's weights so far)."""
+    cfg = TrainConfig.from_dict(config)
+    # The driver may have no GPU (or share one with finishing trials): export on what it has.
+    trainer = Trainer(cfg.replace(device="auto"), train, val, info)
+    trainer.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_DIR)
+    return trainer.export_bundle(out, name=name, extra_metrics=extra_metrics)
+
+
 def export_best(
     trials: list[dict[str, Any]], out: Path, train: SplitArrays, val: SplitArrays, info: dict[str, Any], name: str,
 ) -> dict[str, Any] | None:
@@ -119,13 +131,9 @@ def export_best(
         checkpoint = trial["checkpoint"]
         if checkpoint is None or trial["objective"] is None:
             continue
-        cfg = TrainConfig.from_dict(trial["config"])
-        # The driver may have no GPU (or share one with finishing trials): export on what it has.
-        trainer = Trainer(cfg.replace(device="auto"), train, val, info)
         with checkpoint.as_directory() as folder:
-            trainer.load_checkpoint(Path(folder) / CHECKPOINT_DIR)
-        trainer.export_bundle(out, name=name, extra_metrics={"trial_id": trial["trial_id"]})
-        log.info("best trial %s (%s=%.4f at epoch %d) -> %s", trial["trial_id"], cfg.metric,
+            export_trial(Path(folder), trial["config"], out, train, val, info, name, {"trial_id": trial["trial_id"]})
+        log.info("best trial %s (%s=%.4f at epoch %d) -> %s", trial["trial_id"], trial["config"].get("metric"),
                  trial["objective"], trial["best_epoch"], out)
         return trial
     log.warning("no trial has a checkpoint; no best bundle written")

@@ -59,6 +59,7 @@ class SearchOptions:
     fixed: dict[str, Any] = field(default_factory=dict)  # --set key=value: constants in every trial
     max_failures: int = 2
     verbose: int = 1
+    ensemble: int = 0  # > 1: also build the ensemble of the K best trials (tune ensemble)
 
     def validate(self) -> None:
         if self.search not in ("tpe", "random"):
@@ -74,6 +75,10 @@ class SearchOptions:
             raise ValueError("--reduction-factor must be >= 2")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError("--max-concurrent must be >= 1")
+        gpus = self.gpus_per_trial
+        if gpus is not None and (gpus < 0 or (gpus > 1 and not float(gpus).is_integer())):
+            # Ray shares a GPU only in fractions of one; above one it places whole GPUs
+            raise ValueError(f"--gpus-per-trial {gpus}: a fraction of one GPU (e.g. 0.25) or a whole number")
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
@@ -156,7 +161,15 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         )
     with _tune_env(slots):
         grid = tuner.fit()
-    return finish(storage, grid, run_info, train, val, info)
+    run_info = finish(storage, grid, run_info, train, val, info)
+    if opts.ensemble > 1:
+        from tune.ensemble import build_run_ensemble
+
+        if storage.remote:
+            log.warning("--ensemble: the run is on %s; build it from a local copy with `tune ensemble`", storage.uri)
+        else:
+            run_info["ensemble"] = build_run_ensemble(storage.local, opts.ensemble, data=data)
+    return run_info
 
 
 @contextlib.contextmanager
@@ -334,6 +347,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb-project", help="log trials to Weights & Biases (offline without WANDB_API_KEY)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
     p.add_argument("--quiet", action="store_true", help="no progress table")
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="also build the ensemble of the K best trials in NAME/ensemble (tune ensemble)")
     p.set_defaults(func=run_command)
 
 
@@ -345,7 +360,7 @@ def run_command(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, metric=args.metric, storage=args.storage, resume=args.resume,
         wandb_project=args.wandb_project, seed=args.seed, fixed=parse_sets(args.fixed),
-        max_failures=args.max_failures, verbose=0 if args.quiet else 1,
+        max_failures=args.max_failures, verbose=0 if args.quiet else 1, ensemble=args.ensemble,
     )
     info = run_search(opts)
     best = info.get("best_trial")
@@ -354,4 +369,9 @@ def run_command(args: argparse.Namespace) -> int:
     if best:
         print(f"best trial {best['trial_id']}: {info['objective']}={best['objective']:.4f} at epoch "
               f"{best['best_epoch']}; bundle: {info['storage']}/best")
+    if info.get("ensemble"):
+        ens = info["ensemble"]
+        print(f"ensemble of {ens['ensemble']['top']}: val dsc_volume {ens['ensemble']['val']['dsc_volume']:.4f} vs "
+              f"best single trial {ens['best_single']['val']['dsc_volume']:.4f} (both selected on val); "
+              f"bundle: {ens['ensemble']['bundle']}")
     return 0

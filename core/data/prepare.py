@@ -156,6 +156,25 @@ def split_patients(
     return {name: sorted(ids[i] for i in part) for name, part in zip(SPLITS, best, strict=True)}
 
 
+def fold_patients(tumour_fraction: dict[str, float], folds: int, seed: int, tries: int = 4000) -> list[list[str]]:
+    """K patient-disjoint folds of near-equal size covering every patient once, their tumour-slice
+    fractions as close to each other as seeded search finds (as ``split_patients`` balances splits)."""
+    ids = sorted(tumour_fraction)
+    if not 2 <= folds <= len(ids):
+        raise DataError(f"{len(ids)} patients cannot give {folds} folds (need 2 <= folds <= patients)")
+    rng = np.random.default_rng(seed)
+    frac = np.array([tumour_fraction[i] for i in ids])
+    best, best_cost = None, np.inf
+    for _ in range(tries):
+        parts = np.array_split(rng.permutation(len(ids)), folds)
+        means = [frac[p].mean() for p in parts]
+        cost = max(means) - min(means)
+        if cost < best_cost:
+            best, best_cost = parts, cost
+    assert best is not None
+    return sorted((sorted(ids[i] for i in part) for part in best), key=lambda f: f[0])
+
+
 def prepare(
     src: str | Path,
     out: str | Path,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,9 @@ __all__ = ["Images", "Predictor", "add_predictor_arguments", "as_slices"]
 
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", required=True, type=Path, help="bundle directory (e.g. RUN/best)")
+    # A string, not a Path: Path("s3://b/p") would collapse the "//" and lose the scheme.
+    parser.add_argument("--bundle", required=True, type=str,
+                        help="bundle directory (e.g. RUN/best) or s3://bucket/prefix (fetched once per node, checked)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
 
@@ -39,6 +40,7 @@ class Predictor(SlicePredictor):
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> Predictor:
+        """From a bundle directory or ``s3://bucket/prefix`` (see core.inference.bundle_uri)."""
         dev = resolve_device(device)
         return cls(load_bundle(path, dev), dev, batch_size)
 

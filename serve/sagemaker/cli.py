@@ -22,7 +22,8 @@ EXTENSIONS = {"image/tiff": ".tif", "image/png": ".png", "application/x-npy": ".
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-sagemaker", help="bundle -> model.tar.gz for the SageMaker PyTorch container")
-    p.add_argument("--bundle", required=True, help="bundle directory (e.g. runs/NAME/best)")
+    p.add_argument("--bundle", required=True, type=str,
+                   help="bundle directory (e.g. runs/NAME/best) or s3://bucket/prefix")
     p.add_argument("--out", default="model.tar.gz", help="archive to write (default: model.tar.gz)")
     p.add_argument("--upload", metavar="S3_URI", help="also upload it: s3://bucket/prefix[/model.tar.gz]")
     p.add_argument("--requirement", action="append", default=[], help="extra pinned requirement line (repeatable)")

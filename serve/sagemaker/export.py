@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.bundle import CONFIG, METRICS, WEIGHTS, load_bundle
+from core.inference.bundle_uri import FILES_KEY, resolve_bundle
 from core.io import atomic_write_bytes
 
 VENDOR = "gliomaseg_core"
@@ -140,9 +141,13 @@ def requirements_text(extra: Iterable[str] = ()) -> str:
 
 def archive_members(bundle: str | os.PathLike, extra_requirements: Iterable[str] = ()) -> dict[str, bytes]:
     """Archive path -> bytes. Loads the bundle once so a broken bundle fails here, not on the endpoint."""
-    bundle = Path(bundle)
+    bundle = resolve_bundle(bundle)  # an s3:// bundle is fetched into the node's cache (and checked) first
     loaded = load_bundle(bundle, "cpu")
-    members: dict[str, bytes] = {WEIGHTS: (bundle / WEIGHTS).read_bytes(), CONFIG: (bundle / CONFIG).read_bytes()}
+    members: dict[str, bytes] = {CONFIG: (bundle / CONFIG).read_bytes()}
+    if (bundle / WEIGHTS).is_file():  # an ensemble has one weights file per member instead (listed below)
+        members[WEIGHTS] = (bundle / WEIGHTS).read_bytes()
+    for name in loaded.config.get(FILES_KEY) or {}:  # every file config.json vouches for (e.g. ensemble members)
+        members[name] = (bundle / name).read_bytes()
     members[METRICS] = (bundle / METRICS).read_bytes() if (bundle / METRICS).is_file() else b"{}\n"
     code = {ENTRY_POINT: TEMPLATE.read_bytes(), "requirements.txt": requirements_text(extra_requirements).encode()}
     code.update(vendored_files())

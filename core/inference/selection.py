@@ -1,0 +1,86 @@
+"""Inference settings chosen on validation: threshold, test-time augmentation and post-processing.
+
+Each is kept only where it strictly raises val ``dsc_volume`` over the plain prediction, so a bundle
+never carries a step that did not help the split it was selected on. The trainer (one network) and
+ensemble building (several) both choose through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from core.data.arrays import patient_rows
+from core.metrics import segmentation_metrics
+from core.postprocess import NO_POSTPROCESS, apply_postprocess
+
+# Post-processing candidates: (largest 3D component, minimum lesion area in px).
+POSTPROCESS_GRID = [(lc, area) for lc in (False, True) for area in (0, 10, 25, 50, 100, 200)]
+# Thresholds tried for an ensemble's mean probability (a single network keeps its training threshold).
+THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+class ValSplit:
+    """The val truth a choice is scored on: masks (N,H,W), patient and slice per row, class names."""
+
+    def __init__(self, truth: np.ndarray, patients: np.ndarray, slices: np.ndarray,
+                 class_names: list[str] | None = None) -> None:
+        self.truth, self.patients, self.slices = truth, np.asarray(patients).astype(str), np.asarray(slices)
+        self.class_names = class_names if class_names and len(class_names) > 2 else None
+        self.groups = patient_rows(self.patients, self.slices)
+
+    def metrics(self, pred: np.ndarray) -> dict[str, float]:
+        return segmentation_metrics(pred, self.truth, self.patients, self.class_names)
+
+
+def choose_postprocess(raw: np.ndarray, val: ValSplit) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
+    """Best post-processing by val ``dsc_volume``; ``NO_POSTPROCESS`` unless one strictly helps."""
+    base = val.metrics(raw)
+    best, best_metrics, search = dict(NO_POSTPROCESS), base, []
+    for largest, area in POSTPROCESS_GRID:
+        settings = {"largest_component": largest, "min_area": area}
+        if settings == NO_POSTPROCESS:
+            continue
+        pred = raw.copy()
+        for rows in val.groups:
+            pred[rows] = apply_postprocess(raw[rows], settings, volume=True)
+        metrics = val.metrics(pred)
+        search.append({**settings, "dsc_volume": metrics["dsc_volume"]})
+        if metrics["dsc_volume"] > best_metrics["dsc_volume"]:
+            best, best_metrics = settings, metrics
+    return best, best_metrics, search
+
+
+def choose_inference(
+    raw: np.ndarray, flipped: np.ndarray | None, val: ValSplit, postprocess: bool = True
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """TTA and post-processing chosen together from val masks without (``raw``) and with flip TTA.
+
+    Returns (tta, post-processing, metrics.json entries: val, val_raw, val_postprocessed, val_tta, ...).
+    ``flipped=None`` leaves TTA out; ``postprocess=False`` leaves post-processing out.
+    """
+    candidates = {"none": raw} if flipped is None else {"none": raw, "flip": flipped}
+    chosen = {
+        mode: choose_postprocess(pred, val) if postprocess else (dict(NO_POSTPROCESS), val.metrics(pred), [])
+        for mode, pred in candidates.items()
+    }
+    tta = "none"
+    if "flip" in chosen and chosen["flip"][1]["dsc_volume"] > chosen["none"][1]["dsc_volume"]:
+        tta = "flip"
+    settings, metrics, search = chosen[tta]
+    entries = {
+        "val": metrics, "val_raw": val.metrics(raw), "val_postprocessed": chosen["none"][1],
+        "tta": tta, "postprocess": settings, "postprocess_search": search,
+        "tta_search": {mode: c[1]["dsc_volume"] for mode, c in chosen.items()},
+    }
+    if "flip" in chosen:
+        entries["val_tta"] = chosen["flip"][1]
+    return tta, settings, entries
+
+
+def choose_threshold(probs: np.ndarray, val: ValSplit, default: float = 0.5) -> tuple[float, dict[str, float]]:
+    """Binary threshold on mean probabilities (N,H,W) by val ``dsc_volume``; ``default`` unless one beats it."""
+    scores = {t: val.metrics((probs > t).astype(np.uint8))["dsc_volume"] for t in THRESHOLD_GRID}
+    best = max(scores, key=lambda t: (scores[t], t == default))
+    return (best if scores[best] > scores.get(default, -1.0) else default), scores

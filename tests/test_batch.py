@@ -1,0 +1,215 @@
+"""`python -m serve batch`: a cohort segmented with Ray Data, patient by patient, locally and on S3.
+
+Checks the masks against the Predictor run on each ordered volume, the metrics against
+`python -m core evaluate --src` on the same data, a rerun that skips finished patients, an unreadable
+slice that fails only its patient (named by file), and S3 in and out against a local moto server.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from bundle_factory import make_random_bundle
+
+from core.cli import dispatch
+from core.data.prepare import patient_id
+from serve.batch import BatchOptions, run_batch
+
+PATIENTS, SLICES = 4, 12  # 12 slices: numeric order (1, 2, ..., 10) differs from name order (1, 10, 11, 2)
+BUCKET = "gliomaseg-batch"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("bundle") / "b", foreground=0.1,
+                              postprocess={"min_area": 3, "largest_component": True})
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, bundle) -> Path:
+    """Synthetic patients whose masks partly agree with the random bundle, so no metric is trivially 0 or 1:
+    its own masks grown by a pixel, some slices emptied, small lesions it misses added on others."""
+    from scipy import ndimage
+
+    from core.data.synth import synthesize
+
+    src = synthesize(tmp_path_factory.mktemp("cohort"), patients=PATIENTS, slices=SLICES, size=64, seed=5)
+    rng = np.random.default_rng(0)
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        for stem, mask in zip(*expected_masks(bundle, folder), strict=True):
+            truth = ndimage.binary_dilation(mask > 0)
+            draw = rng.random()
+            if draw < 0.25:
+                truth[:] = False
+            elif draw > 0.8:
+                truth[10:14, 20:26] = True
+            tifffile.imwrite(folder / f"{stem}_mask.tif", truth.astype(np.uint8) * 255)
+    return src
+
+
+@pytest.fixture(scope="module")
+def batch_run(ray_session, cohort, bundle, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("batch") / "out"
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=str(cohort), out=str(out), workers=2, batch_size=8,
+                                     progress=False))
+    return out, summary
+
+
+def expected_masks(bundle: Path, folder: Path) -> tuple[list[str], np.ndarray]:
+    """(slice stems in numeric order, the Predictor's masks for that ordered volume)."""
+    from core.inference.predictor import Predictor
+
+    stems = sorted((p.stem for p in folder.glob("*.tif") if not p.stem.endswith("_mask")),
+                   key=lambda s: int(s.rsplit("_", 1)[1]))
+    images = np.stack([tifffile.imread(folder / f"{s}.tif") for s in stems])
+    return stems, Predictor.from_bundle(str(bundle), "cpu", 8).predict(images, volume=True)
+
+
+def read_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_masks_written_per_patient_in_order(batch_run, cohort, bundle):
+    out, summary = batch_run
+    folders = sorted(p.name for p in cohort.iterdir() if p.is_dir())
+    assert summary["segmented"] == folders and not summary["failed"] and not summary["skipped"]
+    for name in folders:
+        stems, want = expected_masks(bundle, cohort / name)
+        record = json.loads((out / name / "patient.json").read_text())
+        assert record["masks"] == [f"{s}_mask.tif" for s in stems]
+        got = np.stack([tifffile.imread(out / name / f"{s}_mask.tif") for s in stems])
+        assert set(np.unique(got).tolist()) <= {0, 255}
+        np.testing.assert_array_equal(got > 0, want > 0)  # same volume, same order, same 3D post-processing
+
+
+def test_patients_csv_and_summary(batch_run, cohort):
+    out, summary = batch_run
+    rows = read_csv((out / "patients.csv").read_text())
+    assert [r["patient"] for r in rows] == summary["segmented"]
+    total = 0
+    for row in rows:
+        masks = np.stack([tifffile.imread(p) > 0 for p in sorted((out / row["patient"]).glob("*_mask.tif"))])
+        area = masks.reshape(len(masks), -1).sum(1)
+        assert int(row["slices"]) == SLICES == len(masks)
+        assert int(row["tumour_slices"]) == int((area > 0).sum())
+        assert int(row["tumour_voxels"]) == int(area.sum())
+        assert int(row["largest_slice_area"]) == int(area.max())
+        assert row["status"] == "segmented" and row["dsc_volume"] != ""
+        total += int(area.sum())
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["patients"] == on_disk["written"] == PATIENTS and on_disk["slices"] == PATIENTS * SLICES
+    assert on_disk["tumour_voxels"] == total and on_disk["metrics_patients"] == PATIENTS
+    assert on_disk["settings"]["workers"] == 2 and on_disk["bundle"]["postprocess"]["largest_component"]
+
+
+def test_metrics_equal_core_evaluate(batch_run, cohort, bundle, tmp_path):
+    from core.__main__ import COMMANDS
+
+    out, summary = batch_run
+    rc = dispatch("python -m core", "", COMMANDS, ["evaluate", "--bundle", str(bundle), "--src", str(cohort),
+                                                   "--out", str(tmp_path / "eval"), "--device", "cpu",
+                                                   "--batch-size", "8"])
+    assert rc == 0
+    reference = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]
+    assert all(0.05 < reference[k] < 0.95 for k in ("dsc_volume", "dice_tumour", "dice_all", "fp_slice_rate"))
+    assert set(summary["metrics"]) == set(reference)
+    for key, value in reference.items():
+        assert summary["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+    evaluated = read_csv((tmp_path / "eval" / "per_patient.csv").read_text())
+    per_patient = {r["patient"]: float(r["dice"]) for r in evaluated}
+    ours = {patient_id(r["patient"]): float(r["dsc_volume"]) for r in read_csv((out / "patients.csv").read_text())}
+    assert ours == pytest.approx(per_patient, abs=1e-6)
+
+
+def test_unreadable_slice_fails_only_its_patient_and_a_rerun_skips_finished_ones(
+        ray_session, cohort, bundle, tmp_path, caplog):
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(cohort, src)
+    folders = sorted(p.name for p in src.iterdir() if p.is_dir())
+    broken = src / folders[1] / f"{folders[1]}_3.tif"
+    broken.write_bytes(b"II*\x00 this is not a TIFF any more")
+    caplog.set_level(logging.INFO, logger="serve.batch")
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=str(src), out=str(out), workers=1, batch_size=8,
+                                     progress=False))
+    assert [f["patient"] for f in summary["failed"]] == [folders[1]]
+    assert summary["unreadable"] == [str(broken)] and str(broken) in summary["failed"][0]["error"]
+    assert str(broken) in caplog.text
+    assert summary["segmented"] == [f for f in folders if f != folders[1]]
+    assert not (out / folders[1]).exists()  # nothing half-written for the failed patient
+    assert [r["patient"] for r in read_csv((out / "patients.csv").read_text())] == summary["segmented"]
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*")}
+    shutil.copy(cohort / folders[1] / broken.name, broken)  # the file is fixed; rerun through the CLI
+    caplog.clear()
+    rc = dispatch("python -m serve", "", ("serve.batch",), ["batch", "--bundle", str(bundle), "--src", str(src),
+                                                           "--out", str(out), "--workers", "1", "--batch-size", "8"])
+    assert rc == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["segmented"] == [folders[1]] and again["skipped"] == summary["segmented"] and not again["failed"]
+    assert "3 already written" in caplog.text and "(skipped)" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # finished patients untouched
+    rows = read_csv((out / "patients.csv").read_text())
+    assert [r["patient"] for r in rows] == folders
+    assert [r["status"] for r in rows] == ["segmented" if f == folders[1] else "skipped" for f in folders]
+    assert again["written"] == PATIENTS and again["metrics_patients"] == PATIENTS
+
+
+# ---------------------------------------------------------------------------------------------- S3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    server.stop()
+
+
+def test_s3_source_and_output(ray_session, cohort, bundle, batch_run, s3):
+    local_out, _ = batch_run
+    folders = sorted(p.name for p in cohort.iterdir() if p.is_dir())[:2]
+    for name in folders:
+        for f in (cohort / name).iterdir():
+            s3.put_object(Bucket=BUCKET, Key=f"cohort/{name}/{f.name}", Body=f.read_bytes())
+    opts = BatchOptions(bundle=str(bundle), src=f"s3://{BUCKET}/cohort", out=f"s3://{BUCKET}/results/run1",
+                        workers=1, batch_size=8, progress=False)
+    summary = run_batch(opts)
+    assert summary["segmented"] == folders and not summary["failed"]
+    for name in folders:  # the same masks as the local run, under the output prefix
+        for mask in sorted((local_out / name).glob("*_mask.tif")):
+            body = s3.get_object(Bucket=BUCKET, Key=f"results/run1/{name}/{mask.name}")["Body"].read()
+            np.testing.assert_array_equal(tifffile.imread(io.BytesIO(body)), tifffile.imread(mask))
+    stored = json.loads(s3.get_object(Bucket=BUCKET, Key="results/run1/summary.json")["Body"].read())
+    assert stored["metrics_patients"] == 2 and stored["metrics"]["dsc_volume"] == summary["metrics"]["dsc_volume"]
+    rows = read_csv(s3.get_object(Bucket=BUCKET, Key="results/run1/patients.csv")["Body"].read().decode())
+    assert [r["patient"] for r in rows] == folders
+
+    again = run_batch(opts)  # everything written: nothing for Ray to do
+    assert again["skipped"] == folders and not again["segmented"]
+    assert again["metrics"] == pytest.approx(summary["metrics"])

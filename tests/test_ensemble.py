@@ -1,0 +1,133 @@
+"""Ensembles and cross-validation (issue 13): an ensemble bundle is the mean of its members' probabilities
+in every inference path, and a K-fold CV validates every patient exactly once."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_factory import make_random_bundle, sample_images
+from sagemaker_sim import run_container
+from tune_support import TINY_NET
+
+from core import codecs
+from core.bundle import load_bundle
+from core.inference.predictor import Predictor
+
+PLAIN = {"tta": "none", "postprocess": {"largest_component": False, "min_area": 0}, "threshold": 0.5}
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> list[Path]:
+    """Two members at different input sizes (64 and 32 px), neither post-processing."""
+    root = tmp_path_factory.mktemp("members")
+    return [make_random_bundle(root / "a", size=(64, 64), postprocess={}, seed=1),
+            make_random_bundle(root / "b", size=(32, 32), postprocess={}, seed=2, foreground=0.4)]
+
+
+@pytest.fixture(scope="module")
+def ensemble(members, tmp_path_factory) -> Path:
+    from core.inference.ensemble import build_ensemble_bundle
+
+    out = tmp_path_factory.mktemp("ensemble") / "bundle"
+    return build_ensemble_bundle(members, None, ["background", "tumour"], out, fixed=PLAIN)
+
+
+def test_bundle_lists_members_with_sizes_and_hashed_weights(ensemble):
+    config = json.loads((ensemble / "config.json").read_text())
+    assert config["arch"] == "ensemble" and config["image_size"] == [64, 64]
+    assert [m["image_size"] for m in config["members"]] == [[64, 64], [32, 32]]
+    for m in config["members"]:
+        assert (ensemble / m["weights"]).is_file() and m["weights"] in config["files"]
+    (ensemble / config["members"][1]["weights"]).write_bytes(b"x")  # a changed member is refused by name
+    with pytest.raises(ValueError, match="members/1.safetensors"):
+        load_bundle(ensemble)
+
+
+@pytest.fixture(scope="module")
+def intact(members, tmp_path_factory) -> Path:
+    from core.inference.ensemble import build_ensemble_bundle
+
+    out = tmp_path_factory.mktemp("ensemble2") / "bundle"
+    return build_ensemble_bundle(members, None, ["background", "tumour"], out, fixed=PLAIN)
+
+
+def test_ensemble_is_the_mean_of_member_probabilities(members, intact):
+    images = sample_images(5, 64, 64, seed=5)
+    singles = [Predictor.from_bundle(m, "cpu").predict_proba(images) for m in members]
+    expected = [0.5 * (a + b) for a, b in zip(*singles, strict=True)]
+    got = Predictor.from_bundle(intact, "cpu").predict_proba(images)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got, strict=True)) < 1e-5
+    # Masks are the mean thresholded: differ from each member's where they disagree.
+    masks = Predictor.from_bundle(intact, "cpu").predict(images)
+    assert np.array_equal(masks, (np.stack(expected) > 0.5).astype(np.uint8))
+
+
+def test_ensemble_through_onnx_sagemaker_and_serve(intact, ray_session, tmp_path):
+    import httpx
+    from serve_support import serving
+
+    from serve.app import ServeSettings
+    from serve.edge import OnnxPredictor
+    from serve.onnx_export import export_onnx
+    from serve.sagemaker.export import build_archive
+
+    volume = sample_images(6, 80, 96, seed=6)  # not the ensemble's size: both resize directions
+    reference = Predictor.from_bundle(intact, "cpu")
+    ref_proba, ref_masks = reference.predict_proba(volume), reference.predict(volume, volume=True)
+
+    export_onnx(intact, tmp_path / "ens.onnx")  # one graph holds every member and the averaging
+    edge = OnnxPredictor(tmp_path / "ens.onnx")
+    assert max(float(np.abs(r - g).max()) for r, g in zip(ref_proba, edge.predict_proba(volume), strict=True)) < 1e-4
+    assert (edge.predict(volume, volume=True) == ref_masks).mean() >= 0.999
+
+    archive = build_archive(intact, tmp_path / "model.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert "members/1.safetensors" in tar.getnames()
+        tar.extractall(tmp_path / "model", filter="data")
+    (tmp_path / "vol.npy").write_bytes(codecs.encode_npy(volume))
+    spec = [{"body": str(tmp_path / "vol.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_container(tmp_path / "model", tmp_path / "spec.json", tmp_path, {})
+    got = np.load(io.BytesIO((tmp_path / "vol.npy.out").read_bytes()), allow_pickle=False)
+    assert np.array_equal(got > 0, ref_masks > 0)
+
+    with serving({"/": ServeSettings(bundle=str(intact))}) as urls:
+        r = httpx.post(f"{urls['/']}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
+                       headers={"Content-Type": codecs.NPY}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.load(io.BytesIO(r.content), allow_pickle=False) > 0, ref_masks > 0)
+        assert httpx.get(f"{urls['/']}/v1/model", timeout=30).json()["arch"] == "ensemble"
+
+
+def test_three_fold_cv_validates_every_patient_exactly_once(ray_session, prepared_dir, tmp_path):
+    from core.data.arrays import load_split
+    from tune.cv import run_cv
+
+    config = {**TINY_NET, "epochs": 1, "lr": 5e-3, "oversample": 0.5}
+    out = run_cv(prepared_dir, "cv3", 3, config, tmp_path)
+    folds = json.loads((tmp_path / "cv3" / "folds.json").read_text())["folds"]
+    pool = sorted({str(p) for s in ("train", "val") for p in load_split(prepared_dir, s).patients})
+    flat = [p for f in folds for p in f]
+    assert len(folds) == 3 and sorted(flat) == pool and len(flat) == len(set(flat))
+    assert [r["fold"] for r in out["folds"]] == [0, 1, 2]
+    for row in out["folds"]:
+        bundle = load_bundle(tmp_path / "cv3" / "folds" / f"fold{row['fold']}")
+        val_patients = set(folds[row["fold"]])
+        # Each fold's bundle was validated on its fold and trained on the rest: its split says so.
+        assert row["patients"] == len(val_patients)
+        assert 0.0 <= row["val"]["dsc_volume"] <= 1.0 and bundle.config["data"]["split_hash"]
+    summary = out["summary"]["dsc_volume"]
+    assert summary["mean"] == pytest.approx(np.mean([r["val"]["dsc_volume"] for r in out["folds"]]))
+    ens = load_bundle(tmp_path / "cv3" / "ensemble")
+    assert len(ens.config["members"]) == 3
+    assert Predictor(ens, "cpu").predict(sample_images(2)).shape == (2, 64, 64)
+    # The saved folds are reusable: a bad folds file (a patient missing) is refused by name.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"folds": [folds[0], folds[1]]}))
+    with pytest.raises(ValueError, match="bad.json"):
+        run_cv(prepared_dir, "cv3b", 2, config, tmp_path, folds_file=bad)

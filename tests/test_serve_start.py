@@ -1,0 +1,127 @@
+"""`python -m serve run` comes up on a machine whose cores are busy, or says what did not come up."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from bundle_factory import make_random_bundle, sample_images
+from tune_support import ROOT, driver_env
+
+from serve.demo import free_port
+from serve.startup import ENV_DEFAULTS, ServeStartError, apply_env_defaults
+
+BURN_S = 600  # the burners stop by themselves after this, whatever happens to the test
+BURNER = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    sum(range(10000))\n"
+
+
+def quiet_port() -> int:
+    """A free port below the ephemeral range: Ray's many processes take ephemeral ports while it starts."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("bundle") / "b", seed=1)
+
+
+def test_env_defaults_fill_only_what_the_user_left_unset():
+    env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "7"}
+    added = apply_env_defaults(env)
+    assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "7" and "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S" not in added
+    assert set(added) == set(ENV_DEFAULTS) - {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"}
+    assert all(float(env[k]) >= 60 for k in added)
+
+
+def test_a_start_that_cannot_finish_names_the_deployment(ray_session, bundle):
+    """A replica that can never be scheduled: the error names it and Serve's reason, within the bound."""
+    from ray import serve
+
+    from serve.app import ServeSettings, start
+
+    settings = ServeSettings(bundle=str(bundle), cpus_per_replica=64.0)  # the session's Ray has 8
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ServeStartError) as info:
+            start(settings, "127.0.0.1", free_port(), name="unschedulable", timeout_s=40)
+    finally:
+        serve.shutdown()
+    assert time.monotonic() - t0 < 40 + 30
+    message = str(info.value)
+    assert "deployment SegmentModel" in message and "HTTP proxy" in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_serve_run_comes_up_beside_busy_cores_and_segments(bundle, tmp_path):
+    """Three CPU burners on this 2-core machine (a training beside the server), then `serve run`.
+
+    On an idle 2-core machine it is up in well under a minute; with every core contended, Python imports
+    and Ray's own processes take minutes, so the wait here is long: the point is that it comes up at all.
+    """
+    env = driver_env(None, drop=tuple(ENV_DEFAULTS))  # serve run's own defaults, not the caller's
+    port = quiet_port()
+    url = f"http://127.0.0.1:{port}"
+    burners = [subprocess.Popen([sys.executable, "-c", BURNER.format(s=BURN_S)]) for _ in range(3)]
+    log_path = tmp_path / "serve.log"
+    proc = None
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "serve", "run", "--bundle", str(bundle), "--port", str(port),
+                 "--address", "local", "--max-batch-size", "4"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+            deadline, up = time.monotonic() + 480, False
+            while time.monotonic() < deadline and proc.poll() is None and not up:
+                with contextlib.suppress(httpx.HTTPError):
+                    up = httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                time.sleep(1)
+            assert up, f"rc={proc.poll()}\n" + log_path.read_text()[-4000:]
+            assert all(b.poll() is None for b in burners), "the burners stopped before the server came up"
+            image = sample_images(1, seed=2)[0]
+            buf = io.BytesIO()
+            np.save(buf, image, allow_pickle=False)
+            r = httpx.post(f"{url}/v1/segment?format=npy", content=buf.getvalue(),
+                           headers={"Content-Type": "application/x-npy"}, timeout=60)
+            assert r.status_code == 200, r.text
+            mask = np.load(io.BytesIO(r.content), allow_pickle=False)
+            assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1}
+            assert "serving" in log_path.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+    finally:
+        for p in [*burners, proc]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_serve_run_that_cannot_come_up_fails_with_a_message(bundle, tmp_path):
+    """A start timeout too short for anything: exit 1 and one line naming what was not up, no hang."""
+    env = driver_env(None, drop=tuple(ENV_DEFAULTS))
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve", "run", "--bundle", str(bundle), "--port", str(free_port()),
+         "--address", "local", "--start-timeout", "0.5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("error: serve run did not come up"))
+    assert any(part in line for part in ("Serve controller", "HTTP proxy", "deployment", "application")), line
+    assert "shutting down" in proc.stdout

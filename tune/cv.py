@@ -1,0 +1,198 @@
+"""`python -m tune cv`: one configuration on K patient-disjoint folds of train + val, as parallel trials.
+
+    python -m tune cv --data prepared --folds 5 --from runs/study1          # the search's best config
+    python -m tune cv --data prepared --folds 5 --config best.yaml --epochs 30
+
+The folds pool the prepared train and val patients (test stays out), balance the tumour-slice share
+as `core data prepare` balances splits, and are saved in ``runs/NAME/folds.json`` (``--folds-file``
+reuses them). Each fold is one Ray Tune trial (they run in parallel, several per GPU), trained on the
+other folds and validated on its own, so every patient is validated exactly once by a model that never
+saw it. ``cv.json`` holds per-fold and mean +- sd metrics; ``ensemble/`` is the fold ensemble as one
+bundle (no patient is held out from all folds, so its threshold, TTA and post-processing are the
+folds' most common choices, not chosen again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from ray import tune
+
+from core.bundle import split_hash
+from core.config import TrainConfig
+from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.data.prepare import fold_patients
+from core.inference.ensemble import build_ensemble_bundle
+from core.io import read_json, write_json
+from core.metrics import METRIC_KEYS, MINIMISED
+from tune import results
+from tune.search import parse_sets
+from tune.trainable import objective_key, train_trial
+
+log = logging.getLogger(__name__)
+
+
+def pool_splits(prepared: Path) -> tuple[SplitArrays, dict[str, Any]]:
+    """Train + val of a prepared directory as one pool (read into memory: one object-store copy)."""
+    info = load_split_info(prepared)
+    train, val = load_split(prepared, "train", mmap=False), load_split(prepared, "val", mmap=False)
+    pool = SplitArrays(*(np.concatenate([getattr(train, k), getattr(val, k)])
+                         for k in ("images", "masks", "patients", "slices")))
+    return pool, info
+
+
+def make_folds(pool: SplitArrays, folds: int, seed: int) -> list[list[str]]:
+    patients = np.asarray(pool.patients).astype(str)
+    tumour = pool.tumour
+    share = {p: float(tumour[patients == p].mean()) for p in np.unique(patients)}
+    return fold_patients(share, folds, seed)
+
+
+def fold_data(pool: SplitArrays, folds: list[list[str]], k: int, info: dict[str, Any]):
+    """(train, val, split info) of fold ``k``: validated on its patients, trained on the others."""
+    patients = np.asarray(pool.patients).astype(str)
+    in_fold = np.isin(patients, folds[k])
+    train_ids = sorted(p for i, f in enumerate(folds) if i != k for p in f)
+    fold_info = {**info, "patients": {"train": train_ids, "val": list(folds[k]), "test": []}, "fold": k}
+    return pool.select(np.flatnonzero(~in_fold)), pool.select(np.flatnonzero(in_fold)), fold_info
+
+
+def cv_trial(config: dict[str, Any], pool: SplitArrays, folds: list[list[str]], split_info: dict[str, Any]) -> None:
+    """One fold: core's trainer through tune's trial function, on this fold's train and val."""
+    config = dict(config)
+    train, val, info = fold_data(pool, folds, int(config.pop("fold")), split_info)
+    train_trial(config, train, val, info)
+
+
+def base_config(config_file: Path | None, from_run: Path | None, fixed: dict[str, Any]) -> dict[str, Any]:
+    """The configuration to cross-validate: a YAML of constants, or a search's best trial, then --set."""
+    if (config_file is None) == (from_run is None):
+        raise ValueError("give exactly one of --config FILE or --from runs/NAME")
+    if config_file is not None:
+        values = yaml.safe_load(Path(config_file).read_text()) or {}
+        bad = {k: v for k, v in values.items() if isinstance(v, (list, dict))}
+        if bad:
+            raise ValueError(f"{config_file}: cv takes one configuration (constants), not a space: {sorted(bad)}")
+    else:
+        run = read_json(Path(from_run) / "run.json")
+        if not run.get("best_trial"):
+            raise ValueError(f"{from_run}: the run has no best trial yet")
+        values = dict(run["best_trial"]["config"])
+    values.update(fixed)
+    return {k: v for k, v in TrainConfig.from_dict(values).to_dict().items() if k not in ("workers", "device")}
+
+
+def run_cv(
+    data: Path, name: str, folds: int, config: dict[str, Any], storage: Path, folds_file: Path | None = None,
+    cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, seed: int = 0, half: bool = False,
+) -> dict[str, Any]:
+    """Run (or continue) the CV; returns cv.json's content."""
+    import ray
+
+    run_dir = (storage / name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pool, info = pool_splits(Path(data).resolve())
+    fold_lists = read_json(folds_file)["folds"] if folds_file else make_folds(pool, folds, seed)
+    covered = sorted(p for f in fold_lists for p in f)
+    if covered != sorted(np.unique(np.asarray(pool.patients).astype(str)).tolist()):
+        raise ValueError(f"{folds_file}: its folds do not cover the pool's patients exactly once")
+    write_json(run_dir / "folds.json", {"folds": fold_lists, "seed": seed, "data": str(data),
+                                        "split_hash": split_hash(info)})
+    cfg = TrainConfig.from_dict(config)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
+    trainable = tune.with_resources(tune.with_parameters(cv_trial, pool=pool, folds=fold_lists, split_info=info),
+                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    experiment = run_dir / "ray"
+    if tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={**config, "fold": tune.grid_search(list(range(len(fold_lists))))},
+            tune_config=tune.TuneConfig(metric=objective_key(cfg.metric), mode="min" if cfg.metric in MINIMISED
+                                        else "max", trial_dirname_creator=lambda t: f"fold_{t.config['fold']}"),
+            run_config=tune.RunConfig(name="ray", storage_path=str(run_dir), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=2)),
+        )
+    grid = tuner.fit()
+    return summarise(grid, run_dir, pool, fold_lists, info, cfg, half)
+
+
+def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]], info: dict[str, Any],
+              cfg: TrainConfig, half: bool) -> dict[str, Any]:
+    """Per-fold bundles and metrics, mean +- sd, and the fold ensemble."""
+    rows, bundles = [], []
+    for trial in sorted(results.collect(grid, cfg.metric, "none"), key=lambda t: t["config"]["fold"]):
+        k = int(trial["config"]["fold"])
+        if trial["checkpoint"] is None:
+            raise RuntimeError(f"fold {k} has no checkpoint ({trial['stop_reason']}); rerun to continue it")
+        train, val, fold_info = fold_data(pool, folds, k, info)
+        bundle = run_dir / "folds" / f"fold{k}"
+        with trial["checkpoint"].as_directory() as folder:
+            results.export_trial(Path(folder), {x: v for x, v in trial["config"].items() if x != "fold"}, bundle,
+                                 train, val, fold_info, "gliomaseg-cv-fold", {"fold": k})
+        metrics = read_json(bundle / "metrics.json")
+        rows.append({"fold": k, "patients": len(folds[k]), "slices": len(val), "best_epoch": trial["best_epoch"],
+                     "val": {m: metrics["val"][m] for m in METRIC_KEYS}, "tta": metrics.get("tta"),
+                     "postprocess": metrics.get("postprocess")})
+        bundles.append(bundle)
+    summary = {m: {"mean": statistics.fmean(r["val"][m] for r in rows),
+                   "sd": statistics.stdev([r["val"][m] for r in rows]) if len(rows) > 1 else 0.0} for m in METRIC_KEYS}
+    # No patient is outside every fold's training data, so the ensemble's settings are the folds' majority.
+    fixed = {"tta": Counter(r["tta"] or "none" for r in rows).most_common(1)[0][0],
+             "postprocess": Counter(tuple(sorted((r["postprocess"] or {}).items())) for r in rows).most_common(1)[0][0]}
+    fixed["postprocess"] = dict(fixed["postprocess"])
+    class_names = list(info.get("class_names") or ["background", "tumour"])
+    build_ensemble_bundle(bundles, None, class_names, run_dir / "ensemble", name="gliomaseg-cv-ensemble",
+                          sources=[f"fold {r['fold']}" for r in rows], fixed=fixed, half=half)
+    out = {"folds": rows, "summary": summary, "config": cfg.to_dict(), "ensemble": str(run_dir / "ensemble"),
+           "note": "each fold's metrics are on its own patients, never seen in its training; the epoch, TTA and "
+                   "post-processing were chosen on that fold (slightly optimistic per fold)"}
+    write_json(run_dir / "cv.json", out)
+    return out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="patient-level K-fold cross-validation of one configuration",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="prepared directory (train + val are pooled)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--config", type=Path, help="YAML of core train options (constants)")
+    p.add_argument("--from", dest="from_run", type=Path, help="a tune run directory: its best trial's config")
+    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default: the configuration's)")
+    p.add_argument("--name", default="cv", help="writes STORAGE/NAME (default runs/cv)")
+    p.add_argument("--storage", type=Path, default=Path("runs"))
+    p.add_argument("--folds-file", type=Path, help="reuse the folds of a folds.json")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the fold assignment")
+    p.add_argument("--half", action="store_true", help="fp16 weights in the fold ensemble")
+    p.set_defaults(func=cv_command)
+
+
+def cv_command(args: argparse.Namespace) -> int:
+    fixed = parse_sets(args.fixed)
+    if args.epochs:
+        fixed["epochs"] = args.epochs
+    config = base_config(args.config, args.from_run, fixed)
+    out = run_cv(args.data, args.name, args.folds, config, args.storage, args.folds_file, args.cpus_per_trial,
+                 args.gpus_per_trial, args.seed, args.half)
+    for row in out["folds"]:
+        m = row["val"]
+        print(f"fold {row['fold']} ({row['patients']} patients): dsc_volume {m['dsc_volume']:.4f} "
+              f"dice_tumour {m['dice_tumour']:.4f} fp_slice_rate {m['fp_slice_rate']:.4f}")
+    s = out["summary"]
+    print("mean +- sd: " + ", ".join(f"{k} {s[k]['mean']:.4f} +- {s[k]['sd']:.4f}"
+                                    for k in ("dsc_volume", "dice_tumour", "fp_slice_rate")))
+    print(f"fold ensemble: {out['ensemble']}; folds: {args.storage / args.name / 'folds.json'}")
+    return 0
