@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import CACHE, LoadSampler, add_threads_option, fmt, publish, random_bundle, resolve_threads, row
+from common import (
+    CACHE,
+    LoadSampler,
+    add_model_options,
+    add_threads_option,
+    fmt,
+    publish,
+    random_bundle,
+    resolve_threads,
+    row,
+)
 
 from serve.batch import BatchOptions, Segmenter, plan, read_patient, run_batch, write_patient
 from serve.batch_store import Store
@@ -189,10 +199,7 @@ def summarise(args: argparse.Namespace, runs: dict[str, list], cluster: dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--arch", default="lite")
-    p.add_argument("--filters", type=int, default=16)
-    p.add_argument("--size", type=int, default=256)
+    add_model_options(p, arch="lite", filters=16, size=256)
     p.add_argument("--patients", type=int, default=16)
     p.add_argument("--slices", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)

@@ -94,6 +94,14 @@ def random_bundle(prefix: str, arch: str, filters: int, size: int) -> Path:
     return path
 
 
+def add_model_options(parser: argparse.ArgumentParser, arch: str, filters: int, size: int) -> None:
+    """``--device``, ``--arch``, ``--filters`` and ``--size``: what every model benchmark runs on."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", default=arch)
+    parser.add_argument("--filters", type=int, default=filters)
+    parser.add_argument("--size", type=int, default=size, help="slice size (height = width)")
+
+
 def add_threads_option(parser: argparse.ArgumentParser, help: str) -> None:
     """``--threads``: ``help`` says what it sets; resolve it after parsing with ``resolve_threads``."""
     parser.add_argument("--threads", type=int, default=-1,

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, LoadSampler, fmt, publish, row, synthetic_prepared
+from common import ROOT, LoadSampler, add_model_options, fmt, publish, row, synthetic_prepared
 
 SPACE = """\
 arch: unet
@@ -182,10 +182,7 @@ def asha_vs_none(args: argparse.Namespace, prepared: Path, load: LoadSampler) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--arch", default="unet")
-    p.add_argument("--filters", type=int, default=8)
-    p.add_argument("--size", type=int, default=64)
+    add_model_options(p, arch="unet", filters=8, size=64)
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--slices", type=int, default=16)
     p.add_argument("--ks", default="1,2,4,8", help="concurrent trials to compare with one at a time")

@@ -8,12 +8,16 @@ and each is resumable, so the command can be re-run after an interruption and co
    `--resume`d when the run exists and is unfinished;
 3. optionally `python -m core train` of the winning configuration for longer (`--final-epochs`, at
    `--final-image-size`), `--resume`d likewise;
-4. the better of the search's best bundle and the final run's (by val dsc_volume: selected on val) is
-   re-saved with fp16 weights in `--export` (e.g. pretrained/lgg) with its MODEL_CARD.md.
+4. optionally `python -m tune ensemble` of the search's `--ensemble K` best trials, and
+   `python -m tune cv` of the winning configuration on `--cv-folds K` folds of train + val;
+5. the best of the search's best bundle, the final run's and the ensemble (by val dsc_volume: selected
+   on val) is re-saved with fp16 weights in `--export` (e.g. pretrained/lgg) with its MODEL_CARD.md.
+   The CV's fold ensemble is no candidate: its folds trained on the val patients.
 
     python ../shared/data/lgg/restore.py runs/lgg-all --pack gpu          # 99 patients
     python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-cpu \\
-        --num-samples 12 --max-epochs 20 --final-epochs 30 --export pretrained/lgg
+        --num-samples 6 --max-epochs 6 --final-epochs 14 --final-image-size 128 --final-patience 6 \
+        --ensemble 3 --cv-folds 3 --cv-epochs 6 --cv-name lgg-cv3 --export pretrained/lgg
 
 Writes bench/results/real-lgg-<device>.json: the split, every trial's settings, metrics and epoch times,
 the final run, wall time and CPU hours.
@@ -112,6 +116,30 @@ def final_run(args: argparse.Namespace, prepared: Path, winner: dict[str, Any], 
     return out
 
 
+def ensemble(args: argparse.Namespace, log: Path) -> dict[str, Any] | None:
+    """`tune ensemble` of the search's ``--ensemble`` best trials (once); returns its ensemble.json."""
+    if args.ensemble < 2:
+        return None
+    path = args.work / args.name / "ensemble.json"
+    if not path.is_file():
+        step(["-m", "tune", "ensemble", str(args.work / args.name), "--top", str(args.ensemble), "--half"], log,
+             "ensemble")
+    return read_json(path)
+
+
+def cross_validate(args: argparse.Namespace, prepared: Path, log: Path) -> dict[str, Any] | None:
+    """`tune cv` of the winning configuration on ``--cv-folds`` folds (once); returns its cv.json."""
+    if args.cv_folds < 2:
+        return None
+    name = args.cv_name or f"{args.name}-cv{args.cv_folds}"
+    path = args.work / name / "cv.json"
+    if not path.is_file():
+        step(["-m", "tune", "cv", "--data", str(prepared), "--folds", str(args.cv_folds), "--from",
+              str(args.work / args.name), "--epochs", str(args.cv_epochs), "--name", name, "--storage",
+              str(args.work), "--half"], log, "cv")
+    return read_json(path)
+
+
 def trial_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every trial from the run's history.json: settings, best metrics, epochs and epoch times."""
     out = []
@@ -161,8 +189,27 @@ def model_card(results: dict[str, Any], shipped: dict[str, Any], info: dict[str,
         source=shipped["source"], hp=json.dumps(hp, indent=1, sort_keys=True),
         header=" | ".join(CARD_METRICS), rule=" | ".join("---" for _ in CARD_METRICS), rows="\n".join(rows),
         tta=shipped.get("tta", "none"), pp=json.dumps(shipped.get("postprocess", {})),
-        image_size=shipped["config"].get("image_size") or 256,
+        image_size=shipped["config"].get("image_size") or 256, extra=extra_lines(results),
     )
+
+
+def extra_lines(results: dict[str, Any]) -> str:
+    """The ensemble and cross-validation figures, where they were run."""
+    lines = []
+    if results.get("ensemble"):
+        e = results["ensemble"]
+        lines.append(f"The ensemble of the search's {e['ensemble']['top']} best trials reached val dsc_volume "
+                     f"{e['ensemble']['val']['dsc_volume']:.4f} against {e['best_single']['val']['dsc_volume']:.4f} "
+                     "for the best single trial (members and settings selected on val).")
+    if results.get("cv"):
+        cv, k = results["cv"]["summary"], len(results["cv"]["folds"])
+        lines.append(f"{k}-fold patient-level cross-validation of the winning configuration "
+                     f"({results['cv']['config']['epochs']} epochs a fold, 99 patients): dsc_volume "
+                     f"{cv['dsc_volume']['mean']:.4f} +- {cv['dsc_volume']['sd']:.4f}, dice_tumour "
+                     f"{cv['dice_tumour']['mean']:.4f} +- {cv['dice_tumour']['sd']:.4f}, fp_slice_rate "
+                     f"{cv['fp_slice_rate']['mean']:.4f} +- {cv['fp_slice_rate']['sd']:.4f} (each fold scored on "
+                     "patients it never trained on).")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 CARD_METRICS = ("dsc_volume", "dice_tumour", "dice_all", "iou", "fp_slice_rate")
@@ -185,7 +232,7 @@ independent evaluation and were never seen here.
 `python bench/real_lgg.py` (see the README's "Real-data results"): a Ray Tune search (Optuna TPE +
 ASHA, `bench/real_lgg_space.yaml`) of {trials} trials ({trial_epochs} trial-epochs, {search_hours:.2f}
 CPU-hours), then the final run: {final}. Total {total_hours:.2f} CPU-hours on {machine}. Shipped: {source}.
-
+{extra}
 Hyperparameters:
 ```json
 {hp}
@@ -207,9 +254,8 @@ with any predicted tumour pixel.
 
 ## Known limits
 - Trained on CPU within a small budget at reduced resolution; a GPU search would do better.
-- One public collection (TCIA, five institutions, 1.5T/3T, pre-processed by Buda et al.: skull
-  stripping absent, slices registered); not validated on other scanners, sequences, paediatric or
-  high-grade tumours, or on slices not laid out as in the Kaggle set.
+- One public collection (TCGA-LGG from a few institutions, as published on Kaggle); not validated on
+  other scanners, sequences, pre-processing, paediatric or high-grade tumours.
 - 11 validation patients are a small sample, and they also selected the model; expect lower figures
   on new patients.
 - Weights are stored in fp16 (evaluated in fp32 after loading).
@@ -230,6 +276,10 @@ def main() -> int:
     p.add_argument("--final-epochs", type=int, default=0, help="train the winner again for N epochs (0: no)")
     p.add_argument("--final-image-size", type=int, help="the final run's resolution (default: the winner's)")
     p.add_argument("--final-patience", type=int, default=10)
+    p.add_argument("--ensemble", type=int, default=0, help="also build the K best trials' ensemble (0: no)")
+    p.add_argument("--cv-folds", type=int, default=0, help="also cross-validate the winner on K folds (0: no)")
+    p.add_argument("--cv-epochs", type=int, default=6)
+    p.add_argument("--cv-name", help="the CV run's name (default NAME-cvK)")
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -264,6 +314,11 @@ def main() -> int:
                  "epoch_seconds": [h["epoch_seconds"] for h in history],
                  "val_dsc_volume_by_epoch": [h["dsc_volume"] for h in history]}
         candidates.append(final)
+    ensembled = ensemble(args, log)
+    if ensembled is not None:
+        candidates.append({**bundle_summary(Path(ensembled["ensemble"]["bundle"])),
+                           "source": f"the ensemble of the search's {args.ensemble} best trials"})
+    cv = cross_validate(args, prepared, log)
     shipped = max(candidates, key=lambda c: c["val"]["dsc_volume"])
     cores = machine_info().get("cpu_count") or os.cpu_count() or 1
     final_seconds = sum(final["epoch_seconds"]) if final else 0.0
@@ -281,6 +336,8 @@ def main() -> int:
         "final": final,
         "shipped": {k: shipped[k] for k in ("source", "config", "val", "tta", "postprocess") if k in shipped},
         "candidates": [{k: c[k] for k in ("source", "val", "val_raw", "tta") if k in c} for c in candidates],
+        "ensemble": ensembled,
+        "cv": cv and {k: cv[k] for k in ("folds", "summary", "config", "note")},
         "cpu_hours": round((search_seconds * args.cpus_per_trial + final_seconds * cores) / 3600, 3),
         "wall_seconds": {k: round(v, 1) for k, v in wall_ledger(log).items()},
         "selection": "every figure is on the 11 validation patients, which also selected the model",

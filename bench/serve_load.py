@@ -30,6 +30,7 @@ from common import (
     CACHE,
     ROOT,
     LoadSampler,
+    add_model_options,
     add_threads_option,
     fmt,
     percentile,
@@ -246,10 +247,7 @@ def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--arch", default="lite")
-    p.add_argument("--filters", type=int, default=16)
-    p.add_argument("--size", type=int, default=256)
+    add_model_options(p, arch="lite", filters=16, size=256)
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--requests", type=int, default=64, help="slices per level (at least 2x the concurrency)")
     p.add_argument("--volume-slices", type=int, default=8)

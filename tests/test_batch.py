@@ -12,13 +12,13 @@ import io
 import json
 import logging
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from bundle_factory import make_random_bundle
+from s3_support import moto_s3
 
 from core.cli import dispatch
 from core.data.prepare import patient_id
@@ -166,29 +166,12 @@ def test_unreadable_slice_fails_only_its_patient_and_a_rerun_skips_finished_ones
 # ---------------------------------------------------------------------------------------------- S3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
+    with moto_s3(monkeypatch, BUCKET) as client:
+        yield client
 
 
 def test_s3_source_and_output(ray_session, cohort, bundle, batch_run, s3):

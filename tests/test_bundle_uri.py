@@ -16,43 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundle_factory import make_random_bundle, sample_images
+from s3_support import moto_s3
 from tune_support import ROOT, driver_env
 
 from core.bundle import load_bundle
 from core.inference.bundle_uri import read_config, resolve_bundle
 from core.inference.predictor import Predictor
+from serve.demo import free_port
 
 BUCKET = "gliomaseg-bundles"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
     """A moto S3 server on loopback; AWS_ENDPOINT_URL and test keys in the environment; a fresh cache."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "GLIOMASEG_BUNDLE_CACHE": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
+    with moto_s3(monkeypatch, BUCKET, GLIOMASEG_BUNDLE_CACHE=str(tmp_path / "cache")) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from core.metrics import segmentation_metrics
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "lgg"
 SPLIT = Path(__file__).resolve().parents[1] / "bench" / "results" / "real-lgg-split.json"
 # dsc_volume floors (see the module docstring): val patients, and all 25 lossless patients.
-FLOOR_VAL, FLOOR_ALL = 0.0, 0.0
+FLOOR_VAL, FLOOR_ALL = 0.70, 0.82  # measured 0.737 and 0.850 (2026-11-30, pretrained/lgg fp16)
 
 
 def test_shipped_bundle_is_small_documented_and_loads():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import socket
 
 import pytest
+from s3_support import moto_s3
 from tune_support import TINY_NET
 
 from tune.search import SearchOptions, run_search
@@ -17,29 +17,12 @@ BUCKET, PREFIX, NAME = "gliomaseg-test", "sweeps", "s3run"
 TINY = {**TINY_NET, "oversample": 0.5, "lr": {"loguniform": [1.0e-4, 3.0e-2]}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
+    with moto_s3(monkeypatch, BUCKET) as client:
+        yield client
 
 
 def keys(client, prefix: str) -> set[str]:
