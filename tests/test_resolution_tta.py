@@ -110,8 +110,7 @@ def test_tta_averages_the_mirrored_pass(bundles):
     assert max(float(np.abs(e - p).max()) for e, p in zip(expected, a, strict=True)) > 1e-3  # TTA did something
 
 
-@pytest.mark.parametrize("tta", ["none", "flip"])
-def test_same_masks_through_predictor_onnx_serve_and_sagemaker(tta, bundles, prepared_128, ray_session, tmp_path):
+def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared_128, ray_session, tmp_path):
     import httpx
     from serve_support import serving
 
@@ -120,44 +119,45 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(tta, bundles, pre
     from serve.onnx_export import export_onnx
     from serve.sagemaker.export import build_archive
 
-    bundle = bundles[tta]
     images, _, patients = val_images(prepared_128)
     volume = images[patients == patients[0]]
-    reference = Predictor.from_bundle(bundle, "cpu")
-    ref_volume = reference.predict(volume, volume=True)
-    ref_slices = reference.predict(volume[:4])
-    assert ref_volume.shape == (len(volume), NATIVE, NATIVE) and ref_volume.any()
+    reference = {}
+    for tta, bundle in bundles.items():  # without and with flip TTA
+        predictor = Predictor.from_bundle(bundle, "cpu")
+        reference[tta] = predictor.predict(volume, volume=True), predictor.predict(volume[:4])
+        assert reference[tta][0].shape == (len(volume), NATIVE, NATIVE) and reference[tta][0].any()
 
-    export_onnx(bundle, tmp_path / "model.onnx")
-    edge = OnnxPredictor(tmp_path / "model.onnx")
-    assert edge.tta == tta
-    assert (edge.predict(volume, volume=True) == ref_volume).mean() >= 0.9999
-    assert (edge.predict(volume[:4]) == ref_slices).mean() >= 0.9999
+        export_onnx(bundle, tmp_path / f"{tta}.onnx")
+        edge = OnnxPredictor(tmp_path / f"{tta}.onnx")
+        assert edge.tta == tta
+        assert (edge.predict(volume, volume=True) == reference[tta][0]).mean() >= 0.9999
+        assert (edge.predict(volume[:4]) == reference[tta][1]).mean() >= 0.9999
 
-    with serving({"/": ServeSettings(bundle=str(bundle))}) as urls:
-        url = urls["/"]
-        info = httpx.get(f"{url}/v1/model", timeout=30).json()
-        assert info["tta"] == tta and info["image_size"] == [TRAINED, TRAINED]
-        assert info["metrics"]["val"]["dsc_volume"] >= 0
-        r = httpx.post(f"{url}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
-                       headers={"Content-Type": codecs.NPY}, timeout=120)
-        assert r.status_code == 200, r.text
-        assert np.array_equal(read_npy(r.content) > 0, ref_volume > 0)
-        for i in range(4):
-            r = httpx.post(f"{url}/v1/segment", content=codecs.encode_npy(volume[i]), params={"format": "npy"},
-                           headers={"Content-Type": codecs.NPY}, timeout=60)
+        archive = build_archive(bundle, tmp_path / f"{tta}.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp_path / tta, filter="data")
+        (tmp_path / f"{tta}.npy").write_bytes(codecs.encode_npy(volume))
+        spec = [{"body": str(tmp_path / f"{tta}.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
+        (tmp_path / f"{tta}.json").write_text(json.dumps(spec))
+        run_container(tmp_path / tta, tmp_path / f"{tta}.json", tmp_path, {})
+        assert np.array_equal(read_npy((tmp_path / f"{tta}.npy.out").read_bytes()) > 0, reference[tta][0] > 0)
+
+    apps = {f"/{tta}": ServeSettings(bundle=str(bundle)) for tta, bundle in bundles.items()}
+    with serving(apps) as urls:
+        for tta, (ref_volume, ref_slices) in reference.items():
+            url = urls[f"/{tta}"]
+            info = httpx.get(f"{url}/v1/model", timeout=30).json()
+            assert info["tta"] == tta and info["image_size"] == [TRAINED, TRAINED]
+            assert info["metrics"]["val"]["dsc_volume"] >= 0
+            r = httpx.post(f"{url}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
+                           headers={"Content-Type": codecs.NPY}, timeout=120)
             assert r.status_code == 200, r.text
-            assert np.array_equal(read_npy(r.content) > 0, ref_slices[i] > 0)
-
-    archive = build_archive(bundle, tmp_path / "model.tar.gz")
-    model_dir = tmp_path / "model"
-    with tarfile.open(archive) as tar:
-        tar.extractall(model_dir, filter="data")
-    (tmp_path / "vol.npy").write_bytes(codecs.encode_npy(volume))
-    spec = [{"body": str(tmp_path / "vol.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    run_container(model_dir, tmp_path / "spec.json", tmp_path, {})
-    assert np.array_equal(read_npy((tmp_path / "vol.npy.out").read_bytes()) > 0, ref_volume > 0)
+            assert np.array_equal(read_npy(r.content) > 0, ref_volume > 0)
+            for i in range(4):
+                r = httpx.post(f"{url}/v1/segment", content=codecs.encode_npy(volume[i]), params={"format": "npy"},
+                               headers={"Content-Type": codecs.NPY}, timeout=60)
+                assert r.status_code == 200, r.text
+                assert np.array_equal(read_npy(r.content) > 0, ref_slices[i] > 0)
 
 
 def test_tta_and_postprocessing_left_out_unless_they_raise_val(trained, monkeypatch):
