@@ -106,7 +106,7 @@ def train_distributed(
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from core.train import write_metrics_csv
+    from core.io import write_csv
 
     out = Path(out).resolve()
     if not ray.is_initialized():
@@ -138,7 +138,7 @@ def train_distributed(
         raise RuntimeError("Ray Train finished without a result from rank 0")
     with atomic_dir(out / "best") as tmp:
         _write_files(tmp, returned["bundle"])
-    write_metrics_csv(out / "metrics.csv", returned["history"])
+    write_csv(out / "metrics.csv", returned["history"])
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d, atomic_dir(out / "checkpoint") as tmp:
             shutil.copytree(Path(d) / "trainer", tmp, dirs_exist_ok=True)

@@ -6,13 +6,21 @@ to the data's own; the Predictor does the same per request. One set of matrices 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from core.inference.slices import resize_matrix
 
 
 def _matrix(in_size: int, out_size: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(resize_matrix(in_size, out_size)).to(device=like.device, dtype=torch.float32)
+    return _device_matrix(in_size, out_size, like.device)
+
+
+@lru_cache(maxsize=64)
+def _device_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """Built and copied to the device once per size pair, not once per batch."""
+    return torch.from_numpy(resize_matrix(in_size, out_size)).to(device=device, dtype=torch.float32)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""`python -m core train --data PREPARED --out RUN [options]`: one Trainer run with checkpoints and a bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.bundle import split_hash
+from core.config import add_arguments, from_args
+from core.data.arrays import load_split_info
+from core.io import write_csv, write_json
+from core.train import EpochResult, Trainer
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one model on a prepared directory",
+        description="Train one model; writes RUN/metrics.csv per epoch, RUN/checkpoint/, RUN/best/ (bundle).",
+    )
+    p.add_argument("--data", required=True, type=Path, help="prepared directory (python -m core data prepare)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    p.add_argument("--name", default="gliomaseg", help="bundle name (default: gliomaseg)")
+    add_arguments(p)
+    p.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """`python -m core train --data PREPARED --out RUN [options]`."""
+    from tqdm.auto import tqdm
+
+    cfg = from_args(args)
+    out, data = Path(args.out), Path(args.data)
+    info = load_split_info(data)
+    checkpoint_dir = out / "checkpoint"
+    if checkpoint_dir.exists() and not args.resume:
+        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
+    if args.resume and not checkpoint_dir.exists():
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint to resume from")
+    write_json(out / "config.json", {**cfg.to_dict(), "data": str(data.resolve()), "split_hash": split_hash(info)})
+    if cfg.workers > 1:
+        from core.distributed import train_distributed  # lazily: Ray only for multi-worker runs
+
+        best = train_distributed(cfg, data, out, name=args.name, resume=args.resume)
+    else:
+        trainer = Trainer.from_prepared(cfg, data)
+        if args.resume:
+            trainer.load_checkpoint(checkpoint_dir)
+        bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc="train", unit="epoch")
+
+        def on_epoch(result: EpochResult, tr: Trainer) -> None:
+            write_csv(out / "metrics.csv", tr.history)  # rewritten whole: stays right across resumes
+            tr.save_checkpoint(checkpoint_dir)
+            m = result.metrics
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['train_loss']:.3f}", dsc=f"{m['dsc_volume']:.3f}",
+                            best=f"{tr.best_metric:.3f}@{tr.best_epoch}")
+
+        try:
+            trainer.fit(on_epoch)
+        finally:
+            bar.close()
+        trainer.export_bundle(out / "best", name=args.name)
+        best = trainer.best_metrics()
+    shown = ", ".join(f"{k}={best[k]:.4f}" for k in ("dsc_volume", "dice_tumour", "dice_all") if k in best)
+    print(f"best epoch {best.get('epoch')}: {shown}; bundle: {out / 'best'}")
+    return 0
