@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine_info, write_result  # noqa: E402
-from core.bundle import load_bundle, save_bundle, split_hash  # noqa: E402
+from core.bundle import load_bundle, save_bundle  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
-from core.data.arrays import load_split_info  # noqa: E402
+from core.data.arrays import load_split_info, split_hash  # noqa: E402
 from core.io import read_json, write_json  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-split.json"

@@ -7,7 +7,6 @@ a sha256 per other file (``files``) and loading checks them; a bundle may live a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,14 +18,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.inference.bundle_uri import FILES_KEY, hash_files, is_remote, listed_files, resolve_bundle, verify_files
+from core.inference.bundle_uri import (
+    CONFIG,
+    FILES_KEY,
+    METRICS,
+    WEIGHTS,
+    hash_files,
+    is_remote,
+    listed_files,
+    resolve_bundle,
+    verify_files,
+)
 from core.io import atomic_dir, read_json, write_json
 from core.models import build_model
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "gliomaseg-bundle/1"
-WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
 
 @dataclass
@@ -140,9 +148,3 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.to(device).eval()
     return Bundle(model=model, config=config, metrics=metrics, path=path)
-
-
-def split_hash(split: dict[str, Any]) -> str:
-    """A stable hash of which patients are in which split, recorded in the bundle."""
-    patients = {k: sorted(v) for k, v in split.get("patients", {}).items()}
-    return hashlib.sha256(json.dumps(patients, sort_keys=True).encode()).hexdigest()[:16]

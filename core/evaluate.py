@@ -9,19 +9,25 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.cli import add_predictor_arguments
 from core.data.arrays import SplitArrays, load_split, load_split_info
-from core.inference.predictor import Predictor, add_predictor_arguments
 from core.io import write_csv, write_json
 from core.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
+
+if TYPE_CHECKING:
+    from core.inference.predictor import Predictor
 
 GALLERY = 6  # slices in the worst / best galleries
 
 
 def _as_predictor(predictor: Predictor | str | os.PathLike, device: str = "auto") -> Predictor:
+    # Imported here, not at the top: the `python -m core` commands that need no model start without torch.
+    from core.inference.predictor import Predictor
+
     return predictor if isinstance(predictor, Predictor) else Predictor.from_bundle(predictor, device)
 
 
@@ -123,6 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    from core.inference.predictor import Predictor
+
     predictor = Predictor.from_args(args)
     classes = max(1, len(predictor.config["class_names"]) - 1)
     if args.data is not None:

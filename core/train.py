@@ -24,9 +24,9 @@ from monai.losses import DiceCELoss, DiceFocalLoss
 
 from core import checkpoint as ckpt
 from core.augment import augment_batch, settings_from_config
-from core.bundle import make_bundle_config, save_bundle, split_hash
+from core.bundle import make_bundle_config, save_bundle
 from core.config import TrainConfig
-from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.inference.resize import resize
 from core.inference.selection import ValSplit, choose_inference
 from core.loader import DeviceDataset

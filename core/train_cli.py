@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from core.bundle import split_hash
 from core.config import add_arguments, from_args
-from core.data.arrays import load_split_info
+from core.data.arrays import load_split_info, split_hash
 from core.io import write_csv, write_json
-from core.train import EpochResult, Trainer
+
+if TYPE_CHECKING:
+    from core.train import EpochResult, Trainer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def train_command(args: argparse.Namespace) -> int:
     """`python -m core train --data PREPARED --out RUN [options]`."""
     from tqdm.auto import tqdm
+
+    from core.train import Trainer  # here, not at the top: `python -m core data ...` starts without torch
 
     cfg = from_args(args)
     out, data = Path(args.out), Path(args.data)

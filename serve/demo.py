@@ -8,7 +8,9 @@ writes the masks, overlays, ``model.json`` and ``summary.json`` under DIR, and s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import random
 import socket
 import sys
 import time
@@ -19,6 +21,12 @@ from core.io import write_json
 
 
 def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+): a port the OS hands out now may be taken by one
+    of the many processes Ray starts before the HTTP proxy binds it ("Address already in use")."""
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -2,7 +2,8 @@
 
 With both cores busy (a training run beside the server), Serve's defaults give up too early: the
 controller kills an HTTP proxy whose ``ready()`` has not answered within 5 s (then 10, 15 s, ...), and
-``serve.start`` then raises ActorDiedError although the proxy was only slow to start its worker process.
+``serve.start`` then raises ActorDiedError although the proxy was only slow to start its worker process;
+and Ray's workers run at niceness +15, so the replicas get almost no CPU beside a training at niceness 0.
 ``apply_env_defaults`` raises those limits (only where the user has not set them) before Ray starts, and
 ``bring_up`` waits for the controller, the proxy, every deployment and the HTTP endpoint within one
 deadline, failing with a message saying which of them did not come up and what Serve reported about it.
@@ -31,6 +32,10 @@ ENV_DEFAULTS = {
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
     # The raylet kills a worker process that has not registered within this time (default 60 s).
     "RAY_worker_register_timeout_seconds": "180",
+    # Ray starts worker processes at niceness +15, so a training at niceness 0 beside the server takes
+    # ~97% of each core from the replicas and their start-up stalls for many minutes; a server is a
+    # foreground job (Ray's job manager likewise runs drivers at niceness 0).
+    "RAY_worker_niceness": "0",
 }
 DEFAULT_START_TIMEOUT_S = 300.0
 

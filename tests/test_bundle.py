@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.bundle import load_bundle, make_bundle_config, save_bundle, split_hash
+from core.bundle import load_bundle, make_bundle_config, save_bundle
 from core.config import TrainConfig
-from core.data.arrays import load_split, load_split_info
+from core.data.arrays import load_split, load_split_info, split_hash
 from core.inference.predictor import Predictor
 from core.models import build_model
 from core.train import Trainer

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -287,38 +284,6 @@ def test_builder_settings_and_cli_validation(ray_session, bundle: Path, tmp_path
     os.environ.pop("GLIOMASEG_UNSET_TOKEN", None)
     argv = [*run, str(bundle), "--token-env", "GLIOMASEG_UNSET_TOKEN"]
     assert dispatch("python -m serve", "", MY_COMMANDS, argv) == 2
-
-
-@pytest.mark.slow
-def test_run_command_serves_until_sigterm(bundle: Path, tmp_path: Path) -> None:
-    """`python -m serve run` on its own local Ray: serves, then exits 0 and frees the port on SIGTERM."""
-    from serve.demo import free_port
-
-    port, root = free_port(), Path(__file__).resolve().parents[1]
-    env = {**os.environ, "GLIOMASEG_RUN_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "serve", "run", "--bundle", str(bundle), "--port", str(port), "--address", "local",
-           "--token-env", "GLIOMASEG_RUN_TOKEN", "--max-batch-size", "4"]
-    with (tmp_path / "log").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 150
-            while time.monotonic() < deadline and proc.poll() is None:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.5)
-            assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
-            assert httpx.get(f"{url}/v1/model").status_code == 401
-            info = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-            assert info["serving"]["max_batch_size"] == 4 and info["device"] == "cpu"
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=90) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert "shutting down" in (tmp_path / "log").read_text()
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{url}/healthz", timeout=2)
 
 
 def test_serve_build_writes_a_deploy_config(bundle: Path, tmp_path: Path) -> None:

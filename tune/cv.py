@@ -26,9 +26,8 @@ import numpy as np
 import yaml
 from ray import tune
 
-from core.bundle import split_hash
 from core.config import TrainConfig
-from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.prepare import fold_patients
 from core.inference.ensemble import build_ensemble_bundle
 from core.io import read_json, write_json

@@ -18,7 +18,6 @@ from core.config import TrainConfig
 from core.data.arrays import SplitArrays
 from core.io import write_csv, write_json
 from core.metrics import METRIC_KEYS, MINIMISED, worst_value
-from core.train import Trainer
 from tune.trainable import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
 
 log = logging.getLogger(__name__)
@@ -117,6 +116,8 @@ def export_trial(
 ) -> Path:
     """A trial's bundle from one of its checkpoints (which carry the best epoch's weights so far)."""
     cfg = TrainConfig.from_dict(config)
+    from core.train import Trainer  # here: `python -m tune report|--help` starts without torch
+
     # The driver may have no GPU (or share one with finishing trials): export on what it has.
     trainer = Trainer(cfg.replace(device="auto"), train, val, info)
     trainer.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_DIR)

@@ -22,9 +22,8 @@ import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from core.bundle import split_hash
 from core.config import METRICS
-from core.data.arrays import load_split, load_split_info
+from core.data.arrays import load_split, load_split_info, split_hash
 from core.io import read_json, write_json
 from core.metrics import MINIMISED
 from tune import results

@@ -11,14 +11,16 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
 from core.metrics import MINIMISED
-from core.train import EpochResult, Trainer
+
+if TYPE_CHECKING:
+    from core.train import EpochResult, Trainer
 
 # Reported on every result; the leaderboard reads the last one to tell why a trial ended.
 RUNNING, COMPLETED, PATIENCE, DIVERGED = "running", "completed", "patience", "diverged"
@@ -68,6 +70,8 @@ def train_trial(
     """Train one configuration; Tune passes ``config``, with_parameters the rest."""
     # Ray logs every persisted checkpoint at INFO; one per epoch per trial drowns the driver's output.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    from core.train import Trainer  # here: the tune commands that train nothing start without torch
+
     cfg = TrainConfig.from_dict(config)
     trainer = Trainer(cfg, train, val, split_info)
     checkpoint = tune.get_checkpoint()

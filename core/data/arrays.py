@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,3 +71,9 @@ def save_split(folder: Path, arrays: SplitArrays) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
         np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(arrays, name)), allow_pickle=False)
+
+
+def split_hash(split: dict[str, Any]) -> str:
+    """A stable hash of which patients are in which split, recorded in the bundle."""
+    patients = {k: sorted(v) for k, v in split.get("patients", {}).items()}
+    return hashlib.sha256(json.dumps(patients, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,8 +18,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from core.bundle import split_hash
-from core.data.arrays import SPLITS, SplitArrays, save_split
+from core.data.arrays import SPLITS, SplitArrays, save_split, split_hash
 from core.io import atomic_dir, read_json, write_json
 
 SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<k>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)

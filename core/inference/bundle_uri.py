@@ -22,7 +22,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
+# A bundle's files (core.bundle writes them); here so that reading a bundle needs no torch.
+WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 FILES_KEY = "files"
 _CHUNK = 1 << 20
 

@@ -11,12 +11,16 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from core.cli import add_predictor_arguments
 from core.codecs import encode_mask_png, encode_overlay_png, mask_scale, read_file
-from core.inference.predictor import Predictor, add_predictor_arguments
 from core.io import atomic_write_bytes, write_csv
+
+if TYPE_CHECKING:
+    from core.inference.predictor import Predictor
 
 SUFFIXES = (".tif", ".tiff", ".png")
 _NUMBER = re.compile(r"(\d+)$")
@@ -124,6 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def predict_command(args: argparse.Namespace) -> int:
+    from core.inference.predictor import Predictor  # here: `python -m core` starts without torch
+
     predictor = Predictor.from_args(args)
     rows = run(predictor, list(args.inputs), Path(args.out))
     tumour = sum(1 for r in rows if int(r["tumour_pixels"]) > 0)  # type: ignore[call-overload]

@@ -18,15 +18,7 @@ from core.inference.resize import resize
 from core.inference.slices import Images, SlicePredictor, as_slices
 from core.runtime import autocast, resolve_device
 
-__all__ = ["Images", "Predictor", "add_predictor_arguments", "as_slices"]
-
-
-def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
-    # A string, not a Path: Path("s3://b/p") would collapse the "//" and lose the scheme.
-    parser.add_argument("--bundle", required=True, type=str,
-                        help="bundle directory (e.g. RUN/best) or s3://bucket/prefix (fetched once per node, checked)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+__all__ = ["Images", "Predictor", "as_slices"]
 
 
 class Predictor(SlicePredictor):
@@ -46,7 +38,7 @@ class Predictor(SlicePredictor):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Predictor:
-        """From the options ``add_predictor_arguments`` adds (the core evaluate/predict commands)."""
+        """From the options ``add_predictor_arguments`` adds (core.cli; the core evaluate/predict commands)."""
         return cls.from_bundle(args.bundle, args.device, args.batch_size)
 
     def info(self) -> dict[str, Any]:

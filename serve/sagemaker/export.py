@@ -27,8 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from core.bundle import CONFIG, METRICS, WEIGHTS, load_bundle
-from core.inference.bundle_uri import FILES_KEY, resolve_bundle
+from core.inference.bundle_uri import CONFIG, FILES_KEY, METRICS, WEIGHTS, resolve_bundle
 from core.io import atomic_write_bytes
 
 VENDOR = "gliomaseg_core"
@@ -142,6 +141,8 @@ def requirements_text(extra: Iterable[str] = ()) -> str:
 def archive_members(bundle: str | os.PathLike, extra_requirements: Iterable[str] = ()) -> dict[str, bytes]:
     """Archive path -> bytes. Loads the bundle once so a broken bundle fails here, not on the endpoint."""
     bundle = resolve_bundle(bundle)  # an s3:// bundle is fetched into the node's cache (and checked) first
+    from core.bundle import load_bundle  # here: `python -m serve` starts without torch
+
     loaded = load_bundle(bundle, "cpu")
     members: dict[str, bytes] = {CONFIG: (bundle / CONFIG).read_bytes()}
     if (bundle / WEIGHTS).is_file():  # an ensemble has one weights file per member instead (listed below)
