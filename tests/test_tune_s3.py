@@ -14,6 +14,7 @@ from tune_support import TINY_NET
 from tune.search import SearchOptions, run_search
 
 BUCKET, PREFIX, NAME = "gliomaseg-test", "sweeps", "s3run"
+SAMPLES = 2
 TINY = {**TINY_NET, "oversample": 0.5, "lr": {"loguniform": [1.0e-4, 3.0e-2]}}
 
 
@@ -38,7 +39,7 @@ def test_search_on_s3_resumes_from_s3_and_reports(ray_session, prepared_dir, tmp
     from tune.report import make_report
 
     monkeypatch.setenv("GLIOMASEG_CACHE", str(tmp_path / "cache-a"))
-    opts = dict(data=prepared_dir, name=NAME, storage=f"s3://{BUCKET}/{PREFIX}", num_samples=3, max_epochs=2,
+    opts = dict(data=prepared_dir, name=NAME, storage=f"s3://{BUCKET}/{PREFIX}", num_samples=SAMPLES, max_epochs=2,
                 scheduler="none", fixed=dict(TINY), verbose=0)
     info = run_search(SearchOptions(**opts))
     assert info["storage"] == f"s3://{BUCKET}/{PREFIX}/{NAME}"
@@ -48,7 +49,7 @@ def test_search_on_s3_resumes_from_s3_and_reports(ray_session, prepared_dir, tmp
                  "best/config.json", "ray/tuner.pkl"):
         assert name in stored, sorted(stored)
     trial_ids = {k.split("/")[1][len("trial_"):] for k in stored if k.startswith("ray/trial_")}
-    assert len(trial_ids) == 3
+    assert len(trial_ids) == SAMPLES
     assert any(k.endswith("checkpoint/state.safetensors") for k in stored)
     results_before = {t: read(s3, f"{run}ray/trial_{t}/result.json") for t in trial_ids}
     assert not (tmp_path / "runs").exists()  # nothing of the run outside S3 and the driver's cache
@@ -56,7 +57,7 @@ def test_search_on_s3_resumes_from_s3_and_reports(ray_session, prepared_dir, tmp
     # Resume on a "different machine": an empty local cache, everything comes back from S3.
     shutil.rmtree(tmp_path / "cache-a")
     info2 = run_search(SearchOptions(**opts, resume=True))
-    assert info2["trials"] == 3
+    assert info2["trials"] == SAMPLES
     rows = list(csv.DictReader(io.StringIO(read(s3, f"{run}leaderboard.csv"))))
     assert {r["trial_id"] for r in rows} == trial_ids
     assert all(r["stop_reason"] == "completed" for r in rows)

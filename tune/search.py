@@ -127,9 +127,8 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         run_info = read_json(storage.local / "run.json")
         if run_info.get("split_hash") != split_hash(info):
             log.warning("%s: resuming on a different data split than the run started with", data)
-        torn = storage.set_aside_torn_snapshots()
-        if torn:
-            log.warning("set aside Ray snapshots cut short by the interruption: %s", ", ".join(torn))
+        for name, action in storage.repair_torn_snapshots().items():
+            log.warning("Ray snapshot %s was cut short by the interruption: %s", name, action)
         tuner = tune.Tuner.restore(
             storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
             storage_filesystem=storage.fs,
@@ -250,8 +249,7 @@ def _run_config(opts: SearchOptions, storage: RunStorage, mode: str) -> Any:
     # Explicit result loggers: the leaderboard and learning curves read them, and Tune's automatic
     # ones can be switched off by environment (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS).
     callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback()]
-    if storage.remote:
-        callbacks.append(PushStudy(storage))
+    callbacks.append(PushStudy(storage) if storage.remote else KeepWholeSnapshot(storage))
     return tune.RunConfig(
         name="ray",
         storage_path=storage.ray_storage_path,
@@ -264,6 +262,22 @@ def _run_config(opts: SearchOptions, storage: RunStorage, mode: str) -> Any:
         callbacks=callbacks,
         verbose=opts.verbose,
     )
+
+
+class KeepWholeSnapshot(tune.Callback):
+    """Keeps a whole copy of Ray's newest experiment snapshot beside it (local runs).
+
+    Tune saves its snapshot files and then asks the callbacks for their state, so at that moment the files
+    are whole: copying them then gives ``--resume`` a snapshot one event old to fall back on where a kill
+    tore the newest (RunStorage.repair_torn_snapshots). On S3 the driver uploads only whole files.
+    """
+
+    def __init__(self, storage: RunStorage) -> None:
+        self.storage = storage
+
+    def get_state(self) -> None:
+        self.storage.keep_whole_snapshot()
+        return None  # nothing of its own to save
 
 
 class PushStudy(tune.Callback):

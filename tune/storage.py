@@ -22,6 +22,9 @@ import pyarrow.fs as pafs
 RAY_DIR = "ray"  # Ray's experiment directory inside the run
 STUDY_DB = "optuna.db"
 SNAPSHOT_PREFIX = "experiment_state-"  # Ray's experiment snapshots: experiment_state-<time>.json
+# The searcher's files saved with each snapshot, under the same <time> (the driver session's start).
+SEARCHER_FILES = ("search_gen_state-{}.json", "searcher-state-{}.pkl", "basic-variant-state-{}.json")
+WHOLE_SUFFIX = ".whole"
 DRIVER_FILES = (STUDY_DB, "leaderboard.csv", "history.json", "run.json")
 
 
@@ -96,29 +99,51 @@ class RunStorage:
     def experiment_path(self) -> str:
         return f"{self.ray_storage_path}/{RAY_DIR}"
 
-    def set_aside_torn_snapshots(self) -> list[str]:
-        """Rename Ray's newest experiment snapshots to ``*.torn`` while they are not whole files.
+    def keep_whole_snapshot(self) -> None:
+        """Copy the newest snapshot group to ``<name>.whole`` (local runs; see KeepWholeSnapshot).
+
+        The searcher's files go first and the experiment state last, each through a temporary file and a
+        rename, so a kill while copying leaves every copy whole and the searcher at most one event ahead
+        of the experiment state (which resume tolerates: a study ahead of Ray's state).
+        """
+        if self.remote:
+            return
+        base = Path(self.experiment_path)
+        groups = snapshot_groups({p.name for p in base.iterdir()}) if base.is_dir() else []
+        if not groups:
+            return
+        for name in sorted(groups[0][1], key=lambda n: n.startswith(SNAPSHOT_PREFIX)):  # experiment state last
+            tmp = base / f".{name}{WHOLE_SUFFIX}.tmp"
+            shutil.copyfile(base / name, tmp)
+            os.replace(tmp, base / f"{name}{WHOLE_SUFFIX}")
+
+    def repair_torn_snapshots(self) -> dict[str, str]:
+        """Mend Ray's newest experiment snapshot where a killed driver left it torn; name -> what was done.
 
         Ray writes its experiment state in place, so a driver killed mid-write leaves a truncated
-        snapshot, and Tuner.restore takes the newest one: it would resume with trials missing. Setting
-        torn ones aside makes it resume from the last whole snapshot (finished trials re-report from
-        their checkpoints). Returns the names set aside.
+        snapshot, and Tuner.restore takes the newest one: it would resume with trials missing. A torn
+        group is renamed ``*.torn`` and replaced by its whole copy (one event behind: the trials resume
+        from the checkpoints it names, which still exist). Without a copy (runs on S3, or written before
+        copies were kept) it is only set aside, so Ray resumes from an older driver session's snapshot,
+        whose checkpoints may have been deleted since.
         """
         fs = self.fs or pafs.LocalFileSystem()
         base = self.experiment_path
         names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))}
-        stamps = sorted((n[len(SNAPSHOT_PREFIX):-len(".json")] for n in names
-                         if n.startswith(SNAPSHOT_PREFIX) and n.endswith(".json")), reverse=True)
-        moved: list[str] = []
-        for stamp in stamps:
-            group = [n for n in (f"{SNAPSHOT_PREFIX}{stamp}.json", f"search_gen_state-{stamp}.json",
-                                 f"searcher-state-{stamp}.pkl") if n in names]
+        done: dict[str, str] = {}
+        for _, group in snapshot_groups(names):
             if all(_whole(fs, f"{base}/{n}") for n in group):
                 break
+            copies = [f"{n}{WHOLE_SUFFIX}" for n in group]
+            restore = all(c in names for c in copies) and all(_whole(fs, f"{base}/{c}") for c in copies)
             for n in group:
                 fs.move(f"{base}/{n}", f"{base}/{n}.torn")
-            moved += group
-        return moved
+                if restore:
+                    fs.copy_file(f"{base}/{n}{WHOLE_SUFFIX}", f"{base}/{n}")
+                done[n] = "restored from its whole copy" if restore else "set aside"
+            if restore:
+                break
+        return done
 
     @property
     def study_url(self) -> str:
@@ -168,6 +193,14 @@ class RunStorage:
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
             pafs.copy_files(src, str(dest), source_filesystem=self.fs)
+
+
+def snapshot_groups(names: set[str]) -> list[tuple[str, list[str]]]:
+    """(time, files) of each of Ray's snapshots among ``names``, newest first."""
+    stamps = sorted((n[len(SNAPSHOT_PREFIX):-len(".json")] for n in names
+                     if n.startswith(SNAPSHOT_PREFIX) and n.endswith(".json")), reverse=True)
+    return [(stamp, [n for n in (f"{SNAPSHOT_PREFIX}{stamp}.json", *(t.format(stamp) for t in SEARCHER_FILES))
+                     if n in names]) for stamp in stamps]
 
 
 def _whole(fs: pafs.FileSystem, path: str) -> bool:
