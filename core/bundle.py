@@ -129,17 +129,16 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise ValueError(f"{path / CONFIG}: not valid JSON ({exc})") from exc
     if config.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    ensemble = "members" in config  # an ensemble keeps one weights file per member instead
-    if not ensemble and not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path / WEIGHTS}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
     files = listed_files(config, str(path))
-    if files is None:
+    if files is None:  # written before hashes were recorded: one network (ensembles came with the hashes)
+        if not (path / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path / WEIGHTS}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
         log.info("%s: no file hashes in %s (written before they were recorded); loading it unchecked", path, CONFIG)
-    elif not remote:  # resolve_bundle has just checked a fetched copy
+    elif not remote:  # resolve_bundle has just checked a fetched copy; verify_files names a missing file
         verify_files(path, files)
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
     model = build_from_config(config)
-    if ensemble:
+    if "members" in config:  # an ensemble keeps one weights file per member
         from core.inference.ensemble import load_ensemble_weights
 
         load_ensemble_weights(model, path, config)  # type: ignore[arg-type]

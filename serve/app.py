@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from core.inference.bundle_uri import is_remote, listed_files, read_config
+from core.inference.bundle_uri import WEIGHTS, is_remote, listed_files, read_config
 from serve.ingress import Ingress
 from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
 
@@ -190,8 +190,8 @@ def check_bundle(bundle: str) -> None:
     config = read_config(bundle)
     if is_remote(bundle):
         return
-    names = listed_files(config, bundle) or ({} if "members" in config else {"model.safetensors": ""})
-    for name in names:
+    # The files config.json lists; a bundle from before the hashes is one network with its weights.
+    for name in listed_files(config, bundle) or {WEIGHTS: ""}:
         if not (Path(bundle) / name).is_file():
             raise FileNotFoundError(f"{Path(bundle) / name}: missing; --bundle must be a bundle directory "
                                     "or s3://bucket/prefix")

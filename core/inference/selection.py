@@ -34,9 +34,13 @@ class ValSplit:
         return segmentation_metrics(pred, self.truth, self.patients, self.class_names)
 
 
-def choose_postprocess(raw: np.ndarray, val: ValSplit) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
-    """Best post-processing by val ``dsc_volume``; ``NO_POSTPROCESS`` unless one strictly helps."""
-    base = val.metrics(raw)
+def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | None = None,
+                       ) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
+    """Best post-processing by val ``dsc_volume``; ``NO_POSTPROCESS`` unless one strictly helps.
+
+    ``base`` is ``val.metrics(raw)`` where the caller has it already.
+    """
+    base = val.metrics(raw) if base is None else base
     best, best_metrics, search = dict(NO_POSTPROCESS), base, []
     for largest, area in POSTPROCESS_GRID:
         settings = {"largest_component": largest, "min_area": area}
@@ -61,8 +65,9 @@ def choose_inference(
     ``flipped=None`` leaves TTA out; ``postprocess=False`` leaves post-processing out.
     """
     candidates = {"none": raw} if flipped is None else {"none": raw, "flip": flipped}
+    plain = {mode: val.metrics(pred) for mode, pred in candidates.items()}  # each scored once
     chosen = {
-        mode: choose_postprocess(pred, val) if postprocess else (dict(NO_POSTPROCESS), val.metrics(pred), [])
+        mode: choose_postprocess(pred, val, plain[mode]) if postprocess else (dict(NO_POSTPROCESS), plain[mode], [])
         for mode, pred in candidates.items()
     }
     tta = "none"
@@ -70,7 +75,7 @@ def choose_inference(
         tta = "flip"
     settings, metrics, search = chosen[tta]
     entries = {
-        "val": metrics, "val_raw": val.metrics(raw), "val_postprocessed": chosen["none"][1],
+        "val": metrics, "val_raw": plain["none"], "val_postprocessed": chosen["none"][1],
         "tta": tta, "postprocess": settings, "postprocess_search": search,
         "tta_search": {mode: c[1]["dsc_volume"] for mode, c in chosen.items()},
     }
