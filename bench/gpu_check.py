@@ -72,7 +72,7 @@ def train(args: argparse.Namespace, prepared: Path, out: Path) -> tuple[dict[str
 
     from core.data.arrays import load_split, load_split_info
     from core.runtime import autocast
-    from core.train import Trainer
+    from core.training.trainer import Trainer
 
     cfg = train_config(args, args.epochs, args.seed)
     trainer = Trainer(cfg, capped(load_split(prepared, "train"), args.train_slices), load_split(prepared, "val"),
@@ -109,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from core.train import Trainer
+    from core.training.trainer import Trainer
 
     prepared = Path(args.prepared)
     trainer = Trainer(train_config(args, args.trial_epochs + 1, args.seed),

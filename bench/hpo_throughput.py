@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from core.config import TrainConfig
-    from core.train import Trainer
+    from core.training.trainer import Trainer
 
     prepared = Path(args.prepared)
     cfg = TrainConfig(arch=args.arch, filters=args.filters, batch_size=16, epochs=args.epochs + 1, patience=0,

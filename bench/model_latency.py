@@ -51,8 +51,8 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
     import torch
 
     from core.bundle import load_bundle
-    from core.models import count_parameters
     from core.runtime import autocast
+    from core.training.models import count_parameters
     from serve.onnx_export import ProbabilityModel, export_onnx
     from serve.quantize import calibration_images, model_inputs, quantize_int8
     path = random_bundle("latency", arch, args.filters, args.size)
@@ -148,9 +148,9 @@ def measure_arch(args: argparse.Namespace, arch: str, sizes: list[int], load: Lo
 
 def int8_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     """fp32 vs INT8 export of --bundle, each segmenting every patient of --val's val split (3D post-processing
-    on), scored with core.metrics; plus how far the two sets of masks agree."""
+    on), scored with core.evaluation.metrics; plus how far the two sets of masks agree."""
     from core.data.arrays import load_split
-    from core.metrics import segmentation_metrics
+    from core.evaluation.metrics import segmentation_metrics
     from serve.edge import OnnxPredictor
     from serve.onnx_export import export_onnx
 

@@ -41,7 +41,7 @@ from common import (
     timed_repeats,
 )
 
-from core.codecs import encode_npy, encode_png
+from core.formats.codecs import encode_npy, encode_png
 from serve.demo import free_port
 
 

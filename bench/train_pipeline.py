@@ -67,8 +67,8 @@ def make_step(args: argparse.Namespace, device: Any) -> Callable[[Any, Any], Non
     import torch
     from monai.losses import DiceFocalLoss
 
-    from core.models import build_model
     from core.runtime import autocast
+    from core.training.models import build_model
 
     torch.manual_seed(args.seed)
     net = build_model(args.arch, 3, 1, args.filters, 0.02).to(device).train()
@@ -90,9 +90,9 @@ def make_step(args: argparse.Namespace, device: Any) -> Callable[[Any, Any], Non
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from core.augment import AugmentSettings, augment_batch
     from core.data.arrays import load_split, load_split_info
-    from core.loader import DeviceDataset
+    from core.training.augment import AugmentSettings, augment_batch
+    from core.training.loader import DeviceDataset
 
     load = LoadSampler()
     device = torch.device(args.device)

@@ -29,8 +29,9 @@ from core.inference.bundle_uri import (
     resolve_bundle,
     verify_files,
 )
+from core.inference.ensemble_net import build_ensemble, load_ensemble_weights
 from core.io import atomic_dir, read_json, write_json
-from core.models import build_model
+from core.training.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
     """The network a bundle config describes (weights not loaded): one architecture, or an ensemble."""
     args = config["model_args"]
     if "members" in config:
-        from core.inference.ensemble import build_ensemble
-
         multiclass = int(args["out_channels"]) > 1
         return build_ensemble(config["members"], multiclass, float(config["normalisation"]["scale"]))
     return build_model(config["arch"], args["in_channels"], args["out_channels"], args["filters"], args["dropout"])
@@ -139,8 +138,6 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
     model = build_from_config(config)
     if "members" in config:  # an ensemble keeps one weights file per member
-        from core.inference.ensemble import load_ensemble_weights
-
         load_ensemble_weights(model, path, config)  # type: ignore[arg-type]
     else:
         state = load_file(str(path / WEIGHTS))

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from core.evaluation.metrics import segmentation_metrics
+
 # Light imports only: the read and write tasks load this module, and must not pay for torch.
-from core.codecs import EXTENSIONS, decode, encode_tiff, mask_scale
+from core.formats.codecs import EXTENSIONS, decode, encode_tiff, mask_scale
 from core.inference.bundle_uri import read_config
-from core.metrics import segmentation_metrics
 from serve import batch_report as report
 from serve.batch_store import MARKER, Store, worker_env
 
@@ -82,7 +83,7 @@ def plan(src: Store) -> list[dict[str, Any]]:
 
 
 def _decode(name: str, data: bytes) -> np.ndarray:
-    """(H,W,3) uint8 from one slice file, by core.codecs' rules (uint16 rescaled, grey to 3 channels)."""
+    """(H,W,3) uint8 from one slice file, by core.formats.codecs' rules (uint16 rescaled, grey to 3 channels)."""
     pages = decode(data, EXTENSIONS.get(PurePosixPath(name).suffix.lower(), ""), volume=True,
                    max_size=MAX_SIZE, max_pages=64, max_pixels=64 * MAX_SIZE * MAX_SIZE)
     if len(pages) != 1:

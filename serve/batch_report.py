@@ -14,7 +14,7 @@ CSV_COLUMNS = ["patient", "status", "slices", "tumour_slices", "tumour_voxels", 
 
 
 def combine_metrics(records: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Cohort metrics from each patient's ``core.metrics.segmentation_metrics``: volume metrics (dsc_volume,
+    """Cohort metrics from each patient's ``core.evaluation.metrics.segmentation_metrics``: volume metrics (dsc_volume,
     iou, dice_<class>) are means over patients, slice metrics are weighted by the slices they average over,
     so they equal `core evaluate`'s on the whole cohort (to float rounding)."""
     rows = [r for r in records if r.get("metrics")]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from core import codecs
+from core.formats import codecs
 from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}

@@ -5,7 +5,7 @@ size (core.inference.slices.resize_matrix: area down, bilinear up, as torch does
 resized back, flip-averaged where the bundle chose TTA, thresholded (or arg-maxed for multi-class) and
 post-processed. The model file carries its bundle config as ONNX
 metadata (see serve/onnx_export.py), so nothing else is needed. Imports numpy, scipy (through
-core.postprocess, which is numpy + scipy only) and onnxruntime; never torch.
+core.inference.postprocess, which is numpy + scipy only) and onnxruntime; never torch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from core import codecs
+from core.formats import codecs
 
 NPY, TIFF, PNG = "application/x-npy", "image/tiff", "image/png"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.augment import AugmentSettings, augment_batch
 from core.data.arrays import SplitArrays
-from core.loader import DeviceDataset
+from core.training.augment import AugmentSettings, augment_batch
+from core.training.loader import DeviceDataset
 
 IDENTITY = AugmentSettings(flip=0.0, rotate_deg=0.0, scale=(1.0, 1.0), intensity_scale=0.0,
                            intensity_shift=0.0, noise=0.0)

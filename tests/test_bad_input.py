@@ -1,5 +1,5 @@
 """Malformed and hostile requests against a real Serve app and the SageMaker handlers: only 4xx
-answers, no replica crashes, the server healthy afterwards; and fuzzing of every decoder in core.codecs."""
+answers, no replica crashes, the server healthy afterwards; and fuzzing of every decoder in core.formats.codecs."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from reliability_support import NPY, PNG, TIFF, corpus, replica_names, volume_co
 from sagemaker_sim import run_container
 from serve_support import serving
 
-from core import codecs
-from core.codecs import DecodeError
+from core.formats import codecs
+from core.formats.codecs import DecodeError
 from serve.app import ServeSettings
 
 MAX_BODY_MB = 4  # above the 10k-page TIFF (2.3 MB), so that one reaches the decoder

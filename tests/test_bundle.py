@@ -10,8 +10,8 @@ from core.bundle import load_bundle, make_bundle_config, save_bundle
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info, split_hash
 from core.inference.predictor import Predictor
-from core.models import build_model
-from core.train import Trainer
+from core.training.models import build_model
+from core.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""core.codecs: every input layout and dtype, every refusal (before decoding), and the encoders."""
+"""core.formats.codecs: every input layout and dtype, every refusal (before decoding), and the encoders."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from reliability_support import bomb_tiff, mixed_tiff, tiff_bytes
 
-from core import codecs
-from core.codecs import DecodeError, decode
+from core.formats import codecs
+from core.formats.codecs import DecodeError, decode
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 56, 3), dtype=np.uint8)

@@ -14,8 +14,8 @@ from bundle_factory import make_random_bundle, sample_images
 from sagemaker_sim import run_container
 from tune_support import TINY_NET
 
-from core import codecs
 from core.bundle import load_bundle
+from core.formats import codecs
 from core.inference.predictor import Predictor
 
 PLAIN = {"tta": "none", "postprocess": {"largest_component": False, "min_area": 0}, "threshold": 0.5}

@@ -21,7 +21,7 @@ from bundle_factory import make_random_bundle, sample_images
 from reliability_support import replica_names
 from serve_support import serving
 
-from core import codecs
+from core.formats import codecs
 from serve.app import ServeSettings
 
 APP = "test0"  # serve_support names apps test0, test1, ...

@@ -204,9 +204,9 @@ def test_failed_prepare_leaves_previous_prepared_intact(synth_src, tmp_path, mon
 CRASH = r'''
 import os, signal, sys
 from pathlib import Path
-import core.checkpoint as ckpt
+import core.training.checkpoint as ckpt
 from core.config import TrainConfig
-from core.train import Trainer
+from core.training.trainer import Trainer
 
 prepared, target, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = TrainConfig(arch="lite", filters=8, epochs=1, batch_size=8, device="cpu", patience=0)
@@ -233,7 +233,7 @@ except OSError:
 @pytest.mark.parametrize("mode", ["raise", "kill"])
 def test_crashed_checkpoint_write_leaves_previous_checkpoint_intact(prepared_dir, tmp_path, mode):
     from core.config import TrainConfig
-    from core.train import Trainer
+    from core.training.trainer import Trainer
 
     cfg = TrainConfig(arch="lite", filters=8, epochs=1, batch_size=8, device="cpu", patience=0)
     trainer = Trainer.from_prepared(cfg, prepared_dir)

@@ -69,7 +69,7 @@ def test_auto_given_a_gpu_without_cuda_warns_and_runs_on_cpu(monkeypatch, caplog
 
 def test_trainer_given_a_gpu_without_cuda_says_so(prepared_dir, monkeypatch, caplog):
     from core.config import TrainConfig
-    from core.train import Trainer
+    from core.training.trainer import Trainer
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from core.metrics import (
+from core.evaluation.metrics import (
     confusion_matrix,
     is_better,
     per_patient_dice,

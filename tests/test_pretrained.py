@@ -17,9 +17,9 @@ import pytest
 from conftest import REAL_DATA
 
 from core.bundle import load_bundle
-from core.evaluate import arrays_from_src, predict_split
+from core.evaluation.evaluate import arrays_from_src, predict_split
+from core.evaluation.metrics import segmentation_metrics
 from core.inference.predictor import Predictor
-from core.metrics import segmentation_metrics
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "lgg"
 SPLIT = Path(__file__).resolve().parents[1] / "bench" / "results" / "real-lgg-split.json"

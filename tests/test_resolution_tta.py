@@ -15,14 +15,14 @@ from bundle_factory import sample_images
 from sagemaker_sim import run_container
 from scipy import ndimage
 
-from core import codecs
 from core.bundle import load_bundle
 from core.config import TrainConfig
 from core.data.arrays import load_split, patient_rows
+from core.evaluation.metrics import segmentation_metrics
+from core.formats import codecs
+from core.inference.postprocess import NO_POSTPROCESS
 from core.inference.predictor import Predictor
-from core.metrics import segmentation_metrics
-from core.postprocess import NO_POSTPROCESS
-from core.train import Trainer
+from core.training.trainer import Trainer
 
 NATIVE, TRAINED = 128, 64
 

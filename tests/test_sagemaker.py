@@ -17,8 +17,8 @@ from bundle_factory import make_random_bundle, sample_images
 from PIL import Image
 from sagemaker_sim import FakeRuntime, fake_runtime, run_container
 
-from core import codecs
 from core.cli import dispatch
+from core.formats import codecs
 from core.inference.predictor import Predictor
 from serve.demo import free_port
 from serve.sagemaker import deploy as dep
@@ -79,7 +79,7 @@ def test_archive_layout_is_self_contained_and_reproducible(bundle, archive, tmp_
     assert {"model.safetensors", "config.json", "metrics.json", "code/inference.py", "code/requirements.txt"} <= names
     root = core_dir()
     vendored = {f"code/gliomaseg_core/{module_path(m, root).relative_to(root).as_posix()}" for m in core_closure()}
-    assert vendored <= names and "code/gliomaseg_core/codecs.py" in names
+    assert vendored <= names and "code/gliomaseg_core/formats/codecs.py" in names
     for name, text in code.items():  # only the vendored package, never gliomaseg's own, and no pickle
         assert "from core" not in text and "import core" not in text, name
         assert "import pickle" not in text and "allow_pickle=True" not in text and "torch.load(" not in text, name

@@ -21,7 +21,7 @@ from bundle_factory import make_random_bundle, sample_images
 from reliability_support import Unpickled, pickled_blob, pickled_npy
 from serve_support import slice_files
 
-from core import codecs
+from core.formats import codecs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "correct-horse-battery-staple-1"
@@ -142,8 +142,8 @@ def test_no_pickle_anywhere_in_the_source() -> None:
 def test_pickled_inputs_are_refused_without_unpickling(url: str, bundle: Path, tmp_path: Path) -> None:
     import shutil
 
-    from core.checkpoint import read_checkpoint
     from core.inference.predictor import Predictor
+    from core.training.checkpoint import read_checkpoint
 
     marker = tmp_path / "unpickled"
     r = httpx.post(f"{url}/v1/segment", content=pickled_npy(marker),

@@ -19,8 +19,8 @@ from PIL import Image
 from reliability_support import bomb_tiff
 from serve_support import serving, slice_files
 
-from core import codecs
 from core.cli import dispatch
+from core.formats import codecs
 from serve.app import ServeSettings, app_builder, build_app
 from serve.client import collect, safe_name
 

@@ -13,10 +13,10 @@ from core.__main__ import COMMANDS
 from core.cli import dispatch
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info
-from core.evaluate import evaluate_split
+from core.evaluation.evaluate import evaluate_split
 from core.inference.predict import safe_name
 from core.inference.predictor import Predictor
-from core.train import EpochResult, Trainer
+from core.training.trainer import EpochResult, Trainer
 
 # Small and fast on 2 CPU cores (~0.25 s per epoch at 64x64); the quality bar is not lowered for it.
 FAST = {"arch": "lite", "filters": 8, "epochs": 2, "batch_size": 16, "device": "cpu", "lr": 3e-3}
@@ -178,7 +178,7 @@ def test_safe_names_cannot_escape():
 
 
 def test_two_worker_ray_train_run_predicts(ray_session, prepared_dir, tmp_path):
-    from core.distributed import train_distributed
+    from core.training.distributed import train_distributed
 
     cfg = TrainConfig.from_dict({**FAST, "epochs": 1, "workers": 2})
     best = train_distributed(cfg, prepared_dir, tmp_path / "run")

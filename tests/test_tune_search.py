@@ -138,7 +138,7 @@ def test_wandb_logger_logs_config_metrics_and_prediction_panels(prepared_dir, mo
     """The trial-side W&B logger, against a stand-in wandb module (W&B itself is never required)."""
     from core.config import TrainConfig
     from core.data.arrays import load_split, load_split_info
-    from core.train import Trainer
+    from core.training.trainer import Trainer
     from tune.wandb_logging import TrialWandb, wandb_mode
 
     calls: dict[str, list] = {"init": [], "log": [], "image": []}

@@ -89,8 +89,8 @@ def test_missing_file_and_set_parsing(tmp_path):
 
 
 def test_stop_reasons_and_nan_objectives():
+    from tune.objective import finite
     from tune.results import stop_reason
-    from tune.trainable import finite
 
     assert stop_reason({"stop_reason": "completed"}, None, "asha") == "completed"
     assert stop_reason({"stop_reason": "patience"}, None, "asha") == "early-stopped by patience"

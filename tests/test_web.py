@@ -10,7 +10,7 @@ import pytest
 from bundle_factory import make_random_bundle, sample_images
 from serve_support import serving, slice_files
 
-from core import codecs
+from core.formats import codecs
 from serve.app import ServeSettings
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from core.data.arrays import load_split, load_split_info
+from core.evaluation.metrics import METRIC_KEYS
 from core.inference.ensemble import build_ensemble_bundle
 from core.io import read_json, write_json
-from core.metrics import METRIC_KEYS
 from tune.results import export_trial
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ matplotlib.use("Agg")  # files only; no display on servers and in trials
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.codecs import overlay  # noqa: E402
 from core.data.arrays import SplitArrays, load_split  # noqa: E402
+from core.evaluation.metrics import per_slice_dice  # noqa: E402
+from core.formats.codecs import overlay  # noqa: E402
 from core.io import read_json  # noqa: E402
-from core.metrics import per_slice_dice  # noqa: E402
 from tune.results import read_leaderboard  # noqa: E402
 from tune.storage import DRIVER_FILES, STUDY_DB, RunStorage  # noqa: E402
 
@@ -139,7 +139,7 @@ class ValPredictions:
     @classmethod
     def of(cls, bundle: Path, data: Path) -> ValPredictions:
         """Only slices where truth or prediction has foreground are ranked: empty/empty ones are trivially 1."""
-        from core.evaluate import predict_split
+        from core.evaluation.evaluate import predict_split
         from core.inference.predictor import Predictor
 
         val = load_split(data, "val")

@@ -16,9 +16,9 @@ from ray.tune import ResultGrid
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
+from core.evaluation.metrics import METRIC_KEYS, MINIMISED, worst_value
 from core.io import write_csv, write_json
-from core.metrics import METRIC_KEYS, MINIMISED, worst_value
-from tune.trainable import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
+from tune.objective import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, objective_key
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def export_trial(
 ) -> Path:
     """A trial's bundle from one of its checkpoints (which carry the best epoch's weights so far)."""
     cfg = TrainConfig.from_dict(config)
-    from core.train import Trainer  # here: `python -m tune report|--help` starts without torch
+    from core.training.trainer import Trainer  # here: `python -m tune report|--help` starts without torch
 
     # The driver may have no GPU (or share one with finishing trials): export on what it has.
     trainer = Trainer(cfg.replace(device="auto"), train, val, info)

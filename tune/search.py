@@ -24,12 +24,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from core.config import METRICS
 from core.data.arrays import load_split, load_split_info, split_hash
+from core.evaluation.metrics import MINIMISED
 from core.io import read_json, write_json
-from core.metrics import MINIMISED
 from tune import results
+from tune.objective import objective_key
 from tune.space import load_space
 from tune.storage import STUDY_DB, RunStorage
-from tune.trainable import objective_key, train_trial
+from tune.trainable import train_trial
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ FailureConfig, or resumed with ``--resume``, loads its last checkpoint and conti
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,30 +16,10 @@ from ray import tune
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
-from core.metrics import MINIMISED
+from tune.objective import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNING, finite, objective_key
 
 if TYPE_CHECKING:
-    from core.train import EpochResult, Trainer
-
-# Reported on every result; the leaderboard reads the last one to tell why a trial ended.
-RUNNING, COMPLETED, PATIENCE, DIVERGED = "running", "completed", "patience", "diverged"
-CHECKPOINT_DIR = "checkpoint"
-
-
-def objective_key(metric: str) -> str:
-    """The reported key Tune, ASHA and Optuna select on: the best epoch's value so far."""
-    return f"best_{metric}"
-
-
-def finite(metric: str, value: float) -> float:
-    """NaN (an undefined metric) as the worst possible value, so ASHA and Optuna can rank it.
-
-    Every selectable metric lies in [0, 1].
-    """
-    if value is None or not math.isfinite(value):
-        return 1.0 if metric in MINIMISED else 0.0
-    return float(value)
-
+    from core.training.trainer import EpochResult, Trainer
 
 def trial_result(trainer: Trainer, metrics: dict[str, float], status: str) -> dict[str, Any]:
     metric = trainer.cfg.metric
@@ -70,7 +49,7 @@ def train_trial(
     """Train one configuration; Tune passes ``config``, with_parameters the rest."""
     # Ray logs every persisted checkpoint at INFO; one per epoch per trial drowns the driver's output.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    from core.train import Trainer  # here: the tune commands that train nothing start without torch
+    from core.training.trainer import Trainer  # here: the tune commands that train nothing start without torch
 
     cfg = TrainConfig.from_dict(config)
     trainer = Trainer(cfg, train, val, split_info)

@@ -14,8 +14,8 @@ import numpy as np
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
-from core.train import EpochResult, Trainer
-from tune.trainable import objective_key
+from core.training.trainer import EpochResult, Trainer
+from tune.objective import objective_key
 
 PANEL_SLICES = 6
 

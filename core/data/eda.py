@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.codecs import overlay  # noqa: E402
 from core.data.arrays import SPLITS, SplitArrays, load_split, load_split_info  # noqa: E402
+from core.formats.codecs import overlay  # noqa: E402
 from core.io import write_json  # noqa: E402
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")

@@ -1,11 +1,5 @@
-"""Ensembles: several networks, each at its own input size, as one module whose output activates to the
-mean of their probabilities.
-
-The module takes a batch at the ensemble's input size (the largest member's), resizes it to each
-member's size (``core.inference.resize``, pixel values rounded as a trained split is stored), runs the
-member, resizes its probabilities back and averages them. It returns log-probabilities (softmax) or
-logits of the mean probability (sigmoid), so everything that consumes a network's logits (Predictor,
-ONNX export, TTA, thresholds, post-processing) takes an ensemble unchanged.
+"""Ensemble bundles: several bundles' networks as one bundle (``core.inference.ensemble_net``), with
+threshold, TTA and post-processing chosen on val for the ensemble as a whole.
 """
 
 from __future__ import annotations
@@ -15,83 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from core.bundle import CONFIG, METRICS, Bundle, load_bundle
 from core.data.arrays import SplitArrays
+from core.inference.bundle_uri import FILES_KEY, hash_files
+from core.inference.ensemble_net import Ensemble, member_file
+from core.inference.predictor import Predictor
 from core.inference.selection import ValSplit, choose_inference, choose_threshold
-from core.inference.slices import resize_matrix
 from core.io import atomic_dir, write_json
-from core.models import build_model
-
-EPS = 1e-6  # keeps logit(p) finite; probabilities this close to 0 or 1 threshold the same either way
-
-
-class Ensemble(torch.nn.Module):
-    """Members (``nn.Module``) with their input sizes; ``forward`` gives logits of mean probabilities."""
-
-    def __init__(
-        self, members: list[torch.nn.Module], sizes: list[tuple[int, int]], multiclass: bool, scale: float = 1 / 255
-    ) -> None:
-        super().__init__()
-        if not members or len(members) != len(sizes):
-            raise ValueError(f"an ensemble needs one size per member, got {len(members)} members, {len(sizes)} sizes")
-        self.members = torch.nn.ModuleList(members)
-        self.sizes = [tuple(int(v) for v in s) for s in sizes]
-        self.multiclass = multiclass
-        self.scale = scale
-        # The resize matrices between the input size and each member's, as (non-saved) buffers: constants
-        # in an exported ONNX graph, and on the module's device.
-        size = self.input_size
-        for i, member_size in enumerate(self.sizes):
-            for axis in (0, 1):
-                down = resize_matrix(size[axis], member_size[axis])
-                self.register_buffer(f"down{i}_{axis}", torch.from_numpy(down), persistent=False)
-                self.register_buffer(f"up{i}_{axis}", torch.from_numpy(resize_matrix(member_size[axis], size[axis])),
-                                     persistent=False)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """The largest member's size: inputs arrive at it, so no member sees an upsampled slice."""
-        return max(self.sizes, key=lambda s: s[0] * s[1])
-
-    def _resize(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
-        h, w = getattr(self, f"{kind}{i}_0"), getattr(self, f"{kind}{i}_1")
-        return torch.einsum("oh,nchw,pw->ncop", h, x, w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[2:]) != self.input_size:
-            raise ValueError(f"ensemble input must be {self.input_size}, got {tuple(x.shape[2:])}")
-        total = None
-        for i, member in enumerate(self.members):
-            xm = x
-            if self.sizes[i] != self.input_size:  # pixel values rounded to uint8 levels, as a member's split was
-                xm = self._resize(x / self.scale, i, "down").round().clamp(0, 255) * self.scale
-            logits = member(xm).float()
-            probs = logits.softmax(1) if self.multiclass else logits.sigmoid()
-            if self.sizes[i] != self.input_size:
-                probs = self._resize(probs, i, "up")
-            total = probs if total is None else total + probs
-        mean = (total / len(self.members)).clamp(EPS, 1 - EPS)
-        return mean.log() if self.multiclass else torch.logit(mean)
 
 
 def member_config(config: dict[str, Any]) -> dict[str, Any]:
     """What an ensemble bundle records per member, from that member's own bundle config."""
     return {"arch": config["arch"], "model_args": dict(config["model_args"]),
             "image_size": [int(v) for v in config["image_size"]]}
-
-
-def build_ensemble(members: list[dict[str, Any]], multiclass: bool, scale: float = 1 / 255) -> Ensemble:
-    """An Ensemble of freshly built members from their ``member_config`` records (weights not loaded)."""
-    nets = [build_model(m["arch"], m["model_args"]["in_channels"], m["model_args"]["out_channels"],
-                        m["model_args"]["filters"], m["model_args"]["dropout"]) for m in members]
-    return Ensemble(nets, [tuple(m["image_size"]) for m in members], multiclass, scale)
-
-
-def member_file(index: int) -> str:
-    """A member's weights file inside an ensemble bundle."""
-    return f"members/{index}.safetensors"
 
 
 def ensemble_config(
@@ -125,9 +57,6 @@ def save_ensemble_bundle(
     path: str | os.PathLike, model: Ensemble, config: dict[str, Any], metrics: dict[str, Any], half: bool = False
 ) -> Path:
     """Write an ensemble bundle atomically: one weights file per member (``members/<i>.safetensors``)."""
-    from core.bundle import CONFIG, METRICS
-    from core.inference.bundle_uri import FILES_KEY, hash_files
-
     config = {**config, "weights_dtype": "float16" if half else "float32"}
     with atomic_dir(path) as tmp:
         for i, member in enumerate(model.members):
@@ -142,16 +71,6 @@ def save_ensemble_bundle(
     return Path(path)
 
 
-def load_ensemble_weights(model: Ensemble, path: Path, config: dict[str, Any]) -> None:
-    """Load each member's weights file (named in ``config['members']``) into ``model``."""
-    for member, record in zip(model.members, config["members"], strict=True):
-        file = path / record["weights"]
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: missing; the ensemble bundle's config.json lists it")
-        state = load_file(str(file))
-        member.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-
-
 def build_ensemble_bundle(
     bundles: list[str | os.PathLike], val: SplitArrays | None, class_names: list[str], out: str | os.PathLike,
     name: str = "gliomaseg-ensemble", sources: list[str] | None = None, device: str = "cpu",
@@ -164,9 +83,6 @@ def build_ensemble_bundle(
     Without ``val`` (e.g. cross-validation folds, where no patient is held out from every member) nothing
     is chosen: ``fixed`` gives the threshold, TTA and post-processing.
     """
-    from core.bundle import Bundle, load_bundle
-    from core.inference.predictor import Predictor
-
     loaded = [load_bundle(b, device) for b in bundles]
     config = ensemble_config([b.config for b in loaded], name, sources)
     multiclass = int(config["model_args"]["out_channels"]) > 1

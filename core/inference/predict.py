@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.cli import add_predictor_arguments
-from core.codecs import encode_mask_png, encode_overlay_png, mask_scale, read_file
+from core.formats.codecs import encode_mask_png, encode_overlay_png, mask_scale, read_file
 from core.io import atomic_write_bytes, write_csv
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def safe_name(name: str) -> str:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(N,H,W,3) uint8 slices of one TIFF/PNG file (a multi-page TIFF is a volume), via core.codecs.
+    """(N,H,W,3) uint8 slices of one TIFF/PNG file (a multi-page TIFF is a volume), via core.formats.codecs.
 
     Same decoding rules as the HTTP API (uint16 rescaled, grey replicated to 3 channels), with limits
     wide enough for local files.

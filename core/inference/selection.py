@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from core.data.arrays import patient_rows
-from core.metrics import segmentation_metrics
-from core.postprocess import NO_POSTPROCESS, apply_postprocess
+from core.evaluation.metrics import segmentation_metrics
+from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
 
 # Post-processing candidates: (largest 3D component, minimum lesion area in px).
 POSTPROCESS_GRID = [(lc, area) for lc in (False, True) for area in (0, 10, 25, 50, 100, 200)]

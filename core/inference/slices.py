@@ -2,7 +2,7 @@
 
 Input rules (HxWx3 or HxW uint8 slices of any size), grouping same-size slices into batches,
 thresholding or arg-max, and post-processing live here once; a subclass supplies ``_forward``.
-Imports numpy and core.postprocess only, so torch-free runtimes can use it.
+Imports numpy and core.inference.postprocess only, so torch-free runtimes can use it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from core.postprocess import apply_postprocess
+from core.inference.postprocess import apply_postprocess
 
 Images = np.ndarray | Sequence[np.ndarray]
 TTA_MODES = ("none", "flip")  # test-time augmentation: none, or left-right flip with probabilities averaged

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.codecs import EXTENSIONS as CONTENT_TYPES
+from core.formats.codecs import EXTENSIONS as CONTENT_TYPES
 from serve.sagemaker import deploy as dep
 from serve.sagemaker.export import build_archive, parse_s3_uri, upload_archive
 

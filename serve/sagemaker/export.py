@@ -33,7 +33,7 @@ from core.io import atomic_write_bytes
 VENDOR = "gliomaseg_core"
 ENTRY_POINT = "inference.py"
 TEMPLATE = Path(__file__).with_name("inference.py")
-ROOT_MODULES = ("core.inference.predictor", "core.codecs")
+ROOT_MODULES = ("core.inference.predictor", "core.formats.codecs")
 ARCHIVE_FORMAT = "gliomaseg-sagemaker/1"
 
 # Installed by the container at start-up (pip install -r), pinned so every cold start behaves the same.

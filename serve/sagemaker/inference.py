@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from gliomaseg_core import codecs
-from gliomaseg_core.codecs import JSON, NPY, PNG, TIFF
+from gliomaseg_core.formats import codecs
+from gliomaseg_core.formats.codecs import JSON, NPY, PNG, TIFF
 from gliomaseg_core.inference.predictor import Predictor
 
 try:

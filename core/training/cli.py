@@ -11,7 +11,7 @@ from core.data.arrays import load_split_info, split_hash
 from core.io import write_csv, write_json
 
 if TYPE_CHECKING:
-    from core.train import EpochResult, Trainer
+    from core.training.trainer import EpochResult, Trainer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def train_command(args: argparse.Namespace) -> int:
     """`python -m core train --data PREPARED --out RUN [options]`."""
     from tqdm.auto import tqdm
 
-    from core.train import Trainer  # here, not at the top: `python -m core data ...` starts without torch
+    from core.training.trainer import Trainer  # here, not at the top: `python -m core data ...` starts without torch
 
     cfg = from_args(args)
     out, data = Path(args.out), Path(args.data)
@@ -43,7 +43,7 @@ def train_command(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint to resume from")
     write_json(out / "config.json", {**cfg.to_dict(), "data": str(data.resolve()), "split_hash": split_hash(info)})
     if cfg.workers > 1:
-        from core.distributed import train_distributed  # lazily: Ray only for multi-worker runs
+        from core.training.distributed import train_distributed  # lazily: Ray only for multi-worker runs
 
         best = train_distributed(cfg, data, out, name=args.name, resume=args.resume)
     else:

@@ -1,6 +1,6 @@
 """Data-parallel training on several workers with Ray Train (V2 API: ``TorchTrainer``).
 
-Imported lazily by ``core.train`` for ``--workers N`` (N > 1), so core imports and trains without Ray.
+Imported lazily by ``core.training.trainer`` for ``--workers N`` (N > 1), so core imports and trains without Ray.
 The driver puts the train and val arrays into the object store once; each worker takes its shard of
 the train split, caches it on its device and runs the ordinary ``Trainer`` with the model wrapped by
 ``ray.train.torch.prepare_model`` (DDP). Rank 0 validates (and broadcasts the metrics, see
@@ -51,7 +51,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    from core.train import EpochResult, Trainer
+    from core.training.trainer import EpochResult, Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,9 +1,9 @@
-"""The training engine: Trainer (one process, one device); `python -m core train` is core/train_cli.py.
+"""The training engine: Trainer (one process, one device); `python -m core train` is core/training/cli.py.
 
-Data lives on the device for the whole run (core.loader), batches are augmented there (core.augment),
+Data lives on the device for the whole run (core.training.loader), batches are augmented there (core.training.augment),
 the loss is computed in fp32 outside autocast, and each epoch ends with a full validation pass whose
 metrics drive best-epoch selection and early stopping. tune/ drives the same Trainer through
-``fit(on_epoch=...)``; core.distributed wraps it for Ray Train data-parallel runs.
+``fit(on_epoch=...)``; core.training.distributed wraps it for Ray Train data-parallel runs.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from core import checkpoint as ckpt
-from core.augment import augment_batch, settings_from_config
 from core.bundle import make_bundle_config, save_bundle
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
+from core.evaluation.metrics import is_better, segmentation_metrics, worst_value
 from core.inference.resize import resize
 from core.inference.selection import ValSplit, choose_inference
-from core.loader import DeviceDataset
-from core.metrics import is_better, segmentation_metrics, worst_value
-from core.models import SIZE_MULTIPLE, build_model, init_output_bias
 from core.runtime import autocast, resolve_device, seed_everything
+from core.training import checkpoint as ckpt
+from core.training.augment import augment_batch, settings_from_config
+from core.training.loader import DeviceDataset
+from core.training.models import SIZE_MULTIPLE, build_model, init_output_bias
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from core.cli import add_predictor_arguments
 from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.evaluation.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
 from core.io import write_csv, write_json
-from core.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
 
 if TYPE_CHECKING:
     from core.inference.predictor import Predictor
@@ -65,7 +65,7 @@ def write_report(
     predictor: Predictor, arrays: SplitArrays, out: str | os.PathLike, source: dict[str, Any]
 ) -> dict[str, Any]:
     """Predict, then write per_slice.csv, per_patient.csv, summary.json and the PNG plots to ``out``."""
-    from core import plots
+    from core.evaluation import plots
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
