@@ -71,15 +71,16 @@ def train(args: argparse.Namespace, prepared: Path, out: Path) -> tuple[dict[str
     import torch
 
     from core.data.arrays import load_split, load_split_info
+    from core.inference.resize import normalise
     from core.runtime import autocast
     from core.training.trainer import Trainer
 
     cfg = train_config(args, args.epochs, args.seed)
     trainer = Trainer(cfg, capped(load_split(prepared, "train"), args.train_slices), load_split(prepared, "val"),
                       load_split_info(prepared))
-    x, _ = trainer.train_data.batch(torch.arange(min(2, len(trainer.train_data)), device=trainer.device))
+    x, _, stats = trainer.train_data.batch(torch.arange(min(2, len(trainer.train_data)), device=trainer.device))
     with torch.no_grad(), autocast(trainer.device, cfg.amp):
-        dtype = trainer.model.eval()(x).dtype  # bfloat16 proves autocast is on (float32 on a CPU)
+        dtype = trainer.model.eval()(normalise(x, stats)).dtype  # bfloat16 proves autocast is on (float32 on a CPU)
     t0 = time.perf_counter()
     trainer.fit()
     sync(trainer.device)

@@ -47,7 +47,7 @@ TARGET_ARCHS = ("lite", "unet")
 
 
 def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, Any]]:
-    """name -> callable(batch float32 N,3,H,W of 0..255); plus export facts."""
+    """name -> callable(batch float32 N,3,H,W of standardised input); plus export facts."""
     import torch
 
     from core.bundle import load_bundle
@@ -58,7 +58,7 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
     path = random_bundle("latency", arch, args.filters, args.size)
     device = torch.device(args.device)
     loaded = load_bundle(path, device)
-    module = ProbabilityModel(loaded.model.eval(), float(loaded.config["normalisation"]["scale"]), False).eval()
+    module = ProbabilityModel(loaded.model.eval(), False).eval()
     facts: dict[str, Any] = {"parameters": count_parameters(loaded.model)}
 
     def eager(x: np.ndarray, amp: bool = False) -> Any:
@@ -85,7 +85,7 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
         try:
             calib = None
             if kind == "static":
-                calib = model_inputs(calibration_images(args.calibration, args.calibration_slices), (args.size,) * 2)
+                calib = model_inputs(calibration_images(args.calibration, args.calibration_slices), loaded.config)
             q = quantize_int8(onnx_path, out, calib)
             facts[backend] = {**q, "quantize_s": time.perf_counter() - t0, "bytes": out.stat().st_size}
             fns[backend] = _session(out)

@@ -12,12 +12,17 @@ and each is resumable, so the command can be re-run after an interruption and co
    `python -m tune cv` of the winning configuration on `--cv-folds K` folds of train + val;
 5. the best of the search's best bundle, the final run's and the ensemble (by val dsc_volume: selected
    on val) is re-saved with fp16 weights in `--export` (e.g. pretrained/lgg) with its MODEL_CARD.md.
-   The CV's fold ensemble is no candidate: its folds trained on the val patients.
+   The CV's fold ensemble is a candidate only when its folds left val out (``--cv-pool train``).
 
     python ../shared/data/lgg/restore.py runs/lgg-all --pack gpu          # 99 patients
-    python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-cpu \\
-        --num-samples 6 --max-epochs 6 --final-epochs 14 --final-image-size 128 --final-patience 6 \
-        --ensemble 3 --cv-folds 3 --cv-epochs 6 --cv-name lgg-cv3 --export pretrained/lgg
+    python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-v2 \\
+        --num-samples 24 --max-epochs 10 --final-epochs 24 --final-image-size 256 --final-init \\
+        --final-patience 6 --cv-folds 5 --cv-epochs 12 --cv-pool train --export pretrained/lgg
+
+With ``--cv-pool train`` the CV's folds cover the 88 training patients only, so its fold ensemble can be
+compared with the single models on the 11 val patients that no fold saw; the shipped model is the
+best of the candidates on val, and ``missing_sequences`` records how it holds up without pre- and
+post-contrast (bench/missing_sequences.py).
 
 Writes bench/results/real-lgg-<device>.json: the split, every trial's settings, metrics and epoch times,
 the final run, wall time and CPU hours.
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine_info, write_result  # noqa: E402
+from bench.missing_sequences import missing_sequence_check  # noqa: E402
+from bench.real_lgg_card import model_card  # noqa: E402
 from core.bundle import load_bundle, save_bundle  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
 from core.data.arrays import load_split_info, split_hash  # noqa: E402
@@ -102,6 +108,10 @@ def final_run(args: argparse.Namespace, prepared: Path, winner: dict[str, Any], 
     settings.update(epochs=args.final_epochs, patience=args.final_patience)
     if args.final_image_size is not None:
         settings["image_size"] = args.final_image_size
+    if args.final_init:  # progressive resolution: fine-tune the search's best at the final size
+        settings.update(init=str(args.work / args.name / "best"), warmup_epochs=0)
+        if args.final_lr:
+            settings["lr"] = args.final_lr
     cfg = TrainConfig.from_dict(settings)
     argv = ["-m", "core", "train", "--data", str(prepared), "--out", str(out), "--name", "gliomaseg-lgg"]
     for key, value in cfg.to_dict().items():
@@ -136,7 +146,7 @@ def cross_validate(args: argparse.Namespace, prepared: Path, log: Path) -> dict[
     if not path.is_file():
         step(["-m", "tune", "cv", "--data", str(prepared), "--folds", str(args.cv_folds), "--from",
               str(args.work / args.name), "--epochs", str(args.cv_epochs), "--name", name, "--storage",
-              str(args.work), "--half"], log, "cv")
+              str(args.work), "--half", "--pool", args.cv_pool], log, "cv")
     return read_json(path)
 
 
@@ -169,99 +179,6 @@ def export(bundle: Path, target: Path, card: str) -> None:
     (target / "MODEL_CARD.md").write_text(card)
 
 
-def model_card(results: dict[str, Any], shipped: dict[str, Any], info: dict[str, Any]) -> str:
-    """MODEL_CARD.md: data and licence, split, how the hyperparameters were found, val metrics, limits."""
-    rows = []
-    for label, key in (("raw (no TTA, no post-processing)", "val_raw"),
-                       ("with post-processing", "val_postprocessed"),
-                       ("with flip TTA (+ its post-processing)", "val_tta"), ("shipped (as configured)", "val")):
-        m = shipped.get(key)
-        if m:
-            rows.append(f"| {label} | " + " | ".join(f"{m[k]:.4f}" for k in CARD_METRICS) + " |")
-    hp = {k: v for k, v in shipped["config"].items() if k not in ("device", "workers", "eval_batch_size")}
-    search = results["search"]
-    return MODEL_CARD.format(
-        train=info["counts"]["train"]["patients"], train_slices=info["counts"]["train"]["slices"],
-        val=info["counts"]["val"]["patients"], val_slices=info["counts"]["val"]["slices"],
-        val_ids=", ".join(info["patients"]["val"]), split=results["split"]["hash"],
-        trials=len(results["trials"]), trial_epochs=search["trial_epochs"], search_hours=search["cpu_hours"],
-        final=results.get("final_note", "none"), total_hours=results["cpu_hours"], machine=results["machine_note"],
-        source=shipped["source"], hp=json.dumps(hp, indent=1, sort_keys=True),
-        header=" | ".join(CARD_METRICS), rule=" | ".join("---" for _ in CARD_METRICS), rows="\n".join(rows),
-        tta=shipped.get("tta", "none"), pp=json.dumps(shipped.get("postprocess", {})),
-        image_size=shipped["config"].get("image_size") or 256, extra=extra_lines(results),
-    )
-
-
-def extra_lines(results: dict[str, Any]) -> str:
-    """The ensemble and cross-validation figures, where they were run."""
-    lines = []
-    if results.get("ensemble"):
-        e = results["ensemble"]
-        lines.append(f"The ensemble of the search's {e['ensemble']['top']} best trials reached val dsc_volume "
-                     f"{e['ensemble']['val']['dsc_volume']:.4f} against {e['best_single']['val']['dsc_volume']:.4f} "
-                     "for the best single trial (members and settings selected on val).")
-    if results.get("cv"):
-        cv, k = results["cv"]["summary"], len(results["cv"]["folds"])
-        lines.append(f"{k}-fold patient-level cross-validation of the winning configuration "
-                     f"({results['cv']['config']['epochs']} epochs a fold, 99 patients): dsc_volume "
-                     f"{cv['dsc_volume']['mean']:.4f} +- {cv['dsc_volume']['sd']:.4f}, dice_tumour "
-                     f"{cv['dice_tumour']['mean']:.4f} +- {cv['dice_tumour']['sd']:.4f}, fp_slice_rate "
-                     f"{cv['fp_slice_rate']['mean']:.4f} +- {cv['fp_slice_rate']['sd']:.4f} (each fold scored on "
-                     "patients it never trained on).")
-    return "\n".join(lines) + ("\n" if lines else "")
-
-
-CARD_METRICS = ("dsc_volume", "dice_tumour", "dice_all", "iou", "fp_slice_rate")
-MODEL_CARD = """# gliomaseg LGG FLAIR-abnormality segmentation model (`pretrained/lgg`)
-
-**Intended use: research and software development only. Not a medical device; not for diagnosis or
-treatment decisions.** It segments FLAIR abnormality in axial brain MRI slices of lower-grade glioma
-patients: 3 channels (pre-contrast, FLAIR, post-contrast), uint8, any size (resized to the model's
-{image_size} px input and back).
-
-## Data and licence
-Kaggle `lgg-mri-segmentation` (Buda, Saha, Mazurowski 2019; images from TCIA, TCGA-LGG), licence
-CC BY-NC-SA 4.0: these weights are derived from it and inherit the non-commercial, share-alike terms.
-Trained on {train} patients ({train_slices} slices); validated on {val} patients ({val_slices} slices):
-{val_ids}. Patient-level split, seed 0, tumour-slice share balanced (split hash `{split}`,
-`bench/results/real-lgg-split.json`). 11 of the 110 Kaggle patients were held back by the project for
-independent evaluation and were never seen here.
-
-## How it was made
-`python bench/real_lgg.py` (see the README's "Real-data results"): a Ray Tune search (Optuna TPE +
-ASHA, `bench/real_lgg_space.yaml`) of {trials} trials ({trial_epochs} trial-epochs, {search_hours:.2f}
-CPU-hours), then the final run: {final}. Total {total_hours:.2f} CPU-hours on {machine}. Shipped: {source}.
-{extra}
-Hyperparameters:
-```json
-{hp}
-```
-
-## Validation metrics
-On the 11 validation patients at their own 256 px resolution. The model, its epoch, its TTA and its
-post-processing were all selected on this split, so these figures are optimistic.
-
-| | {header} |
-| --- | {rule} |
-{rows}
-
-Test-time augmentation: `{tta}`; post-processing: `{pp}` (each kept only where it raised val
-dsc_volume). `dsc_volume` is the 3D Dice per patient averaged over patients (Buda et al. report 82%
-in cross-validation; two expert readers agree at 84%); `dice_tumour` is the mean slice Dice over
-tumour slices (the earlier study's 0.839 figure); `fp_slice_rate` is the share of tumour-free slices
-with any predicted tumour pixel.
-
-## Known limits
-- Trained on CPU within a small budget at reduced resolution; a GPU search would do better.
-- One public collection (TCGA-LGG from a few institutions, as published on Kaggle); not validated on
-  other scanners, sequences, pre-processing, paediatric or high-grade tumours.
-- 11 validation patients are a small sample, and they also selected the model; expect lower figures
-  on new patients.
-- Weights are stored in fp16 (evaluated in fp32 after loading).
-"""
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, required=True, help="restored Kaggle layout (.../kaggle_3m)")
@@ -276,10 +193,15 @@ def main() -> int:
     p.add_argument("--final-epochs", type=int, default=0, help="train the winner again for N epochs (0: no)")
     p.add_argument("--final-image-size", type=int, help="the final run's resolution (default: the winner's)")
     p.add_argument("--final-patience", type=int, default=10)
+    p.add_argument("--final-init", action="store_true",
+                   help="the final run fine-tunes the search's best bundle (core train --init), not anew")
+    p.add_argument("--final-lr", type=float, help="the fine-tuning run's peak lr (default: the winner's)")
     p.add_argument("--ensemble", type=int, default=0, help="also build the K best trials' ensemble (0: no)")
     p.add_argument("--cv-folds", type=int, default=0, help="also cross-validate the winner on K folds (0: no)")
     p.add_argument("--cv-epochs", type=int, default=6)
     p.add_argument("--cv-name", help="the CV run's name (default NAME-cvK)")
+    p.add_argument("--cv-pool", choices=("train+val", "train"), default="train",
+                   help="train: val stays out of every fold, so the fold ensemble competes on val")
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -319,10 +241,15 @@ def main() -> int:
         candidates.append({**bundle_summary(Path(ensembled["ensemble"]["bundle"])),
                            "source": f"the ensemble of the search's {args.ensemble} best trials"})
     cv = cross_validate(args, prepared, log)
+    if cv and cv.get("pool") == "train":  # no fold saw a val patient: the fold ensemble may compete there
+        candidates.append({**bundle_summary(Path(cv["ensemble"])),
+                           "source": f"the {args.cv_folds}-fold CV's fold ensemble (nnU-Net's way)"})
     shipped = max(candidates, key=lambda c: c["val"]["dsc_volume"])
+    robustness = missing_sequence_check(shipped["bundle"], prepared)
     cores = machine_info().get("cpu_count") or os.cpu_count() or 1
     final_seconds = sum(final["epoch_seconds"]) if final else 0.0
-    # CPU-hours: each trial-epoch holds cpus_per_trial cores; the final run holds every core.
+    cv_seconds = wall_ledger(log).get("cv", 0.0)
+    # CPU-hours: each trial-epoch holds cpus_per_trial cores; the final run and the CV hold every core.
     results: dict[str, Any] = {
         "split": {"hash": split_hash(info), "counts": info["counts"], "val_patients": info["patients"]["val"],
                   "file": str(SPLIT.relative_to(ROOT))},
@@ -337,8 +264,11 @@ def main() -> int:
         "shipped": {k: shipped[k] for k in ("source", "config", "val", "tta", "postprocess") if k in shipped},
         "candidates": [{k: c[k] for k in ("source", "val", "val_raw", "tta") if k in c} for c in candidates],
         "ensemble": ensembled,
-        "cv": cv and {k: cv[k] for k in ("folds", "summary", "config", "note")},
-        "cpu_hours": round((search_seconds * args.cpus_per_trial + final_seconds * cores) / 3600, 3),
+        "cv": cv and {k: cv[k] for k in ("folds", "summary", "config", "note", "pool", "ensemble_val") if k in cv},
+        "missing_sequences": {**{k: v for k, v in robustness.items() if k not in ("intact", "pre_post_as_flair")},
+                              **{k: {m: robustness[k][m] for m in ("dsc_volume", "dsc_volume_min")}
+                                 for k in ("intact", "pre_post_as_flair")}},
+        "cpu_hours": round((search_seconds * args.cpus_per_trial + (final_seconds + cv_seconds) * cores) / 3600, 3),
         "wall_seconds": {k: round(v, 1) for k, v in wall_ledger(log).items()},
         "selection": "every figure is on the 11 validation patients, which also selected the model",
         "machine_note": f"{cores} CPU cores, no GPU",

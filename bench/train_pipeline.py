@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from core.data.arrays import load_split, load_split_info
+    from core.inference.resize import normalise
     from core.training.augment import AugmentSettings, augment_batch
     from core.training.loader import DeviceDataset
 
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if idx is None:
             order = iter(data.epoch_batches(args.batch, gen))
             idx = next(order)
-        x, y = data.batch(idx)
-        x, y = augment_batch(x, y, settings, gen)
+        x, y, stats = data.batch(idx)
+        x, y = augment_batch(x, y, settings, gen, normalise=lambda v, s=stats: normalise(v, s))
         return x, y[:, None].float()
 
     loader, cache_s, n_items = monai_loader(tiffs, info["patients"]["train"], crop, args.batch, args.workers,

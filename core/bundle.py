@@ -60,6 +60,8 @@ def make_bundle_config(
     tta: str = "none",
     split_hash: str = "",
     name: str = "gliomaseg",
+    preprocessing: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild, feed and post-process the model, beside the weights."""
     out_channels = 1 if len(class_names) <= 2 else len(class_names)
@@ -76,14 +78,24 @@ def make_bundle_config(
         },
         "image_size": [int(image_size[0]), int(image_size[1])],
         "channels": ["pre-contrast", "flair", "post-contrast"][:in_channels],
+        # normalisation and crop (core.data.preprocessing.Preprocessing.to_config); /255, uncropped by default
         "normalisation": {"type": "scale", "scale": 1.0 / 255.0},
+        "crop": {"type": "none"},
+        **(preprocessing or {}),
         "threshold": float(train_config.get("threshold", 0.5)),
         "postprocess": dict(postprocess),
         "tta": tta,
         "class_names": list(class_names),
         "hyperparameters": dict(train_config),
         "data": {"split_hash": split_hash},
+        **({"init": dict(init)} if init else {}),  # the bundle whose weights this training started from
     }
+
+
+def ensemble_scale(config: dict[str, Any]) -> float | None:
+    """The /255 an ensemble undoes to round a resized input to uint8 levels; None for standardised input."""
+    norm = config.get("normalisation", {})
+    return float(norm["scale"]) if norm.get("type", "scale") == "scale" else None
 
 
 def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
@@ -91,7 +103,7 @@ def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
     args = config["model_args"]
     if "members" in config:
         multiclass = int(args["out_channels"]) > 1
-        return build_ensemble(config["members"], multiclass, float(config["normalisation"]["scale"]))
+        return build_ensemble(config["members"], multiclass, ensemble_scale(config))
     return build_model(config["arch"], args["in_channels"], args["out_channels"], args["filters"], args["dropout"])
 
 

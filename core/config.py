@@ -14,6 +14,7 @@ from typing import Any
 ARCHS = ("unet", "attention_unet", "segresnet", "swin_unetr", "lite")
 LOSSES = ("dicefocal", "dicece")
 METRICS = ("dsc_volume", "dice_tumour", "dice_all", "iou", "fp_slice_rate")
+SCOPES = ("slice", "patient")  # per-slice or per-volume preprocessing (core.data.preprocessing)
 
 
 @dataclass
@@ -39,6 +40,18 @@ class TrainConfig:
     image_size: int = field(
         default=0, metadata={"help": "training resolution (square, a multiple of 32); 0 = the data's own size"}
     )
+    normalisation: str = field(
+        default="scale", metadata={"choices": ("scale", *SCOPES),
+                                   "help": "scale: /255; slice or patient: [p10, p99] clip + z-score over the brain"},
+    )
+    brain_crop: str = field(
+        default="none", metadata={"choices": ("none", *SCOPES),
+                                  "help": "crop to the brain's box (per slice or per patient), square, resized"},
+    )
+    missing_sequence: float = field(
+        default=0.0, metadata={"help": "chance per training slice that pre- and/or post-contrast become FLAIR"},
+    )
+    init: str = field(default="", metadata={"help": "start from this bundle's weights (fine-tuning; any image size)"})
     augment: bool = True
     crop: int = field(default=0, metadata={"help": "random crop size during training; 0 = no crop"})
     noise: float = field(default=0.05, metadata={"help": "std of Gaussian noise augmentation (0-1 scale)"})
@@ -88,8 +101,9 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_size < 0 or self.image_size % 32:
             raise ValueError(f"image_size must be 0 (the data's own) or a multiple of 32, got {self.image_size}")
-        if not 0.0 <= self.oversample <= 1.0:
-            raise ValueError(f"oversample must be in [0, 1], got {self.oversample}")
+        for name in ("oversample", "missing_sequence"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:

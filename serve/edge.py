@@ -1,10 +1,10 @@
 """ONNX Runtime inference for CPUs and edge devices without PyTorch: ``OnnxPredictor(path)``.
 
-Same semantics as core's Predictor: HxWx3 uint8 slices of any size are resized to the model's input
-size (core.inference.slices.resize_matrix: area down, bilinear up, as torch does), the probabilities
-resized back, flip-averaged where the bundle chose TTA, thresholded (or arg-maxed for multi-class) and
-post-processed. The model file carries its bundle config as ONNX
-metadata (see serve/onnx_export.py), so nothing else is needed. Imports numpy, scipy (through
+Same semantics as core's Predictor: HxWx3 uint8 slices of any size are cropped and resized to the
+model's input size and standardised (core.data.preprocessing: the same matrices and numbers as torch
+uses), the probabilities put back on each slice's grid, flip-averaged where the bundle chose TTA,
+thresholded (or arg-maxed for multi-class) and post-processed. The model file carries its bundle config
+as ONNX metadata (see serve/onnx_export.py), so nothing else is needed. Imports numpy, scipy (through
 core.inference.postprocess, which is numpy + scipy only) and onnxruntime; never torch.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from core.inference.slices import SlicePredictor, resize
+from core.inference.slices import SlicePredictor
 
-FORMAT = "gliomaseg-onnx/1"
+FORMAT = "gliomaseg-onnx/2"  # /2: the graph takes standardised input (/1 took pixel values 0..255)
 META_FORMAT, META_CONFIG, META_METRICS = "gliomaseg.format", "gliomaseg.config", "gliomaseg.metrics"
 
 
@@ -51,11 +51,7 @@ class OnnxPredictor(SlicePredictor):
     def info(self) -> dict[str, Any]:
         return {"config": self.config, "metrics": self.metrics, "providers": self.session.get_providers()}
 
-    def _forward(self, batch: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        # The graph applies the normalisation itself; it takes pixel values at the model's size.
-        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
-        if shape != self.size:  # rounded to uint8 values, as the trainer's resized split is stored
-            x = np.clip(np.round(resize(x, self.size)), 0, 255)
-        probs = self.session.run(None, {self.input_name: x})[0].astype(np.float32)
-        probs = resize(probs, shape)
-        return probs if self.multiclass else probs[:, 0]
+    def _network(self, x: np.ndarray) -> np.ndarray:
+        # The graph takes standardised input at the model's size; SlicePredictor crops, resizes and
+        # standardises with core's numpy rules (per slice, or per volume where the bundle says).
+        return self.session.run(None, {self.input_name: x})[0].astype(np.float32)

@@ -1,9 +1,10 @@
 """`python -m serve export-onnx --bundle B --out model.onnx`: a self-contained ONNX model for edge devices.
 
-The graph takes ``image``: float32 (N,3,H,W) pixel values 0..255 at the bundle's input size, with a
-dynamic batch axis, and returns ``proba``: sigmoid (binary, (N,1,H,W)) or softmax (multi-class)
-probabilities. Normalisation and activation are inside the graph; the bundle's config and metrics
-ride along as ONNX metadata, so serve/edge.py's OnnxPredictor needs only the file. ``--quantize int8``
+The graph takes ``image``: float32 (N,3,H,W) standardised input at the bundle's input size (the
+bundle's crop and normalisation, which may be per volume, are applied outside it by core's numpy rules),
+with a dynamic batch axis, and returns ``proba``: sigmoid (binary, (N,1,H,W)) or softmax (multi-class)
+probabilities. The activation is inside the graph; the bundle's config and metrics ride along as ONNX
+metadata, so serve/edge.py's OnnxPredictor needs only the file. ``--quantize int8``
 writes an INT8 model instead (serve/quantize.py: static, calibrated on ``--calibration PREPARED``'s
 validation slices, or dynamic without them); the metadata says which (``gliomaseg.quantization``).
 """
@@ -35,14 +36,15 @@ DEFAULT_OPSET = 18
 
 
 class ProbabilityModel(torch.nn.Module):
-    """Bundle network with its normalisation and output activation, as the Predictor applies them."""
+    """Bundle network with its output activation; it takes standardised input (the bundle's normalisation
+    and crop are per slice or per volume, so OnnxPredictor applies them with core's numpy rules)."""
 
-    def __init__(self, model: torch.nn.Module, scale: float, multiclass: bool) -> None:
+    def __init__(self, model: torch.nn.Module, multiclass: bool) -> None:
         super().__init__()
-        self.model, self.scale, self.multiclass = model, scale, multiclass
+        self.model, self.multiclass = model, multiclass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x * self.scale)
+        logits = self.model(x)
         return logits.softmax(1) if self.multiclass else logits.sigmoid()
 
 
@@ -104,9 +106,9 @@ def export_onnx(
     loaded = load_bundle(bundle, "cpu")
     config = loaded.config
     multiclass = int(config["model_args"]["out_channels"]) > 1
-    module = ProbabilityModel(loaded.model, float(config["normalisation"]["scale"]), multiclass).eval()
+    module = ProbabilityModel(loaded.model, multiclass).eval()
     h, w = (int(v) for v in config["image_size"])
-    example = torch.rand(2, 3, h, w) * 255
+    example = torch.randn(2, 3, h, w)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".onnx-export-", dir=out.parent) as tmp:
@@ -125,7 +127,7 @@ def export_onnx(
             META_CONFIG: json.dumps(config, sort_keys=True),
             META_METRICS: json.dumps(loaded.metrics, sort_keys=True, default=float),
             "gliomaseg.version": loaded.version,
-            "gliomaseg.input": f"{INPUT}: float32 (N,3,{h},{w}) pixel values 0..255",
+            "gliomaseg.input": f"{INPUT}: float32 (N,3,{h},{w}) standardised (the config's normalisation, crop)",
             "gliomaseg.output": f"{OUTPUT}: {'softmax' if multiclass else 'sigmoid'} probabilities",
             META_QUANT: "none",
         }
@@ -146,7 +148,7 @@ def export_onnx(
         if quantize == "int8":
             from serve.quantize import compare, quantize_int8
 
-            x = None if calib is None else model_inputs(calib, (h, w))
+            x = None if calib is None else model_inputs(calib, config)
             quantized = Path(tmp) / "int8.onnx"
             info.update(quantize_int8(staged, quantized, x, input_name=INPUT))
             if verify:

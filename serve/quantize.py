@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from core.inference.slices import resize
+from core.data.preprocessing import Preprocessing
+from core.inference.slices import model_input
 
 log = logging.getLogger(__name__)
 logging.getLogger("onnxruntime.quantization.shape_inference").setLevel(logging.WARNING)
@@ -74,12 +75,16 @@ def _even(total: int, n: int) -> np.ndarray:
         np.zeros(0, int)
 
 
-def model_inputs(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (N,3,H,W) -> float32 graph input at the model's size, resized and rounded as OnnxPredictor does."""
-    x = images.astype(np.float32)
-    if tuple(x.shape[2:]) != tuple(size):
-        x = np.clip(np.round(resize(x, size)), 0, 255)
-    return np.ascontiguousarray(x, dtype=np.float32)
+def model_inputs(images: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """uint8 (N,3,H,W) -> float32 graph input as OnnxPredictor feeds it: the bundle config's crop, resize
+    and standardisation (over each slice alone: calibration needs the inputs' range, not one patient's)."""
+    preprocessing = Preprocessing.from_config(config)
+    size = (int(config["image_size"][0]), int(config["image_size"][1]))
+    parts = []
+    for image in images:
+        stats, boxes = preprocessing.plan(image[None])
+        parts.append(model_input(image.transpose(1, 2, 0)[None], stats, boxes, size))
+    return np.concatenate(parts) if parts else np.zeros((0, 3, *size), np.float32)
 
 
 class SliceReader:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.data.arrays import SplitArrays
+from core.inference.resize import normalise
 from core.training.augment import AugmentSettings, augment_batch
 from core.training.loader import DeviceDataset
 
@@ -80,7 +81,8 @@ def test_loader_batches_are_full_normalised_and_cover_the_split():
     batches = data.epoch_batches(8, torch.Generator().manual_seed(0))
     assert batches.shape == (3, 8)  # ceil(20/8) full batches, padded from the permutation
     assert set(batches.flatten().tolist()) == set(range(20))
-    x, y = data.batch(batches[0])
+    x, y, stats = data.batch(batches[0])
+    x = normalise(x, stats)  # the default bundle normalisation: /255
     assert x.dtype == torch.float32 and x.min() >= 0.0 and x.max() <= 1.0
     np.testing.assert_allclose(x.numpy(), arrays.images[batches[0].numpy()] / 255.0, rtol=1e-6)
     assert torch.equal(y, torch.from_numpy(arrays.masks[batches[0].numpy()]))

@@ -16,9 +16,10 @@ from tune_support import TINY_NET
 
 from core.bundle import load_bundle
 from core.formats import codecs
+from core.inference.postprocess import NO_POSTPROCESS
 from core.inference.predictor import Predictor
 
-PLAIN = {"tta": "none", "postprocess": {"largest_component": False, "min_area": 0}, "threshold": 0.5}
+PLAIN = {"tta": "none", "postprocess": dict(NO_POSTPROCESS), "threshold": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,23 @@ def test_three_fold_cv_validates_every_patient_exactly_once(ray_session, prepare
     bad.write_text(json.dumps({"folds": [folds[0], folds[1]]}))
     with pytest.raises(ValueError, match="bad.json"):
         run_cv(prepared_dir, "cv3b", 2, config, tmp_path, folds_file=bad)
+
+
+def test_cv_over_train_alone_keeps_val_out_and_scores_the_fold_ensemble_there(ray_session, prepared_dir, tmp_path):
+    from core.data.arrays import load_split
+    from tune.cv import pool_splits, run_cv
+
+    pool, _ = pool_splits(prepared_dir, "train")
+    train = {str(p) for p in load_split(prepared_dir, "train").patients}
+    val = {str(p) for p in load_split(prepared_dir, "val").patients}
+    assert {str(p) for p in pool.patients} == train
+    with pytest.raises(ValueError, match="pool"):
+        pool_splits(prepared_dir, "val")
+    config = {**TINY_NET, "epochs": 1, "lr": 5e-3, "oversample": 0.5}
+    out = run_cv(prepared_dir, "cv2", 2, config, tmp_path, pool_name="train")
+    folds = json.loads((tmp_path / "cv2" / "folds.json").read_text())["folds"]
+    assert sorted(p for f in folds for p in f) == sorted(train) and not val & {p for f in folds for p in f}
+    assert out["pool"] == "train" and 0.0 <= out["ensemble_val"]["dsc_volume"] <= 1.0
+    assert out["summary"]["worst_patient_dsc_volume"] <= out["summary"]["dsc_volume"]["mean"]
+    metrics = load_bundle(tmp_path / "cv2" / "ensemble").metrics
+    assert "selected on this val split" in metrics["selection"]

@@ -48,16 +48,31 @@ def trained(prepared_128, tmp_path_factory) -> tuple[Trainer, Path]:
 
 
 @pytest.fixture(scope="module")
-def bundles(trained, tmp_path_factory) -> dict[str, Path]:
-    """The trained bundle with TTA forced off and on (post-processing on), whatever val chose."""
+def trained_patient(prepared_128, tmp_path_factory) -> Path:
+    """A bundle standardised and brain-cropped per patient (issue 19), trained at 64 px like the other."""
+    cfg = TrainConfig(arch="lite", filters=8, epochs=2, batch_size=8, image_size=TRAINED, lr=5e-3, oversample=0.5,
+                      normalisation="patient", brain_crop="patient", device="cpu", seed=0)
+    trainer = Trainer.from_prepared(cfg, prepared_128)
+    trainer.fit()
+    return trainer.export_bundle(tmp_path_factory.mktemp("bundle-patient") / "b")
+
+
+@pytest.fixture(scope="module")
+def bundles(trained, trained_patient, tmp_path_factory) -> dict[str, Path]:
+    """The trained bundle with TTA forced off and on (post-processing on), whatever val chose, and the
+    per-patient bundle with flip TTA and component post-processing."""
     out = {}
-    for tta in ("none", "flip"):
-        path = tmp_path_factory.mktemp(f"tta-{tta}") / "bundle"
-        shutil.copytree(trained[1], path)
+    for name, source, tta, postprocess in (
+        ("none", trained[1], "none", {"largest_component": True, "min_area": 5}),
+        ("flip", trained[1], "flip", {"largest_component": True, "min_area": 5}),
+        ("patient", trained_patient, "flip", {"min_volume": 20, "min_area": 5}),
+    ):
+        path = tmp_path_factory.mktemp(f"bundle-{name}") / "bundle"
+        shutil.copytree(source, path)
         config = json.loads((path / "config.json").read_text())
-        config.update(tta=tta, postprocess={"largest_component": True, "min_area": 5})
+        config.update(tta=tta, postprocess=postprocess)
         (path / "config.json").write_text(json.dumps(config))
-        out[tta] = path
+        out[name] = path
     return out
 
 
@@ -122,14 +137,14 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
     images, _, patients = val_images(prepared_128)
     volume = images[patients == patients[0]]
     reference = {}
-    for tta, bundle in bundles.items():  # without and with flip TTA
+    for tta, bundle in bundles.items():  # without and with flip TTA; per-patient preprocessing
         predictor = Predictor.from_bundle(bundle, "cpu")
         reference[tta] = predictor.predict(volume, volume=True), predictor.predict(volume[:4])
         assert reference[tta][0].shape == (len(volume), NATIVE, NATIVE) and reference[tta][0].any()
 
         export_onnx(bundle, tmp_path / f"{tta}.onnx")
         edge = OnnxPredictor(tmp_path / f"{tta}.onnx")
-        assert edge.tta == tta
+        assert edge.tta == predictor.tta
         assert (edge.predict(volume, volume=True) == reference[tta][0]).mean() >= 0.9999
         assert (edge.predict(volume[:4]) == reference[tta][1]).mean() >= 0.9999
 
@@ -137,17 +152,28 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
         with tarfile.open(archive) as tar:
             tar.extractall(tmp_path / tta, filter="data")
         (tmp_path / f"{tta}.npy").write_bytes(codecs.encode_npy(volume))
-        spec = [{"body": str(tmp_path / f"{tta}.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
+        for name in ("slice", "slice-binary"):  # each request's answer goes to BODY.out
+            (tmp_path / f"{tta}-{name}.npy").write_bytes(codecs.encode_npy(volume[0]))
+        spec = [{"body": str(tmp_path / f"{tta}.npy"), "content_type": codecs.NPY, "accept": codecs.NPY},
+                {"body": str(tmp_path / f"{tta}-slice.npy"), "content_type": codecs.NPY, "accept": codecs.JSON},
+                {"body": str(tmp_path / f"{tta}-slice-binary.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
         (tmp_path / f"{tta}.json").write_text(json.dumps(spec))
-        run_container(tmp_path / tta, tmp_path / f"{tta}.json", tmp_path, {})
+        out = run_container(tmp_path / tta, tmp_path / f"{tta}.json", tmp_path, {})
+        statuses = [r["status"] for r in json.loads(out.split("RESULTS", 1)[1])[:3]]
         assert np.array_equal(read_npy((tmp_path / f"{tta}.npy.out").read_bytes()) > 0, reference[tta][0] > 0)
+        # One slice of a per-patient bundle: the JSON result says what was done; a bare mask is refused.
+        summary = json.loads((tmp_path / f"{tta}-slice.npy.out").read_bytes())
+        per_patient = predictor.preprocessing.per_patient
+        assert ("preprocessing_note" in summary) == per_patient
+        assert statuses == [200, 200, 422 if per_patient else 200]
 
     apps = {f"/{tta}": ServeSettings(bundle=str(bundle)) for tta, bundle in bundles.items()}
     with serving(apps) as urls:
         for tta, (ref_volume, ref_slices) in reference.items():
             url = urls[f"/{tta}"]
             info = httpx.get(f"{url}/v1/model", timeout=30).json()
-            assert info["tta"] == tta and info["image_size"] == [TRAINED, TRAINED]
+            per_patient = info["normalisation"]["type"] == "patient"
+            assert info["tta"] == ("flip" if per_patient else tta) and info["image_size"] == [TRAINED, TRAINED]
             assert info["metrics"]["val"]["dsc_volume"] >= 0
             r = httpx.post(f"{url}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
                            headers={"Content-Type": codecs.NPY}, timeout=120)
@@ -158,6 +184,9 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
                                headers={"Content-Type": codecs.NPY}, timeout=60)
                 assert r.status_code == 200, r.text
                 assert np.array_equal(read_npy(r.content) > 0, ref_slices[i] > 0)
+                # One slice of a per-patient bundle: standardised by itself, and the response says so.
+                assert (r.headers.get("X-Preprocessing-Scope") == "slice") == per_patient
+                assert ("/v1/segment/volume" in r.headers.get("Warning", "")) == per_patient
 
 
 def test_tta_and_postprocessing_left_out_unless_they_raise_val(trained, monkeypatch):

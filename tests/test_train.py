@@ -14,6 +14,7 @@ from core.cli import dispatch
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info
 from core.evaluation.evaluate import evaluate_split
+from core.inference.postprocess import NO_POSTPROCESS
 from core.inference.predict import safe_name
 from core.inference.predictor import Predictor
 from core.training.trainer import EpochResult, Trainer
@@ -67,7 +68,7 @@ def test_exported_bundle_matches_evaluation(quality_run, prepared_dir):
     config = json.loads((bundle / "config.json").read_text())
     assert config["postprocess"] == metrics["postprocess"]
     if metrics["val"]["dsc_volume"] == metrics["val_raw"]["dsc_volume"]:
-        assert config["postprocess"] == {"largest_component": False, "min_area": 0}  # kept only if it helps
+        assert config["postprocess"] == NO_POSTPROCESS  # kept only if it helps
     # The Predictor path (per-patient volumes, bundle post-processing) reproduces the recorded metrics.
     predictor = Predictor.from_bundle(bundle, "cpu")
     assert evaluate_split(predictor, load_split(prepared_dir, "val")) == pytest.approx(metrics["val"], nan_ok=True)

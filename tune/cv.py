@@ -2,14 +2,17 @@
 
     python -m tune cv --data prepared --folds 5 --from runs/study1          # the search's best config
     python -m tune cv --data prepared --folds 5 --config best.yaml --epochs 30
+    python -m tune cv --data prepared --folds 5 --from runs/study1 --pool train   # val kept out
 
-The folds pool the prepared train and val patients (test stays out), balance the tumour-slice share
-as `core data prepare` balances splits, and are saved in ``runs/NAME/folds.json`` (``--folds-file``
-reuses them). Each fold is one Ray Tune trial (they run in parallel, several per GPU), trained on the
-other folds and validated on its own, so every patient is validated exactly once by a model that never
-saw it. ``cv.json`` holds per-fold and mean +- sd metrics; ``ensemble/`` is the fold ensemble as one
-bundle (no patient is held out from all folds, so its threshold, TTA and post-processing are the
-folds' most common choices, not chosen again).
+The folds pool the prepared train and val patients (``--pool train``: train only, so the fold
+ensemble can be compared with a single model on val patients no fold saw; test stays out), balance
+the tumour-slice share as `core data prepare` balances splits, and are saved in
+``runs/NAME/folds.json`` (``--folds-file`` reuses them). Each fold is one Ray Tune trial (they run in
+parallel, several per GPU), trained on the other folds and validated on its own, so every patient is
+validated exactly once by a model that never saw it. ``cv.json`` holds per-fold and mean +- sd metrics
+and the worst patient; ``ensemble/`` is the fold ensemble as one bundle (with val in the pool no
+patient is held out from all folds, so its threshold, TTA and post-processing are the folds' most
+common choices; with ``--pool train`` they are chosen on val).
 """
 
 from __future__ import annotations
@@ -40,13 +43,17 @@ from tune.trainable import train_trial
 log = logging.getLogger(__name__)
 
 
-def pool_splits(prepared: Path) -> tuple[SplitArrays, dict[str, Any]]:
-    """Train + val of a prepared directory as one pool (read into memory: one object-store copy)."""
+POOLS = ("train+val", "train")
+
+
+def pool_splits(prepared: Path, pool: str = "train+val") -> tuple[SplitArrays, dict[str, Any]]:
+    """Train + val (or train alone) of a prepared directory as one pool (in memory: one object-store copy)."""
+    if pool not in POOLS:
+        raise ValueError(f"--pool {pool!r} is not one of {', '.join(POOLS)}")
     info = load_split_info(prepared)
-    train, val = load_split(prepared, "train", mmap=False), load_split(prepared, "val", mmap=False)
-    pool = SplitArrays(*(np.concatenate([getattr(train, k), getattr(val, k)])
-                         for k in ("images", "masks", "patients", "slices")))
-    return pool, info
+    parts = [load_split(prepared, split, mmap=False) for split in pool.split("+")]
+    return SplitArrays(*(np.concatenate([getattr(p, k) for p in parts])
+                         for k in ("images", "masks", "patients", "slices"))), info
 
 
 def make_folds(pool: SplitArrays, folds: int, seed: int) -> list[list[str]]:
@@ -93,13 +100,15 @@ def base_config(config_file: Path | None, from_run: Path | None, fixed: dict[str
 def run_cv(
     data: Path, name: str, folds: int, config: dict[str, Any], storage: Path, folds_file: Path | None = None,
     cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, seed: int = 0, half: bool = False,
+    pool_name: str = "train+val",
 ) -> dict[str, Any]:
     """Run (or continue) the CV; returns cv.json's content."""
     import ray
 
     run_dir = (storage / name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    pool, info = pool_splits(Path(data).resolve())
+    pool, info = pool_splits(Path(data).resolve(), pool_name)
+    held_out = load_split(Path(data).resolve(), "val") if pool_name == "train" else None
     fold_lists = read_json(folds_file)["folds"] if folds_file else make_folds(pool, folds, seed)
     covered = sorted(p for f in fold_lists for p in f)
     if covered != sorted(np.unique(np.asarray(pool.patients).astype(str)).tolist()):
@@ -124,11 +133,11 @@ def run_cv(
                                       failure_config=tune.FailureConfig(max_failures=2)),
         )
     grid = tuner.fit()
-    return summarise(grid, run_dir, pool, fold_lists, info, cfg, half)
+    return summarise(grid, run_dir, pool, fold_lists, info, cfg, half, held_out)
 
 
 def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]], info: dict[str, Any],
-              cfg: TrainConfig, half: bool) -> dict[str, Any]:
+              cfg: TrainConfig, half: bool, held_out: SplitArrays | None = None) -> dict[str, Any]:
     """Per-fold bundles and metrics, mean +- sd, and the fold ensemble."""
     rows, bundles = [], []
     for trial in sorted(results.collect(grid, cfg.metric, "none"), key=lambda t: t["config"]["fold"]):
@@ -142,21 +151,29 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
                                  train, val, fold_info, "gliomaseg-cv-fold", {"fold": k})
         metrics = read_json(bundle / "metrics.json")
         rows.append({"fold": k, "patients": len(folds[k]), "slices": len(val), "best_epoch": trial["best_epoch"],
-                     "val": {m: metrics["val"][m] for m in METRIC_KEYS}, "tta": metrics.get("tta"),
+                     "val": {m: metrics["val"].get(m) for m in METRIC_KEYS}, "tta": metrics.get("tta"),
                      "postprocess": metrics.get("postprocess")})
         bundles.append(bundle)
     summary = {m: {"mean": statistics.fmean(r["val"][m] for r in rows),
-                   "sd": statistics.stdev([r["val"][m] for r in rows]) if len(rows) > 1 else 0.0} for m in METRIC_KEYS}
+                   "sd": statistics.stdev([r["val"][m] for r in rows]) if len(rows) > 1 else 0.0}
+               for m in METRIC_KEYS if all(r["val"][m] is not None for r in rows)}
+    if "dsc_volume_min" in summary:  # the worst patient of the whole pool, each scored by a model that never saw it
+        summary["worst_patient_dsc_volume"] = min(r["val"]["dsc_volume_min"] for r in rows)
     # No patient is outside every fold's training data, so the ensemble's settings are the folds' majority.
     fixed = {"tta": Counter(r["tta"] or "none" for r in rows).most_common(1)[0][0],
              "postprocess": Counter(tuple(sorted((r["postprocess"] or {}).items())) for r in rows).most_common(1)[0][0]}
     fixed["postprocess"] = dict(fixed["postprocess"])
+    # With val held out of every fold (--pool train), the ensemble's threshold, TTA and post-processing are
+    # chosen on val, as a single model's are, so the two compare on the same patients.
     class_names = list(info.get("class_names") or ["background", "tumour"])
-    build_ensemble_bundle(bundles, None, class_names, run_dir / "ensemble", name="gliomaseg-cv-ensemble",
+    build_ensemble_bundle(bundles, held_out, class_names, run_dir / "ensemble", name="gliomaseg-cv-ensemble",
                           sources=[f"fold {r['fold']}" for r in rows], fixed=fixed, half=half)
     out = {"folds": rows, "summary": summary, "config": cfg.to_dict(), "ensemble": str(run_dir / "ensemble"),
+           "pool": "train" if held_out is not None else "train+val",
            "note": "each fold's metrics are on its own patients, never seen in its training; the epoch, TTA and "
                    "post-processing were chosen on that fold (slightly optimistic per fold)"}
+    if held_out is not None:
+        out["ensemble_val"] = read_json(run_dir / "ensemble" / "metrics.json").get("val", {})
     write_json(run_dir / "cv.json", out)
     return out
 
@@ -177,6 +194,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the fold assignment")
     p.add_argument("--half", action="store_true", help="fp16 weights in the fold ensemble")
+    p.add_argument("--pool", choices=POOLS, default="train+val",
+                   help="patients the folds cover; train keeps val out, to compare the fold ensemble on it")
     p.set_defaults(func=cv_command)
 
 
@@ -186,7 +205,7 @@ def cv_command(args: argparse.Namespace) -> int:
         fixed["epochs"] = args.epochs
     config = base_config(args.config, args.from_run, fixed)
     out = run_cv(args.data, args.name, args.folds, config, args.storage, args.folds_file, args.cpus_per_trial,
-                 args.gpus_per_trial, args.seed, args.half)
+                 args.gpus_per_trial, args.seed, args.half, args.pool)
     for row in out["folds"]:
         m = row["val"]
         print(f"fold {row['fold']} ({row['patients']} patients): dsc_volume {m['dsc_volume']:.4f} "
@@ -195,4 +214,6 @@ def cv_command(args: argparse.Namespace) -> int:
     print("mean +- sd: " + ", ".join(f"{k} {s[k]['mean']:.4f} +- {s[k]['sd']:.4f}"
                                     for k in ("dsc_volume", "dice_tumour", "fp_slice_rate")))
     print(f"fold ensemble: {out['ensemble']}; folds: {args.storage / args.name / 'folds.json'}")
+    if "ensemble_val" in out:
+        print(f"fold ensemble on val: dsc_volume {out['ensemble_val'].get('dsc_volume', float('nan')):.4f}")
     return 0

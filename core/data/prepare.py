@@ -190,7 +190,33 @@ def prepare(
         class_names = list(read_json(src / "classes.json")["class_names"])
     classes = len(class_names) - 1
     patients = {p.id: p for p in read_patients(src, classes, progress)}
-    if split_file:
+    return write_prepared(src, patients, out, class_names, val, test, seed, split_file)
+
+
+def write_prepared(
+    src: str | Path,
+    patients: dict[str, Patient],
+    out: str | Path,
+    class_names: list[str],
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    assignment: dict[str, list[str]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Split (``assignment`` as given, a split file's, or balanced by seed) and write; any source's patients
+    (the Kaggle layout here, nnU-Net datasets in core.data.nnunet) of one in-plane size."""
+    src = Path(src)
+    classes = len(class_names) - 1
+    if not patients:
+        raise DataError(f"{src}: no patients")
+    if assignment is not None:
+        unknown = sorted({p for ids in assignment.values() for p in ids} - set(patients))
+        if unknown:
+            raise DataError(f"{src}: split names patients it does not have: {', '.join(unknown[:5])}")
+        assignment = {s: sorted(assignment.get(s, [])) for s in SPLITS}
+    elif split_file:
         wanted = read_json(split_file)["patients"]
         unknown = sorted({p for ids in wanted.values() for p in ids} - set(patients))
         if unknown:
@@ -209,6 +235,7 @@ def prepare(
         "class_names": class_names,
         "patients": assignment,
         "counts": {},
+        **(extra or {}),
     }
     with atomic_dir(out) as tmp:
         for name in SPLITS:

@@ -1,4 +1,9 @@
-"""Evaluate a bundle on a prepared split or a Kaggle-layout folder: CSVs, summary.json and plots.
+"""Evaluate a bundle on a prepared split, a Kaggle-layout folder or NIfTI scans with their masks:
+CSVs, summary.json and plots.
+
+NIfTI sources (``--src``): an nnU-Net v2 raw dataset (imagesTr/labelsTr, and imagesTs/labelsTs), or a
+folder of scans (``<case>.nii.gz`` or channel files ``<case>_0000.nii.gz`` ...) each with its
+``<case>_mask.nii.gz`` beside it; per_patient.csv then has the true and predicted volumes in mL.
 
 ``evaluate_split`` is the reusable part (training and tune call it): it predicts each patient as one
 volume, so the bundle's 3D post-processing applies exactly as it will in serving.
@@ -61,8 +66,51 @@ def arrays_from_src(src: str | os.PathLike, classes: int = 1) -> SplitArrays:
     return stack_patients(patients)
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def scans_from_src(src: str | os.PathLike, classes: int = 1, sequences: list[str] | None = None
+                   ) -> tuple[SplitArrays, dict[str, float], dict[str, Any]] | None:
+    """NIfTI scans with masks -> (arrays, voxel mL per patient, notes), or None when ``src`` holds none.
+
+    Cases of different in-plane sizes are resized to the most common one (recorded under ``resized``)."""
+    from core.data.nnunet import common_size, is_nnunet_dataset, read_case, read_nnunet
+    from core.data.prepare import DataError, stack_patients
+    from core.formats.nifti import case_name, channel_files
+
+    src = Path(src)
+    if is_nnunet_dataset(src):
+        cases = read_nnunet(src)
+        if len(cases.class_names) - 1 != classes:
+            raise ValueError(f"{src} has {len(cases.class_names) - 1} foreground classes, the bundle {classes}")
+        patients, voxel_ml = cases.patients, cases.voxel_ml
+    else:
+        files = sorted(p for p in src.iterdir() if _is_nifti(p)) if src.is_dir() else []
+        if not files:
+            return None
+        masks = {case_name(f)[: -len("_mask")]: f for f in files if case_name(f).endswith("_mask")}
+        images: dict[str, list[Path]] = {}
+        for f in files:
+            if not case_name(f).endswith("_mask") and case_name(f) not in images:
+                images[case_name(f)] = channel_files(f)
+        for case in sorted(set(masks) - set(images)):
+            raise DataError(f"{masks[case]}: mask without a scan")
+        for case in sorted(set(images) - set(masks)):
+            raise DataError(f"{images[case][0]}: missing mask (expected {case}_mask.nii.gz beside it)")
+        patients, voxel_ml = {}, {}
+        for case in sorted(images):
+            patients[case], voxel_ml[case] = read_case(case, images[case], masks[case], sequences, classes)  # type: ignore[arg-type]
+    patients, resized = common_size(patients)
+    for pid, (h0, w0) in resized.items():  # a resized pixel covers a different area
+        h, w = patients[pid].images.shape[1:3]
+        voxel_ml[pid] *= (h0 * w0) / (h * w)
+    return stack_patients([patients[p] for p in sorted(patients)]), voxel_ml, {"resized": resized}
+
+
 def write_report(
-    predictor: Predictor, arrays: SplitArrays, out: str | os.PathLike, source: dict[str, Any]
+    predictor: Predictor, arrays: SplitArrays, out: str | os.PathLike, source: dict[str, Any],
+    voxel_ml: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Predict, then write per_slice.csv, per_patient.csv, summary.json and the PNG plots to ``out``."""
     from core.evaluation import plots
@@ -82,12 +130,18 @@ def write_report(
         for p, s, d, t, q in zip(patients, arrays.slices, dice, true_px, pred_px, strict=True)
     ])
     by_patient = per_patient_dice(pred, truth, patients)
-    write_csv(out / "per_patient.csv", [
+    patient_rows = [
         {"patient": pid, "dice": round(d, 6), "slices": int((patients == pid).sum()),
          "tumour_slices": int((true_px[patients == pid] > 0).sum()),
          "truth_pixels": int(true_px[patients == pid].sum()), "pred_pixels": int(pred_px[patients == pid].sum())}
         for pid, d in by_patient.items()
-    ])
+    ]
+    if voxel_ml:  # scans with a known voxel size: tumour volumes in mL
+        for row in patient_rows:
+            ml = voxel_ml.get(str(row["patient"]))
+            row["truth_ml"] = round(row["truth_pixels"] * ml, 4) if ml else ""
+            row["pred_ml"] = round(row["pred_pixels"] * ml, 4) if ml else ""
+    write_csv(out / "per_patient.csv", patient_rows)
     plots.dice_histogram(dice[(true_px > 0) | (pred_px > 0)], out / "dice_histogram.png",
                          "Slice Dice (slices with tumour in truth or prediction)")
     plots.per_patient_bars(list(by_patient), list(by_patient.values()), out / "per_patient.png")
@@ -106,6 +160,13 @@ def write_report(
             "postprocess": predictor.postprocess, "threshold": predictor.threshold,
         },
     }
+    known = [r for r in patient_rows if r.get("truth_ml") not in (None, "")]
+    if known:
+        summary["volume_ml"] = {
+            "truth_mean": float(np.mean([r["truth_ml"] for r in known])),
+            "pred_mean": float(np.mean([r["pred_ml"] for r in known])),
+            "mean_abs_error": float(np.mean([abs(r["pred_ml"] - r["truth_ml"]) for r in known])),
+        }
     if names:
         matrix = confusion_matrix(pred, truth, len(names))
         plots.confusion_plot(matrix, names, out / "confusion_matrix.png")
@@ -122,9 +183,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_predictor_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="prepared directory")
-    source.add_argument("--src", type=Path, help="folder in the Kaggle kaggle_3m layout")
+    source.add_argument("--src", type=Path, help="a kaggle_3m folder, an nnU-Net raw dataset, or a folder of NIfTI "
+                        "scans each with <case>_mask.nii.gz beside it")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="with --data (default: test)")
     p.add_argument("--out", required=True, type=Path, help="report directory")
+    p.add_argument("--sequences", help="NIfTI scans: the sequence of each channel, e.g. flair,t1,t1gd,t2")
     p.set_defaults(func=evaluate_command)
 
 
@@ -139,12 +202,19 @@ def evaluate_command(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.data} has {info.get('classes')} classes, the bundle {classes}")
         arrays = load_split(args.data, args.split)
         source = {"data": str(args.data), "split": args.split}
-    else:
-        arrays = arrays_from_src(args.src, classes)
+    voxel_ml = None
+    if args.data is None:  # --src
+        sequences = args.sequences.split(",") if args.sequences else None
+        scans = scans_from_src(args.src, classes, sequences)
         source = {"src": str(args.src)}
+        if scans is not None:
+            arrays, voxel_ml, notes = scans
+            source.update(notes)
+        else:
+            arrays = arrays_from_src(args.src, classes)
     if len(arrays) == 0:
         raise ValueError(f"no slices to evaluate in {source}")
-    summary = write_report(predictor, arrays, args.out, {**source, "bundle": str(args.bundle)})
+    summary = write_report(predictor, arrays, args.out, {**source, "bundle": str(args.bundle)}, voxel_ml)
     m = summary["metrics"]
     print(f"dsc_volume={m['dsc_volume']:.4f} dice_tumour={m['dice_tumour']:.4f} dice_all={m['dice_all']:.4f} "
           f"fp_slice_rate={m['fp_slice_rate']:.4f}; report: {args.out}")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METRIC_KEYS = ("dsc_volume", "dice_tumour", "dice_all", "iou", "fp_slice_rate")
+METRIC_KEYS = ("dsc_volume", "dsc_volume_min", "dice_tumour", "dice_all", "iou", "fp_slice_rate")
 # Which direction is better, for selection and early stopping.
 MINIMISED = frozenset({"fp_slice_rate"})
 
@@ -95,7 +95,8 @@ def segmentation_metrics(
 ) -> dict[str, float]:
     """All DESIGN.md metrics for one split.
 
-    ``dsc_volume``: 3D Dice per patient, averaged over patients. ``dice_tumour``: mean slice Dice over
+    ``dsc_volume``: 3D Dice per patient, averaged over patients (``dsc_volume_min``: the worst patient's).
+    ``dice_tumour``: mean slice Dice over
     slices with tumour in the truth. ``dice_all``: mean slice Dice over all slices (empty/empty = 1).
     ``iou``: 3D IoU per patient, averaged. ``fp_slice_rate``: share of tumour-free slices with any
     predicted foreground. With ``class_names`` of more than two entries (or labels > 1 in the data),
@@ -112,8 +113,10 @@ def segmentation_metrics(
     psp, pst, pint = (np.bincount(inv, weights=v, minlength=len(ids)) for v in (sp, st, inter))
     union = psp + pst - pint
     tumour, empty = st > 0, st == 0
+    patient_dice = _dice(pint, psp, pst)
     out = {
-        "dsc_volume": _mean(_dice(pint, psp, pst)),
+        "dsc_volume": _mean(patient_dice),
+        "dsc_volume_min": float(patient_dice.min()) if patient_dice.size else float("nan"),  # the worst patient
         "dice_tumour": _mean(slice_dice[tumour]),
         "dice_all": _mean(slice_dice),
         "iou": _mean(np.where(union > 0, pint / np.maximum(union, 1), 1.0)),

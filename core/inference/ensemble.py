@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import save_file
 
-from core.bundle import CONFIG, METRICS, Bundle, load_bundle
+from core.bundle import CONFIG, METRICS, Bundle, ensemble_scale, load_bundle
 from core.data.arrays import SplitArrays
 from core.inference.bundle_uri import FILES_KEY, hash_files
 from core.inference.ensemble_net import Ensemble, member_file
@@ -36,7 +36,7 @@ def ensemble_config(
     """
     first = configs[0]
     for c in configs[1:]:
-        for key in ("class_names", "channels", "normalisation"):
+        for key in ("class_names", "channels", "normalisation", "crop"):
             if c.get(key) != first.get(key):
                 raise ValueError(f"ensemble members differ in {key}: {first.get(key)!r} vs {c.get(key)!r}")
     members = [{**member_config(c), "weights": member_file(i), "version": c.get("version"),
@@ -44,6 +44,7 @@ def ensemble_config(
     size = max((tuple(m["image_size"]) for m in members), key=lambda s: s[0] * s[1])
     return {
         **{k: first[k] for k in ("format", "channels", "normalisation", "class_names")},
+        "crop": first.get("crop", {"type": "none"}),
         "name": name, "arch": "ensemble", "members": members,
         "model_args": {"in_channels": first["model_args"]["in_channels"],
                        "out_channels": first["model_args"]["out_channels"]},
@@ -87,7 +88,7 @@ def build_ensemble_bundle(
     config = ensemble_config([b.config for b in loaded], name, sources)
     multiclass = int(config["model_args"]["out_channels"]) > 1
     model = Ensemble([b.model for b in loaded], [tuple(c["image_size"]) for c in config["members"]], multiclass,
-                     float(config["normalisation"]["scale"])).to(device).eval()
+                     ensemble_scale(config)).to(device).eval()
     members = [{"source": (sources or [str(b) for b in bundles])[i], "val": b.metrics.get("val")}
                for i, b in enumerate(loaded)]
     if val is None:
@@ -100,7 +101,7 @@ def build_ensemble_bundle(
     probs = {}
     for mode in ("none", "flip") if tta else ("none",):
         predictor.tta = mode
-        probs[mode] = np.stack(predictor.predict_proba(images))
+        probs[mode] = np.stack(predictor.predict_proba(images, patients=split.patients))
     threshold, threshold_search = 0.5, {}
     if multiclass:
         masks = {mode: p.argmax(1).astype(np.uint8) for mode, p in probs.items()}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from core.inference.slices import resize_matrix
+from core.data.preprocessing import resize_matrix
 from core.training.models import build_model
 
 EPS = 1e-6  # keeps logit(p) finite; probabilities this close to 0 or 1 threshold the same either way
@@ -27,7 +27,8 @@ class Ensemble(torch.nn.Module):
     """Members (``nn.Module``) with their input sizes; ``forward`` gives logits of mean probabilities."""
 
     def __init__(
-        self, members: list[torch.nn.Module], sizes: list[tuple[int, int]], multiclass: bool, scale: float = 1 / 255
+        self, members: list[torch.nn.Module], sizes: list[tuple[int, int]], multiclass: bool,
+        scale: float | None = 1 / 255,
     ) -> None:
         super().__init__()
         if not members or len(members) != len(sizes):
@@ -61,7 +62,9 @@ class Ensemble(torch.nn.Module):
         total = None
         for i, member in enumerate(self.members):
             xm = x
-            if self.sizes[i] != self.input_size:  # pixel values rounded to uint8 levels, as a member's split was
+            if self.sizes[i] != self.input_size and self.scale is None:  # standardised input: resized as is
+                xm = self._resize(x, i, "down")
+            elif self.sizes[i] != self.input_size:  # pixel values rounded to uint8 levels, as a member's split was
                 xm = self._resize(x / self.scale, i, "down").round().clamp(0, 255) * self.scale
             logits = member(xm).float()
             probs = logits.softmax(1) if self.multiclass else logits.sigmoid()
@@ -72,7 +75,7 @@ class Ensemble(torch.nn.Module):
         return mean.log() if self.multiclass else torch.logit(mean)
 
 
-def build_ensemble(members: list[dict[str, Any]], multiclass: bool, scale: float = 1 / 255) -> Ensemble:
+def build_ensemble(members: list[dict[str, Any]], multiclass: bool, scale: float | None = 1 / 255) -> Ensemble:
     """An Ensemble of freshly built members from their ``member_config`` records (weights not loaded)."""
     nets = [build_model(m["arch"], m["model_args"]["in_channels"], m["model_args"]["out_channels"],
                         m["model_args"]["filters"], m["model_args"]["dropout"]) for m in members]

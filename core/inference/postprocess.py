@@ -1,4 +1,6 @@
-"""Mask post-processing: minimum lesion area per slice, largest 3D connected component per patient."""
+"""Mask post-processing: minimum lesion area per slice; per patient, 3D components below a minimum size
+removed (every component that passes is kept, so a large false positive never costs the tumour its
+place), or the older largest-component rule (kept for bundles that chose it; selection no longer offers it)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-NO_POSTPROCESS: dict[str, Any] = {"largest_component": False, "min_area": 0}
+NO_POSTPROCESS: dict[str, Any] = {"largest_component": False, "min_area": 0, "min_volume": 0}
+CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
 
 
 def remove_small_lesions(masks: np.ndarray, min_area: int) -> np.ndarray:
@@ -27,9 +30,21 @@ def remove_small_lesions(masks: np.ndarray, min_area: int) -> np.ndarray:
     return out
 
 
+def remove_small_components(masks: np.ndarray, min_volume: int) -> np.ndarray:
+    """Zero the 3D connected components of one patient's (N,H,W) stack smaller than ``min_volume`` voxels."""
+    if min_volume <= 0:
+        return masks
+    labels, n = ndimage.label(masks > 0, structure=CONNECTIVITY_3D)
+    if n == 0:
+        return masks
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = min_volume  # background is never "small"
+    return np.where(sizes[labels] >= min_volume, masks, 0).astype(masks.dtype)
+
+
 def keep_largest_component(masks: np.ndarray) -> np.ndarray:
     """Keep the largest 3D connected component of the foreground of one patient's (N,H,W) stack."""
-    labels, n = ndimage.label(masks > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = ndimage.label(masks > 0, structure=CONNECTIVITY_3D)
     if n <= 1:
         return masks
     sizes = np.bincount(labels.ravel())
@@ -40,6 +55,8 @@ def keep_largest_component(masks: np.ndarray) -> np.ndarray:
 def apply_postprocess(masks: np.ndarray, settings: dict[str, Any], volume: bool) -> np.ndarray:
     """Apply a bundle's post-processing to (N,H,W) masks; the 3D step only when they form one volume."""
     out = remove_small_lesions(masks, int(settings.get("min_area", 0)))
+    if volume:
+        out = remove_small_components(out, int(settings.get("min_volume", 0)))
     if volume and settings.get("largest_component", False):
         out = keep_largest_component(out)
     return out

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from core.bundle import Bundle, load_bundle
-from core.inference.resize import resize
+from core.inference.resize import crop_resize, normalise, uncrop_resize
 from core.inference.slices import Images, SlicePredictor, as_slices
 from core.runtime import autocast, resolve_device
 
@@ -28,7 +28,6 @@ class Predictor(SlicePredictor):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = bundle.model.to(self.device).eval()
         self._configure(bundle.config, bundle.metrics, batch_size)
-        self.scale = float(self.config["normalisation"]["scale"])
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> Predictor:
@@ -45,12 +44,15 @@ class Predictor(SlicePredictor):
         return {"config": self.config, "metrics": self.metrics, "device": str(self.device)}
 
     @torch.inference_mode()
-    def _forward(self, batch: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+    def _forward(self, batch: np.ndarray, stats: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
+        shape = batch.shape[1:3]
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float()
         # Resized pixels are rounded to uint8 values, as the trainer's resized split is stored.
-        x = resize(x.permute(0, 3, 1, 2).float(), self.size).round_().clamp_(0, 255).mul_(self.scale)
+        x = crop_resize(x, boxes, self.size).round_().clamp_(0, 255)
+        x = normalise(x, torch.from_numpy(stats).to(self.device))
         with autocast(self.device):
             logits = self.model(x)
         logits = logits.float()
-        probs = resize(logits.softmax(1) if self.multiclass else logits.sigmoid(), shape).cpu().numpy()
+        probs = uncrop_resize(logits.softmax(1) if self.multiclass else logits.sigmoid(), boxes, shape)
+        probs = probs.cpu().numpy()
         return probs if self.multiclass else probs[:, 0]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
-from core.inference.slices import resize_matrix
+from core.data.preprocessing import box_matrices, resize_matrix
 
 
 def _matrix(in_size: int, out_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -52,3 +53,32 @@ def resize_labels(masks: torch.Tensor, size: tuple[int, int], chunk: int = 256) 
         onehot = torch.nn.functional.one_hot(part.long(), max(classes, 2)).permute(0, 3, 1, 2).float()
         out.append(resize(onehot, size).argmax(1).to(torch.uint8))
     return torch.cat(out) if out else masks.new_zeros((0, *size))
+
+
+def _box_tensors(boxes: np.ndarray, shape: tuple[int, int], size: tuple[int, int], like: torch.Tensor,
+                 ) -> list[torch.Tensor]:
+    return [torch.from_numpy(m).to(like.device) for m in box_matrices(boxes, shape, size)]
+
+
+def crop_resize(x: torch.Tensor, boxes: np.ndarray | None, size: tuple[int, int]) -> torch.Tensor:
+    """(N,C,H,W) -> (N,C,*size) float32: each slice's crop box (core.data.preprocessing) resampled, or the
+    whole slice resized where ``boxes`` is None."""
+    if boxes is None:
+        return resize(x, size)
+    down_h, down_w, _, _ = _box_tensors(boxes, tuple(x.shape[2:]), size, x)
+    return torch.einsum("noh,nchw,npw->ncop", down_h, x.float(), down_w)
+
+
+def uncrop_resize(p: torch.Tensor, boxes: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
+    """Model-size (N,K,S0,S1) values back to (N,K,*shape): into each box (zero outside), or resized."""
+    if boxes is None:
+        return resize(p, shape)
+    _, _, up_h, up_w = _box_tensors(boxes, shape, tuple(p.shape[2:]), p)
+    return torch.einsum("nho,ncop,nwp->nchw", up_h, p.float(), up_w)
+
+
+def normalise(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """(N,C,h,w) pixel values -> standardised, with (N,C,4) rows of (lo, hi, mean, std) (torch twin of
+    core.data.preprocessing.normalise)."""
+    lo, hi, mean, std = (stats[..., k, None, None] for k in range(4))
+    return (torch.minimum(torch.maximum(x, lo), hi) - mean) / std

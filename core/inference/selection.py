@@ -1,7 +1,8 @@
 """Inference settings chosen on validation: threshold, test-time augmentation and post-processing.
 
-Each is kept only where it strictly raises val ``dsc_volume`` over the plain prediction, so a bundle
-never carries a step that did not help the split it was selected on. The trainer (one network) and
+Each is kept only where it strictly raises val ``dsc_volume`` over the plain prediction without lowering
+the worst patient's (``dsc_volume_min``), so a bundle never carries a step that did not help the split
+it was selected on, nor one that bought the mean with a patient. The trainer (one network) and
 ensemble building (several) both choose through here.
 """
 
@@ -15,8 +16,9 @@ from core.data.arrays import patient_rows
 from core.evaluation.metrics import segmentation_metrics
 from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
 
-# Post-processing candidates: (largest 3D component, minimum lesion area in px).
-POSTPROCESS_GRID = [(lc, area) for lc in (False, True) for area in (0, 10, 25, 50, 100, 200)]
+# Post-processing candidates: (minimum 3D component in voxels, minimum lesion area per slice in px). The
+# largest-component rule is not offered: it kept an 8,535-px false positive over a 2,356-px tumour.
+POSTPROCESS_GRID = [(vol, area) for vol in (0, 100, 300, 1000) for area in (0, 10, 25, 50, 100, 200)]
 # Thresholds tried for an ensemble's mean probability (a single network keeps its training threshold).
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -34,6 +36,12 @@ class ValSplit:
         return segmentation_metrics(pred, self.truth, self.patients, self.class_names)
 
 
+def better(candidate: dict[str, float], incumbent: dict[str, float]) -> bool:
+    """A strictly higher mean ``dsc_volume`` with the worst patient no worse than the incumbent's."""
+    return (candidate["dsc_volume"] > incumbent["dsc_volume"]
+            and candidate["dsc_volume_min"] >= incumbent["dsc_volume_min"])
+
+
 def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | None = None,
                        ) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
     """Best post-processing by val ``dsc_volume``; ``NO_POSTPROCESS`` unless one strictly helps.
@@ -42,16 +50,16 @@ def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | 
     """
     base = val.metrics(raw) if base is None else base
     best, best_metrics, search = dict(NO_POSTPROCESS), base, []
-    for largest, area in POSTPROCESS_GRID:
-        settings = {"largest_component": largest, "min_area": area}
+    for min_volume, area in POSTPROCESS_GRID:
+        settings = {**NO_POSTPROCESS, "min_volume": min_volume, "min_area": area}
         if settings == NO_POSTPROCESS:
             continue
         pred = raw.copy()
         for rows in val.groups:
             pred[rows] = apply_postprocess(raw[rows], settings, volume=True)
         metrics = val.metrics(pred)
-        search.append({**settings, "dsc_volume": metrics["dsc_volume"]})
-        if metrics["dsc_volume"] > best_metrics["dsc_volume"]:
+        search.append({**settings, "dsc_volume": metrics["dsc_volume"], "dsc_volume_min": metrics["dsc_volume_min"]})
+        if better(metrics, best_metrics):
             best, best_metrics = settings, metrics
     return best, best_metrics, search
 
@@ -71,7 +79,7 @@ def choose_inference(
         for mode, pred in candidates.items()
     }
     tta = "none"
-    if "flip" in chosen and chosen["flip"][1]["dsc_volume"] > chosen["none"][1]["dsc_volume"]:
+    if "flip" in chosen and better(chosen["flip"][1], chosen["none"][1]):
         tta = "flip"
     settings, metrics, search = chosen[tta]
     entries = {

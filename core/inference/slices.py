@@ -1,47 +1,24 @@
 """What every predictor shares, whatever runs the network (PyTorch in core, ONNX Runtime on the edge).
 
-Input rules (HxWx3 or HxW uint8 slices of any size), grouping same-size slices into batches,
-thresholding or arg-max, and post-processing live here once; a subclass supplies ``_forward``.
-Imports numpy and core.inference.postprocess only, so torch-free runtimes can use it.
+Input rules (HxWx3 or HxW uint8 slices of any size), the bundle's preprocessing (standardisation and
+brain crop, core.data.preprocessing: computed per slice or per volume), grouping same-size slices into
+batches, thresholding or arg-max, and post-processing live here once. A subclass supplies ``_network``
+(standardised model-size input -> probabilities) or, to keep the pixels on its device, ``_forward``.
+Imports numpy, core.data.preprocessing and core.inference.postprocess only, so torch-free runtimes use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from core.data.preprocessing import Preprocessing, box_matrices, mirror_boxes, normalise, resize_matrix
 from core.inference.postprocess import apply_postprocess
 
 Images = np.ndarray | Sequence[np.ndarray]
 TTA_MODES = ("none", "flip")  # test-time augmentation: none, or left-right flip with probabilities averaged
-
-
-@lru_cache(maxsize=64)
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) float32 resampling matrix for one axis: area-averaging when shrinking (what the network
-    saw in training), bilinear with half-pixel centres when enlarging (probabilities back to a slice).
-
-    Every inference path (PyTorch, ONNX Runtime) and the trainer apply these same matrices, so a slice
-    is resized identically wherever it is segmented.
-    """
-    w = np.zeros((out_size, in_size), np.float64)
-    scale = in_size / out_size
-    if out_size <= in_size:  # area: output i averages the input span [i*scale, (i+1)*scale)
-        for i in range(out_size):
-            lo, hi = i * scale, (i + 1) * scale
-            for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), in_size)):
-                w[i, j] = min(hi, j + 1) - max(lo, j)
-        return (w / w.sum(1, keepdims=True)).astype(np.float32)
-    for i in range(out_size):
-        src = max(scale * (i + 0.5) - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), in_size - 1)
-        lam = min(max(src - i0, 0.0), 1.0)
-        w[i, i0] += 1.0 - lam
-        w[i, min(i0 + 1, in_size - 1)] += lam
-    return w.astype(np.float32)
 
 
 def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -50,6 +27,26 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return x
     wh, ww = resize_matrix(x.shape[2], size[0]), resize_matrix(x.shape[3], size[1])
     return np.einsum("oh,nchw,pw->ncop", wh, x, ww, optimize=True).astype(np.float32)
+
+
+def model_input(batch: np.ndarray, stats: np.ndarray, boxes: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """(n,H,W,3) uint8 -> the network's (n,3,*size) float32 input: cropped or resized, rounded to uint8
+    levels (as the trainer's resized split is stored), standardised."""
+    x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+    if boxes is None:
+        x = resize(x, size)
+    else:
+        down_h, down_w, _, _ = box_matrices(boxes, batch.shape[1:3], size)
+        x = np.einsum("noh,nchw,npw->ncop", down_h, x, down_w, optimize=True)
+    return np.ascontiguousarray(normalise(np.clip(np.round(x), 0, 255), stats))
+
+
+def model_output(probs: np.ndarray, shape: tuple[int, int], boxes: np.ndarray | None) -> np.ndarray:
+    """The network's (n,K,*size) probabilities back on the slices' (H,W) grid (into their boxes)."""
+    if boxes is None:
+        return resize(probs, shape)
+    _, _, up_h, up_w = box_matrices(boxes, shape, tuple(probs.shape[2:]))
+    return np.einsum("nho,ncop,nwp->nchw", up_h, probs, up_w, optimize=True).astype(np.float32)
 
 
 def as_slices(images: Images) -> list[np.ndarray]:
@@ -74,7 +71,7 @@ def as_slices(images: Images) -> list[np.ndarray]:
 
 
 class SlicePredictor:
-    """Bundle config -> masks at each input's own resolution; subclasses implement ``_forward``."""
+    """Bundle config -> masks at each input's own resolution; subclasses implement ``_network``."""
 
     config: dict[str, Any]
     metrics: dict[str, Any]
@@ -89,42 +86,85 @@ class SlicePredictor:
         self.tta = str(config.get("tta", "none"))
         if self.tta not in TTA_MODES:
             raise ValueError(f"bundle config: tta {self.tta!r} is not one of {', '.join(TTA_MODES)}")
+        self.preprocessing = Preprocessing.from_config(config)
 
     @property
     def version(self) -> str:
         return str(self.config.get("version", "unknown"))
 
-    def _forward(self, batch: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """(n,H,W,3) uint8 of one size -> (n,H,W) probabilities, or (n,C,H,W) for multi-class."""
+    def _network(self, x: np.ndarray) -> np.ndarray:
+        """(n,C,*size) standardised float32 -> (n,K,*size) probabilities (K = 1 binary, classes otherwise)."""
         raise NotImplementedError
 
-    def _forward_tta(self, batch: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    def _forward(self, batch: np.ndarray, stats: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
+        """(n,H,W,3) uint8 of one size -> (n,H,W) probabilities, or (n,C,H,W) for multi-class (numpy)."""
+        probs = model_output(self._network(model_input(batch, stats, boxes, self.size)), batch.shape[1:3], boxes)
+        return probs if self.multiclass else probs[:, 0]
+
+    def _forward_tta(self, batch: np.ndarray, stats: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
         """``_forward``, averaged with the left-right mirrored pass where the bundle chose flip TTA."""
-        probs = self._forward(batch, shape)
+        probs = self._forward(batch, stats, boxes)
         if self.tta == "flip":
-            mirrored = self._forward(np.ascontiguousarray(batch[:, :, ::-1]), shape)
+            mirrored = self._forward(np.ascontiguousarray(batch[:, :, ::-1]), stats,
+                                     mirror_boxes(boxes, batch.shape[2]))
             probs = 0.5 * (probs + mirrored[..., ::-1])
         return probs
 
-    def predict_proba(self, images: Images) -> list[np.ndarray]:
-        """Per slice: (H,W) tumour probability (binary) or (C,H,W) class probabilities (multi-class)."""
+    def _plans(self, slices: list[np.ndarray], volume: bool, patients: Sequence[str] | None,
+               ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Per slice: standardisation stats and crop box, from its volume (``volume``, or the rows of each
+        of ``patients``) or from itself."""
+        if volume:
+            groups = [list(range(len(slices)))] if slices else []
+        elif patients is not None:
+            if len(patients) != len(slices):
+                raise ValueError(f"{len(patients)} patient ids for {len(slices)} slices")
+            by_patient: dict[str, list[int]] = {}
+            for i, p in enumerate(patients):
+                by_patient.setdefault(str(p), []).append(i)
+            groups = list(by_patient.values())
+        else:
+            groups = [[i] for i in range(len(slices))]
+        stats: list[np.ndarray] = [np.empty(0)] * len(slices)
+        boxes: list[np.ndarray | None] = [None] * len(slices)
+        for rows in groups:
+            if len({slices[i].shape for i in rows}) > 1:
+                raise ValueError("a volume's slices must all have one size, got "
+                                 f"{sorted({slices[i].shape[:2] for i in rows})}")
+            volume_chw = np.stack([slices[i] for i in rows]).transpose(0, 3, 1, 2)
+            group_stats, group_boxes = self.preprocessing.plan(volume_chw)
+            for k, i in enumerate(rows):
+                stats[i] = group_stats[k]
+                boxes[i] = None if group_boxes is None else group_boxes[k]
+        return stats, boxes
+
+    def predict_proba(self, images: Images, volume: bool = False,
+                      patients: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Per slice: (H,W) tumour probability (binary) or (C,H,W) class probabilities (multi-class).
+
+        ``volume=True``: the slices are one patient's volume; ``patients``: the patient of each slice.
+        A ``patient`` bundle standardises and crops over those; otherwise over each slice alone.
+        """
         slices = as_slices(images)
+        stats, boxes = self._plans(slices, volume, patients)
         out: list[np.ndarray | None] = [None] * len(slices)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(slices):
             by_shape.setdefault(s.shape[:2], []).append(i)
-        for shape, idx in by_shape.items():
+        for idx in by_shape.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
-                probs = self._forward_tta(np.stack([slices[i] for i in chunk]), shape)
+                chunk_boxes = None if boxes[chunk[0]] is None else np.stack([boxes[i] for i in chunk])
+                probs = self._forward_tta(np.stack([slices[i] for i in chunk]), np.stack([stats[i] for i in chunk]),
+                                          chunk_boxes)
                 for i, p in zip(chunk, probs, strict=True):
                     out[i] = p
         return out  # type: ignore[return-value]
 
     def predict(self, images: Images, volume: bool = False) -> np.ndarray | list[np.ndarray]:
         """Masks (uint8; 0/1 binary or 0..K labels). ``volume=True``: the slices are one patient in order,
-        so 3D post-processing (largest connected component) applies. Same-size input gives an array."""
-        masks = [self.masks_from_proba(p) for p in self.predict_proba(images)]
+        so per-patient preprocessing and 3D post-processing apply. Same-size input gives an array."""
+        masks = [self.masks_from_proba(p) for p in self.predict_proba(images, volume=volume)]
         if volume:
             masks = list(apply_postprocess(np.stack(masks), self.postprocess, volume=True))
         else:

@@ -2,12 +2,16 @@
 
 Flip, rotation, scale and the optional random crop are folded into one (B,2,3) affine matrix, so the
 whole batch is resampled by a single ``grid_sample`` call: images bilinear, masks nearest-neighbour
-(labels are copied, never interpolated, so a binary mask stays exactly binary). No per-sample Python.
+(labels are copied, never interpolated, so a binary mask stays exactly binary). The warp runs on pixel
+values (its zero padding is black, as the scanner's background), then the batch is standardised, then
+intensity changes and noise apply. ``substitute_sequences`` mimics a missing sequence the way the Kaggle
+set fills one: with a copy of FLAIR. No per-sample Python.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +27,7 @@ class AugmentSettings:
     scale: tuple[float, float] = (0.9, 1.1)
     crop: int = 0  # output size of a random square crop; 0 keeps the full slice
     intensity_scale: float = 0.1  # per-channel gain in [1-s, 1+s]
-    intensity_shift: float = 0.1  # per-channel offset in [-s, s] (images are on a 0-1 scale)
+    intensity_shift: float = 0.1  # per-channel offset in [-s, s] (on the standardised scale)
     noise: float = 0.05  # std of additive Gaussian noise; 0 disables
 
 
@@ -70,18 +74,46 @@ def warp(
     return images, warped[:, 0].round().to(masks.dtype)
 
 
+FLAIR = 1  # channel order: pre-contrast, FLAIR, post-contrast
+# Which channels a missing-sequence draw replaces with FLAIR: pre, post, or both (as in the Kaggle set).
+MISSING_PATTERNS = ((0,), (2,), (0, 2))
+
+
+def substitute_sequences(
+    images: torch.Tensor, stats: torch.Tensor, p: float, gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With chance ``p`` per slice, pre- and/or post-contrast become copies of FLAIR, pixels and
+    standardisation numbers alike (a copied channel's statistics are FLAIR's, as at inference)."""
+    if p <= 0 or images.shape[1] <= FLAIR + 1:
+        return images, stats
+    b, device = images.shape[0], images.device
+    hit = torch.rand(b, generator=gen, device=device) < p
+    pattern = torch.randint(len(MISSING_PATTERNS), (b,), generator=gen, device=device)
+    images, stats = images.clone(), stats.clone()
+    for k, channels in enumerate(MISSING_PATTERNS):
+        rows = hit & (pattern == k)
+        for ch in channels:
+            images[:, ch] = torch.where(rows[:, None, None], images[:, FLAIR], images[:, ch])
+            stats[:, ch] = torch.where(rows[:, None], stats[:, FLAIR], stats[:, ch])
+    return images, stats
+
+
 def augment_batch(
     images: torch.Tensor,
     masks: torch.Tensor,
     settings: AugmentSettings,
     gen: torch.Generator | None = None,
+    normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a normalised (B,C,H,W) float batch and its (B,H,W) label masks on their device."""
+    """Augment a (B,C,H,W) float batch and its (B,H,W) label masks on their device; ``normalise`` (pixel
+    values -> model input) runs between the warp and the intensity changes."""
     b, c, h, w = images.shape
     device = images.device
     out_size = (settings.crop, settings.crop) if settings.crop and settings.crop < min(h, w) else (h, w)
     theta = random_affine(b, (h, w), settings, gen, device)
     images, masks = warp(images, masks, theta, out_size)
+    if normalise is not None:
+        images = normalise(images)
     if settings.intensity_scale or settings.intensity_shift:
         gain = _uniform(b * c, 1 - settings.intensity_scale, 1 + settings.intensity_scale, gen, device)
         shift = _uniform(b * c, -settings.intensity_shift, settings.intensity_shift, gen, device)

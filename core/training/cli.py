@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.config import add_arguments, from_args
+from core.config import TrainConfig, add_arguments, from_args
 from core.data.arrays import load_split_info, split_hash
-from core.io import write_csv, write_json
+from core.io import read_json, write_csv, write_json
 
 if TYPE_CHECKING:
     from core.training.trainer import EpochResult, Trainer
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +30,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_command)
 
 
+# What a fine-tuning run takes from its --init bundle where the command line leaves the default: the
+# network it must match, and the preprocessing its weights were trained with.
+INHERITED = ("arch", "filters", "dropout", "normalisation", "brain_crop")
+
+
+def inherit_from_init(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with each INHERITED option that is at its default taken from the --init bundle's."""
+    from core.inference.bundle_uri import CONFIG, resolve_bundle
+
+    theirs = read_json(resolve_bundle(cfg.init) / CONFIG).get("hyperparameters", {})
+    defaults = TrainConfig().to_dict()
+    changes = {k: theirs[k] for k in INHERITED if k in theirs and getattr(cfg, k) == defaults[k]}
+    if changes:
+        log.info("--init %s: taking %s from the bundle", cfg.init, changes)
+    return cfg.replace(**changes)
+
+
 def train_command(args: argparse.Namespace) -> int:
     """`python -m core train --data PREPARED --out RUN [options]`."""
     from tqdm.auto import tqdm
@@ -34,6 +54,8 @@ def train_command(args: argparse.Namespace) -> int:
     from core.training.trainer import Trainer  # here, not at the top: `python -m core data ...` starts without torch
 
     cfg = from_args(args)
+    if cfg.init:
+        cfg = inherit_from_init(cfg)
     out, data = Path(args.out), Path(args.data)
     info = load_split_info(data)
     checkpoint_dir = out / "checkpoint"

@@ -1,8 +1,9 @@
 """Device-cached data: a split's uint8 arrays are copied to the device once and batched there.
 
-Batches are gathered by index tensors on the device, converted to float and normalised there; the
-host never touches pixel data between epochs. uint8 keeps the cache 4x smaller than float32 (the
-Kaggle train split is ~0.8 GB as uint8).
+Batches are gathered by index tensors on the device and converted to float there, with each slice's
+standardisation numbers (core.data.preprocessing, computed once per split, per slice or per patient)
+beside them; the host never touches pixel data between epochs. uint8 keeps the cache 4x smaller than
+float32 (the Kaggle train split is ~0.8 GB as uint8).
 """
 
 from __future__ import annotations
@@ -13,38 +14,78 @@ import numpy as np
 import torch
 
 from core.data.arrays import SplitArrays
-from core.inference.resize import resize_images, resize_labels
-
-SCALE = 1.0 / 255.0  # the bundle's normalisation: uint8 -> [0, 1]
+from core.data.preprocessing import Preprocessing
+from core.inference.resize import crop_resize, resize_images, resize_labels, uncrop_resize
 
 
 class DeviceDataset:
-    """One split resident on ``device``: images (N,3,H,W) uint8, masks (N,H,W) uint8.
+    """One split resident on ``device``: images (N,3,H,W) uint8, masks (N,H,W) uint8, stats (N,3,4).
 
     With ``size``, the split is resized once, on the device, to that training resolution (images
     area-averaged, masks by majority so they stay 0/1 or labels): one prepared directory serves every size.
+    With a brain crop, each slice's box (its own or its patient's) is what is resized.
     """
 
     def __init__(
         self,
         arrays: SplitArrays,
         device: torch.device | str,
-        scale: float = SCALE,
         size: tuple[int, int] | None = None,
+        preprocessing: Preprocessing | None = None,
+        chunk: int = 128,
     ) -> None:
         self.device = torch.device(device)
-        self.scale = scale
-        # One host-to-device copy per split for the whole run (np.array reads a read-only memmap once).
-        self.images = torch.from_numpy(np.array(arrays.images, copy=True)).to(self.device)
-        self.masks = torch.from_numpy(np.array(arrays.masks, copy=True)).to(self.device)
-        if self.images.dtype != torch.uint8 or self.masks.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images and masks, got {self.images.dtype} and {self.masks.dtype}")
-        if self.images.ndim != 4 or self.masks.shape != (self.images.shape[0], *self.images.shape[2:]):
-            raise ValueError(f"images {tuple(self.images.shape)} and masks {tuple(self.masks.shape)} do not match")
-        if size is not None:
+        self.preprocessing = preprocessing or Preprocessing()
+        images = np.asarray(arrays.images)  # a read-only memmap is read once, here
+        masks = np.asarray(arrays.masks)
+        if images.dtype != np.uint8 or masks.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images and masks, got {images.dtype} and {masks.dtype}")
+        if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not match")
+        self.native_size = (int(images.shape[2]), int(images.shape[3]))
+        stats, boxes = self._plan(images, arrays)
+        self.stats = torch.from_numpy(stats).to(self.device)
+        self.boxes = boxes  # host (N,4) or None: probabilities go back through them
+        # One host-to-device copy per split for the whole run.
+        self.images = torch.from_numpy(np.array(images, copy=True)).to(self.device)
+        self.masks = torch.from_numpy(np.array(masks, copy=True)).to(self.device)
+        if boxes is not None:
+            self.images, self.masks = self._crop(size or self.native_size, chunk)
+        elif size is not None:
             self.images, self.masks = resize_images(self.images, size), resize_labels(self.masks, size)
         tumour = self.masks.flatten(1).amax(1) > 0
         self.tumour_idx = torch.nonzero(tumour).flatten()
+
+    def _plan(self, images: np.ndarray, arrays: SplitArrays) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each slice's standardisation stats and crop box, over its patient's rows where the bundle says so."""
+        stats = np.empty((len(images), images.shape[1], 4), np.float32)
+        boxes = None if self.preprocessing.crop == "none" else np.empty((len(images), 4), np.int64)
+        groups = arrays.patient_rows() if self.preprocessing.per_patient else [np.arange(len(images))]
+        for rows in groups:
+            rows = np.sort(rows)  # a memmap-friendly read, one patient at a time
+            group_stats, group_boxes = self.preprocessing.plan(images[rows])
+            stats[rows] = group_stats
+            if boxes is not None and group_boxes is not None:
+                boxes[rows] = group_boxes
+        return stats, boxes
+
+    def _crop(self, size: tuple[int, int], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slice's box resampled to ``size``: images rounded to uint8 levels, masks by majority."""
+        assert self.boxes is not None
+        classes = max(2, int(self.masks.max()) + 1 if self.masks.numel() else 2)
+        images, masks = [], []
+        for start in range(0, len(self.images), chunk):
+            rows = slice(start, start + chunk)
+            boxes = self.boxes[rows]
+            images.append(crop_resize(self.images[rows].float(), boxes, size).round_().clamp_(0, 255).to(torch.uint8))
+            onehot = torch.nn.functional.one_hot(self.masks[rows].long(), classes).permute(0, 3, 1, 2).float()
+            masks.append(crop_resize(onehot, boxes, size).argmax(1).to(torch.uint8))
+        return torch.cat(images), torch.cat(masks)
+
+    def restore(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B,K,h,w) of rows ``idx`` back on the data's own grid (through their boxes)."""
+        boxes = None if self.boxes is None else self.boxes[idx.cpu().numpy()]
+        return uncrop_resize(probs, boxes, self.native_size)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -53,9 +94,11 @@ class DeviceDataset:
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised float32 images (B,3,H,W) and uint8 masks (B,H,W) for device index tensor ``idx``."""
-        return self.images.index_select(0, idx).float().mul_(self.scale), self.masks.index_select(0, idx)
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixel values as float32 (B,3,H,W), uint8 masks (B,H,W) and standardisation stats (B,3,4) for
+        device index tensor ``idx`` (``core.inference.resize.normalise`` applies them, after any warp)."""
+        return (self.images.index_select(0, idx).float(), self.masks.index_select(0, idx),
+                self.stats.index_select(0, idx))
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(len(self) / batch_size))

@@ -22,22 +22,23 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from core.bundle import make_bundle_config, save_bundle
+from core.bundle import load_bundle, make_bundle_config, save_bundle
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
+from core.data.preprocessing import Preprocessing
 from core.evaluation.metrics import is_better, segmentation_metrics, worst_value
-from core.inference.resize import resize
+from core.inference.resize import normalise
 from core.inference.selection import ValSplit, choose_inference
 from core.runtime import autocast, resolve_device, seed_everything
 from core.training import checkpoint as ckpt
-from core.training.augment import augment_batch, settings_from_config
+from core.training.augment import augment_batch, settings_from_config, substitute_sequences
 from core.training.loader import DeviceDataset
 from core.training.models import SIZE_MULTIPLE, build_model, init_output_bias
 
 log = logging.getLogger(__name__)
 
 # Config fields that change the network's shape: a checkpoint only resumes into the same ones.
-MODEL_FIELDS = ("arch", "filters", "image_size")
+MODEL_FIELDS = ("arch", "filters", "image_size", "normalisation", "brain_crop")
 
 
 @dataclass
@@ -56,6 +57,35 @@ def make_loss(cfg: TrainConfig, multiclass: bool) -> torch.nn.Module:
     if cfg.loss == "dicece":
         return DiceCELoss(batch=True, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_focal, **act)
     return DiceFocalLoss(batch=True, lambda_dice=cfg.lambda_dice, lambda_focal=cfg.lambda_focal, **act)
+
+
+def preprocessing_from_config(cfg: TrainConfig) -> Preprocessing:
+    """The bundle's preprocessing a run trains with (and every inference path then applies)."""
+    return Preprocessing(normalisation=cfg.normalisation, crop=cfg.brain_crop)
+
+
+def load_init(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """Load ``cfg.init``'s weights into ``model`` (same network; any image size: the nets are convolutional).
+
+    Returns what the new bundle records of where it started. A bundle of another architecture, filter
+    count or class count is an error naming the difference; other preprocessing is only logged.
+    """
+    start = load_bundle(cfg.init, "cpu")
+    if "members" in start.config:
+        raise ValueError(f"--init {cfg.init}: an ensemble bundle; fine-tune from one of its members instead")
+    theirs = {"arch": start.config["arch"], "filters": int(start.config["model_args"]["filters"])}
+    ours = {"arch": cfg.arch, "filters": cfg.filters}
+    if theirs != ours:
+        raise ValueError(f"--init {cfg.init}: bundle is {theirs}, this run is {ours}; they must match")
+    try:
+        model.load_state_dict(start.model.state_dict())
+    except RuntimeError as exc:  # e.g. another number of classes
+        raise ValueError(f"--init {cfg.init}: weights do not fit this network ({exc})") from exc
+    for key, value in preprocessing_from_config(cfg).to_config().items():
+        if start.config.get(key, {"type": "none"} if key == "crop" else None) != value:
+            log.warning("--init %s: its %s %s differs from this run's %s", cfg.init, key, start.config.get(key), value)
+    return {"source": str(cfg.init), "version": start.version,
+            "image_size": start.config["image_size"], "val": start.metrics.get("val", {}).get("dsc_volume")}
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -105,8 +135,9 @@ class Trainer:
         # probabilities resized back, so trials at different sizes compare on the same masks.
         self.native_size = (int(val.images.shape[2]), int(val.images.shape[3]))
         size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
-        self.train_data = DeviceDataset(train, self.device, size=size)
-        self.val_data = DeviceDataset(val, self.device, size=size)
+        self.preprocessing = preprocessing_from_config(cfg)
+        self.train_data = DeviceDataset(train, self.device, size=size, preprocessing=self.preprocessing)
+        self.val_data = DeviceDataset(val, self.device, size=size, preprocessing=self.preprocessing)
         self.val_truth = np.ascontiguousarray(val.masks)
         self.val_patients = np.asarray(val.patients).astype(str)
         self.val_slices = np.asarray(val.slices)
@@ -118,7 +149,9 @@ class Trainer:
                 )
         self.out_channels = classes + 1 if self.multiclass else 1
         self.model = build_model(cfg.arch, 3, self.out_channels, cfg.filters, cfg.dropout).to(self.device)
-        init_output_bias(self.model, self._class_prior(self.out_channels))
+        self.init = load_init(self.model, cfg) if cfg.init else None  # fine-tuning: the bundle's weights
+        if self.init is None:
+            init_output_bias(self.model, self._class_prior(self.out_channels))
         # Dropout draws from torch's global RNG; keep this run's own copy of it, so two trainers in one
         # process (tests, tune's reuse) do not perturb each other and a checkpoint restores it exactly.
         self._cpu_rng = torch.get_rng_state()
@@ -184,9 +217,12 @@ class Trainer:
     def _train_steps(self, batches: torch.Tensor, total: torch.Tensor) -> None:
         cfg = self.cfg
         for idx in batches:
-            x, y = self.train_data.batch(idx)
-            if self.augment is not None:
-                x, y = augment_batch(x, y, self.augment, self.gen)
+            x, y, stats = self.train_data.batch(idx)
+            x, stats = substitute_sequences(x, stats, cfg.missing_sequence, self.gen)
+            if self.augment is not None:  # the warp on pixel values, then standardisation, then intensity
+                x, y = augment_batch(x, y, self.augment, self.gen, normalise=lambda v, s=stats: normalise(v, s))
+            else:
+                x = normalise(x, stats)
             with autocast(self.device, cfg.amp):
                 logits = self.net(x)
             # fp32 loss outside autocast: bf16 Dice sums lose precision (fp16 gave NaN in the earlier study)
@@ -213,11 +249,12 @@ class Trainer:
         model.eval()
         out = []
         for idx in self.val_data.eval_batches(self.cfg.eval_batch_size):
-            x, _ = self.val_data.batch(idx)
+            x, _, stats = self.val_data.batch(idx)
+            x = normalise(x, stats)
             probs = self._probabilities(model, x)
-            if tta:
+            if tta:  # the mirror of a slice's crop is the crop of its mirror (core.data.preprocessing)
                 probs = 0.5 * (probs + self._probabilities(model, x.flip(-1)).flip(-1))
-            probs = resize(probs, self.native_size)
+            probs = self.val_data.restore(probs, idx)
             masks = probs.argmax(1) if self.multiclass else probs[:, 0] > self.cfg.threshold
             out.append(masks.to(torch.uint8))
         return torch.cat(out).cpu().numpy()
@@ -339,6 +376,7 @@ class Trainer:
         config = make_bundle_config(
             self.cfg.to_dict(), in_channels=3, class_names=self.class_names, image_size=self.image_size,
             postprocess=settings, tta=tta, split_hash=split_hash(self.split_info), name=name,
+            preprocessing=self.preprocessing.to_config(), init=self.init,
         )
         metrics = {
             "epoch": self.best_epoch, "selection_metric": self.cfg.metric, "data_size": list(self.native_size),

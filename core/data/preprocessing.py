@@ -1,0 +1,219 @@
+"""Input preprocessing that a bundle records and every path applies: intensity standardisation and the
+brain crop (numpy only, so the torch-free runtimes, ONNX and the SageMaker archive, use it too).
+
+- ``normalisation``: ``scale`` (x / 255), ``slice`` or ``patient``: each channel clipped to the
+  [10th, 99th] percentile of the brain's pixels, then z-scored over them (Buda et al. standardise per
+  volume; ``slice`` does it per slice, so a single-slice request needs nothing else).
+- ``crop``: ``none``, ``slice`` or ``patient``: the bounding box of the brain (pixels above 10% of the
+  maximum), made square about its centre (padded with black where it leaves the image), resized to the
+  model's size; probabilities go back into the box on the source grid, zero outside it.
+
+Both reduce to per-slice numbers that every path applies the same way: ``stats`` (n, C, 4) rows of
+(lo, hi, mean, std) with ``(clip(x, lo, hi) - mean) / std``, and ``boxes`` (n, 4) of (y0, x0, side_y,
+side_x). A ``patient`` setting computes them over the rows given together (one patient's volume); a
+path that sees one slice computes them from that slice and says so (``SlicePredictor.scope_note``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+NORMALISATIONS = ("scale", "slice", "patient")
+CROPS = ("none", "slice", "patient")
+PERCENTILES = (10.0, 99.0)
+BRAIN_FRACTION = 0.1  # brain = pixels brighter than this share of the brightest (Buda et al.'s crop)
+MIN_BRAIN_PIXELS = 64  # fewer (an empty top-of-head slice): standardise over the whole slice
+MIN_SIDE = 32  # a crop never zooms in more than this many source pixels to the model's size
+MIN_STD = 1.0  # in uint8 levels: a flat channel (a missing sequence, an empty slice) is not blown up
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) float32 resampling matrix for one axis: area-averaging when shrinking (what the network
+    saw in training), bilinear with half-pixel centres when enlarging (probabilities back to a slice).
+
+    Every inference path (PyTorch, ONNX Runtime) and the trainer apply these same matrices, so a slice
+    is resized identically wherever it is segmented.
+    """
+    w = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    if out_size <= in_size:  # area: output i averages the input span [i*scale, (i+1)*scale)
+        for i in range(out_size):
+            lo, hi = i * scale, (i + 1) * scale
+            for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), in_size)):
+                w[i, j] = min(hi, j + 1) - max(lo, j)
+        return (w / w.sum(1, keepdims=True)).astype(np.float32)
+    for i in range(out_size):
+        src = max(scale * (i + 0.5) - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), in_size - 1)
+        lam = min(max(src - i0, 0.0), 1.0)
+        w[i, i0] += 1.0 - lam
+        w[i, min(i0 + 1, in_size - 1)] += lam
+    return w.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a bundle's ``normalisation`` and ``crop`` entries say; ``plan`` turns them into numbers."""
+
+    normalisation: str = "scale"
+    crop: str = "none"
+    scale: float = 1.0 / 255.0
+    percentiles: tuple[float, float] = PERCENTILES
+    brain_fraction: float = BRAIN_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation {self.normalisation!r} is not one of {', '.join(NORMALISATIONS)}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r} is not one of {', '.join(CROPS)}")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {self.percentiles}")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Preprocessing:
+        """From a bundle config (one written before the crop existed has no ``crop``: none)."""
+        norm = dict(config.get("normalisation") or {"type": "scale"})
+        crop = dict(config.get("crop") or {"type": "none"})
+        return cls(
+            normalisation=str(norm.get("type", "scale")), crop=str(crop.get("type", "none")),
+            scale=float(norm.get("scale", 1.0 / 255.0)),
+            percentiles=tuple(float(p) for p in norm.get("percentiles", PERCENTILES)),  # type: ignore[arg-type]
+            brain_fraction=float(norm.get("brain_fraction", crop.get("brain_fraction", BRAIN_FRACTION))),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """The bundle's ``normalisation`` and ``crop`` entries."""
+        norm: dict[str, Any] = {"type": self.normalisation}
+        if self.normalisation == "scale":
+            norm["scale"] = self.scale
+        else:
+            norm.update(percentiles=list(self.percentiles), brain_fraction=self.brain_fraction)
+        crop: dict[str, Any] = {"type": self.crop}
+        if self.crop != "none":
+            crop["brain_fraction"] = self.brain_fraction
+        return {"normalisation": norm, "crop": crop}
+
+    @property
+    def per_patient(self) -> bool:
+        """Whether a slice's numbers depend on the rest of its volume."""
+        return "patient" in (self.normalisation, self.crop)
+
+    def plan(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n,C,H,W) slices of one volume (or one slice) -> (stats (n,C,4) float32, boxes (n,4) int64 or None)."""
+        images = np.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"expected (n,C,H,W) slices, got shape {images.shape}")
+        n, c = images.shape[:2]
+        stats = np.empty((n, c, 4), np.float32)
+        if self.normalisation == "scale":
+            stats[:] = (0.0, 255.0, 0.0, 1.0 / self.scale)
+        elif self.normalisation == "patient":
+            stats[:] = self._stats(images)
+        else:
+            for i in range(n):
+                stats[i] = self._stats(images[i : i + 1])
+        if self.crop == "none":
+            return stats, None
+        boxes = np.empty((n, 4), np.int64)
+        if self.crop == "patient":
+            boxes[:] = self._box(images)
+        else:
+            for i in range(n):
+                boxes[i] = self._box(images[i : i + 1])
+        return stats, boxes
+
+    def _brain(self, images: np.ndarray) -> np.ndarray:
+        brightest = images.max(axis=1)  # (n,H,W): any channel
+        return brightest > self.brain_fraction * float(brightest.max(initial=0))
+
+    def _stats(self, images: np.ndarray) -> np.ndarray:
+        """(C,4) over the brain pixels of all the rows given."""
+        brain = self._brain(images)
+        if brain.sum() < MIN_BRAIN_PIXELS:
+            brain = np.ones_like(brain)
+        out = np.empty((images.shape[1], 4), np.float32)
+        for ch in range(images.shape[1]):
+            values = images[:, ch][brain].astype(np.float32)
+            lo, hi = np.percentile(values, self.percentiles)
+            clipped = np.clip(values, lo, hi)
+            out[ch] = (lo, hi, clipped.mean(), max(float(clipped.std()), MIN_STD))
+        return out
+
+    def _box(self, images: np.ndarray) -> tuple[int, int, int, int]:
+        """(y0, x0, side, side): the brain's bounding box over all rows, square about its centre."""
+        h, w = images.shape[2:]
+        brain = self._brain(images).any(axis=0)
+        if not brain.any():
+            side = max(h, w)
+            return (h - side) // 2, (w - side) // 2, side, side
+        ys, xs = np.flatnonzero(brain.any(axis=1)), np.flatnonzero(brain.any(axis=0))
+        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+        side = max(y1 - y0, x1 - x0, MIN_SIDE)
+        return y0 - (side - (y1 - y0)) // 2, x0 - (side - (x1 - x0)) // 2, side, side
+
+
+VOLUME_ENDPOINT = "send the whole volume to /v1/segment/volume"
+
+
+def single_slice_note(config: dict[str, Any], remedy: str = VOLUME_ENDPOINT) -> str | None:
+    """What a path given one slice (not a volume) tells its caller about a bundle's per-patient
+    preprocessing, which it computes from that slice alone; None where nothing differs."""
+    p = Preprocessing.from_config(config)
+    what = [f"{k} {v}" for k, v in (("normalisation", p.normalisation), ("crop", p.crop)) if v == "patient"]
+    if not what:
+        return None
+    return (f"this model's {' and '.join(what)} is per patient and was computed from this slice alone; "
+            f"{remedy} for the model's own masks")
+
+
+def normalise(x: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """(n,C,h,w) pixel values -> standardised float32 with per-slice, per-channel (lo, hi, mean, std)."""
+    lo, hi, mean, std = (stats[..., k, None, None] for k in range(4))
+    return ((np.clip(x, lo, hi) - mean) / std).astype(np.float32)
+
+
+def mirror_boxes(boxes: np.ndarray | None, width: int) -> np.ndarray | None:
+    """The boxes of the left-right mirrored slices (flip TTA)."""
+    if boxes is None:
+        return None
+    out = boxes.copy()
+    out[:, 1] = width - boxes[:, 1] - boxes[:, 3]
+    return out
+
+
+def crop_matrix(start: int, side: int, extent: int, out: int) -> np.ndarray:
+    """(out, extent): resample source pixels [start, start+side) of one axis to ``out`` (zero outside)."""
+    full = resize_matrix(side, out)  # (out, side)
+    src = np.arange(start, start + side)
+    inside = (src >= 0) & (src < extent)
+    m = np.zeros((out, extent), np.float32)
+    m[:, src[inside]] = full[:, inside]
+    return m
+
+
+def uncrop_matrix(start: int, side: int, extent: int, out: int) -> np.ndarray:
+    """(extent, out): model-size values back into source pixels [start, start+side), zero elsewhere."""
+    full = resize_matrix(out, side)  # (side, out)
+    dst = np.arange(start, start + side)
+    inside = (dst >= 0) & (dst < extent)
+    m = np.zeros((extent, out), np.float32)
+    m[dst[inside]] = full[inside]
+    return m
+
+
+def box_matrices(
+    boxes: np.ndarray, shape: tuple[int, int], size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per slice: down (n,S0,H), (n,S1,W) and up (n,H,S0), (n,W,S1) matrices for its box."""
+    h, w = shape
+    down_h = np.stack([crop_matrix(int(b[0]), int(b[2]), h, size[0]) for b in boxes])
+    down_w = np.stack([crop_matrix(int(b[1]), int(b[3]), w, size[1]) for b in boxes])
+    up_h = np.stack([uncrop_matrix(int(b[0]), int(b[2]), h, size[0]) for b in boxes])
+    up_w = np.stack([uncrop_matrix(int(b[1]), int(b[3]), w, size[1]) for b in boxes])
+    return down_h, down_w, up_h, up_w

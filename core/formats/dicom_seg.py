@@ -1,0 +1,104 @@
+"""DICOM SEG out (highdicom): a mask on the source series' grid, referencing its instances, so PACS
+viewers (OHIF, 3D Slicer, Weasis) overlay it on the series it was predicted from."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from core.formats.volume import Volume, VolumeError
+from core.io import atomic_write_bytes
+
+# SNOMED CT property types per class name; anything else is a generic tissue segment
+PROPERTY_TYPES = {
+    "tumour": codes.SCT.Neoplasm, "tumor": codes.SCT.Neoplasm, "tumour_core": codes.SCT.Neoplasm,
+    "oedema": codes.SCT.Edema, "edema": codes.SCT.Edema, "csf": codes.SCT.CerebrospinalFluid,
+    "white_matter": codes.SCT.WhiteMatter, "grey_matter": codes.SCT.GrayMatter,
+}
+ABNORMAL = {"tumour", "tumor", "tumour_core", "oedema", "edema"}
+
+
+def segment_descriptions(class_names: Sequence[str], model: str, version: str) -> list[hd.seg.SegmentDescription]:
+    """One segment per foreground class (label k is segment k), written by this model as an AI algorithm."""
+    algorithm = hd.AlgorithmIdentificationSequence(name=model[:64] or "gliomaseg",
+                                                   family=codes.cid7162.ArtificialIntelligence,
+                                                   version=version[:64] or "unknown")
+    out = []
+    for k, name in enumerate(class_names[1:], start=1):
+        key = name.lower()
+        category = codes.SCT.MorphologicallyAbnormalStructure if key in ABNORMAL else codes.SCT.Tissue
+        out.append(hd.seg.SegmentDescription(
+            segment_number=k, segment_label=name[:64], segmented_property_category=category,
+            segmented_property_type=PROPERTY_TYPES.get(key, codes.SCT.Tissue),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        ))
+    return out
+
+
+def dicom_seg(
+    volume: Volume,
+    masks: np.ndarray,
+    class_names: Sequence[str] = ("background", "tumour"),
+    *,
+    model: str = "gliomaseg",
+    version: str = "unknown",
+    series_number: int = 9900,
+) -> hd.seg.Segmentation:
+    """(N,H,W) canonical label masks of a Volume read from DICOM -> a BINARY DICOM SEG whose frames are
+    the source series' instances (same frame of reference, study and patient)."""
+    if volume.kind != "dicom" or not volume.datasets:
+        raise ValueError(f"{volume.name}: a DICOM SEG needs a volume read from DICOM (this one is {volume.kind})")
+    labels = volume.to_source(np.asarray(masks).astype(np.uint8)).transpose(2, 1, 0)  # (slice, row, column)
+    if labels.shape[0] != len(volume.datasets):
+        raise ValueError(f"{labels.shape[0]} mask slices for {len(volume.datasets)} source instances")
+    if int(labels.max(initial=0)) >= len(class_names):
+        raise ValueError(f"label {int(labels.max())} has no class name (classes {list(class_names)})")
+    reference = volume.datasets[0]
+    try:
+        return _segmentation(volume, labels, class_names, model, version, series_number, reference)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a source header highdicom cannot use
+        raise VolumeError(f"{volume.name}: no DICOM SEG can reference this series ({type(exc).__name__}: "
+                          f"{exc}); the NIfTI mask is unaffected") from exc
+
+
+def _segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], model: str, version: str,
+                  series_number: int, reference: Any) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
+        source_images=volume.datasets,
+        pixel_array=np.ascontiguousarray(labels),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(class_names, model, version),
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="gliomaseg",
+        manufacturer_model_name=model[:64] or "gliomaseg",
+        software_versions=version[:64] or "unknown",
+        device_serial_number="0",
+        content_description=f"{model} segmentation of {reference.get('SeriesDescription', '')}"[:64],
+        series_description=f"{model} segmentation"[:64],
+        # an empty prediction is still an answer: keep its frames so the SEG says "nothing here"
+        omit_empty_frames=bool(labels.any()),
+    )
+
+
+def dicom_seg_bytes(volume: Volume, masks: np.ndarray, class_names: Sequence[str] = ("background", "tumour"),
+                    **kwargs: object) -> bytes:
+    """The SEG as Part 10 file bytes."""
+    buffer = io.BytesIO()
+    dicom_seg(volume, masks, class_names, **kwargs).save_as(buffer, enforce_file_format=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def write_dicom_seg(path: str | os.PathLike, volume: Volume, masks: np.ndarray,
+                    class_names: Sequence[str] = ("background", "tumour"), **kwargs: object) -> Path:
+    atomic_write_bytes(path, dicom_seg_bytes(volume, masks, class_names, **kwargs))
+    return Path(path)

@@ -1,0 +1,300 @@
+"""NIfTI in (nibabel) and NIfTI masks out, on the source's grid with the source's header.
+
+A scan is one 3D or 4D file (sequences along the last axis) or, as nnU-Net names them, one file per
+sequence: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... Which channel is which sequence comes from
+``sequences`` (names such as ``flair,t1,t1gd,t2``; see core.formats.volume.sequence_name), else from the
+``dataset.json`` of an nnU-Net dataset the files sit in, else: one channel is FLAIR, three are the
+Kaggle order (pre-contrast, FLAIR, post-contrast); any other count must be named.
+
+Limits are checked from the header before the voxels are read: for bytes (an HTTP body), only the first
+540 bytes are decompressed to read it, and never more than the header's claim afterwards (no gzip bomb).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from core.formats.volume import (
+    SEQUENCE_TITLES,
+    SEQUENCES,
+    DimensionError,
+    Limits,
+    MissingSequenceError,
+    UnreadableVolume,
+    Volume,
+    VolumeTooLarge,
+    build_volume,
+    parse_sequences,
+    resample_to,
+    same_grid,
+)
+
+NIFTI_NAME = re.compile(r"^(?P<case>.+?)(?:_(?P<channel>\d{4}))?\.nii(?:\.gz)?$", re.IGNORECASE)
+MAX_CHANNELS = 8  # a 4D file with more volumes is a time series, not sequences
+Source = str | os.PathLike | bytes
+
+
+def is_nifti_name(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def is_nifti_bytes(data: bytes) -> bool:
+    """A single-file NIfTI-1/2 (``.nii``), gzipped or not, by its magic bytes."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.GzipFile(fileobj=io.BytesIO(data[:65536])).read(540)
+        except (OSError, EOFError, zlib.error):
+            return False
+    return data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:8] in (b"n+2\x00", b"ni2\x00")
+
+
+def _channel(path: Path) -> tuple[str, int, str] | None:
+    """(case, channel, suffix) for an nnU-Net channel file: named ``<case>_XXXX.nii[.gz]`` and with a
+    ``<case>_0000`` beside it (so ``TCGA_SY_1000.nii.gz`` alone is case TCGA_SY_1000, not a channel)."""
+    m = NIFTI_NAME.match(path.name)
+    if not m or m["channel"] is None:
+        return None
+    suffix = path.name[len(m["case"]) + 5:]
+    if not (path.parent / f"{m['case']}_0000{suffix}").is_file():
+        return None
+    return m["case"], int(m["channel"]), suffix
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """``BraTS_001_0000.nii.gz`` (beside its other channels) -> ``BraTS_001``; ``scan.nii.gz`` -> ``scan``."""
+    path = Path(path)
+    channel = _channel(path)
+    if channel:
+        return channel[0]
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def channel_files(path: str | os.PathLike) -> list[Path]:
+    """The nnU-Net channel files of the case ``path`` belongs to (``<case>_0000`` ...), or just ``path``."""
+    path = Path(path)
+    channel = _channel(path)
+    if channel is None:
+        return [path]
+    case, _, suffix = channel
+    pattern = re.compile(re.escape(case) + r"_(\d{4})" + re.escape(suffix) + "$")
+    found = {int(m.group(1)): n for n in path.parent.iterdir() if (m := pattern.match(n.name))}
+    missing = [i for i in range(max(found) + 1) if i not in found]
+    if missing:
+        raise UnreadableVolume(f"{path.parent}/{case}: channel file(s) {missing[:8]} missing (found "
+                               f"{sorted(found)[:8]}; expected {case}_0000{suffix}, _0001 ... without gaps)")
+    return [found[i] for i in sorted(found)]
+
+
+def dataset_channel_names(path: str | os.PathLike) -> list[str] | None:
+    """Channel names from the ``dataset.json`` of the nnU-Net dataset a file sits in (imagesTr/..)."""
+    candidate = Path(path).resolve().parent.parent / "dataset.json"
+    if not candidate.is_file():
+        return None
+    try:
+        names = json.loads(candidate.read_text()).get("channel_names")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(names, dict):
+        return None
+    return [str(names[k]) for k in sorted(names, key=int)]
+
+
+def _check_header(header: Any, limits: Limits, where: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in header.get_data_shape())
+    if len(shape) > 4:
+        raise DimensionError(f"{where}: {len(shape)} dimensions {shape}; expected 3 (one sequence) or 4 "
+                             "(sequences along the last axis)")
+    if len(shape) < 2 or min(shape) < 1:
+        raise DimensionError(f"{where}: shape {shape} is not an image volume")
+    if len(shape) == 4 and shape[3] > MAX_CHANNELS:
+        raise DimensionError(f"{where}: {shape[3]} volumes along the 4th axis; at most {MAX_CHANNELS} sequences "
+                             "(is it a time series?)")
+    limits.check_voxels(int(np.prod(shape, dtype=np.int64)), where)
+    return shape
+
+
+def _from_bytes(data: bytes, limits: Limits, where: str) -> nib.Nifti1Image:
+    """Decompress only the header, check it, then at most the bytes it claims."""
+    try:
+        stream: Any = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+        head = stream.read(540)
+        sizes = {e: int(np.frombuffer(head[:4], f"{e}i4")[0]) for e in "<>"} if len(head) >= 4 else {}
+        endian = next((e for e, s in sizes.items() if s in (348, 540)), None)
+        if endian is None:
+            raise UnreadableVolume(f"{where}: not a single-file NIfTI (.nii or .nii.gz)")
+        klass = nib.Nifti1Image if sizes[endian] == 348 else nib.Nifti2Image
+        header = klass.header_class(binaryblock=head[: sizes[endian]], endianness=endian, check=False)
+        shape = _check_header(header, limits, where)
+        needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+        if needed > limits.max_bytes:
+            raise VolumeTooLarge(f"{where}: {needed} bytes uncompressed; at most {limits.max_bytes}")
+        raw = head + stream.read(max(needed - len(head), 0))
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UnreadableVolume(f"{where}: unreadable gzip stream ({exc})") from exc
+    if len(raw) < needed:
+        raise UnreadableVolume(f"{where}: truncated: {len(raw)} bytes where the header claims {needed}")
+    try:
+        return klass.from_bytes(raw[:needed])
+    except Exception as exc:  # nibabel raises many types for a corrupt header
+        raise UnreadableVolume(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from exc
+
+
+def load_nifti(source: Source, limits: Limits = Limits(), where: str | None = None) -> nib.Nifti1Image:
+    """A NIfTI image (data not yet read) whose header passed ``limits``; UnreadableVolume otherwise."""
+    where = where or ("request body" if isinstance(source, bytes) else str(source))
+    if isinstance(source, bytes):
+        return _from_bytes(source, limits, where)
+    try:
+        image = nib.load(os.fspath(source))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # ImageFileError, gzip and header errors
+        raise UnreadableVolume(f"{where}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise UnreadableVolume(f"{where}: {type(image).__name__} is not NIfTI")
+    _check_header(image.header, limits, where)
+    return image
+
+
+def read_array(image: nib.Nifti1Image, where: str) -> np.ndarray:
+    """The voxels, scaled by the header's slope/intercept (uint8 stays uint8 when unscaled)."""
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # truncated or corrupt data
+        raise UnreadableVolume(f"{where}: unreadable voxel data ({type(exc).__name__}: {exc})") from exc
+    if data.dtype.kind not in "uif":
+        raise UnreadableVolume(f"{where}: voxel type {data.dtype} is not a number")
+    return data.astype(np.float32) if data.dtype.kind == "f" and data.dtype != np.float32 else data
+
+
+def _default_sequences(count: int, where: str) -> list[str | None]:
+    if count == 1:
+        return ["flair"]
+    if count == 3:
+        return list(SEQUENCES)
+    raise DimensionError(f"{where}: {count} channels; name them (e.g. sequences=flair,t1,t1gd,t2 or "
+                         "--sequences), one name per channel")
+
+
+def read_nifti(
+    source: Source | Sequence[str | os.PathLike],
+    *,
+    sequences: Sequence[str] | None = None,
+    name: str | None = None,
+    limits: Limits = Limits(),
+    rescale: str = "auto",
+) -> Volume:
+    """A NIfTI scan (a file, its bytes, or the list of one file per channel) -> a canonical Volume.
+
+    A path named like ``<case>_0000.nii.gz`` brings its sibling channel files with it.
+    """
+    if isinstance(source, bytes | str | os.PathLike):
+        paths = [source] if isinstance(source, bytes) else channel_files(source)
+    else:
+        paths = [Path(p) for p in source]
+    if not paths:
+        raise UnreadableVolume("no NIfTI files given")
+    first = paths[0]
+    where = "request body" if isinstance(first, bytes) else str(first)
+    name = name or ("volume" if isinstance(first, bytes) else case_name(first))
+    if sequences is None and len(paths) > 1:
+        sequences = dataset_channel_names(first)  # type: ignore[arg-type]
+    images = [load_nifti(p, limits) for p in paths]
+    total = sum(int(np.prod(i.shape)) for i in images)
+    limits.check_voxels(total, where)
+    # Channels: (label, image index, 4th-axis index or None)
+    layout: list[tuple[str, int, int | None]] = []
+    for i, (p, image) in enumerate(zip(paths, images, strict=True)):
+        label = "request body" if isinstance(p, bytes) else Path(p).name
+        if len(image.shape) == 4:
+            layout += [(f"{label}[..., {c}]", i, c) for c in range(image.shape[3])]
+        else:
+            layout.append((label, i, None))
+    if len(images) > 1 and any(len(i.shape) == 4 for i in images):
+        raise DimensionError(f"{where}: one file per channel must each be 3D")
+    wanted = parse_sequences(sequences) if sequences is not None else _default_sequences(len(layout), where)
+    if len(wanted) != len(layout):
+        raise DimensionError(f"{where}: {len(wanted)} sequence names for {len(layout)} channels")
+    chosen: dict[str, tuple[str, int, int | None]] = {}
+    for seq, entry in zip(wanted, layout, strict=True):
+        if seq is None:
+            continue
+        if seq in chosen:
+            raise DimensionError(f"{where}: {chosen[seq][0]} and {entry[0]} are both {SEQUENCE_TITLES[seq]}")
+        chosen[seq] = entry
+    if not chosen:
+        raise MissingSequenceError(f"{where}: none of the channels ({', '.join(sequences or [])}) is pre-contrast, "
+                                   "FLAIR or post-contrast")
+    ref_index = chosen["flair"][1] if "flair" in chosen else 0
+    ref = images[ref_index]
+    ref_shape = tuple(ref.shape[:3]) + (1,) * (3 - len(ref.shape[:3]))
+    notes: list[str] = []
+    if int(ref.header["sform_code"]) == 0 and int(ref.header["qform_code"]) == 0:
+        notes.append("the header has no orientation (qform and sform codes 0): nibabel's default axes assumed")
+    channels: dict[str, np.ndarray] = {}
+    loaded: dict[int, np.ndarray] = {}  # a 4D file is read once for all its channels
+    for seq, (label, i, c) in chosen.items():
+        if i not in loaded:
+            loaded[i] = read_array(images[i], label)
+        data = loaded[i][..., c] if c is not None else loaded[i]
+        data = data.reshape(data.shape[:3] + (1,) * (3 - data.ndim))
+        if not same_grid(images[i].affine, ref.affine, data.shape, ref_shape):
+            data = resample_to(data, images[i].affine, ref.affine, ref_shape)  # type: ignore[arg-type]
+            notes.append(f"{SEQUENCE_TITLES[seq]} ({label}) resampled onto the reference grid (trilinear)")
+        channels[seq] = data
+    sources = {seq: label for seq, (label, _, _) in chosen.items()}
+    return build_volume(channels, ref.affine, kind="nifti", name=name, sources=sources, rescale=rescale,
+                        notes=notes, header=ref.header)
+
+
+def nifti_mask_image(volume: Volume, masks: np.ndarray, labels: int = 1) -> nib.Nifti1Image:
+    """(N,H,W) canonical masks -> a uint8 label image on the source grid: the source header (NIfTI input;
+    qform, sform, units and dimension info as they were) or the DICOM grid's affine (DICOM input)."""
+    data = volume.to_source(np.asarray(masks).astype(np.uint8))
+    if volume.header is not None:
+        header = volume.header.copy()
+        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    else:
+        header, klass = nib.Nifti1Header(), nib.Nifti1Image
+        header.set_xyzt_units("mm")
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1.0, 0.0)
+    header.set_intent("label")
+    header["cal_min"], header["cal_max"] = 0, max(labels, 1)
+    header["descrip"] = b"gliomaseg mask"
+    image = klass(data, volume.affine, header)
+    if volume.header is None:
+        image.set_qform(volume.affine, code=1)  # scanner coordinates, as the DICOM series has them
+        image.set_sform(volume.affine, code=1)
+    return image
+
+
+def nifti_mask_bytes(volume: Volume, masks: np.ndarray, labels: int = 1, compress: bool = True) -> bytes:
+    """The mask as ``.nii.gz`` (or ``.nii``) bytes."""
+    raw = nifti_mask_image(volume, masks, labels).to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
+
+
+def nifti_image_bytes(volume: Volume, compress: bool = True) -> bytes:
+    """The canonical uint8 slices as a 4D NIfTI (sequences on the last axis) on the source grid: what the
+    model saw, for a viewer to show under the mask."""
+    data = np.stack([volume.to_source(volume.images[..., c]) for c in range(volume.images.shape[-1])], axis=-1)
+    image = nib.Nifti1Image(data, volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    raw = image.to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
