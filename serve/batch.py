@@ -1,7 +1,9 @@
 """`python -m serve batch`: segment a whole cohort (a folder or ``s3://`` prefix of patients) with Ray Data.
 
+A patient is a Kaggle-layout folder of TIFF/PNG slices, a NIfTI case or a DICOM study (serve/batch_scans.py:
+masks as NIfTI on the scan's grid, a DICOM SEG for DICOM, the tumour volume in mL in patients.csv).
 One row per patient (a volume is a few MB), so a patient's slices stay together and in order and the
-bundle's 3D post-processing applies exactly as in `core evaluate`. Three stages stream through the
+bundle's 3D post-processing applies exactly as in `core evaluate` and `core predict`. Three stages stream through the
 cluster: read and decode (CPU tasks) -> predict (an actor pool, each actor loading the bundle once,
 on a GPU share when asked) -> encode, score and write (CPU tasks). Every patient is committed as a
 unit with its ``patient.json`` record (serve/batch_store.py), so a rerun skips finished patients and
@@ -27,6 +29,8 @@ from core.evaluation.metrics import segmentation_metrics
 from core.formats.codecs import EXTENSIONS, decode, encode_tiff, mask_scale
 from core.inference.bundle_uri import read_config
 from serve import batch_report as report
+from serve import batch_scans as scans
+from serve.batch_plan import plan
 from serve.batch_store import MARKER, Store, worker_env
 
 log = logging.getLogger(__name__)
@@ -48,38 +52,9 @@ class BatchOptions:
     batch_size: int = 32
     progress: bool = True  # Ray Data's progress bars
     address: str | None = None  # Ray to start or join when none is running (None: local or RAY_ADDRESS)
-
-
-def plan(src: Store) -> list[dict[str, Any]]:
-    """One job per patient folder: its slices in numeric order and, where every slice has one, masks."""
-    from core.data.prepare import patient_id
-    from core.inference.predict import SUFFIXES, _slice_key, safe_name
-
-    jobs: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for folder, names in src.folders().items():
-        present = set(names)
-        images = sorted((n for n in names if PurePosixPath(n).suffix.lower() in SUFFIXES
-                         and not PurePosixPath(n).stem.endswith("_mask") and not n.startswith(".")),
-                        key=lambda n: _slice_key(PurePosixPath(n)))
-        if not images:
-            log.warning("%s: no TIFF or PNG slices; not a patient folder, ignored", src.where(folder))
-            continue
-        # <stem>_mask with the image's suffix, else any other (a PNG slice may have a TIFF mask)
-        masks = [next((m for s in (PurePosixPath(n).suffix, *SUFFIXES)
-                       if (m := f"{PurePosixPath(n).stem}_mask{s}") in present), "") for n in images]
-        if any(masks) and not all(masks):
-            log.warning("%s: masks for %d of %d slices; no metrics for this patient",
-                        src.where(folder), sum(map(bool, masks)), len(images))
-        name = safe_name(folder)
-        count = seen.get(name, 0)  # two folders that clean to the same name must not share an output
-        seen[name] = count + 1
-        jobs.append({"patient": folder, "name": f"{name}_{count + 1}" if count else name, "id": patient_id(folder),
-                     "images": images, "masks": masks if all(masks) else [],
-                     "outputs": [f"{safe_name(PurePosixPath(n).stem)}_mask.tif" for n in images]})
-    if not jobs:
-        raise ValueError(f"{src.uri}: no patient folders with TIFF or PNG slices (expected <patient>/<slice>.tif)")
-    return jobs
+    sequences: list[str] | None = None  # NIfTI channel names (core predict --sequences); None: dataset.json/default
+    series: dict[str, str] | None = None  # DICOM sequence -> series (core predict --series); None: descriptions
+    rescale: str = "auto"  # scan intensities to uint8 (core predict --rescale)
 
 
 def _decode(name: str, data: bytes) -> np.ndarray:
@@ -106,9 +81,27 @@ def _truth(data: bytes, name: str, shape: tuple[int, ...], classes: int) -> np.n
     return mask
 
 
-def read_patient(row: dict[str, Any], src: Store, classes: int) -> dict[str, Any]:
+def _read_scan(job: dict[str, Any], src: Store, options: dict[str, Any]) -> dict[str, Any]:
+    """A NIfTI case or DICOM study as one row: its canonical slices, and its geometry in the meta."""
+    meta = {k: job[k] for k in ("patient", "name", "id", "outputs", "kind")}
+    meta.update(error="", bad_files=[], has_truth=False)
+    try:
+        volume = scans.read_scan(job, src, options)
+        meta["geometry"] = scans.pack(volume)
+    except Exception as exc:  # VolumeError names the problem; S3 and OS errors name the file
+        named = scans.named_files(job, src)
+        meta.update(error=f"{', '.join(named)}: {exc}", bad_files=named)
+        return {"meta": json.dumps(meta), "images": np.zeros((0, 1, 1, 3), np.uint8),
+                "truth": np.zeros((0, 1, 1), np.uint8)}
+    return {"meta": json.dumps(meta), "images": volume.images, "truth": np.zeros((0, 1, 1), np.uint8)}
+
+
+def read_patient(row: dict[str, Any], src: Store, classes: int, scan_options: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """Decode one patient; every unreadable file is named in ``bad_files``/``error`` instead of raising."""
     job = json.loads(row["job"])
+    if job["kind"] != "slices":
+        return _read_scan(job, src, scan_options or {})
     images: list[np.ndarray] = []
     truth: list[np.ndarray] = []
     bad: list[str] = []
@@ -128,7 +121,7 @@ def read_patient(row: dict[str, Any], src: Store, classes: int) -> dict[str, Any
                 truth.append(_truth(src.read(mask_rel), job["masks"][i], image.shape[:2], classes))
             except Exception as exc:
                 bad.append(f"{src.where(mask_rel)}: {exc}")
-    meta = {k: job[k] for k in ("patient", "name", "id", "outputs")}
+    meta = {k: job[k] for k in ("patient", "name", "id", "outputs", "kind")}
     meta.update(error="; ".join(bad), bad_files=[b.split(": ", 1)[0] for b in bad],
                 has_truth=bool(job["masks"]) and not bad)
     if bad:  # a volume with a hole would be post-processed wrongly: the patient waits for a rerun
@@ -179,8 +172,11 @@ def _column(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def write_patient(row: dict[str, Any], out: Store, class_names: list[str]) -> dict[str, str]:
-    """Masks as ``<slice>_mask.tif`` (0/255), the patient's statistics and metrics, committed together."""
+def write_patient(row: dict[str, Any], out: Store, class_names: list[str], model: tuple[str, str] = ("", "")
+                  ) -> dict[str, str]:
+    """Masks as ``<slice>_mask.tif`` (0/255), or for a scan ``<name>_mask.nii.gz`` on its grid (and
+    ``<name>_seg.dcm`` for DICOM), the patient's statistics and metrics, committed together. ``model`` is
+    the bundle's (name, version), which a DICOM SEG records."""
     meta = json.loads(row["meta"])
     record: dict[str, Any] = {k: meta[k] for k in ("patient", "name", "id")}
     if meta["error"]:
@@ -199,8 +195,13 @@ def write_patient(row: dict[str, Any], out: Store, class_names: list[str]) -> di
             record["metrics"] = segmentation_metrics(masks, truth, np.full(len(masks), meta["id"]), names)
             tumour = int((np.count_nonzero(truth.reshape(len(truth), -1), axis=1) > 0).sum())
             record.update(truth_tumour_slices=tumour, truth_empty_slices=len(truth) - tumour)
-        scale = mask_scale(class_names)
-        files = {f: encode_tiff(m, scale) for f, m in zip(record["masks"], masks, strict=True)}
+        if meta.get("kind", "slices") != "slices":
+            files, fields = scans.scan_files(meta["geometry"], masks, class_names, model[0] or "gliomaseg",
+                                             model[1] or "unknown")
+            record.update(fields)
+        else:
+            scale = mask_scale(class_names)
+            files = {f: encode_tiff(m, scale) for f, m in zip(record["masks"], masks, strict=True)}
         out.write_patient(meta["name"], files, record)
     except Exception as exc:  # a full disk or a refused S3 write fails this patient, not the cohort
         return {"record": json.dumps({**record, "status": "failed",
@@ -232,11 +233,13 @@ def _resources(opts: BatchOptions, patients: int) -> tuple[int, float]:
     return workers, gpw
 
 
-def _segment(todo: list[dict[str, Any]], src: Store, out: Store, class_names: list[str],
+def _segment(todo: list[dict[str, Any]], src: Store, out: Store, config: dict[str, Any],
              opts: BatchOptions) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     import ray
 
     workers, gpw = _resources(opts, len(todo))
+    class_names = list(config.get("class_names", ["background", "tumour"]))
+    model = (str(config.get("name") or "gliomaseg"), str(config.get("version") or "unknown"))
     ray.data.DataContext.get_current().enable_progress_bars = opts.progress
     if len(ray.nodes()) > 1 and not (src.remote and out.remote):
         log.warning("local --src/--out on a %d-node cluster: every node must see them (a shared file system); "
@@ -246,7 +249,9 @@ def _segment(todo: list[dict[str, Any]], src: Store, out: Store, class_names: li
     ds = ray.data.from_items([{"job": json.dumps(j)} for j in todo], override_num_blocks=len(todo))
     # Two reads and two writes in flight per actor keep it fed without a process per fractional CPU.
     io_pool = ray.data.TaskPoolStrategy(size=min(len(todo), 2 * workers))
-    ds = ds.map(read_patient, fn_kwargs={"src": src, "classes": max(1, len(class_names) - 1)},
+    scan_options = {"sequences": opts.sequences, "series": opts.series, "rescale": opts.rescale}
+    ds = ds.map(read_patient, fn_kwargs={"src": src, "classes": max(1, len(class_names) - 1),
+                                         "scan_options": scan_options},
                 compute=io_pool, num_cpus=IO_CPUS, **remote_args)
     ds = ds.map_batches(
         Segmenter, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
@@ -255,8 +260,8 @@ def _segment(todo: list[dict[str, Any]], src: Store, out: Store, class_names: li
         # Ray Data spreads the pool's actors over the nodes by default (DataContext.scheduling_strategy).
         num_cpus=opts.cpus_per_worker, num_gpus=gpw or None, **remote_args,
     )
-    ds = ds.map(write_patient, fn_kwargs={"out": out, "class_names": class_names}, compute=io_pool,
-                num_cpus=IO_CPUS, **remote_args)
+    ds = ds.map(write_patient, fn_kwargs={"out": out, "class_names": class_names, "model": model},
+                compute=io_pool, num_cpus=IO_CPUS, **remote_args)
     records: list[dict[str, Any]] = []
     start, seen = time.perf_counter(), []  # (seconds, slices) of each segmented patient as it comes back
     for row in ds.iter_rows():
@@ -284,7 +289,6 @@ def run_batch(opts: BatchOptions) -> dict[str, Any]:
     if src.same_place(out):
         raise ValueError(f"--out {opts.out} is --src: masks named <slice>_mask.tif would overwrite the ground truth")
     config = read_config(opts.bundle)  # fails early, before any worker starts, on a wrong bundle URI
-    class_names = list(config.get("class_names", ["background", "tumour"]))
     jobs = plan(src)
     done = out.finished()
     todo = [j for j in jobs if j["name"] not in done]
@@ -303,7 +307,7 @@ def run_batch(opts: BatchOptions) -> dict[str, Any]:
         if started:
             ray.init(address=opts.address, configure_logging=False)
         try:
-            new, resolved, timing = _segment(todo, src, out, class_names, opts)
+            new, resolved, timing = _segment(todo, src, out, config, opts)
         finally:
             if started:
                 ray.shutdown()
@@ -322,12 +326,15 @@ def run_batch(opts: BatchOptions) -> dict[str, Any]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "batch", help="segment a cohort (folder or s3:// prefix of patient folders) with Ray Data",
-        description="Writes OUT/<patient>/<slice>_mask.tif, patients.csv and summary.json (with the metrics where "
-        "the source has masks). A rerun skips patients already written. Exit status 1 when a patient failed.",
+        "batch", help="segment a cohort (folder or s3:// prefix of patients: slices, NIfTI or DICOM) with Ray Data",
+        description="Writes OUT/<patient>/<slice>_mask.tif for a folder of slices, OUT/<case>/<case>_mask.nii.gz "
+        "for a NIfTI case or DICOM study (and <case>_seg.dcm, a DICOM SEG, for DICOM), patients.csv (with the "
+        "tumour volume in mL for scans) and summary.json (with the metrics where the source has masks). A rerun "
+        "skips patients already written. Exit status 1 when a patient failed.",
     )
     p.add_argument("--bundle", required=True, help="bundle directory or s3://bucket/prefix")
-    p.add_argument("--src", required=True, help="folder or s3://bucket/prefix of patient folders (Kaggle layout)")
+    p.add_argument("--src", required=True, help="folder or s3://bucket/prefix of patients: Kaggle-layout folders, "
+                   "NIfTI cases (<case>.nii.gz, <case>_0000.nii.gz ...) or DICOM studies (a folder or a .zip)")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--workers", type=int, default=None,
                    help="predictor actors (default: one per GPU share, else CPUs - 1)")
@@ -336,13 +343,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--sequences", help="NIfTI: each channel's sequence in order, e.g. flair,t1,t1gd,t2 (as core "
+                   "predict; default: the dataset.json beside the files, else 1 channel FLAIR, 3 the Kaggle order)")
+    p.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM: which series is which sequence "
+                   "(pre, flair, post) by number, description or UID; repeatable (default: SeriesDescription)")
+    p.add_argument("--rescale", default="auto", choices=("auto", "percentile", "none"),
+                   help="scan intensities to uint8 (as core predict)")
     p.set_defaults(func=_cmd_batch)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    from core.inference.predict import parse_series
+
     summary = run_batch(BatchOptions(
         bundle=args.bundle, src=args.src, out=args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, address=args.address))
+        cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, address=args.address,
+        sequences=args.sequences.split(",") if args.sequences else None, series=parse_series(args.series),
+        rescale=args.rescale))
     m = summary["metrics"]
     scores = f"; dsc_volume={m['dsc_volume']:.4f} dice_tumour={m['dice_tumour']:.4f}" if m else ""
     print(f"{summary['written']} of {summary['patients']} patients written ({len(summary['skipped'])} skipped, "

@@ -10,13 +10,14 @@ from typing import Any
 
 # Slice means are weighted by the slices they average over when patients are combined.
 WEIGHTS = {"dice_tumour": "truth_tumour_slices", "dice_all": "slices", "fp_slice_rate": "truth_empty_slices"}
-CSV_COLUMNS = ["patient", "status", "slices", "tumour_slices", "tumour_voxels", "largest_slice_area"]
+# volume_ml: the tumour volume from a scan's voxel spacing (blank for slices, whose pixels have no size)
+CSV_COLUMNS = ["patient", "status", "slices", "tumour_slices", "tumour_voxels", "largest_slice_area", "volume_ml"]
 
 
 def combine_metrics(records: list[dict[str, Any]]) -> dict[str, float] | None:
     """Cohort metrics from each patient's ``core.evaluation.metrics.segmentation_metrics``: volume metrics (dsc_volume,
-    iou, dice_<class>) are means over patients, slice metrics are weighted by the slices they average over,
-    so they equal `core evaluate`'s on the whole cohort (to float rounding)."""
+    iou, dice_<class>) are means over patients, ``*_min`` the worst patient's, slice metrics are weighted by the
+    slices they average over, so they equal `core evaluate`'s on the whole cohort (to float rounding)."""
     rows = [r for r in records if r.get("metrics")]
     if not rows:
         return None
@@ -24,6 +25,9 @@ def combine_metrics(records: list[dict[str, Any]]) -> dict[str, float] | None:
     for key in dict.fromkeys(k for r in rows for k in r["metrics"]):
         pairs = [(float(r[WEIGHTS[key]]) if key in WEIGHTS else 1.0, float(r["metrics"][key])) for r in rows]
         pairs = [(w, v) for w, v in pairs if w > 0 and not math.isnan(v)]  # NaN: nothing to average there
+        if key.endswith("_min"):  # the worst patient's (dsc_volume_min): the cohort's worst, not a mean
+            out[key] = min(v for _, v in pairs) if pairs else float("nan")
+            continue
         out[key] = sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else float("nan")
     return out
 

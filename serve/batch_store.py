@@ -98,6 +98,39 @@ class Store:
                     out.setdefault(parts[0], []).append(parts[1])
         return {k: sorted(v) for k, v in sorted(out.items())}
 
+    def tree(self) -> tuple[list[str], dict[str, list[str]]]:
+        """(the files directly under the root, each immediate subfolder -> every file under it, as a
+        relative POSIX path, at any depth), sorted; hidden names are left out. A scan cohort keeps
+        NIfTI cases and zipped DICOM studies at the top and a DICOM study's series in subfolders."""
+        top: list[str] = []
+        out: dict[str, list[str]] = {}
+        if not self.remote:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.uri}: no such directory")
+            for entry in sorted(p for p in self.root.iterdir() if not p.name.startswith(".")):
+                if entry.is_file():
+                    top.append(entry.name)
+                elif entry.is_dir():
+                    files = (f.relative_to(entry).as_posix() for f in entry.rglob("*") if f.is_file())
+                    out[entry.name] = sorted(f for f in files if not any(x.startswith(".") for x in f.split("/")))
+            return top, out
+        bucket, _ = self._bucket_prefix
+        start = self._key("")
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(start):].split("/")
+                if not parts[-1] or any(x.startswith(".") for x in parts):
+                    continue
+                if len(parts) == 1:
+                    top.append(parts[0])
+                else:
+                    out.setdefault(parts[0], []).append("/".join(parts[1:]))
+        return sorted(top), {k: sorted(v) for k, v in sorted(out.items())}
+
+    def local_path(self, rel: str) -> Path | None:
+        """The file's path when the store is a local folder (readers that want paths use it), else None."""
+        return None if self.remote else self.root / rel
+
     def finished(self) -> set[str]:
         """Patient folders whose record is written (a rerun skips them)."""
         if not self.remote:

@@ -1,7 +1,8 @@
 """The HTTP ingress deployment: FastAPI routes, auth, body limits, decoding and response encoding.
 
 Decoding and encoding run here (in a thread, off the event loop), so the model replica only ever sees
-(H,W,3) uint8 arrays and only ever returns masks. Every error is JSON ``{"error", "detail"}``.
+(H,W,3) uint8 arrays and only ever returns masks. Every error is JSON ``{"error", "detail"}``. What a
+volume body is and how its answer is made (NIfTI, DICOM SEG, TIFF, NPY, JSON) is serve/volumes.py.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' real annotations
 (``Request``) from the copy @serve.ingress makes, where postponed string annotations do not resolve.
@@ -23,7 +24,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.data.preprocessing import single_slice_note
 from core.formats import codecs
+from core.inference.predict import VolumeResult
+from serve import volumes
 
 FORMATS = ("png", "tiff", "npy", "json")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
@@ -87,12 +91,10 @@ def _static_files() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()} if folder.is_dir() else {}
 
 
-def _check_format(fmt: str, volume: bool = False, overlay: bool = False) -> None:
-    """Refuse a bad ``format`` before the body is read or the model runs."""
+def _check_format(fmt: str) -> None:
+    """Refuse a bad single-slice ``format`` before the body is read or the model runs."""
     if fmt not in FORMATS:
         raise ApiError(400, "bad_request", f"format={fmt!r}; expected one of {', '.join(FORMATS)}")
-    if volume and fmt == "png" and not overlay:
-        raise ApiError(400, "bad_request", "format=png is for single slices; use tiff, npy or json for volumes")
 
 
 def _encode_masks(masks: np.ndarray, fmt: str, scale: int, headers: dict[str, str]) -> Response:
@@ -101,10 +103,6 @@ def _encode_masks(masks: np.ndarray, fmt: str, scale: int, headers: dict[str, st
     if fmt == "tiff":
         return Response(codecs.encode_tiff(masks, scale), 200, headers, codecs.TIFF)
     return Response(codecs.encode_mask_png(masks, scale), 200, headers, codecs.PNG)
-
-
-def _overlay_pngs(images: np.ndarray, masks: np.ndarray) -> list[bytes]:
-    return [codecs.encode_overlay_png(i, m) for i, m in zip(images, masks, strict=True)]
 
 
 async def _awaitable(response: Any) -> Any:
@@ -210,8 +208,8 @@ class Ingress:
         self._authorise(request)
         info = await self.info()
         config = info["config"]
-        keys = ("name", "version", "arch", "image_size", "class_names", "channels", "threshold", "postprocess",
-                "tta", "hyperparameters", "model_args")
+        keys = ("name", "version", "arch", "image_size", "class_names", "channels", "normalisation", "crop",
+                "threshold", "postprocess", "tta", "hyperparameters", "model_args")
         s = self.settings
         return JSONResponse({
             **{k: config.get(k) for k in keys}, "metrics": info["metrics"], "device": info["device"],
@@ -222,42 +220,77 @@ class Ingress:
         })
 
     @api.post("/v1/segment")
-    async def segment(self, request: Request, format: str = "png", overlay: bool = False) -> Response:
+    async def segment(self, request: Request, format: str = "png", overlay: bool = False, sequence: str = "rgb",
+                      layers: str = "") -> Response:
         _check_format(format)
+        shown = volumes.parse_layers(layers)
+        volumes.check_sequence(sequence)  # a bad name is a 400 before the body is read
         image = (await self._decode(request, volume=False))[0]
         mask, batch = await _call_model(self.model.segment, image)
         pixels = int(np.count_nonzero(mask))
         headers = await self._headers(pixels, **{"X-Batch-Size": batch})
+        # A per-patient bundle standardises (or crops) one slice by itself here: say so, never silently.
+        note = single_slice_note((await self.info())["config"])
+        if note:
+            headers.update({"X-Preprocessing-Scope": "slice", "Warning": f'299 gliomaseg "{note}"'})
         if format == "json":
             body = {"model_version": headers["X-Model-Version"], "size": list(mask.shape),
                     "tumour_pixels": pixels, "tumour_fraction": pixels / mask.size,
-                    "rle": codecs.rle_encode(mask), "batch_size": batch}
+                    "rle": codecs.rle_encode(mask), "batch_size": batch,
+                    **({"preprocessing_note": note} if note else {})}
             if overlay:
-                body["overlay"] = codecs.data_url(await asyncio.to_thread(codecs.encode_overlay_png, image, mask))
+                body["overlay"] = (await asyncio.to_thread(volumes.overlay_urls, image[None], mask[None], sequence))[0]
+            if shown:
+                body["layers"] = await asyncio.to_thread(volumes.layer_urls, image[None], mask[None], shown)
             return JSONResponse(body, headers=headers)
         if overlay:
-            return Response(await asyncio.to_thread(codecs.encode_overlay_png, image, mask), 200, headers,
+            shown_image = volumes.view(image[None], sequence)[0]
+            return Response(await asyncio.to_thread(codecs.encode_overlay_png, shown_image, mask), 200, headers,
                             codecs.PNG)
         return await asyncio.to_thread(_encode_masks, mask, format, await self._scale(), headers)
 
     @api.post("/v1/segment/volume")
-    async def segment_volume(self, request: Request, format: str = "tiff", overlay: bool = False) -> Response:
-        _check_format(format, volume=True, overlay=overlay)
-        images = await self._decode(request, volume=True)
+    async def segment_volume(self, request: Request, format: str | None = None, overlay: bool = False,
+                             sequence: str = "rgb", layers: str = "") -> Response:
+        # Everything that can be refused without the body is refused first: auth, format, Accept, type.
+        self._authorise(request)
+        wanted = volumes.requested_format(format, request.headers.get("accept"), overlay)
+        shown = volumes.parse_layers(layers)
+        volumes.check_sequence(sequence)
+        content_type = request.headers.get("content-type", "")
+        declared = volumes.declared_kind(content_type)
+        if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
+            volumes.output_format(wanted, declared)
+        data = await self._body(request)
+        kind = volumes.body_kind(declared, data)
+        fmt = volumes.output_format(wanted, kind)
+        s = self.settings
+        scan = None
+        if kind == volumes.SLICES:
+            images = await asyncio.to_thread(
+                codecs.decode, data, content_type, volume=True, max_pages=s["max_slices"],
+                max_pixels=s["max_pixels"], min_size=s["min_size"], max_size=s["max_size"])
+        else:  # NIfTI or DICOM: decompressing and reorienting is CPU work, off the event loop
+            scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
+                                           s["max_slices"], s["min_size"], s["max_size"])
+            images = scan.images
+        del data
         masks = await _call_model(self.model.segment_volume, images)
-        areas = np.count_nonzero(masks, axis=(1, 2)).tolist()  # per slice, counted once
-        headers = await self._headers(sum(areas), **{"X-Slices": len(masks)})
-        if format == "json":
-            body: dict[str, Any] = {
-                "model_version": headers["X-Model-Version"], "slices": len(masks), "size": list(masks.shape[1:]),
-                "tumour_pixels": sum(areas), "tumour_slices": sum(a > 0 for a in areas),
-                "slice_tumour_pixels": areas,
-            }
+        config = (await self.info())["config"]
+        result = VolumeResult(scan, masks, list(config.get("class_names", ["background", "tumour"]))) if scan else None
+        headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
+        if result is not None:  # the figure a radiologist asks for first, without parsing the body
+            headers["X-Tumour-Volume-mL"] = f"{result.volume_ml:.4f}"
+        if fmt == "json":
+            body = volumes.volume_json(masks, headers["X-Model-Version"], result)
             if overlay:
-                pngs = await asyncio.to_thread(_overlay_pngs, images, masks)
-                body["overlays"] = [codecs.data_url(p) for p in pngs]
+                body["overlays"] = await asyncio.to_thread(volumes.overlay_urls, images, masks, sequence)
+            if shown:
+                body["layers"] = await asyncio.to_thread(volumes.layer_urls, images, masks, shown)
             return JSONResponse(body, headers=headers)
-        if overlay:
-            return Response(await asyncio.to_thread(codecs.encode_animation, images, masks), 200, headers, codecs.PNG)
-        return await asyncio.to_thread(_encode_masks, masks, format, await self._scale(), headers)
-
+        if fmt == "png":
+            frames = volumes.view(images, sequence)
+            return Response(await asyncio.to_thread(codecs.encode_animation, frames, masks), 200, headers, codecs.PNG)
+        data, media, extra = await asyncio.to_thread(volumes.encode_masks, fmt, masks, await self._scale(), result,
+                                                     str(config.get("name") or "gliomaseg"), headers["X-Model-Version"])
+        return Response(data, 200, headers | extra, media)

@@ -196,3 +196,142 @@ def test_s3_source_and_output(ray_session, cohort, bundle, batch_run, s3):
     again = run_batch(opts)  # everything written: nothing for Ray to do
     assert again["skipped"] == folders and not again["segmented"]
     assert again["metrics"] == pytest.approx(summary["metrics"])
+
+
+# -------------------------------------------------------------------------------------- NIfTI and DICOM
+
+
+@pytest.fixture(scope="module")
+def scan_cohort(tmp_path_factory, cohort) -> Path:
+    """One Kaggle folder beside a 4D NIfTI case, nnU-Net channel files, a DICOM study folder and a zipped one."""
+    from scan_support import dicom_study, nifti_scan, zip_folder
+    from volume_support import reorient, write_nifti
+
+    from core.data.prepare import read_patients
+
+    root = tmp_path_factory.mktemp("scans") / "cohort"
+    root.mkdir()
+    patients = list(read_patients(cohort))
+    first = sorted(p for p in cohort.iterdir() if p.is_dir())[0]
+    shutil.copytree(first, root / first.name)
+    nifti_scan(patients[1].images, root / "caseA.nii.gz")
+    for c in range(3):  # one file per sequence, as nnU-Net names them, stored in another orientation
+        write_nifti(root / f"caseB_{c:04d}.nii.gz", *reorient(patients[2].images[..., c], ("L", "A", "I")))
+    dicom_study(patients[3].images, root / "studyC")
+    zipped = tmp_path_factory.mktemp("zipped") / "studyD"
+    dicom_study(patients[1].images[::-1].copy(), zipped)
+    zip_folder(zipped, root / "studyD.zip")
+    (root / "data.csv").write_text("not a patient\n")  # top-level files that are no scans are left alone
+    return root
+
+
+SCANS = ["caseA", "caseB", "studyC", "studyD"]
+
+
+def test_nifti_and_dicom_patients_get_masks_on_their_grid_and_volumes_in_ml(ray_session, scan_cohort, bundle,
+                                                                             tmp_path):
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+    from scan_support import flair_headers, read_nifti_bytes, voxel_ml
+
+    from core.formats.load import load_volume
+    from core.inference.predict import run
+    from core.inference.predictor import Predictor
+
+    out = tmp_path / "out"
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=str(scan_cohort), out=str(out), workers=1, batch_size=8,
+                                     progress=False))
+    kaggle = next(p.name for p in scan_cohort.iterdir() if p.is_dir() and p.name.startswith("TCGA"))
+    assert summary["segmented"] == [kaggle, "studyC", "caseA", "caseB", "studyD"] and not summary["failed"]
+    # `core predict` on the same files is the reference: the same masks, on the same grid.
+    predictor = Predictor.from_bundle(str(bundle), "cpu", 8)
+    inputs = [scan_cohort / "caseA.nii.gz", scan_cohort / "caseB_0000.nii.gz", scan_cohort / "studyC",
+              scan_cohort / "studyD.zip"]
+    reference = {Path(r["mask"]).name.removesuffix("_mask.nii.gz"): r for r in run(predictor, inputs, tmp_path / "ref")}
+    assert sorted(reference) == SCANS
+    rows = {r["patient"]: r for r in read_csv((out / "patients.csv").read_text())}
+    assert rows[kaggle]["volume_ml"] == "" and (out / kaggle / f"{kaggle}_1_mask.tif").is_file()
+    total = 0
+    for name in SCANS:
+        written = read_nifti_bytes((out / name / f"{name}_mask.nii.gz").read_bytes())
+        expected = nib.load(tmp_path / "ref" / f"{name}_mask.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.asanyarray(expected.dataobj))
+        np.testing.assert_array_equal(written.affine, expected.affine)
+        voxels = int(np.count_nonzero(np.asanyarray(written.dataobj)))
+        total += voxels
+        record = json.loads((out / name / "patient.json").read_text())
+        assert record["tumour_voxels"] == voxels and record["slices"] == SLICES
+        assert record["volume_ml"] == pytest.approx(voxels * voxel_ml(), rel=1e-6)
+        assert float(rows[name]["volume_ml"]) == pytest.approx(voxels * voxel_ml(), rel=1e-6)
+        assert float(rows[name]["volume_ml"]) == pytest.approx(float(reference[name]["volume_ml"]), abs=1e-4)
+    assert total > 0  # the comparisons above saw tumour
+    source = nib.load(scan_cohort / "caseA.nii.gz")
+    np.testing.assert_array_equal(read_nifti_bytes((out / "caseA" / "caseA_mask.nii.gz").read_bytes()).affine,
+                                  source.affine)
+    flair = flair_headers(scan_cohort / "studyC")
+    seg_path = out / "studyC" / "studyC_seg.dcm"
+    ds = pydicom.dcmread(seg_path)
+    assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == flair[0].SeriesInstanceUID
+    volume = load_volume(scan_cohort / "studyC")
+    frames = hd.seg.segread(seg_path).get_pixels_by_source_instance(
+        [d.SOPInstanceUID for d in flair], segment_numbers=[1], combine_segments=True,
+        assert_missing_frames_are_empty=True)
+    mask = np.asanyarray(read_nifti_bytes((out / "studyC" / "studyC_mask.nii.gz").read_bytes()).dataobj)
+    np.testing.assert_array_equal(frames, mask.transpose(2, 1, 0))
+    assert volume.source_shape == mask.shape and (out / "studyD" / "studyD_seg.dcm").is_file()
+    assert not (out / "caseA" / "caseA_seg.dcm").exists()  # a SEG only where there is a DICOM series
+
+    again = run_batch(BatchOptions(bundle=str(bundle), src=str(scan_cohort), out=str(out), workers=1,
+                                   progress=False))
+    assert not again["segmented"] and len(again["skipped"]) == 5
+    assert read_csv((out / "patients.csv").read_text())[1]["volume_ml"] == rows["studyC"]["volume_ml"]
+
+
+def test_a_bad_scan_fails_only_its_patient(ray_session, scan_cohort, bundle, tmp_path):
+    from bundle_factory import sample_images
+    from scan_support import bad_bodies
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(scan_cohort / "caseA.nii.gz", src / "good.nii.gz")
+    bad = bad_bodies(sample_images(SLICES), tmp_path / "bad")
+    (src / "broken.nii.gz").write_bytes(bad["nan_nifti"][0])
+    (src / "bomb.zip").write_bytes(bad["zip_bomb"][0])
+    for c in (0, 2):  # a case with a channel file missing
+        shutil.copy(scan_cohort / f"caseB_{c:04d}.nii.gz", src / f"gap_{c:04d}.nii.gz")
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=str(src), out=str(tmp_path / "out"), workers=1,
+                                     progress=False))
+    assert summary["segmented"] == ["good"]
+    errors = {f["patient"]: f["error"] for f in summary["failed"]}
+    assert set(errors) == {"broken", "gap", "bomb"}
+    assert "NaN" in errors["broken"] and "expands" in errors["bomb"] and "[1] missing" in errors["gap"]
+    named = [str(src / n) for n in ("broken.nii.gz", "gap_0000.nii.gz", "gap_0002.nii.gz", "bomb.zip")]
+    assert sorted(summary["unreadable"]) == sorted(named)
+    assert all(n in errors[p] for n, p in zip(named, ("broken", "gap", "gap", "bomb"), strict=True))
+    assert not (tmp_path / "out" / "broken").exists() and (tmp_path / "out" / "good" / "good_mask.nii.gz").is_file()
+
+
+def test_s3_scans_are_read_and_written_like_local_ones(ray_session, scan_cohort, bundle, s3, tmp_path):
+    from scan_support import read_nifti_bytes
+
+    from core.inference.predict import run
+    from core.inference.predictor import Predictor
+
+    files = [p for p in scan_cohort.rglob("*") if p.is_file() and (p.name.startswith("caseB")
+                                                                   or "studyC" in p.parts)]
+    for f in files:
+        s3.put_object(Bucket=BUCKET, Key=f"scans/{f.relative_to(scan_cohort).as_posix()}", Body=f.read_bytes())
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=f"s3://{BUCKET}/scans", out=f"s3://{BUCKET}/scan-out",
+                                     workers=1, progress=False))
+    assert summary["segmented"] == ["studyC", "caseB"] and not summary["failed"]
+    predictor = Predictor.from_bundle(str(bundle), "cpu", 8)
+    run(predictor, [scan_cohort / "caseB_0000.nii.gz", scan_cohort / "studyC"], tmp_path / "ref")
+    for name in ("caseB", "studyC"):
+        body = s3.get_object(Bucket=BUCKET, Key=f"scan-out/{name}/{name}_mask.nii.gz")["Body"].read()
+        got, want = read_nifti_bytes(body), read_nifti_bytes((tmp_path / "ref" / f"{name}_mask.nii.gz").read_bytes())
+        np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj))
+        np.testing.assert_array_equal(got.affine, want.affine)
+    assert s3.head_object(Bucket=BUCKET, Key="scan-out/studyC/studyC_seg.dcm")["ContentLength"] > 0
+    rows = read_csv(s3.get_object(Bucket=BUCKET, Key="scan-out/patients.csv")["Body"].read().decode())
+    assert [r["patient"] for r in rows] == ["studyC", "caseB"] and all(float(r["volume_ml"]) >= 0 for r in rows)

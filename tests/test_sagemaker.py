@@ -336,3 +336,96 @@ def test_repo_root_not_needed_for_template():
     """The template imports only the vendored package (checked textually; it is not importable here)."""
     text = (REPO / "serve" / "sagemaker" / "inference.py").read_text()
     assert "from gliomaseg_core" in text and "from core" not in text and "import serve" not in text
+
+
+def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tmp_path):
+    """NIfTI and zipped DICOM bodies (by type and by bytes) and S3 URIs through the archive's handlers in a
+    fresh process: the masks of `core predict` (segment_volume) as NIfTI on the source grid, DICOM SEG, NPY
+    and JSON with the volume in mL; bad scans answered with their 4xx; the endpoint keeps serving."""
+    import boto3
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+    from scan_support import bad_bodies, dicom_study, flair_headers, nifti_scan, read_nifti_bytes, voxel_ml, zip_folder
+
+    from core.formats.load import load_volume
+    from core.inference.predict import segment_volume
+
+    vol = sample_images(10, seed=9)
+    nii_path = nifti_scan(vol, tmp_path / "case.nii.gz")
+    nii = nii_path.read_bytes()
+    info = dicom_study(vol, tmp_path / "study")
+    dcm = zip_folder(tmp_path / "study")
+    from_nifti, from_dicom = (segment_volume(predictor, load_volume(b)) for b in (nii, dcm))
+    assert 0 < from_nifti.masks.sum() < from_nifti.masks.size
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="scans/case.nii.gz", Body=nii)
+    s3.put_object(Bucket=BUCKET, Key="scans/study.zip", Body=dcm)
+    json_type = "application/json"
+    cases = {
+        "nifti_json": (nii, "application/gzip", json_type),
+        "nifti_mask": (nii, "application/x-nifti", "application/gzip"),
+        "nifti_sniffed": (nii, "application/octet-stream", "application/x-npy"),
+        "dicom_seg": (dcm, "application/zip", "application/dicom"),
+        "dicom_nifti": (dcm, "application/dicom+zip", "application/x-nifti"),
+        "s3_nifti": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/case.nii.gz", "output_prefix": f"s3://{BUCKET}/o/"})
+                     .encode(), json_type, json_type),
+        "s3_seg": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/study.zip", "format": "dicom-seg"}).encode(),
+                   json_type, json_type),
+        "seg_of_nifti": (nii, "application/gzip", "application/dicom"),
+        "nifti_of_slices": (_npy(vol), "application/x-npy", "application/gzip"),
+    }
+    bad = bad_bodies(vol, tmp_path / "bad")
+    cases.update({name: (body, kind, json_type) for name, (body, kind, _, _) in bad.items()})
+    cases["after_errors"] = (nii, "application/gzip", "application/x-npy")
+    spec = []
+    for name, (body, ctype, accept) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    model_dir = tmp_path / "opt_ml_model"
+    with tarfile.open(archive) as tar:
+        tar.extractall(model_dir, filter="data")
+    results = json.loads(run_container(model_dir, tmp_path / "spec.json", tmp_path, aws["env"]).split("RESULTS", 1)[1])
+    res = {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=False)}
+
+    def ok(name: str, ctype: str) -> bytes:
+        r, body = res[name]
+        assert (r["status"], r["content_type"]) == (200, ctype), (name, r, body[:300])
+        return body
+
+    ml = from_nifti.masks.sum() * voxel_ml()
+    got = json.loads(ok("nifti_json", json_type))
+    assert got["input"] == "nifti" and got["volume_ml"] == pytest.approx(ml, rel=1e-6)
+    assert got["spacing_mm"] == pytest.approx([3.0, 0.9, 0.8]) and got["scan"]["source_shape"] == [64, 64, 10]
+    np.testing.assert_array_equal(np.stack([codecs.rle_decode(m) for m in got["masks_rle"]]), from_nifti.masks)
+    source = nib.load(nii_path)
+    for name, result in (("nifti_mask", from_nifti), ("dicom_nifti", from_dicom)):
+        mask = read_nifti_bytes(ok(name, "application/gzip"))
+        np.testing.assert_array_equal(np.asanyarray(mask.dataobj), result.volume.to_source(result.masks))
+    np.testing.assert_array_equal(read_nifti_bytes(res["nifti_mask"][1]).affine, source.affine)
+    np.testing.assert_array_equal(np.load(io.BytesIO(ok("nifti_sniffed", "application/x-npy")), allow_pickle=False),
+                                  from_nifti.masks)
+    flair = flair_headers(tmp_path / "study")
+    uids = [d.SOPInstanceUID for d in flair]
+    for seg_bytes in (ok("dicom_seg", "application/dicom"),
+                      s3.get_object(Bucket=BUCKET, Key="scans/study_seg.dcm")["Body"].read()):
+        ds = pydicom.dcmread(io.BytesIO(seg_bytes))
+        assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == flair[0].SeriesInstanceUID
+        assert ds.StudyInstanceUID == info["study"]["StudyInstanceUID"]
+        frames = hd.seg.segread(io.BytesIO(seg_bytes)).get_pixels_by_source_instance(
+            uids, segment_numbers=[1], combine_segments=True, assert_missing_frames_are_empty=True)
+        np.testing.assert_array_equal(frames, from_dicom.volume.to_source(from_dicom.masks).transpose(2, 1, 0))
+    out = json.loads(ok("s3_nifti", json_type))
+    assert out["mask_uri"] == f"s3://{BUCKET}/o/case_mask.nii.gz" and out["volume_ml"] == pytest.approx(ml, rel=1e-6)
+    written = read_nifti_bytes(s3.get_object(Bucket=BUCKET, Key="o/case_mask.nii.gz")["Body"].read())
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), from_nifti.volume.to_source(from_nifti.masks))
+    assert json.loads(ok("s3_seg", json_type))["mask_content_type"] == "application/dicom"
+
+    expected = {"seg_of_nifti": (406, "not_acceptable"), "nifti_of_slices": (406, "not_acceptable"),
+                **{name: (status, code) for name, (_, _, status, code) in bad.items()}}
+    for name, (status, code) in expected.items():
+        r, body = res[name]
+        assert r["status"] == status and code.encode() in body, (name, r, body[:400])
+    np.testing.assert_array_equal(np.load(io.BytesIO(ok("after_errors", "application/x-npy")), allow_pickle=False),
+                                  from_nifti.masks)

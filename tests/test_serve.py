@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -294,3 +295,149 @@ def test_serve_build_writes_a_deploy_config(bundle: Path, tmp_path: Path) -> Non
                    cwd=Path(__file__).resolve().parents[1], timeout=120)
     text = out.read_text()
     assert "import_path: serve.app:app" in text and "SegmentModel" in text and "Ingress" in text
+
+
+# ------------------------------------------------------------------------------------- scans (NIfTI, DICOM)
+
+
+@pytest.fixture(scope="module")
+def scan_images() -> np.ndarray:
+    return sample_images(12, seed=7)  # the random bundle finds tumour on some slices, not all
+
+
+def _expected(predictor, body: bytes):
+    """What `core predict` does with the same file: core.inference.predict.segment_volume."""
+    from core.formats.load import load_volume
+    from core.inference.predict import segment_volume
+
+    result = segment_volume(predictor, load_volume(body))
+    assert 0 < result.masks.sum() < result.masks.size
+    return result
+
+
+def test_nifti_body_gives_the_mask_on_the_source_grid_and_its_volume(url: str, predictor, scan_images,
+                                                                       tmp_path: Path) -> None:
+    import nibabel as nib
+    from scan_support import nifti_scan, read_nifti_bytes, voxel_ml
+
+    from serve.volumes import mask_rgba
+
+    path = nifti_scan(scan_images, tmp_path / "case.nii.gz")
+    body = path.read_bytes()
+    expected = _expected(predictor, body)
+    source = nib.load(path)
+    ml = np.count_nonzero(expected.masks) * voxel_ml()
+    assert expected.volume_ml == pytest.approx(ml, rel=1e-6)
+    # The Content-Type, the bytes alone, and the bare .nii all say NIfTI; NIfTI is a scan's default answer.
+    for kind, data in [("application/gzip", body), ("application/octet-stream", body),
+                       ("application/x-nifti", read_nifti_bytes(body).to_bytes())]:
+        r = post(url, "/v1/segment/volume", data, kind)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/gzip" and "_mask.nii.gz" in r.headers["content-disposition"]
+        mask = read_nifti_bytes(r.content)
+        np.testing.assert_array_equal(np.asanyarray(mask.dataobj), expected.volume.to_source(expected.masks))
+        assert mask.shape == source.shape[:3] and mask.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(mask.affine, source.affine)
+        np.testing.assert_array_equal(mask.header.get_sform(), source.header.get_sform())
+        assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(ml, abs=1e-4)
+        assert r.headers["X-Slices"] == "12" and int(r.headers["X-Tumour-Pixels"]) == int(expected.masks.sum())
+    # Canonical slice order for the array formats, chosen by format= or by Accept.
+    r = httpx.post(f"{url}/v1/segment/volume", content=body, timeout=60,
+                   headers={"Content-Type": "application/gzip", "Accept": "application/x-npy"})
+    np.testing.assert_array_equal(np.load(io.BytesIO(r.content), allow_pickle=False), expected.masks)
+    r = post(url, "/v1/segment/volume", body, "application/gzip", format="tiff")
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(r.content)) // 255, expected.masks)
+    assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(ml, abs=1e-4)
+    # JSON: per-slice areas, the volume in mL from the spacing, and the FLAIR slices + mask layers as PNGs.
+    r = post(url, "/v1/segment/volume", body, "application/gzip", format="json", layers="flair", overlay="true",
+             sequence="flair")
+    got = r.json()
+    assert got["input"] == "nifti" and got["volume_ml"] == pytest.approx(ml, rel=1e-6)
+    assert got["voxel_ml"] == pytest.approx(voxel_ml()) and got["spacing_mm"] == pytest.approx([3.0, 0.9, 0.8])
+    assert got["slice_tumour_pixels"] == [int(m.sum()) for m in expected.masks]
+    assert got["scan"]["source_shape"] == list(source.shape[:3]) and "inferior" in got["slice_order"]
+    assert set(got["layers"]) == {"flair", "mask"} and len(got["layers"]["mask"]) == 12
+
+    def png(url_: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(url_.split(",", 1)[1]))))
+
+    for k in (0, int(np.argmax(expected.masks.sum((1, 2))))):
+        np.testing.assert_array_equal(png(got["layers"]["flair"][k]), scan_images[k, ..., 1])
+        np.testing.assert_array_equal(png(got["layers"]["mask"][k]), mask_rgba(expected.masks[k]))
+        grey = np.repeat(scan_images[k, ..., 1:2], 3, axis=-1)
+        np.testing.assert_array_equal(png(got["overlays"][k]), codecs.overlay(grey, expected.masks[k]))
+    # A DICOM SEG needs a DICOM source: a clear 406, before the model runs.
+    assert "DICOM" in assert_error(post(url, "/v1/segment/volume", body, "application/gzip", format="dicom-seg"),
+                                   406)["detail"]
+    r = httpx.post(f"{url}/v1/segment/volume", content=body, timeout=60,
+                   headers={"Content-Type": "application/gzip", "Accept": "application/dicom"})
+    assert_error(r, 406)
+
+
+def test_zipped_dicom_study_gives_a_seg_referencing_the_series(url: str, predictor, scan_images,
+                                                                tmp_path: Path) -> None:
+    import highdicom as hd
+    import pydicom
+    from scan_support import dicom_study, flair_headers, read_nifti_bytes, voxel_ml, zip_folder
+
+    info = dicom_study(scan_images, tmp_path / "study")
+    body = zip_folder(tmp_path / "study")
+    expected = _expected(predictor, body)
+    np.testing.assert_array_equal(expected.volume.images, scan_images)
+    source_mask = expected.volume.to_source(expected.masks)  # (columns, rows, slices)
+    flair = flair_headers(tmp_path / "study")
+    for kind, params, accept in [("application/zip", {"format": "dicom-seg"}, None),
+                                 ("application/dicom+zip", {}, "application/dicom"),
+                                 ("application/octet-stream", {}, "application/dicom, application/json;q=0.5")]:
+        r = httpx.post(f"{url}/v1/segment/volume", content=body, params=params, timeout=60,
+                       headers={"Content-Type": kind, **({"Accept": accept} if accept else {})})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/dicom"
+        ds = pydicom.dcmread(io.BytesIO(r.content))
+        assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == flair[0].SeriesInstanceUID
+        assert ds.StudyInstanceUID == info["study"]["StudyInstanceUID"]
+        assert ds.FrameOfReferenceUID == info["study"]["FrameOfReferenceUID"]
+        seg = hd.seg.segread(io.BytesIO(r.content))
+        frames = seg.get_pixels_by_source_instance([d.SOPInstanceUID for d in flair], segment_numbers=[1],
+                                                   combine_segments=True, assert_missing_frames_are_empty=True)
+        np.testing.assert_array_equal(frames, source_mask.transpose(2, 1, 0))
+        assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(expected.masks.sum() * voxel_ml(), abs=1e-4)
+    r = post(url, "/v1/segment/volume", body, "application/zip")  # default for a scan: NIfTI in scanner space
+    mask = read_nifti_bytes(r.content)
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), source_mask)
+    np.testing.assert_allclose(mask.affine, info["affine"], atol=1e-4)
+    got = post(url, "/v1/segment/volume", body, "application/zip", format="json").json()
+    assert got["input"] == "dicom" and got["volume_ml"] == pytest.approx(expected.masks.sum() * voxel_ml(), rel=1e-5)
+
+
+def test_slice_stacks_have_no_volume_in_ml_and_no_scan_formats(url: str, scan_images) -> None:
+    data = codecs.encode_npy(scan_images)
+    r = post(url, "/v1/segment/volume", data, "application/x-npy", format="json")
+    got = r.json()
+    assert got["input"] == "slices" and got["volume_ml"] is None and got["spacing_mm"] is None
+    assert "X-Tumour-Volume-mL" not in r.headers
+    assert "X-Tumour-Volume-mL" not in post(url, "/v1/segment/volume", data, "application/x-npy").headers
+    assert "geometry" in assert_error(post(url, "/v1/segment/volume", data, "application/x-npy", format="nifti"),
+                                      406)["detail"]
+    assert_error(post(url, "/v1/segment/volume", codecs.encode_volume_tiff(scan_images), "image/tiff",
+                      format="dicom-seg"), 406)
+    r = httpx.post(f"{url}/v1/segment/volume", content=data, timeout=60,
+                   headers={"Content-Type": "application/x-npy", "Accept": "text/html"})
+    assert_error(r, 406)
+
+
+def test_bad_scans_are_json_errors_and_the_server_keeps_serving(url: str, scan_images, tmp_path: Path) -> None:
+    from scan_support import bad_bodies
+
+    for name, (body, kind, status, code) in bad_bodies(scan_images, tmp_path).items():
+        r = post(url, "/v1/segment/volume", body, kind, format="json")
+        assert assert_error(r, status)["error"] == code, (name, r.text)
+    assert_error(post(url, "/v1/segment/volume", b"%PDF-1.4", "application/pdf"), 415)
+    assert_error(post(url, "/v1/segment/volume", b"%PDF-1.4 not a scan", "application/octet-stream"), 415)
+    assert_error(post(url, "/v1/segment/volume", b"PK\x03\x04 broken zip", "application/zip"), 400)
+    assert_error(post(url, "/v1/segment/volume", b"", "application/gzip"), 400)
+    assert_error(post(url, "/v1/segment/volume", b"x", "application/gzip", format="dicom"), 400)
+    assert_error(post(url, "/v1/segment/volume", b"x", "application/gzip", sequence="t2"), 400)
+    assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+    r = post(url, "/v1/segment/volume", codecs.encode_npy(scan_images), "application/x-npy", format="json")
+    assert r.status_code == 200 and r.json()["slices"] == 12

@@ -8,9 +8,10 @@ Layout (what the PyTorch inference container unpacks into /opt/ml/model)::
     code/gliomaseg_core/...      the core modules inference.py needs, imports renamed
     code/MANIFEST.json           file hashes, source commit-free provenance
 
-The container has torch but not gliomaseg, so core's predictor, post-processing and codecs travel
-inside the archive. They are renamed ``gliomaseg_core`` so that nothing else called ``core`` on the
-container's path can shadow them.
+The container has torch but not gliomaseg, so core's predictor, post-processing, codecs and scan readers
+travel inside the archive: every core module the entry point imports (at the top or inside a function),
+and everything those import. They are renamed ``gliomaseg_core`` so that nothing else called ``core`` on
+the container's path can shadow them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from core.io import atomic_write_bytes
 VENDOR = "gliomaseg_core"
 ENTRY_POINT = "inference.py"
 TEMPLATE = Path(__file__).with_name("inference.py")
-ROOT_MODULES = ("core.inference.predictor", "core.formats.codecs")
+ROOT_MODULES = ("core.inference.predictor", "core.formats.codecs")  # beside what TEMPLATE imports
 ARCHIVE_FORMAT = "gliomaseg-sagemaker/1"
 
 # Installed by the container at start-up (pip install -r), pinned so every cold start behaves the same.
@@ -41,8 +42,10 @@ ARCHIVE_FORMAT = "gliomaseg-sagemaker/1"
 # torch >= 2.8 and would pull a second torch); the networks gliomaseg builds have the same weights there.
 MONAI_PIN = "monai==1.5.2"
 # The rest are pinned to the versions of the environment that exports (the one the tests ran in);
-# imagecodecs lets tifffile read LZW/JPEG-compressed TIFFs.
-PINNED_FROM_ENV = ("safetensors", "scipy", "tifffile", "imagecodecs", "pillow", "boto3")
+# imagecodecs lets tifffile read LZW/JPEG-compressed TIFFs; nibabel, pydicom and highdicom read NIfTI and
+# DICOM scans and write their masks (NIfTI, DICOM SEG).
+PINNED_FROM_ENV = ("safetensors", "scipy", "tifffile", "imagecodecs", "pillow", "boto3", "nibabel", "pydicom",
+                   "highdicom")
 OPTIONAL = {"imagecodecs"}
 
 _CORE_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)core(?=[.\s])", re.MULTILINE)
@@ -89,9 +92,17 @@ def _core_imports(source: str, name: str, root: Path) -> set[str]:
     return found
 
 
-def core_closure(roots: Iterable[str] = ROOT_MODULES, root: Path | None = None) -> list[str]:
-    """Every core module the roots import, transitively, with the packages that contain them."""
+def template_imports(root: Path | None = None, template: Path = TEMPLATE) -> set[str]:
+    """The core modules the entry point imports as ``gliomaseg_core.*``, lazily inside functions too."""
+    source = re.sub(rf"\b{VENDOR}\b", "core", template.read_text())
+    return _core_imports(source, ENTRY_POINT, root or core_dir())
+
+
+def core_closure(roots: Iterable[str] | None = None, root: Path | None = None) -> list[str]:
+    """Every core module the roots (default: ROOT_MODULES and what the entry point imports) import,
+    transitively, with the packages that contain them."""
     root = root or core_dir()
+    roots = [*ROOT_MODULES, *sorted(template_imports(root))] if roots is None else list(roots)
     todo, seen = list(roots), set()
     while todo:
         name = todo.pop()
@@ -109,7 +120,7 @@ def vendor_source(source: str) -> str:
     return _CORE_IMPORT.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{VENDOR}", source)
 
 
-def vendored_files(roots: Iterable[str] = ROOT_MODULES) -> dict[str, bytes]:
+def vendored_files(roots: Iterable[str] | None = None) -> dict[str, bytes]:
     """``code/``-relative path -> contents of the vendored core modules."""
     root = core_dir()
     files: dict[str, bytes] = {}

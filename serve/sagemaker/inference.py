@@ -4,14 +4,21 @@ The SageMaker PyTorch container imports this module and calls ``model_fn`` once,
 ``input_fn`` -> ``predict_fn`` -> ``output_fn``. Everything of gliomaseg's it needs is vendored next
 to it as ``gliomaseg_core`` (see serve/sagemaker/export.py).
 
-Requests (Content-Type): ``application/x-npy``, ``image/tiff`` (one page or many), ``image/png``, or
-``application/json`` ``{"s3_uri": "s3://b/k.tif", "output_prefix": "s3://b/out/"}``, which reads the
-image from S3 and writes the mask there (payloads over the 6 MB invocation limit go this way).
-Several slices form one patient volume (3D post-processing) unless the type says
-``; volume=false`` (or the JSON ``"volume": false``). Responses (Accept): ``application/json``
-(default: areas and RLE masks), ``application/x-npy`` ((N,H,W) uint8 labels), ``image/png`` (one
-slice, 0/255) or ``image/tiff`` (one page per slice). Bad requests raise errors the container turns
-into 4xx responses carrying the message.
+Requests (Content-Type): ``application/x-npy``, ``image/tiff`` (one page or many), ``image/png``; a scan:
+NIfTI (``application/gzip`` or ``application/x-nifti``: a ``.nii.gz``/``.nii``, 3D or 4D) or a DICOM study
+(``application/zip``/``application/dicom+zip``: a zip of its series; ``application/dicom``: one file),
+also recognised by its bytes under ``application/octet-stream``; or ``application/json``
+``{"s3_uri": "s3://b/k.tif", "output_prefix": "s3://b/out/"}``, which reads the image or scan from S3 and
+writes the mask there (payloads over the 6 MB invocation limit go this way; ``"format"`` png, tiff, npy,
+or for a scan nifti (its default) or dicom-seg). Several slices form one patient volume (3D
+post-processing) unless the type says ``; volume=false`` (or the JSON ``"volume": false``); a scan always
+does. Responses (Accept): ``application/json`` (default: areas, RLE masks and, for a scan, ``volume_ml``
+from its voxel spacing; null for slices), ``application/x-npy`` ((N,H,W) uint8 labels), ``image/png`` (one
+slice, 0/255), ``image/tiff`` (one page per slice), and for a scan ``application/gzip`` (the NIfTI mask on
+the scan's own grid, with its affine and header) or ``application/dicom`` (a DICOM SEG referencing the
+source series; DICOM input only). A scan's NPY/TIFF masks are in the model's slice order: axial, the
+first slice the most inferior. Bad requests raise errors the container turns into 4xx responses carrying
+the message.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from gliomaseg_core.data.preprocessing import single_slice_note
 from gliomaseg_core.formats import codecs
 from gliomaseg_core.formats.codecs import JSON, NPY, PNG, TIFF
 from gliomaseg_core.inference.predictor import Predictor
@@ -41,7 +49,15 @@ except ImportError:  # outside the container: same shape, so callers can read .s
 
 log = logging.getLogger("gliomaseg.sagemaker")
 
-RESPONSE_TYPES = (JSON, NPY, PNG, TIFF)
+NIFTI, DICOM = "application/gzip", "application/dicom"  # a .nii.gz mask, a DICOM SEG
+RESPONSE_TYPES = (JSON, NPY, PNG, TIFF, NIFTI, DICOM)
+RESPONSE_ALIASES = {"application/x-gzip": NIFTI, "application/x-nifti": NIFTI, "application/nifti": NIFTI,
+                    "application/x-nifti-gz": NIFTI}
+# Request types that hold a scan; gzip and zip say only "compressed", so the bytes must say NIfTI or DICOM.
+SCAN_TYPES = {"application/gzip", "application/x-gzip", "application/x-nifti", "application/nifti",
+              "application/x-nifti-gz", "application/zip", "application/x-zip-compressed", "application/dicom+zip",
+              "application/dicom"}
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
 LIMITS = {
     "max_pixels": int(os.environ.get("GLIOMASEG_MAX_PIXELS", codecs.DEFAULT_MAX_PIXELS)),
     "max_pages": int(os.environ.get("GLIOMASEG_MAX_PAGES", codecs.DEFAULT_MAX_PAGES)),
@@ -49,6 +65,9 @@ LIMITS = {
 }
 # S3 objects are not bound by the 6 MB invocation limit, but the instance's memory still is.
 MAX_S3_BYTES = int(os.environ.get("GLIOMASEG_MAX_S3_BYTES", 512 << 20))
+# A scan: three sequences of the slice pixel limit, checked from its headers before decompressing.
+MAX_VOXELS = int(os.environ.get("GLIOMASEG_MAX_VOXELS", 3 * LIMITS["max_pixels"]))
+S3_FORMATS = ("png", "tiff", "npy", "nifti", "dicom-seg")
 
 
 @dataclass
@@ -58,6 +77,7 @@ class Request:
     s3_uri: str | None = None
     output_prefix: str | None = None
     output_format: str | None = None
+    scan: Any = None  # a gliomaseg_core.formats.volume.Volume for NIfTI/DICOM input
 
 
 @dataclass
@@ -66,6 +86,9 @@ class Prediction:
     request: Request
     model_version: str
     class_names: list[str] = field(default_factory=list)
+    preprocessing_note: str | None = None  # a per-patient bundle's numbers computed from single slices
+    result: Any = None  # gliomaseg_core.inference.predict.VolumeResult for a scan: its grid, mL, NIfTI, SEG
+    model_name: str = "gliomaseg"  # a DICOM SEG names the algorithm that made it
 
 
 def model_fn(model_dir: str) -> Predictor:
@@ -83,17 +106,31 @@ def input_fn(body: bytes | str, content_type: str | None) -> Request:
         return _json_request(body)
     if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
         body = body.encode("utf-8")
-    images = _decode(bytes(body), content_type.split(";", 1)[0] if content_type else None)
+    body = bytes(body)
+    if _is_scan(media, body):
+        scan = _read_scan(body)
+        return Request(scan.images, True, scan=scan)
+    images = _decode(body, content_type.split(";", 1)[0] if content_type else None)
     return Request(images, _volume(params.get("volume"), len(images)))
 
 
 def predict_fn(data: Request, model: Predictor) -> Prediction:
+    if data.scan is not None:  # what `core predict` does with the same file
+        from gliomaseg_core.inference.predict import segment_volume
+
+        try:
+            result = segment_volume(model, data.scan)
+        except ValueError as exc:
+            raise RequestError(422, f"invalid_input: {exc}") from exc
+        return Prediction(result.masks, data, model.version, result.class_names, result=result,
+                          model_name=str(model.config.get("name") or "gliomaseg"))
     try:
         masks = model.predict(data.images, volume=data.volume)
     except ValueError as exc:  # input the predictor refuses (shape/dtype): the client's to fix
         raise RequestError(422, f"invalid_input: {exc}") from exc
     names = list(model.config.get("class_names", []))
-    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names)
+    note = None if data.volume else single_slice_note(model.config, "send all the patient's slices in one body")
+    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note)
 
 
 def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:
@@ -102,6 +139,10 @@ def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:
     media = _choose_accept(accept)
     if media == JSON:
         return json.dumps(_summary(prediction, rle=True)).encode(), JSON
+    _check_scan_output(prediction, media)
+    if prediction.preprocessing_note:  # a binary body has nowhere to say so: refuse rather than differ silently
+        raise RequestError(422, f"per_patient_model: {prediction.preprocessing_note}; or accept application/json, "
+                                "whose result says what was done")
     if media == PNG and len(prediction.masks) != 1:
         raise RequestError(406, f"not_acceptable: image/png holds one slice, the request had "
                                 f"{len(prediction.masks)}; accept image/tiff or application/x-npy")
@@ -152,12 +193,64 @@ def _choose_accept(accept: str | None) -> str:
             return media
         if media in codecs.MEDIA_ALIASES:
             return codecs.MEDIA_ALIASES[media]
+        if media in RESPONSE_ALIASES:
+            return RESPONSE_ALIASES[media]
     raise RequestError(406, f"not_acceptable: {accept!r}; accept one of {', '.join(RESPONSE_TYPES)}")
 
 
+def _is_scan(media: str, body: bytes) -> bool:
+    """A NIfTI or DICOM body: by its declared type, or by its bytes when the type says nothing."""
+    if media in SCAN_TYPES:
+        return True
+    if media not in codecs.SNIFFED or codecs.sniff(body):
+        return False
+    from gliomaseg_core.formats.load import sniff_volume  # nibabel/pydicom load only when a scan comes
+
+    return sniff_volume(body) is not None
+
+
+def _read_scan(data: bytes) -> Any:
+    """A scan's bytes -> a canonical Volume within the limits (VolumeError is a DecodeError: its status)."""
+    from dataclasses import replace
+
+    from gliomaseg_core.formats.load import load_volume
+    from gliomaseg_core.formats.volume import Limits
+
+    limits = replace(Limits(), max_voxels=MAX_VOXELS, max_bytes=min(Limits().max_bytes, 8 * MAX_VOXELS))
+    try:
+        scan = load_volume(data, limits=limits)
+    except codecs.DecodeError as exc:
+        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+    n, h, w = scan.images.shape[:3]
+    if n > LIMITS["max_pages"] or max(h, w) > LIMITS["max_size"]:
+        raise RequestError(413, f"too_large: {n} axial slices of {h}x{w}; at most {LIMITS['max_pages']} of "
+                                f"{LIMITS['max_size']} a side")
+    return scan
+
+
+def _check_scan_output(prediction: Prediction, media: str) -> None:
+    """406 for a NIfTI of slices (no geometry) or a SEG of anything but DICOM (nothing to reference)."""
+    kind = prediction.result.volume.kind if prediction.result is not None else "slices"
+    if media == NIFTI and kind == "slices":
+        raise RequestError(406, "not_acceptable: TIFF/PNG/NPY slices have no voxel geometry for a NIfTI mask; send "
+                                "the NIfTI or DICOM scan, or accept image/tiff, application/x-npy or application/json")
+    if media == DICOM and kind != "dicom":
+        raise RequestError(406, f"not_acceptable: a DICOM SEG references the DICOM series it segments; the input was "
+                                f"{'NIfTI' if kind == 'nifti' else 'slices'}: accept application/gzip (NIfTI), "
+                                "image/tiff, application/x-npy or application/json")
+
+
 def _encode(prediction: Prediction, media: str) -> bytes:
-    """Masks as NPY ((N,H,W) labels), TIFF (one page per slice) or PNG (one slice); binary masks 0/255."""
+    """Masks as NPY ((N,H,W) labels), TIFF (one page per slice) or PNG (one slice), binary masks 0/255; a
+    scan's as NIfTI on its own grid or DICOM SEG."""
     masks, scale = prediction.masks, codecs.mask_scale(prediction.class_names)
+    if media == NIFTI:
+        return prediction.result.nifti_bytes()
+    if media == DICOM:
+        try:
+            return prediction.result.seg_bytes(prediction.model_name, prediction.model_version)
+        except codecs.DecodeError as exc:
+            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
     if media == NPY:
         return codecs.encode_npy(masks)
     if media == TIFF:
@@ -175,6 +268,17 @@ def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
         "tumour_pixels": [int(n) for n in (masks > 0).reshape(len(masks), -1).sum(1)],
     }
     out["total_tumour_pixels"] = int(sum(out["tumour_pixels"]))
+    result = prediction.result  # a scan: the volume in mL from its voxel spacing; slices have none
+    out["input"] = result.volume.kind if result is not None else "slices"
+    out["volume_ml"] = result.volume_ml if result is not None else None
+    if result is not None:
+        summary = result.volume.summary()
+        out.update(class_ml=result.class_ml(), voxel_ml=summary["voxel_ml"], spacing_mm=summary["spacing_mm"],
+                   slice_order="axial, the first slice the most inferior; rows toward posterior, columns toward "
+                               "the patient's left",
+                   scan={k: summary[k] for k in ("source_shape", "plane", "sources", "filled_with_flair", "notes")})
+    if prediction.preprocessing_note:
+        out["preprocessing_note"] = prediction.preprocessing_note
     if rle:
         if len(prediction.class_names) > 2:
             out["masks_rle"] = [
@@ -226,8 +330,8 @@ def _json_request(body: bytes | str) -> Request:
     out = spec.get("output_prefix") or f"s3://{bucket}/{posixpath.dirname(key)}"
     _split_s3(out.rstrip("/") + "/x", "output_prefix")
     fmt = spec.get("format")
-    if fmt not in (None, "png", "tiff", "npy"):
-        raise RequestError(400, f"bad_request: format {fmt!r}; use png, tiff or npy")
+    if fmt not in (None, *S3_FORMATS):
+        raise RequestError(400, f"bad_request: format {fmt!r}; use {', '.join(S3_FORMATS)}")
     client = _s3_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
@@ -238,8 +342,16 @@ def _json_request(body: bytes | str) -> Request:
         raise
     except Exception as exc:  # botocore ClientError and friends
         raise _s3_error(exc, uri) from exc
+    declared = str(spec.get("content_type") or "").split(";", 1)[0].strip().lower()
+    if declared in SCAN_TYPES or (not declared and key.lower().endswith(SCAN_SUFFIXES)) or _is_scan(declared, data):
+        scan = _read_scan(data)
+        if fmt not in (None, "nifti", "dicom-seg", "npy", "tiff"):
+            raise RequestError(400, f"bad_request: format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
+        return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan)
+    if fmt in ("nifti", "dicom-seg"):
+        raise RequestError(400, f"bad_request: format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
     ext = posixpath.splitext(key)[1].lower()
-    images = _decode(data, spec.get("content_type") or codecs.EXTENSIONS.get(ext, ""))
+    images = _decode(data, declared or codecs.EXTENSIONS.get(ext, ""))
     return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt)
 
 
@@ -248,12 +360,15 @@ def _write_s3(prediction: Prediction) -> bytes:
     fmt = req.output_format or ("png" if len(masks) == 1 else "tiff")
     if fmt == "png" and len(masks) != 1:
         raise RequestError(400, f"bad_request: format png holds one slice, the input had {len(masks)}")
-    ctype = {"png": PNG, "tiff": TIFF, "npy": NPY}[fmt]
+    ctype = {"png": PNG, "tiff": TIFF, "npy": NPY, "nifti": NIFTI, "dicom-seg": DICOM}[fmt]
+    _check_scan_output(prediction, ctype)
     data = _encode(prediction, ctype)
     _, in_key = _split_s3(req.s3_uri, "s3_uri")
     bucket, prefix = _split_s3(str(req.output_prefix).rstrip("/") + "/x", "output_prefix")
-    stem = posixpath.splitext(posixpath.basename(in_key))[0]
-    key = posixpath.join(posixpath.dirname(prefix), f"{stem}_mask.{fmt}").lstrip("/")
+    name = posixpath.basename(in_key)
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else posixpath.splitext(name)[0]
+    suffix = {"nifti": "_mask.nii.gz", "dicom-seg": "_seg.dcm"}.get(fmt, f"_mask.{fmt}")
+    key = posixpath.join(posixpath.dirname(prefix), f"{stem}{suffix}").lstrip("/")
     uri = f"s3://{bucket}/{key}"
     try:
         _s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=ctype)
