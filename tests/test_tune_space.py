@@ -101,3 +101,15 @@ def test_stop_reasons_and_nan_objectives():
     assert stop_reason({}, None, "asha") == "not started"
     assert finite("dsc_volume", float("nan")) == 0.0 and finite("fp_slice_rate", float("nan")) == 1.0
     assert finite("dsc_volume", 0.7) == 0.7
+
+
+def test_init_bundles_are_checked_and_made_absolute(tmp_path, monkeypatch):
+    from bundle_factory import make_random_bundle
+
+    bundle = make_random_bundle(tmp_path / "start")
+    monkeypatch.chdir(tmp_path)  # a relative path, as typed: trials run in their own directories
+    space = parse_space({"init": ["start"], "arch": "lite"})
+    assert space.constants["init"] == str(bundle.resolve())
+    assert parse_space({"init": "s3://bucket/bundle"}).constants["init"] == "s3://bucket/bundle"
+    with pytest.raises(ValueError, match="init: nothere is not a bundle"):
+        parse_space({"init": "nothere"})

@@ -104,9 +104,21 @@ def _checked(key: str, value: Any, where: str) -> Any:
     if isinstance(value, (dict, list)) or value is None:
         raise ValueError(f"{where}: {value!r} is not a plain value")
     try:
-        return getattr(TrainConfig.from_dict({key: value}), key)
+        value = getattr(TrainConfig.from_dict({key: value}), key)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
+    return _bundle_path(value, where) if key == "init" and value else value
+
+
+def _bundle_path(value: str, where: str) -> str:
+    """An --init bundle as every trial can find it: absolute (trials run in their own directories), and
+    there (a typo fails here, not in every trial); s3:// URIs pass as they are."""
+    if "://" in value:
+        return value
+    path = Path(value).resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{where}: {value} is not a bundle (no config.json there)")
+    return str(path)
 
 
 def _range(key: str, value: dict[str, Any], kind: Any, where: str) -> od.BaseDistribution:
