@@ -18,6 +18,7 @@ and each is resumable, so the command can be re-run after an interruption and co
     python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-v2 \\
         --num-samples 24 --max-epochs 10 --final-epochs 24 --final-image-size 256 --final-init \\
         --final-patience 6 --cv-folds 5 --cv-epochs 12 --cv-pool train --export pretrained/lgg
+    # until it ships, the study records itself apart from the shipped model's record: --result real-lgg-v2
 
 With ``--cv-pool train`` the CV's folds cover the 88 training patients only, so its fold ensemble can be
 compared with the single models on the 11 val patients that no fold saw; the shipped model is the
@@ -203,6 +204,8 @@ def main() -> int:
     p.add_argument("--cv-pool", choices=("train+val", "train"), default="train",
                    help="train: val stays out of every fold, so the fold ensemble competes on val")
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
+    p.add_argument("--result", default="real-lgg",
+                   help="bench/results/RESULT-<device>.json (a study that ships nothing yet keeps its own name)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / f"{args.name}.log"
@@ -279,7 +282,7 @@ def main() -> int:
     if args.export:
         export(Path(shipped["bundle"]), args.export, model_card(results, shipped, info))
         results["exported"] = str(args.export)
-    path = write_result("real-lgg", results)
+    path = write_result(args.result, results)
     write_json(args.work / f"{args.name}-study.json", results)  # the same, beside the runs
     print(f"shipped {shipped['source']}: val dsc_volume {shipped['val']['dsc_volume']:.4f}; wrote {path}")
     return 0

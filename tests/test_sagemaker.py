@@ -70,6 +70,21 @@ def _cli(*argv: str) -> int:
     return dispatch("python -m serve", "", ["serve.sagemaker.cli"], list(argv))
 
 
+
+def run_cases(archive: Path, cases: dict[str, tuple[bytes, str, str | None]], tmp_path: Path,
+              env: dict[str, str]) -> str:
+    """The extracted archive's handlers on each (body, content type, accept) in a fresh process; the
+    answers land in ``tmp_path/<name>.out``; returns the driver's stdout."""
+    spec = []
+    for name, (body, ctype, accept) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    model_dir = tmp_path / "opt_ml_model"
+    with tarfile.open(archive) as tar:
+        tar.extractall(model_dir, filter="data")
+    return run_container(model_dir, tmp_path / "spec.json", tmp_path, env)
+
 def test_archive_layout_is_self_contained_and_reproducible(bundle, archive, tmp_path):
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
@@ -129,19 +144,11 @@ def test_archive_handlers_in_fresh_process_match_predictor(archive, predictor, a
         "s3_missing": (json.dumps({"s3_uri": f"s3://{BUCKET}/in/nope.tif"}).encode(), "application/json", None),
         "after_errors": (_npy(one), "application/x-npy", "application/x-npy"),
     }
-    spec = []
-    for name, (body, ctype, accept) in cases.items():
-        (tmp_path / name).write_bytes(body)
-        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept})
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    model_dir = tmp_path / "opt_ml_model"
-    with tarfile.open(archive) as tar:
-        tar.extractall(model_dir, filter="data")
-    stdout = run_container(model_dir, tmp_path / "spec.json", tmp_path, aws["env"])
+    stdout = run_cases(archive, cases, tmp_path, aws["env"])
     results = json.loads(stdout.split("RESULTS", 1)[1])
     origin = results.pop()
-    assert origin["vendored"].startswith(str(model_dir / "code" / "gliomaseg_core"))
-    assert origin["inference"] == str(model_dir / "code" / "inference.py")
+    assert origin["vendored"].startswith(str(tmp_path / "opt_ml_model" / "code" / "gliomaseg_core"))
+    assert origin["inference"] == str(tmp_path / "opt_ml_model" / "code" / "inference.py")
     assert not origin["core_loaded"] and not origin["serve_loaded"]
     res = {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=True)}
 
@@ -378,15 +385,7 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     bad = bad_bodies(vol, tmp_path / "bad")
     cases.update({name: (body, kind, json_type) for name, (body, kind, _, _) in bad.items()})
     cases["after_errors"] = (nii, "application/gzip", "application/x-npy")
-    spec = []
-    for name, (body, ctype, accept) in cases.items():
-        (tmp_path / name).write_bytes(body)
-        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept})
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    model_dir = tmp_path / "opt_ml_model"
-    with tarfile.open(archive) as tar:
-        tar.extractall(model_dir, filter="data")
-    results = json.loads(run_container(model_dir, tmp_path / "spec.json", tmp_path, aws["env"]).split("RESULTS", 1)[1])
+    results = json.loads(run_cases(archive, cases, tmp_path, aws["env"]).split("RESULTS", 1)[1])
     res = {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=False)}
 
     def ok(name: str, ctype: str) -> bytes:

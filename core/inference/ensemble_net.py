@@ -65,7 +65,10 @@ class Ensemble(torch.nn.Module):
             if self.sizes[i] != self.input_size and self.scale is None:  # standardised input: resized as is
                 xm = self._resize(x, i, "down")
             elif self.sizes[i] != self.input_size:  # pixel values rounded to uint8 levels, as a member's split was
-                xm = self._resize(x / self.scale, i, "down").round().clamp(0, 255) * self.scale
+                # x holds uint8 levels / 255: round them back exactly first, or a level's float error flips
+                # the rounding of a resized pixel that lies on a half level.
+                levels = (x / self.scale).round()
+                xm = self._resize(levels, i, "down").round().clamp(0, 255) / (1.0 / self.scale)
             logits = member(xm).float()
             probs = logits.softmax(1) if self.multiclass else logits.sigmoid()
             if self.sizes[i] != self.input_size:
