@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -48,7 +51,7 @@ from bench.missing_sequences import missing_sequence_check  # noqa: E402
 from bench.real_lgg_card import model_card  # noqa: E402
 from core.bundle import load_bundle, save_bundle  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
-from core.data.arrays import load_split_info, split_hash  # noqa: E402
+from core.data.arrays import load_split, load_split_info, split_hash  # noqa: E402
 from core.io import read_json, write_json  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-split.json"
@@ -80,6 +83,17 @@ def wall_ledger(log: Path) -> dict[str, float]:
     return read_json(path) if path.is_file() else {}
 
 
+def recorded_search(record: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(run.json's fields, trial records) from a study's earlier result JSON: the search ran in an earlier
+    session whose run directory is gone, so its trials, CPU time and winner come from what it recorded."""
+    rec = read_json(record)
+    search = rec["search"]
+    run = {"options": search["run"], "space": search["space"], "stop_reasons": search["stop_reasons"],
+           "best_trial": search["best_trial"], "created": search["created"], "finished": search["finished"],
+           "status": "finished", "record": str(record)}
+    return run, rec["trials"]
+
+
 def search(args: argparse.Namespace, prepared: Path, log: Path) -> dict[str, Any]:
     """`tune run` (or `--resume`, or nothing when the run has finished); returns its run.json."""
     run_dir = args.work / args.name
@@ -98,13 +112,27 @@ def search(args: argparse.Namespace, prepared: Path, log: Path) -> dict[str, Any
     return read_json(run_dir / "run.json")
 
 
+def train(prepared: Path, settings: dict[str, Any], out: Path, log: Path, phase: str) -> Path:
+    """`core train` with every TrainConfig field given (``--resume`` where a checkpoint exists); returns ``out``."""
+    if (out / "best" / "config.json").is_file():
+        return out
+    argv = ["-m", "core", "train", "--data", str(prepared), "--out", str(out), "--name", "gliomaseg-lgg"]
+    for key, value in TrainConfig.from_dict(settings).to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    if (out / "checkpoint").exists():
+        argv.append("--resume")
+    step(argv, log, phase)
+    return out
+
+
 def final_run(args: argparse.Namespace, prepared: Path, winner: dict[str, Any], log: Path) -> Path | None:
     """`core train` of the winning configuration for ``--final-epochs``; returns its run directory."""
     if args.final_epochs <= 0:
         return None
-    out = args.work / f"{args.name}-final"
-    if (out / "best" / "config.json").is_file():
-        return out
     settings = {k: v for k, v in winner.items() if k not in NOT_HYPERPARAMETERS}
     settings.update(epochs=args.final_epochs, patience=args.final_patience)
     if args.final_image_size is not None:
@@ -113,17 +141,43 @@ def final_run(args: argparse.Namespace, prepared: Path, winner: dict[str, Any], 
         settings.update(init=str(args.work / args.name / "best"), warmup_epochs=0)
         if args.final_lr:
             settings["lr"] = args.final_lr
-    cfg = TrainConfig.from_dict(settings)
-    argv = ["-m", "core", "train", "--data", str(prepared), "--out", str(out), "--name", "gliomaseg-lgg"]
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            argv += [flag, str(value)]
-    if (out / "checkpoint").exists():
-        argv.append("--resume")
-    step(argv, log, "final")
+    return train(prepared, settings, args.work / f"{args.name}-final", log, "final")
+
+
+def finetune_run(args: argparse.Namespace, prepared: Path, final_dir: Path | None, log: Path) -> Path | None:
+    """Progressive resolution: `core train --init` of the final run's best at ``--finetune-image-size``."""
+    if args.finetune_epochs <= 0 or final_dir is None:
+        return None
+    base = read_json(final_dir / "best" / "config.json")["hyperparameters"]
+    settings = {k: v for k, v in base.items() if k not in NOT_HYPERPARAMETERS and k != "init"}
+    settings.update(init=str(final_dir / "best"), image_size=args.finetune_image_size, epochs=args.finetune_epochs,
+                    patience=args.final_patience, warmup_epochs=0, lr=args.finetune_lr or settings["lr"] / 4)
+    return train(prepared, settings, args.work / f"{args.name}-finetune{args.finetune_image_size}", log, "finetune")
+
+
+def run_summary(run_dir: Path, source: str) -> dict[str, Any]:
+    """A `core train` run's best bundle with its per-epoch val dsc_volume and epoch times."""
+    with (run_dir / "metrics.csv").open(newline="") as fh:
+        history = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+    return {**bundle_summary(run_dir / "best"), "source": source,
+            "epoch_seconds": [h["epoch_seconds"] for h in history],
+            "val_dsc_volume_by_epoch": [h["dsc_volume"] for h in history]}
+
+
+def one_slice_at_a_time(bundle: str, prepared: Path) -> dict[str, Any]:
+    """Val metrics of the path that sees one slice at a time (serve's /v1/segment, SageMaker per slice):
+    per-slice standardisation and crop, the slice rule of post-processing; per-patient dsc_volume beside."""
+    from core.evaluation.evaluate import predict_split
+    from core.evaluation.metrics import per_patient_dice, segmentation_metrics
+    from core.inference.predictor import Predictor
+
+    val = load_split(prepared, "val")
+    predictor = Predictor.from_bundle(bundle, device="cpu")
+    out: dict[str, Any] = {}
+    for name, volume in (("volume", True), ("one_slice", False)):
+        pred = predict_split(predictor, val, volume=volume)
+        out[name] = segmentation_metrics(pred, np.asarray(val.masks), val.patients)
+        out[f"{name}_per_patient"] = per_patient_dice(pred, np.asarray(val.masks), val.patients)
     return out
 
 
@@ -138,15 +192,18 @@ def ensemble(args: argparse.Namespace, log: Path) -> dict[str, Any] | None:
     return read_json(path)
 
 
-def cross_validate(args: argparse.Namespace, prepared: Path, log: Path) -> dict[str, Any] | None:
+def cross_validate(args: argparse.Namespace, prepared: Path, winner: dict[str, Any], log: Path,
+                   ) -> dict[str, Any] | None:
     """`tune cv` of the winning configuration on ``--cv-folds`` folds (once); returns its cv.json."""
     if args.cv_folds < 2:
         return None
     name = args.cv_name or f"{args.name}-cv{args.cv_folds}"
     path = args.work / name / "cv.json"
     if not path.is_file():
-        step(["-m", "tune", "cv", "--data", str(prepared), "--folds", str(args.cv_folds), "--from",
-              str(args.work / args.name), "--epochs", str(args.cv_epochs), "--name", name, "--storage",
+        config = args.work / f"{name}-config.yaml"  # the winner as constants: `tune cv --config`
+        config.write_text(yaml.safe_dump({k: v for k, v in winner.items() if k not in NOT_HYPERPARAMETERS}))
+        step(["-m", "tune", "cv", "--data", str(prepared), "--folds", str(args.cv_folds), "--config",
+              str(config), "--epochs", str(args.cv_epochs), "--name", name, "--storage",
               str(args.work), "--half", "--pool", args.cv_pool], log, "cv")
     return read_json(path)
 
@@ -197,12 +254,18 @@ def main() -> int:
     p.add_argument("--final-init", action="store_true",
                    help="the final run fine-tunes the search's best bundle (core train --init), not anew")
     p.add_argument("--final-lr", type=float, help="the fine-tuning run's peak lr (default: the winner's)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="then fine-tune the final run's best for N epochs at --finetune-image-size (0: no)")
+    p.add_argument("--finetune-image-size", type=int, default=256)
+    p.add_argument("--finetune-lr", type=float, help="its peak lr (default: a quarter of the final run's)")
     p.add_argument("--ensemble", type=int, default=0, help="also build the K best trials' ensemble (0: no)")
     p.add_argument("--cv-folds", type=int, default=0, help="also cross-validate the winner on K folds (0: no)")
     p.add_argument("--cv-epochs", type=int, default=6)
     p.add_argument("--cv-name", help="the CV run's name (default NAME-cvK)")
     p.add_argument("--cv-pool", choices=("train+val", "train"), default="train",
                    help="train: val stays out of every fold, so the fold ensemble competes on val")
+    p.add_argument("--search-record", type=Path,
+                   help="an earlier study's result JSON: its search stands in for WORK/NAME when that is gone")
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
     p.add_argument("--result", default="real-lgg",
                    help="bench/results/RESULT-<device>.json (a study that ships nothing yet keeps its own name)")
@@ -220,37 +283,43 @@ def main() -> int:
     if split_hash(info) != split_hash(read_json(SPLIT)):
         raise SystemExit(f"{prepared}: not the recorded split ({SPLIT})")
 
-    run = search(args, prepared, log)
     run_dir = args.work / args.name
-    trials = trial_records(run_dir)
+    if args.search_record and not (run_dir / "run.json").is_file():
+        run, trials = recorded_search(args.search_record)
+    else:
+        run = search(args, prepared, log)
+        trials = trial_records(run_dir)
     trial_epochs = sum(t["epochs_run"] for t in trials)
     search_seconds = sum(sum(t["epoch_seconds"]) for t in trials)
     winner = run["best_trial"]["config"]
     final_dir = final_run(args, prepared, winner, log)
 
-    candidates = [{**bundle_summary(run_dir / "best"), "source": f"the search's best trial "
-                   f"({run['best_trial']['trial_id']}, best epoch {run['best_trial']['best_epoch']})"}]
+    candidates = []
+    if (run_dir / "best" / "config.json").is_file():  # not when the search is only a record
+        candidates.append({**bundle_summary(run_dir / "best"), "source": f"the search's best trial "
+                           f"({run['best_trial']['trial_id']}, best epoch {run['best_trial']['best_epoch']})"})
     final: dict[str, Any] | None = None
     if final_dir is not None:
-        with (final_dir / "metrics.csv").open(newline="") as fh:
-            history = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
-        final = {**bundle_summary(final_dir / "best"),
-                 "source": "the final run of the winning configuration",
-                 "epoch_seconds": [h["epoch_seconds"] for h in history],
-                 "val_dsc_volume_by_epoch": [h["dsc_volume"] for h in history]}
+        final = run_summary(final_dir, "the final run of the winning configuration")
         candidates.append(final)
+    finetune_dir = finetune_run(args, prepared, final_dir, log)
+    finetuned: dict[str, Any] | None = None
+    if finetune_dir is not None:
+        finetuned = run_summary(finetune_dir, f"the final run fine-tuned at {args.finetune_image_size} px "
+                                "(core train --init)")
+        candidates.append(finetuned)
     ensembled = ensemble(args, log)
     if ensembled is not None:
         candidates.append({**bundle_summary(Path(ensembled["ensemble"]["bundle"])),
                            "source": f"the ensemble of the search's {args.ensemble} best trials"})
-    cv = cross_validate(args, prepared, log)
+    cv = cross_validate(args, prepared, winner, log)
     if cv and cv.get("pool") == "train":  # no fold saw a val patient: the fold ensemble may compete there
         candidates.append({**bundle_summary(Path(cv["ensemble"])),
                            "source": f"the {args.cv_folds}-fold CV's fold ensemble (nnU-Net's way)"})
     shipped = max(candidates, key=lambda c: c["val"]["dsc_volume"])
     robustness = missing_sequence_check(shipped["bundle"], prepared)
     cores = machine_info().get("cpu_count") or os.cpu_count() or 1
-    final_seconds = sum(final["epoch_seconds"]) if final else 0.0
+    final_seconds = sum(sum(r["epoch_seconds"]) for r in (final, finetuned) if r)
     cv_seconds = wall_ledger(log).get("cv", 0.0)
     # CPU-hours: each trial-epoch holds cpus_per_trial cores; the final run and the CV hold every core.
     results: dict[str, Any] = {
@@ -264,6 +333,8 @@ def main() -> int:
                    "finished": run.get("finished")},
         "trials": trials,
         "final": final,
+        "finetune": finetuned,
+        "shipped_paths": one_slice_at_a_time(shipped["bundle"], prepared),
         "shipped": {k: shipped[k] for k in ("source", "config", "val", "tta", "postprocess") if k in shipped},
         "candidates": [{k: c[k] for k in ("source", "val", "val_raw", "tta") if k in c} for c in candidates],
         "ensemble": ensembled,

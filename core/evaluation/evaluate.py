@@ -36,12 +36,13 @@ def _as_predictor(predictor: Predictor | str | os.PathLike, device: str = "auto"
     return predictor if isinstance(predictor, Predictor) else Predictor.from_bundle(predictor, device)
 
 
-def predict_split(predictor: Predictor, arrays: SplitArrays) -> np.ndarray:
-    """(N,H,W) uint8 masks in the rows' order, each patient predicted as a volume (post-processed)."""
+def predict_split(predictor: Predictor, arrays: SplitArrays, volume: bool = True) -> np.ndarray:
+    """(N,H,W) uint8 masks in the rows' order, each patient predicted as a volume (post-processed);
+    ``volume=False``: each slice alone, as serve's /v1/segment and SageMaker's per-slice requests see it."""
     out = np.zeros(np.shape(arrays.masks), dtype=np.uint8)
     for rows in arrays.patient_rows():
         images = np.ascontiguousarray(np.asarray(arrays.images[rows]).transpose(0, 2, 3, 1))
-        out[rows] = predictor.predict(images, volume=True)
+        out[rows] = predictor.predict(images, volume=volume)
     return out
 
 
@@ -49,10 +50,12 @@ def _class_names(predictor: Predictor) -> list[str] | None:
     return list(predictor.config["class_names"]) if predictor.multiclass else None
 
 
-def evaluate_split(predictor: Predictor | str | os.PathLike, arrays: SplitArrays) -> dict[str, float]:
-    """All DESIGN.md metrics of a bundle (or ``Predictor``) on one split, with its post-processing."""
+def evaluate_split(predictor: Predictor | str | os.PathLike, arrays: SplitArrays, volume: bool = True,
+                   ) -> dict[str, float]:
+    """All DESIGN.md metrics of a bundle (or ``Predictor``) on one split, with its post-processing;
+    ``volume=False`` scores the one-slice-at-a-time path."""
     predictor = _as_predictor(predictor)
-    pred = predict_split(predictor, arrays)
+    pred = predict_split(predictor, arrays, volume)
     return segmentation_metrics(pred, np.asarray(arrays.masks), arrays.patients, _class_names(predictor))
 
 

@@ -1,6 +1,9 @@
 """Mask post-processing: minimum lesion area per slice; per patient, 3D components below a minimum size
 removed (every component that passes is kept, so a large false positive never costs the tumour its
-place), or the older largest-component rule (kept for bundles that chose it; selection no longer offers it)."""
+place), or the older largest-component rule (kept for bundles that chose it; selection no longer offers it).
+
+A path that sees one slice at a time cannot apply the 3D rule, so it has its own minimum lesion area
+(``min_area_slice``, chosen on val for that path; bundles without it use ``min_area``)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-NO_POSTPROCESS: dict[str, Any] = {"largest_component": False, "min_area": 0, "min_volume": 0}
+NO_POSTPROCESS: dict[str, Any] = {"largest_component": False, "min_area": 0, "min_volume": 0, "min_area_slice": 0}
 CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -53,8 +56,10 @@ def keep_largest_component(masks: np.ndarray) -> np.ndarray:
 
 
 def apply_postprocess(masks: np.ndarray, settings: dict[str, Any], volume: bool) -> np.ndarray:
-    """Apply a bundle's post-processing to (N,H,W) masks; the 3D step only when they form one volume."""
-    out = remove_small_lesions(masks, int(settings.get("min_area", 0)))
+    """Apply a bundle's post-processing to (N,H,W) masks: as one volume (``min_area``, then the 3D step), or
+    slice by slice (``min_area_slice``)."""
+    area = settings.get("min_area", 0) if volume else settings.get("min_area_slice", settings.get("min_area", 0))
+    out = remove_small_lesions(masks, int(area))
     if volume:
         out = remove_small_components(out, int(settings.get("min_volume", 0)))
     if volume and settings.get("largest_component", False):

@@ -14,11 +14,13 @@ import numpy as np
 
 from core.data.arrays import patient_rows
 from core.evaluation.metrics import segmentation_metrics
-from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
+from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess, remove_small_lesions
 
 # Post-processing candidates: (minimum 3D component in voxels, minimum lesion area per slice in px). The
 # largest-component rule is not offered: it kept an 8,535-px false positive over a 2,356-px tumour.
 POSTPROCESS_GRID = [(vol, area) for vol in (0, 100, 300, 1000) for area in (0, 10, 25, 50, 100, 200)]
+# Minimum lesion areas tried for the one-slice-at-a-time path, which has no 3D step to remove specks.
+SLICE_AREA_GRID = (0, 10, 25, 50, 100, 200, 400)
 # Thresholds tried for an ensemble's mean probability (a single network keeps its training threshold).
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -64,6 +66,18 @@ def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | 
     return best, best_metrics, search
 
 
+def choose_slice_area(raw: np.ndarray, val: ValSplit) -> tuple[int, dict[str, float]]:
+    """``min_area_slice``: the minimum lesion area for paths that see one slice at a time (serve's
+    /v1/segment, SageMaker per slice), scored on val masks post-processed slice by slice; 0 unless one
+    strictly helps (``better``)."""
+    best_area, best = 0, val.metrics(raw)
+    for area in SLICE_AREA_GRID[1:]:
+        metrics = val.metrics(remove_small_lesions(raw, area))
+        if better(metrics, best):
+            best_area, best = area, metrics
+    return best_area, best
+
+
 def choose_inference(
     raw: np.ndarray, flipped: np.ndarray | None, val: ValSplit, postprocess: bool = True
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -82,11 +96,16 @@ def choose_inference(
     if "flip" in chosen and better(chosen["flip"][1], chosen["none"][1]):
         tta = "flip"
     settings, metrics, search = chosen[tta]
+    if postprocess:
+        area, one_slice = choose_slice_area(candidates[tta], val)
+        settings = {**settings, "min_area_slice": area}
     entries = {
         "val": metrics, "val_raw": plain["none"], "val_postprocessed": chosen["none"][1],
         "tta": tta, "postprocess": settings, "postprocess_search": search,
         "tta_search": {mode: c[1]["dsc_volume"] for mode, c in chosen.items()},
     }
+    if postprocess:  # the volume-scope masks, post-processed one slice at a time
+        entries["val_one_slice"] = one_slice
     if "flip" in chosen:
         entries["val_tta"] = chosen["flip"][1]
     return tta, settings, entries
