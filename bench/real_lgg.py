@@ -7,26 +7,30 @@ and each is resumable, so the command can be re-run after an interruption and co
 2. `python -m tune run` (Ray Tune: Optuna TPE + ASHA) over the space in bench/real_lgg_space.yaml,
    `--resume`d when the run exists and is unfinished;
 3. optionally `python -m core train` of the winning configuration for longer (`--final-epochs`, at
-   `--final-image-size`), `--resume`d likewise;
+   `--final-image-size`), `--resume`d likewise, then optionally fine-tuned at `--finetune-image-size`
+   from its best epoch (`core train --init`: progressive resolution, `--finetune-epochs`);
 4. optionally `python -m tune ensemble` of the search's `--ensemble K` best trials, and
-   `python -m tune cv` of the winning configuration on `--cv-folds K` folds of train + val;
-5. the best of the search's best bundle, the final run's and the ensemble (by val dsc_volume: selected
-   on val) is re-saved with fp16 weights in `--export` (e.g. pretrained/lgg) with its MODEL_CARD.md.
+   `python -m tune cv` of the winning configuration on `--cv-folds K` patient-level folds;
+5. the best of the candidates (the search's best bundle, the final run, the fine-tune, the ensembles)
+   by val dsc_volume (selected on val) is re-saved with fp16 weights in `--export` (e.g.
+   pretrained/lgg) with its MODEL_CARD.md, scored on val as volumes and one slice at a time, and with
+   its pre- and post-contrast replaced by FLAIR (bench/missing_sequences.py).
    The CV's fold ensemble is a candidate only when its folds left val out (``--cv-pool train``).
+
+The study behind pretrained/lgg (its search had run in an earlier session whose run directory was
+lost; ``--search-record`` takes the search, every trial and its CPU time, from that session's record):
 
     python ../shared/data/lgg/restore.py runs/lgg-all --pack gpu          # 99 patients
     python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-v2 \\
-        --num-samples 24 --max-epochs 10 --final-epochs 24 --final-image-size 256 --final-init \\
-        --final-patience 6 --cv-folds 5 --cv-epochs 12 --cv-pool train --export pretrained/lgg
-    # until it ships, the study records itself apart from the shipped model's record: --result real-lgg-v2
+        --num-samples 24 --max-epochs 10 --final-epochs 60 --final-patience 15 --finetune-epochs 4 \\
+        --cv-folds 5 --cv-epochs 24 --cv-pool train --export pretrained/lgg \\
+        --search-record bench/results/real-lgg-cpu.json    # drop this to run the search anew
 
 With ``--cv-pool train`` the CV's folds cover the 88 training patients only, so its fold ensemble can be
-compared with the single models on the 11 val patients that no fold saw; the shipped model is the
-best of the candidates on val, and ``missing_sequences`` records how it holds up without pre- and
-post-contrast (bench/missing_sequences.py).
+compared with the single models on the 11 val patients that no fold saw.
 
 Writes bench/results/real-lgg-<device>.json: the split, every trial's settings, metrics and epoch times,
-the final run, wall time and CPU hours.
+the final run, the fine-tune, the CV, wall time and CPU hours (--result names it otherwise).
 """
 
 from __future__ import annotations
@@ -349,7 +353,8 @@ def main() -> int:
     }
     if final:
         results["final_note"] = (f"`core train` of the winner for up to {args.final_epochs} epochs "
-                                 f"({len(final['epoch_seconds'])} run, {final_seconds / 3600:.2f} h wall)")
+                                 f"({len(final['epoch_seconds'])} run, "
+                                 f"{sum(final['epoch_seconds']) / 3600:.2f} h wall)")
     if args.export:
         export(Path(shipped["bundle"]), args.export, model_card(results, shipped, info))
         results["exported"] = str(args.export)

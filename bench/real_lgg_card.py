@@ -21,7 +21,8 @@ def model_card(results: dict[str, Any], shipped: dict[str, Any], info: dict[str,
         train=info["counts"]["train"]["patients"], train_slices=info["counts"]["train"]["slices"],
         val=info["counts"]["val"]["patients"], val_slices=info["counts"]["val"]["slices"],
         val_ids=", ".join(info["patients"]["val"]), split=results["split"]["hash"],
-        trials=len(results["trials"]), trial_epochs=search["trial_epochs"], search_hours=search["cpu_hours"],
+        trials=sum(1 for t in results["trials"] if t["epochs_run"]), trial_epochs=search["trial_epochs"],
+        search_hours=search["cpu_hours"],
         final=results.get("final_note", "none"), total_hours=results["cpu_hours"], machine=results["machine_note"],
         source=shipped["source"], hp=json.dumps(hp, indent=1, sort_keys=True),
         header=" | ".join(CARD_METRICS), rule=" | ".join("---" for _ in CARD_METRICS), rows="\n".join(rows),
@@ -54,6 +55,19 @@ def extra_lines(results: dict[str, Any]) -> str:
         if results["cv"].get("ensemble_val"):
             lines.append(f"The fold ensemble on val (no fold saw those patients; its settings chosen there): "
                          f"dsc_volume {results['cv']['ensemble_val']['dsc_volume']:.4f}.")
+    if results.get("finetune"):
+        f = results["finetune"]
+        lines.append(f"{f['source'].capitalize()}: val dsc_volume {f['val']['dsc_volume']:.4f} "
+                     f"(worst patient {f['val']['dsc_volume_min']:.4f}), best of {len(f['epoch_seconds'])} epochs.")
+    if results.get("shipped_paths"):
+        paths = results["shipped_paths"]
+        worst = sorted(paths["volume_per_patient"].items(), key=lambda kv: kv[1])[:3]
+        lines.append(f"Val one slice at a time (per-slice standardisation and crop, the slice rule of "
+                     f"post-processing; as `/v1/segment` and SageMaker per slice see it): dsc_volume "
+                     f"{paths['one_slice']['dsc_volume']:.4f}, dice_tumour {paths['one_slice']['dice_tumour']:.4f}, "
+                     f"fp_slice_rate {paths['one_slice']['fp_slice_rate']:.4f}; whole volumes: dsc_volume "
+                     f"{paths['volume']['dsc_volume']:.4f}. The three worst val patients (volumes): "
+                     + ", ".join(f"{p} {d:.3f}" for p, d in worst) + ".")
     if results.get("missing_sequences"):
         m = results["missing_sequences"]
         lines.append(f"Missing sequences (val): dsc_volume {m['intact']['dsc_volume']:.4f} intact, "
@@ -83,7 +97,7 @@ independent evaluation and were never seen here.
 
 ## How it was made
 `python bench/real_lgg.py` (see the README's "Real-data results"): a Ray Tune search (Optuna TPE +
-ASHA, `bench/real_lgg_space.yaml`) of {trials} trials ({trial_epochs} trial-epochs, {search_hours:.2f}
+ASHA, `bench/real_lgg_space.yaml`) of {trials} trials run ({trial_epochs} trial-epochs, {search_hours:.2f}
 CPU-hours), then the final run: {final}. Total {total_hours:.2f} CPU-hours on {machine}. Shipped: {source}.
 {extra}
 Hyperparameters:
@@ -111,5 +125,8 @@ with any predicted tumour pixel.
   other scanners, sequences, pre-processing, paediatric or high-grade tumours.
 - 11 validation patients are a small sample, and they also selected the model; expect lower figures
   on new patients.
+- A `patient` bundle standardises over the whole volume: send volumes (`/v1/segment/volume`, `core
+  predict`, `serve batch`) for the masks it was validated with; one slice alone is standardised by
+  itself (the response says so) and gets the slice rule of post-processing.
 - Weights are stored in fp16 (evaluated in fp32 after loading).
 """
