@@ -1,4 +1,4 @@
-"""pretrained/lgg, the shipped model (issue 12): small, documented, and segmenting real patients.
+"""pretrained/lgg, the shipped model (issues 12, 19): small, documented, and segmenting real patients.
 
 The floors were measured with this test's own code on the 25 lossless patients of ../shared/data/lgg
 (2 of them in the 11-patient val split that selected the model, 23 in its training split), set a little
@@ -24,7 +24,9 @@ from core.inference.predictor import Predictor
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "lgg"
 SPLIT = Path(__file__).resolve().parents[1] / "bench" / "results" / "real-lgg-split.json"
 # dsc_volume floors (see the module docstring): val patients, and all 25 lossless patients.
-FLOOR_VAL, FLOOR_ALL = 0.70, 0.82  # measured 0.737 and 0.850 (2026-11-30, pretrained/lgg fp16)
+# Measured 0.654 and 0.879 (2026-12-02, the issue-19 pretrained/lgg, fp16). The val pair is TCGA_CS_5397
+# (the model's worst val patient, 0.414) and TCGA_DU_5853; the model before scored 0.737 and 0.850.
+FLOOR_VAL, FLOOR_ALL = 0.62, 0.85
 
 
 def test_shipped_bundle_is_small_documented_and_loads():

@@ -15,7 +15,9 @@ from tune.results import read_leaderboard
 from tune.search import SearchOptions, run_search
 
 # A tiny, fast-learning network; lr spans "learns nothing" to "learns in one epoch", so the trials'
-# metrics differ widely and ASHA (grace 1, reduction factor 2) certainly stops some.
+# metrics differ widely and ASHA (grace 1, reduction factor 2) certainly stops some. Two trials at a
+# time: ASHA judges a trial against those that reached its rung before it, so with all six at once
+# whether any is stopped depended on which reported first (a suite run saw all six complete).
 TINY = {**TINY_NET, "oversample": 0.5, "warmup_epochs": 0, "lr": {"loguniform": [1.0e-5, 3.0e-2]}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -26,6 +28,7 @@ def asha_run(ray_session, prepared_dir, tmp_path_factory):
     info = run_search(SearchOptions(
         data=prepared_dir, name="asha", storage=str(root), num_samples=6, max_epochs=4, grace_period=1,
         reduction_factor=2, scheduler="asha", search="tpe", seed=0, fixed=dict(TINY), verbose=0, ensemble=2,
+        max_concurrent=2,
     ))
     return root / "asha", info
 
