@@ -323,9 +323,9 @@ def main() -> int:
     shipped = max(candidates, key=lambda c: c["val"]["dsc_volume"])
     robustness = missing_sequence_check(shipped["bundle"], prepared)
     cores = machine_info().get("cpu_count") or os.cpu_count() or 1
-    final_seconds = sum(sum(r["epoch_seconds"]) for r in (final, finetuned) if r)
+    train_seconds = sum(sum(r["epoch_seconds"]) for r in (final, finetuned) if r)
     cv_seconds = wall_ledger(log).get("cv", 0.0)
-    # CPU-hours: each trial-epoch holds cpus_per_trial cores; the final run and the CV hold every core.
+    # CPU-hours: each trial-epoch holds cpus_per_trial cores; the final run, its fine-tune and the CV hold every core.
     results: dict[str, Any] = {
         "split": {"hash": split_hash(info), "counts": info["counts"], "val_patients": info["patients"]["val"],
                   "file": str(SPLIT.relative_to(ROOT))},
@@ -346,7 +346,7 @@ def main() -> int:
         "missing_sequences": {**{k: v for k, v in robustness.items() if k not in ("intact", "pre_post_as_flair")},
                               **{k: {m: robustness[k][m] for m in ("dsc_volume", "dsc_volume_min")}
                                  for k in ("intact", "pre_post_as_flair")}},
-        "cpu_hours": round((search_seconds * args.cpus_per_trial + (final_seconds + cv_seconds) * cores) / 3600, 3),
+        "cpu_hours": round((search_seconds * args.cpus_per_trial + (train_seconds + cv_seconds) * cores) / 3600, 3),
         "wall_seconds": {k: round(v, 1) for k, v in wall_ledger(log).items()},
         "selection": "every figure is on the 11 validation patients, which also selected the model",
         "machine_note": f"{cores} CPU cores, no GPU",

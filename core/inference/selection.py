@@ -66,11 +66,11 @@ def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | 
     return best, best_metrics, search
 
 
-def choose_slice_area(raw: np.ndarray, val: ValSplit) -> tuple[int, dict[str, float]]:
+def choose_slice_area(raw: np.ndarray, val: ValSplit, base: dict[str, float]) -> tuple[int, dict[str, float]]:
     """``min_area_slice``: the minimum lesion area for paths that see one slice at a time (serve's
     /v1/segment, SageMaker per slice), scored on val masks post-processed slice by slice; 0 unless one
-    strictly helps (``better``)."""
-    best_area, best = 0, val.metrics(raw)
+    strictly helps (``better``). ``base`` is ``val.metrics(raw)``."""
+    best_area, best = 0, base
     for area in SLICE_AREA_GRID[1:]:
         metrics = val.metrics(remove_small_lesions(raw, area))
         if better(metrics, best):
@@ -97,7 +97,7 @@ def choose_inference(
         tta = "flip"
     settings, metrics, search = chosen[tta]
     if postprocess:
-        area, one_slice = choose_slice_area(candidates[tta], val)
+        area, one_slice = choose_slice_area(candidates[tta], val, plain[tta])
         settings = {**settings, "min_area_slice": area}
     entries = {
         "val": metrics, "val_raw": plain["none"], "val_postprocessed": chosen["none"][1],
