@@ -72,3 +72,12 @@ def real_lgg_src(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REAL_DATA / "restore.py"), str(out), "--patients", "2"], check=True,
                    capture_output=True)
     return out / "kaggle_3m"
+
+
+@pytest.fixture(scope="module")
+def aws():
+    """A moto server for the SageMaker tests (S3 and the SageMaker APIs), per module; see sagemaker_sim."""
+    from sagemaker_sim import BUCKET, moto_aws
+
+    with moto_aws(BUCKET) as env:
+        yield env

@@ -102,3 +102,32 @@ def fake_runtime(reply: bytes) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+BUCKET = "gliomaseg-test"
+
+
+@contextlib.contextmanager
+def moto_aws(bucket: str) -> Iterator[dict]:
+    """A moto server on 127.0.0.1 with boto3 pointed at it through AWS_ENDPOINT_URL and ``bucket``
+    created; yields its URL and the environment (for the container simulation too)."""
+    import boto3
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    from serve.demo import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield {"url": url, "env": env}
+    finally:
+        server.stop()
