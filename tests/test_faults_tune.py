@@ -135,23 +135,29 @@ def test_driver_killed_three_times_ends_with_every_trial_completed_once(ray_sess
     for trial_id in state:
         lines = result_lines(experiment, trial_id)
         epochs = [(line["epoch"], line["training_iteration"]) for line in lines]
-        # Every epoch trained, none more than twice: a kill that lands after an epoch's report but before
-        # (or while) the driver snapshots it resumes the trial from the checkpoint before, so that one epoch
-        # trains again; a trial restarted from scratch, or a finished one run again, fails here or below.
-        # A trial that finished before the snapshot caught up re-reports its end (nothing trained).
+        # No epoch trained more than twice: a kill that lands after an epoch's report but before (or while)
+        # the driver snapshots it resumes the trial from the checkpoint before, so that one epoch trains
+        # again; a trial restarted from scratch, or a finished one run again, fails here or below. A trial
+        # that finished before the snapshot caught up re-reports its end, one iteration on (nothing trained).
+        # Ray copies result files to storage in the background, so a kill can lose a trial's earlier lines
+        # (seen: a file holding only epoch 3, or only the re-reported end); history.json, filled from each
+        # trial's checkpoint, is where every epoch is asserted (below).
         trained = Counter(e for e, it in epochs if e == it)
-        assert set(trained) == set(range(1, EPOCHS + 1)) and max(trained.values()) <= 2, (trial_id, epochs)
-        assert sum(trained.values()) <= EPOCHS + KILLS, (trial_id, epochs)
-        assert {e for e, _ in epochs} == set(range(1, EPOCHS + 1)), (trial_id, epochs)
+        assert set(trained) <= set(range(1, EPOCHS + 1)), (trial_id, epochs)
+        assert max(trained.values(), default=0) <= 2 and sum(trained.values()) <= EPOCHS + KILLS, (trial_id, epochs)
+        assert not lines or lines[-1]["epoch"] == EPOCHS and lines[-1]["stop_reason"] == "completed", (trial_id, epochs)
     # A trial finished before a kill was not touched afterwards: every line it has was reported (by its
     # worker's clock, whole seconds) before that kill (line counts read at the kill proved unreliable: a
     # trial finished by the snapshot's account once had none of its lines in result.json yet).
     for killed_at, finished in done_at_kill:
         for trial_id in finished:
-            assert max(line["timestamp"] for line in result_lines(experiment, trial_id)) <= killed_at, trial_id
+            stamps = [line["timestamp"] for line in result_lines(experiment, trial_id)]
+            assert max(stamps, default=0) <= killed_at, trial_id
     history = json.loads((tmp_path / "thrice" / "history.json").read_text())
     assert sorted(t["trial_id"] for t in history) == sorted(state)
-    for trial in history:  # resumed trials continued from their checkpoints: every epoch, in order
+    # Resumed trials continued from their checkpoints: every epoch, in order (filled from each trial's
+    # checkpoint where its result file lost lines).
+    for trial in history:
         assert [h["epoch"] for h in trial["history"]] == list(range(1, EPOCHS + 1)), trial["trial_id"]
     with (tmp_path / "thrice" / "leaderboard.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -252,6 +258,34 @@ def test_crashed_checkpoint_write_leaves_previous_checkpoint_intact(prepared_dir
         assert not leftovers, leftovers  # cleaned up on the way out
     else:  # SIGKILL runs no cleanup: a hidden temporary sibling may remain, never the target itself
         assert all(name.startswith(".checkpoint.tmp-") for name in leftovers), leftovers
+
+
+def test_history_takes_epochs_a_killed_driver_lost_from_the_trial_checkpoint(prepared_dir, tmp_path):
+    """Ray copies a trial's result file to storage in the background; a driver killed mid-copy once left a
+    trial whose file held only its re-reported last epoch. Its checkpoint (written by the worker) has all."""
+    import pandas as pd
+    from ray import tune
+
+    from core.config import TrainConfig
+    from core.training.trainer import Trainer
+    from tune.objective import CHECKPOINT_DIR
+    from tune.results import trial_history
+
+    cfg = TrainConfig(arch="lite", filters=8, epochs=2, batch_size=8, device="cpu", patience=0)
+    trainer = Trainer.from_prepared(cfg, prepared_dir)
+    trainer.fit()
+    folder = tmp_path / "trial" / "checkpoint_000001"
+    trainer.save_checkpoint(folder / CHECKPOINT_DIR)
+    last = {**trainer.history[-1], "training_iteration": 2, "stop_reason": "completed"}
+    lost = tune.Result(metrics=last, checkpoint=None, error=None, path=str(tmp_path / "trial"),
+                       metrics_dataframe=pd.DataFrame([last]))
+    assert [row["epoch"] for row in trial_history(lost)] == [2]  # the result file alone
+    kept = tune.Result(metrics=last, checkpoint=tune.Checkpoint.from_directory(folder), error=None,
+                       path=str(tmp_path / "trial"), metrics_dataframe=pd.DataFrame([last]))
+    rows = trial_history(kept)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert rows[0]["dsc_volume"] == pytest.approx(trainer.history[0]["dsc_volume"])
+    assert rows[0]["train_loss"] == pytest.approx(trainer.history[0]["train_loss"])
 
 
 @pytest.mark.parametrize("kept_copy", [True, False])

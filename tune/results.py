@@ -7,12 +7,13 @@ weights (Trainer keeps them), so nothing is trained again.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from ray.tune import ResultGrid
+from ray.tune import Checkpoint, ResultGrid
 
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays
@@ -43,17 +44,36 @@ def stop_reason(last: dict[str, Any], error: Exception | None, scheduler: str) -
 
 
 def trial_history(result: Any) -> list[dict[str, float]]:
-    """Per-epoch rows (one per epoch; a re-reported final epoch after a resume counts once)."""
+    """Per-epoch rows (one per epoch; a re-reported final epoch after a resume counts once).
+
+    Tune's result files are written by the driver and copied to storage in the background, so a driver
+    killed mid-copy can lose a trial's earlier lines; the trial's own checkpoint (written by its worker
+    before each report returns) carries every epoch, and fills what the result files lack.
+    """
+    rows: dict[int, dict[str, float]] = {int(r["epoch"]): r for r in checkpoint_history(result.checkpoint)}
     frame = result.metrics_dataframe
-    if frame is None or frame.empty or "epoch" not in frame:
-        return []
-    rows: dict[int, dict[str, float]] = {}
-    for record in frame.to_dict("records"):
+    records = [] if frame is None or "epoch" not in frame else frame.to_dict("records")
+    for record in records:
         epoch = record.get("epoch")
         if epoch is None or (isinstance(epoch, float) and math.isnan(epoch)):
             continue
         rows[int(epoch)] = {k: _plain(record[k]) for k in HISTORY_KEYS if k in record}
     return [rows[e] for e in sorted(rows)]
+
+
+def checkpoint_history(checkpoint: Checkpoint | None) -> list[dict[str, float]]:
+    """The per-epoch rows a trial checkpoint's state.json holds (reads that one file; [] without one)."""
+    from core.training.checkpoint import STATE  # lazily: torch loads only where a checkpoint is read
+
+    if checkpoint is None:
+        return []
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_DIR}/{STATE}") as fh:
+            history = json.loads(fh.read()).get("history", [])
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: no history in the trial checkpoint (%s)", checkpoint.path, exc)
+        return []
+    return [{k: _plain(row[k]) for k in HISTORY_KEYS if k in row} for row in history if "epoch" in row]
 
 
 def collect(grid: ResultGrid, metric: str, scheduler: str) -> list[dict[str, Any]]:
