@@ -57,6 +57,7 @@ from core.bundle import load_bundle, save_bundle  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
 from core.data.arrays import load_split, load_split_info, split_hash  # noqa: E402
 from core.io import read_json, write_json  # noqa: E402
+from tune.search import parse_sets  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-split.json"
 SPACE = ROOT / "bench" / "real_lgg_space.yaml"
@@ -212,6 +213,18 @@ def cross_validate(args: argparse.Namespace, prepared: Path, winner: dict[str, A
     return read_json(path)
 
 
+def versus(record: Path, cv: dict[str, Any] | None) -> dict[str, Any]:
+    """This study's CV against an earlier study's (same folds: tune cv seeds them): mean and worst patient."""
+    def summary(c: dict[str, Any]) -> dict[str, float]:
+        return {"dsc_volume": c["summary"]["dsc_volume"]["mean"],
+                "worst_patient": c["summary"].get("worst_patient_dsc_volume")}
+
+    theirs = summary(read_json(record)["cv"])
+    ours = summary(cv) if cv else None
+    return {"record": str(record), "theirs": theirs, "ours": ours,
+            "beaten": bool(ours and ours["dsc_volume"] > theirs["dsc_volume"])}
+
+
 def trial_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every trial from the run's history.json: settings, best metrics, epochs and epoch times."""
     out = []
@@ -270,6 +283,10 @@ def main() -> int:
                    help="train: val stays out of every fold, so the fold ensemble competes on val")
     p.add_argument("--search-record", type=Path,
                    help="an earlier study's result JSON: its search stands in for WORK/NAME when that is gone")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a variant of the winner: this setting overrides it in the final run and the CV")
+    p.add_argument("--versus", type=Path,
+                   help="an earlier study's result JSON: export only if this study's CV dsc_volume beats its CV")
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
     p.add_argument("--result", default="real-lgg",
                    help="bench/results/RESULT-<device>.json (a study that ships nothing yet keeps its own name)")
@@ -295,7 +312,8 @@ def main() -> int:
         trials = trial_records(run_dir)
     trial_epochs = sum(t["epochs_run"] for t in trials)
     search_seconds = sum(sum(t["epoch_seconds"]) for t in trials)
-    winner = run["best_trial"]["config"]
+    variant = parse_sets(args.set)
+    winner = {**run["best_trial"]["config"], **variant}
     final_dir = final_run(args, prepared, winner, log)
 
     candidates = []
@@ -355,7 +373,13 @@ def main() -> int:
         results["final_note"] = (f"`core train` of the winner for up to {args.final_epochs} epochs "
                                  f"({len(final['epoch_seconds'])} run, "
                                  f"{sum(final['epoch_seconds']) / 3600:.2f} h wall)")
-    if args.export:
+    if variant:
+        results["variant"] = variant
+    if args.versus:
+        results["versus"] = versus(args.versus, cv)
+    if args.export and results.get("versus", {}).get("beaten") is False:
+        print(f"not exported: the CV does not beat {args.versus}'s ({results['versus']['theirs']['dsc_volume']})")
+    elif args.export:
         export(Path(shipped["bundle"]), args.export, model_card(results, shipped, info))
         results["exported"] = str(args.export)
     path = write_result(args.result, results)

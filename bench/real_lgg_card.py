@@ -68,6 +68,13 @@ def extra_lines(results: dict[str, Any]) -> str:
                      f"fp_slice_rate {paths['one_slice']['fp_slice_rate']:.4f}; whole volumes: dsc_volume "
                      f"{paths['volume']['dsc_volume']:.4f}. The three worst val patients (volumes): "
                      + ", ".join(f"{p} {d:.3f}" for p, d in worst) + ".")
+    if results.get("versus") and results["versus"]["ours"]:
+        v = results["versus"]
+        lines.append(f"The configuration is the search's winner with {json.dumps(results.get('variant', {}))}: "
+                     f"its CV dsc_volume {v['ours']['dsc_volume']:.4f} "
+                     f"(worst patient {v['ours']['worst_patient']:.4f}) "
+                     f"against {v['theirs']['dsc_volume']:.4f} (worst {v['theirs']['worst_patient']:.4f}) for the "
+                     f"winner as searched, on the same folds ({v['record']}).")
     if results.get("missing_sequences"):
         m = results["missing_sequences"]
         lines.append(f"Missing sequences (val): dsc_volume {m['intact']['dsc_volume']:.4f} intact, "

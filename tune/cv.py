@@ -37,7 +37,7 @@ from core.inference.ensemble import build_ensemble_bundle
 from core.io import read_json, write_json
 from tune import results
 from tune.objective import objective_key
-from tune.search import parse_sets
+from tune.search import parse_sets, tune_env
 from tune.trainable import train_trial
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ def run_cv(
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=2)),
         )
-    grid = tuner.fit()
+    with tune_env(len(fold_lists)):  # the search's snapshot settings: a killed CV resumes from what exists
+        grid = tuner.fit()
     return summarise(grid, run_dir, pool, fold_lists, info, cfg, half, held_out)
 
 

@@ -158,7 +158,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             ),
             run_config=_run_config(opts, storage, mode),
         )
-    with _tune_env(slots):
+    with tune_env(slots):
         grid = tuner.fit()
     run_info = finish(storage, grid, run_info, train, val, info)
     if opts.ensemble > 1:
@@ -172,7 +172,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _tune_env(slots: int) -> Iterator[None]:
+def tune_env(slots: int) -> Iterator[None]:
     """Tune settings read from the environment, for this fit only (a user's own values win)."""
     values = {
         # Ray snapshots its experiment state at most this often, but deletes superseded checkpoints at
