@@ -26,6 +26,14 @@ lost; ``--search-record`` takes the search, every trial and its CPU time, from t
         --cv-folds 5 --cv-epochs 24 --cv-pool train --export pretrained/lgg \\
         --search-record bench/results/real-lgg-cpu.json    # drop this to run the search anew
 
+Its follow-up, the same winner trained with FLAIR in place of pre- and/or post-contrast on half the slices
+(``--set``), cross-validated on the same folds and exported only if that CV beats the record's (``--versus``):
+
+    python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-ms50 \\
+        --search-record bench/results/real-lgg-cpu.json --set missing_sequence=0.5 \\
+        --final-epochs 60 --final-patience 15 --cv-folds 5 --cv-epochs 24 --cv-pool train \\
+        --versus bench/results/real-lgg-cpu.json --export pretrained/lgg --result real-lgg-ms50
+
 With ``--cv-pool train`` the CV's folds cover the 88 training patients only, so its fold ensemble can be
 compared with the single models on the 11 val patients that no fold saw.
 
