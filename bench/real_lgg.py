@@ -385,7 +385,7 @@ def main() -> int:
         results["variant"] = variant
     if args.versus:
         results["versus"] = versus(args.versus, cv)
-    if args.export and results.get("versus", {}).get("beaten") is False:
+    if args.export and args.versus and not results["versus"]["beaten"]:
         print(f"not exported: the CV does not beat {args.versus}'s ({results['versus']['theirs']['dsc_volume']})")
     elif args.export:
         export(Path(shipped["bundle"]), args.export, model_card(results, shipped, info))

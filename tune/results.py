@@ -50,14 +50,17 @@ def trial_history(result: Any) -> list[dict[str, float]]:
     killed mid-copy can lose a trial's earlier lines; the trial's own checkpoint (written by its worker
     before each report returns) carries every epoch, and fills what the result files lack.
     """
-    rows: dict[int, dict[str, float]] = {int(r["epoch"]): r for r in checkpoint_history(result.checkpoint)}
+    rows: dict[int, dict[str, float]] = {}
     frame = result.metrics_dataframe
-    records = [] if frame is None or "epoch" not in frame else frame.to_dict("records")
-    for record in records:
+    for record in [] if frame is None or "epoch" not in frame else frame.to_dict("records"):
         epoch = record.get("epoch")
         if epoch is None or (isinstance(epoch, float) and math.isnan(epoch)):
             continue
         rows[int(epoch)] = {k: _plain(record[k]) for k in HISTORY_KEYS if k in record}
+    last = int((result.metrics or {}).get("epoch") or max(rows, default=0))
+    if set(rows) != set(range(1, last + 1)):  # lines lost: read the checkpoint only then (one file per trial)
+        for row in checkpoint_history(result.checkpoint):
+            rows.setdefault(int(row["epoch"]), row)
     return [rows[e] for e in sorted(rows)]
 
 
