@@ -20,7 +20,7 @@ from core.config import TrainConfig
 from core.data.arrays import load_split, patient_rows
 from core.evaluation.metrics import segmentation_metrics
 from core.formats import codecs
-from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
+from core.inference.postprocess import KAGGLE_SPACING_MM, NO_POSTPROCESS, apply_postprocess
 from core.inference.predictor import Predictor
 from core.training.trainer import Trainer
 
@@ -216,7 +216,7 @@ def test_tta_and_postprocessing_left_out_unless_they_raise_val(trained, monkeypa
     assert settings != NO_POSTPROCESS  # the specks are what minimum-area post-processing removes
     assert entries["val"]["dsc_volume"] > entries["val_raw"]["dsc_volume"]
     # One slice at a time there is no 3D step: the specks need the slice path's own minimum area.
-    assert settings["min_area_slice"] > 0
+    assert settings["min_area_slice_mm2"] > 0
     assert entries["val_one_slice"]["fp_slice_rate"] < entries["val_raw"]["fp_slice_rate"]
 
 
@@ -225,7 +225,9 @@ def test_one_slice_path_applies_its_own_minimum_area_and_the_volume_path_its_3d_
     masks[1, 10:20, 10:20] = 1  # a 100-px lesion on the middle slice (300 voxels with its neighbours)
     masks[0, 10:20, 10:20] = masks[2, 10:20, 10:20] = 1
     masks[0, 0:3, 0:3] = 1  # a 9-px speck
-    settings = {**NO_POSTPROCESS, "min_volume": 50, "min_area_slice": 20}
+    pixel_mm2 = KAGGLE_SPACING_MM[1] * KAGGLE_SPACING_MM[2]  # no spacing given: the Kaggle grid's
+    settings = {**NO_POSTPROCESS, "min_volume_mm3": 50 * pixel_mm2 * KAGGLE_SPACING_MM[0],
+                "min_area_slice_mm2": 20 * pixel_mm2}
     volume = apply_postprocess(masks, settings, volume=True)
     assert volume[0, :3, :3].sum() == 0 and volume.sum() == 300  # the 3D rule removes the speck
     one = np.stack([apply_postprocess(m[None], settings, volume=False)[0] for m in masks])

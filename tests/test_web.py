@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     val = {"dsc_volume": 0.8125, "dice_tumour": 0.75, "fp_slice_rate": 0.0625}
-    postprocess = {"min_area": 0, "min_volume": 300, "min_area_slice": 50}
+    postprocess = {"min_volume_mm3": 1500.0, "min_probability": 0.9, "min_area_slice_mm2": 50.0}
     return make_random_bundle(tmp_path_factory.mktemp("web") / "bundle", postprocess=postprocess,
                               metrics={"val": val, "epoch": 7, "selection_metric": "dsc_volume"})
 
@@ -54,8 +54,9 @@ def test_page_loads_model_and_segments_a_slice(url: str, page, synth_src: Path, 
     page.wait_for_function("document.querySelector('#model-name').textContent.includes('gliomaseg-')")
     assert "lite" in page.inner_text("#model") and "test-time augmentation" in page.inner_text("#model")
     # Post-processing as the bundle records it: the 3D rule for volumes, its own rule for one slice alone.
-    assert "3D components >= 300 voxels" in page.inner_text("#model")
-    assert "one slice alone: lesions >= 50 px" in page.inner_text("#model")
+    assert "3D components >= 1500 mm³" in page.inner_text("#model")
+    assert "3D components of mean probability >= 0.9" in page.inner_text("#model")
+    assert "one slice alone: lesions >= 50 mm²" in page.inner_text("#model")
     metrics = page.inner_text("#metrics")  # the validation metrics of the model, not only its epoch
     assert "val dsc_volume" in metrics and "0.8125" in metrics and "val fp_slice_rate" in metrics
     files = slice_files(synth_src)

@@ -155,6 +155,8 @@ class VolumeResult:
     volume: Volume
     masks: np.ndarray
     class_names: list[str]
+    quality: float | None = None  # 0-1, higher = more trustworthy (core.inference.quality)
+    review: bool | None = None  # quality below the bundle's review threshold
 
     @property
     def volume_ml(self) -> float:
@@ -176,13 +178,21 @@ class VolumeResult:
     def summary(self) -> dict[str, object]:
         pixels = np.count_nonzero(self.masks.reshape(len(self.masks), -1), axis=1)
         return {**self.volume.summary(), "tumour_voxels": int(pixels.sum()), "volume_ml": self.volume_ml,
-                "class_ml": self.class_ml(), "slice_tumour_pixels": [int(p) for p in pixels]}
+                "class_ml": self.class_ml(), "slice_tumour_pixels": [int(p) for p in pixels],
+                "quality": self.quality, "review": self.review}
+
+
+def review_label(review: bool | None) -> str:
+    """A CSV cell for a review flag: "review", "ok", or empty where the bundle chose no threshold."""
+    return "" if review is None else ("review" if review else "ok")
 
 
 def segment_volume(predictor: SlicePredictor, volume: Volume) -> VolumeResult:
     """Predict a scan's canonical slices as one patient's volume (the bundle's 3D post-processing applies)."""
-    masks = np.asarray(predictor.predict(volume.images, volume=True), np.uint8)
-    return VolumeResult(volume, masks, list(predictor.config.get("class_names", ["background", "tumour"])))
+    answer = predictor.segment(volume.images, spacing=volume.spacing)
+    return VolumeResult(volume, np.asarray(answer.masks, np.uint8),
+                        list(predictor.config.get("class_names", ["background", "tumour"])),
+                        answer.quality, answer.review)
 
 
 def _run_scan(predictor: SlicePredictor, job: Job, out: Path, options: ScanOptions) -> dict[str, object]:
@@ -209,6 +219,7 @@ def _run_scan(predictor: SlicePredictor, job: Job, out: Path, options: ScanOptio
     source = job.paths[0] if len(job.paths) == 1 else job.paths[0].parent / f"{job.name} ({len(job.paths)} files)"
     return {"input": str(source), "mask": f"{job.name}_mask.nii.gz",
             "tumour_pixels": int(np.count_nonzero(result.masks)), "volume_ml": round(result.volume_ml, 4),
+            "quality": result.quality, "review": review_label(result.review),
             "dicom_seg": f"{job.name}_seg.dcm" if volume.kind == "dicom" else "", "notes": "; ".join(volume.notes)}
 
 
@@ -230,13 +241,21 @@ def run(predictor: SlicePredictor, inputs: list[Path], out: Path, options: ScanO
             stem = safe_name(path.stem) if job.volume else job.name
             entries += [(path, stem if len(slices) == 1 else f"{stem}_{i + 1}", s) for i, s in enumerate(slices)]
         volume = job.volume or len(entries) > 1
-        masks = predictor.predict([e[2] for e in entries], volume=volume)
+        quality: object = ""
+        review = ""
+        if volume:
+            answer = predictor.segment([e[2] for e in entries])
+            masks, quality = answer.masks, answer.quality
+            review = review_label(answer.review)
+        else:
+            masks = predictor.predict([e[2] for e in entries])
         target = out / job.name if volume else out
         for (path, stem, image), mask in zip(entries, masks, strict=True):
             atomic_write_bytes(target / f"{stem}_mask.png", encode_mask_png(mask, scale))
             atomic_write_bytes(target / f"{stem}_overlay.png", encode_overlay_png(image, mask))
             rows.append({"input": str(path), "mask": (target / f"{stem}_mask.png").relative_to(out).as_posix(),
-                         "tumour_pixels": int(np.count_nonzero(mask)), "volume_ml": "", "dicom_seg": "", "notes": ""})
+                         "tumour_pixels": int(np.count_nonzero(mask)), "volume_ml": "", "quality": quality,
+                         "review": review, "dicom_seg": "", "notes": ""})
     write_csv(out / "predictions.csv", rows, COLUMNS)
     return rows
 

@@ -14,12 +14,13 @@ import numpy as np
 
 from core.data.arrays import patient_rows
 from core.evaluation.metrics import segmentation_metrics
-from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess, remove_small_lesions
+from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
 
-# Post-processing candidates: (minimum 3D component in voxels, minimum lesion area per slice in px). The
-# largest-component rule is not offered: it kept an 8,535-px false positive over a 2,356-px tumour.
-POSTPROCESS_GRID = [(vol, area) for vol in (0, 100, 300, 1000) for area in (0, 10, 25, 50, 100, 200)]
-# Minimum lesion areas tried for the one-slice-at-a-time path, which has no 3D step to remove specks.
+# Post-processing candidates: (minimum 3D component in mm3, minimum lesion area per slice in mm2; about
+# 100-1,100 voxels and 10-230 px on the Kaggle grid). The largest-component rule is not offered: it kept
+# an 8,535-px false positive over a 2,356-px tumour.
+POSTPROCESS_GRID = [(vol, area) for vol in (0, 500, 1500, 5000) for area in (0, 10, 25, 50, 100, 200)]
+# Minimum lesion areas (mm2) tried for the one-slice-at-a-time path, which has no 3D step to remove specks.
 SLICE_AREA_GRID = (0, 10, 25, 50, 100, 200, 400)
 # Thresholds tried for an ensemble's mean probability (a single network keeps its training threshold).
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -53,7 +54,7 @@ def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | 
     base = val.metrics(raw) if base is None else base
     best, best_metrics, search = dict(NO_POSTPROCESS), base, []
     for min_volume, area in POSTPROCESS_GRID:
-        settings = {**NO_POSTPROCESS, "min_volume": min_volume, "min_area": area}
+        settings = {**NO_POSTPROCESS, "min_volume_mm3": float(min_volume), "min_area_mm2": float(area)}
         if settings == NO_POSTPROCESS:
             continue
         pred = raw.copy()
@@ -67,12 +68,12 @@ def choose_postprocess(raw: np.ndarray, val: ValSplit, base: dict[str, float] | 
 
 
 def choose_slice_area(raw: np.ndarray, val: ValSplit, base: dict[str, float]) -> tuple[int, dict[str, float]]:
-    """``min_area_slice``: the minimum lesion area for paths that see one slice at a time (serve's
+    """``min_area_slice_mm2``: the minimum lesion area for paths that see one slice at a time (serve's
     /v1/segment, SageMaker per slice), scored on val masks post-processed slice by slice; 0 unless one
     strictly helps (``better``). ``base`` is ``val.metrics(raw)``."""
     best_area, best = 0, base
     for area in SLICE_AREA_GRID[1:]:
-        metrics = val.metrics(remove_small_lesions(raw, area))
+        metrics = val.metrics(apply_postprocess(raw, {"min_area_slice_mm2": area}, volume=False))
         if better(metrics, best):
             best_area, best = area, metrics
     return best_area, best
@@ -98,7 +99,7 @@ def choose_inference(
     settings, metrics, search = chosen[tta]
     if postprocess:
         area, one_slice = choose_slice_area(candidates[tta], val, plain[tta])
-        settings = {**settings, "min_area_slice": area}
+        settings = {**settings, "min_area_slice_mm2": float(area)}
     entries = {
         "val": metrics, "val_raw": plain["none"], "val_postprocessed": chosen["none"][1],
         "tta": tta, "postprocess": settings, "postprocess_search": search,

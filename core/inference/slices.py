@@ -4,20 +4,24 @@ Input rules (HxWx3 or HxW uint8 slices of any size), the bundle's preprocessing 
 brain crop, core.data.preprocessing: computed per slice or per volume), grouping same-size slices into
 batches, thresholding or arg-max, and post-processing live here once. A subclass supplies ``_network``
 (standardised model-size input -> probabilities) or, to keep the pixels on its device, ``_forward``.
-Imports numpy, core.data.preprocessing and core.inference.postprocess only, so torch-free runtimes use it.
+Imports numpy, core.data.preprocessing, core.inference.postprocess and .quality only, so torch-free runtimes
+use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from core.data.preprocessing import Preprocessing, box_matrices, mirror_boxes, normalise, resize_matrix
 from core.inference.postprocess import apply_postprocess
+from core.inference.quality import assess
 
 Images = np.ndarray | Sequence[np.ndarray]
+Spacing = Sequence[float] | None  # (slice, row, column) mm; None: the Kaggle grid's
 TTA_MODES = ("none", "flip")  # test-time augmentation: none, or left-right flip with probabilities averaged
 
 
@@ -70,6 +74,15 @@ def as_slices(images: Images) -> list[np.ndarray]:
     return slices
 
 
+@dataclass
+class Segmentation:
+    """One volume's answer: (N,H,W) uint8 masks, their quality (0-1) and whether a reader should review it."""
+
+    masks: np.ndarray
+    quality: float | None = None
+    review: bool | None = None
+
+
 class SlicePredictor:
     """Bundle config -> masks at each input's own resolution; subclasses implement ``_network``."""
 
@@ -82,6 +95,7 @@ class SlicePredictor:
         self.size = (int(config["image_size"][0]), int(config["image_size"][1]))
         self.threshold = float(config.get("threshold", 0.5))
         self.postprocess = config.get("postprocess", {})
+        self.quality = config.get("quality") or {}
         self.multiclass = int(config["model_args"]["out_channels"]) > 1
         self.tta = str(config.get("tta", "none"))
         if self.tta not in TTA_MODES:
@@ -161,14 +175,30 @@ class SlicePredictor:
                     out[i] = p
         return out  # type: ignore[return-value]
 
-    def predict(self, images: Images, volume: bool = False) -> np.ndarray | list[np.ndarray]:
+    def segment(self, images: Images, spacing: Spacing = None) -> Segmentation:
+        """One patient's slices, in order, as a volume: per-patient preprocessing, the 3D post-processing
+        at ``spacing``, and the answer's quality score."""
+        probs = self.predict_proba(images, volume=True)  # one size: the volume's plan checks it
+        if not probs:
+            return Segmentation(np.zeros((0, *self.size), np.uint8))
+        stacked = np.stack(probs)
+        tumour = None if self.multiclass else stacked
+        masks = apply_postprocess(np.stack([self.masks_from_proba(p) for p in probs]), self.postprocess,
+                                  volume=True, probs=tumour, spacing=spacing)
+        quality, review = assess(stacked, masks, self.quality)
+        return Segmentation(masks, quality, review)
+
+    def predict(self, images: Images, volume: bool = False, spacing: Spacing = None) -> np.ndarray | list[np.ndarray]:
         """Masks (uint8; 0/1 binary or 0..K labels). ``volume=True``: the slices are one patient in order,
-        so per-patient preprocessing and 3D post-processing apply. Same-size input gives an array."""
-        masks = [self.masks_from_proba(p) for p in self.predict_proba(images, volume=volume)]
+        so per-patient preprocessing and 3D post-processing (at ``spacing``) apply. Same-size input gives
+        an array."""
         if volume:
-            masks = list(apply_postprocess(np.stack(masks), self.postprocess, volume=True))
-        else:
-            masks = [apply_postprocess(m[None], self.postprocess, volume=False)[0] for m in masks]
+            return self.segment(images, spacing).masks
+        masks = []
+        for p in self.predict_proba(images):
+            mask = self.masks_from_proba(p)[None]
+            masks.append(apply_postprocess(mask, self.postprocess, volume=False,
+                                           probs=None if self.multiclass else p[None], spacing=spacing)[0])
         if len({m.shape for m in masks}) == 1:
             return np.stack(masks) if masks else np.zeros((0, *self.size), np.uint8)
         return masks
