@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 SUFFIXES = (".tif", ".tiff", ".png")
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
-COLUMNS = ["input", "mask", "tumour_pixels", "volume_ml", "dicom_seg", "notes"]
+COLUMNS = ["input", "mask", "tumour_pixels", "volume_ml", "quality", "review", "dicom_seg", "notes"]
 _NUMBER = re.compile(r"(\d+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 LOCAL_MAX_SIZE, LOCAL_MAX_PAGES = 4096, 4096

@@ -1,9 +1,11 @@
 """A volume answer's quality score: 0-1, higher = more trustworthy, from the model's own probabilities.
 
 Both methods need nothing beyond the one forward pass every answer makes:
-- ``soft_dice``: the Dice between the probability map and the final mask, 2 sum(p m) / (sum p + sum m).
-  Crisp, confident tumours score near 1; probability spread over uncertain tissue, or confident regions
-  that post-processing removed, pull it down. A confidently empty scan scores 1.
+- ``soft_dice``: the Dice between the probability map and the final mask, 2 sum(p m) / (sum p + sum m),
+  with p counted where it is at least ``CANDIDATE`` (a 1 mm scan has millions of background voxels whose
+  faint probabilities would otherwise outweigh any tumour). Crisp, confident tumours score near 1;
+  probability spread over uncertain tissue, or confident regions that post-processing removed, pull it
+  down. A scan with no candidate tissue scores 1.
 - ``confidence``: the mean probability inside the final mask (1 - the highest probability anywhere when
   the mask is empty), i.e. how sure the model is of what it reports.
 Which one a bundle uses, and the score below which an answer says "review", are chosen by
@@ -17,8 +19,8 @@ from typing import Any
 import numpy as np
 
 QUALITY_METHODS = ("soft_dice", "confidence")
-# Below this much probability mass (in voxels) a scan counts as confidently empty.
-_EMPTY_MASS = 1.0
+CANDIDATE = 0.25  # probability from which a voxel counts as candidate tumour in ``soft_dice``
+_EMPTY_MASS = 1.0  # below this much candidate probability (in voxels) a scan counts as confidently empty
 
 
 def foreground(probs: np.ndarray) -> np.ndarray:
@@ -32,7 +34,7 @@ def quality_score(probs: np.ndarray, masks: np.ndarray, method: str = "soft_dice
     p = foreground(probs).astype(np.float64)
     m = np.asarray(masks) > 0
     if method == "soft_dice":
-        mass, size = float(p.sum()), float(m.sum())
+        mass, size = float(p[p >= CANDIDATE].sum()), float(m.sum())
         if mass + size < _EMPTY_MASS:
             return 1.0
         return float(np.clip(2.0 * float(p[m].sum()) / (mass + size), 0.0, 1.0))

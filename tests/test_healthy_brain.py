@@ -1,0 +1,58 @@
+"""A tumour-free brain comes out near 0 mL from the shipped model (issue 26: specificity).
+
+The brain is the public MNI152 2009a template that nilearn ships (1 mm, 197x233x189): its T1 stands in
+for pre- and post-contrast (no enhancement in a healthy brain), and a FLAIR is made from its grey- and
+white-matter maps with FLAIR's contrast (grey matter brighter than white, CSF suppressed). It goes
+through `core predict`, the path a user's NIfTI takes.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "lgg"
+HEALTHY_MAX_ML = 1.0
+
+
+def mni_file(kind: str) -> Path:
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("nilearn (a dev extra) is not installed: it carries the MNI152 template")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / (
+        f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="module")
+def healthy_scan(tmp_path_factory) -> Path:
+    import nibabel as nib
+
+    t1 = nib.load(mni_file("t1"))
+    gm, wm = (np.asarray(nib.load(mni_file(k)).dataobj, np.float32) for k in ("gm", "wm"))
+    flair = 0.8 * gm + 0.55 * wm  # tissue probabilities 0-255: GM > WM > CSF (~0) on FLAIR
+    data = np.stack([np.asarray(t1.dataobj, np.float32), flair, np.asarray(t1.dataobj, np.float32)], axis=-1)
+    image = nib.Nifti1Image(data, t1.affine)
+    image.header.set_xyzt_units("mm")
+    path = tmp_path_factory.mktemp("healthy") / "mni152_flair.nii.gz"
+    nib.save(image, path)
+    return path
+
+
+def test_the_healthy_template_brain_gets_under_one_ml_of_tumour(healthy_scan: Path, tmp_path: Path) -> None:
+    out = tmp_path / "masks"
+    subprocess.run([sys.executable, "-m", "core", "predict", "--bundle", str(PRETRAINED), str(healthy_scan),
+                    "--out", str(out), "--sequences", "t1,flair,t1gd", "--device", "cpu"], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    with (out / "predictions.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    print(row)
+    assert float(row["volume_ml"]) < HEALTHY_MAX_ML
+    assert 0.0 <= float(row["quality"]) <= 1.0
