@@ -115,7 +115,8 @@ def choose_review(quality: dict[str, float], dice: dict[str, float]) -> float | 
     for cut in sorted(set(quality.values())):
         cut = float(cut) + 1e-9  # flag quality <= this patient's
         flagged = {p for p, q in quality.items() if q < cut}
-        score = (len(flagged & failed) / len(failed) + len(set(dice) - flagged - failed) / (len(dice) - len(failed))) / 2
+        caught, cleared = len(flagged & failed), len(set(dice) - flagged - failed)
+        score = (caught / len(failed) + cleared / (len(dice) - len(failed))) / 2
         if score > best_score:
             best, best_score = round(cut, 4), score
     return best

@@ -43,7 +43,7 @@ from core.evaluation.metrics import per_patient_dice, segmentation_metrics  # no
 from core.evaluation.stats import paired_difference, spearman, summary  # noqa: E402
 from core.inference.bundle_uri import FILES_KEY  # noqa: E402
 from core.inference.selection import ValSplit  # noqa: E402
-from core.io import read_json, write_json  # noqa: E402
+from core.io import read_json  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-test-split.json"
 
