@@ -17,10 +17,10 @@ import numpy as np
 
 from core.data.arrays import SplitArrays
 from core.evaluation.metrics import per_patient_dice
+from core.evaluation.selection import ValSplit, better
 from core.evaluation.stats import spearman, summary
 from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
 from core.inference.quality import QUALITY_METHODS, quality_score
-from core.inference.selection import ValSplit, better
 from core.io import read_json
 
 FLAIR = 1

@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 from bench.honest_card import model_card  # noqa: E402
 from bench.honest_cv import choose, out_of_fold, with_flair  # noqa: E402
 from bench.machine import write_result  # noqa: E402
+from core.bundle.files import FILES_KEY  # noqa: E402
 from core.data.arrays import SplitArrays, load_split, load_split_info  # noqa: E402
 from core.evaluation.metrics import per_patient_dice, segmentation_metrics  # noqa: E402
+from core.evaluation.selection import ValSplit  # noqa: E402
 from core.evaluation.stats import paired_difference, spearman, summary  # noqa: E402
-from core.inference.bundle_uri import FILES_KEY  # noqa: E402
-from core.inference.selection import ValSplit  # noqa: E402
 from core.io import read_json  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-test-split.json"
@@ -101,8 +101,7 @@ def test_figures(bundle: Path, test: SplitArrays) -> dict[str, Any]:
 
 def export(bundle: Path, out: Path, metrics: dict[str, Any], card: str) -> None:
     """The evaluated ensemble, as evaluated (its fp16 weights unchanged), with the study's metrics and card."""
-    from core.bundle import load_bundle
-    from core.inference.ensemble import save_ensemble_bundle
+    from core.bundle import load_bundle, save_ensemble_bundle
 
     loaded = load_bundle(bundle, "cpu")
     config = {k: v for k, v in loaded.config.items() if k not in (FILES_KEY, "weights_dtype")}
@@ -143,7 +142,7 @@ def main() -> int:
           f"{chosen['quality']['method']} (Spearman {chosen['quality']['spearman_cv']:.3f}, review below "
           f"{chosen['quality']['review_below']})", flush=True)
 
-    from core.inference.ensemble import build_ensemble_bundle
+    from core.training.ensemble import build_ensemble_bundle
 
     candidate = cv_dir / "shipped"
     fixed = {"threshold": 0.5, "tta": chosen["tta"], "postprocess": chosen["postprocess"],

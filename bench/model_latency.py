@@ -51,8 +51,8 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
     import torch
 
     from core.bundle import load_bundle
+    from core.networks.models import count_parameters
     from core.runtime import autocast
-    from core.training.models import count_parameters
     from serve.onnx_export import ProbabilityModel, export_onnx
     from serve.quantize import calibration_images, model_inputs, quantize_int8
     path = random_bundle("latency", arch, args.filters, args.size)

@@ -50,7 +50,7 @@ def make_step(args: argparse.Namespace, size: int, variant: str) -> tuple[Callab
     import torch
     from monai.losses import DiceFocalLoss
 
-    from core.training.models import build_model
+    from core.networks.models import build_model
 
     torch.manual_seed(args.seed)
     model = build_model(args.arch, 3, 1, args.filters, 0.0)

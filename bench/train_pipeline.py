@@ -67,8 +67,8 @@ def make_step(args: argparse.Namespace, device: Any) -> Callable[[Any, Any], Non
     import torch
     from monai.losses import DiceFocalLoss
 
+    from core.networks.models import build_model
     from core.runtime import autocast
-    from core.training.models import build_model
 
     torch.manual_seed(args.seed)
     net = build_model(args.arch, 3, 1, args.filters, 0.02).to(device).train()

@@ -1,4 +1,7 @@
-"""The shared shape of `python -m core|tune|serve`: sub-command modules that register themselves."""
+"""The shared shape of `python -m core|tune|serve`: sub-command modules that register themselves.
+
+The top of core's stack: only the ``__main__`` modules import it, and it imports the commands by name.
+"""
 
 from __future__ import annotations
 
@@ -26,12 +29,3 @@ def dispatch(prog: str, description: str, modules: Sequence[str], argv: list[str
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
-    """--bundle, --device, --batch-size: what Predictor.from_args reads (core evaluate and core predict)."""
-    # A string, not a Path: Path("s3://b/p") would collapse the "//" and lose the scheme.
-    parser.add_argument("--bundle", required=True, type=str,
-                        help="bundle directory (e.g. RUN/best) or s3://bucket/prefix (fetched once per node, checked)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")

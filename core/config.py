@@ -21,7 +21,7 @@ SCOPES = ("slice", "patient")  # per-slice or per-volume preprocessing (core.dat
 class TrainConfig:
     """Hyperparameters and run settings of one training run (one tune trial)."""
 
-    arch: str = field(default="unet", metadata={"choices": ARCHS, "help": "network from core.training.models"})
+    arch: str = field(default="unet", metadata={"choices": ARCHS, "help": "network from core.networks.models"})
     filters: int = field(default=32, metadata={"help": "first-block filters f (f,2f,4f,... per level)"})
     dropout: float = 0.02
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
@@ -136,3 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> N
 
 def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> TrainConfig:
     return cls.from_dict({f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """--bundle, --device, --batch-size: what Predictor.from_args reads (core evaluate and core predict)."""
+    # A string, not a Path: Path("s3://b/p") would collapse the "//" and lose the scheme.
+    parser.add_argument("--bundle", required=True, type=str,
+                        help="bundle directory (e.g. RUN/best) or s3://bucket/prefix (fetched once per node, checked)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: write to a temporary sibling, then rename over the target."""
+"""Files and objects: crash-safe writes (to a temporary sibling, then renamed over the target), JSON and
+CSV, and S3 locations with the one S3 client every part of gliomaseg opens (boto3, imported on use)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,25 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """Whether a location is ``s3://...`` (a ``Path`` never is: it would collapse the ``//``)."""
+    return isinstance(uri, str) and uri.startswith("s3://")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> (bucket, prefix without a trailing slash); ValueError otherwise."""
+    bucket, _, prefix = uri[5:].partition("/") if uri.startswith("s3://") else ("", "", "")
+    if not bucket:
+        raise ValueError(f"{uri!r}: expected s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client that honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto, LocalStack)."""
+    import boto3
+
+    # Older boto3 releases (the SageMaker container's among them) ignore AWS_ENDPOINT_URL: pass it explicitly.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)

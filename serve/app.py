@@ -7,7 +7,7 @@ A volume goes to the model as one call so 3D post-processing sees the whole pati
 ``python -m serve run --bundle DIR`` serves it locally; ``serve run|deploy`` with
 ``import_path: serve.app:app_builder`` and ``args: {bundle: DIR, ...}`` serves it on a cluster, and
 ``GLIOMASEG_BUNDLE=DIR serve build serve.app:app`` writes a config for ``serve deploy``. DIR may be
-``s3://bucket/prefix``: each replica fetches it on its own node (core.inference.bundle_uri).
+``s3://bucket/prefix``: each replica fetches it on its own node (core.bundle.files).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from core.inference.bundle_uri import WEIGHTS, is_remote, listed_files, read_config
+from core.bundle.files import WEIGHTS, listed_files, read_config
+from core.io import is_remote
 from serve.ingress import Ingress
 from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from core.bundle.files import read_config
 from core.evaluation.metrics import segmentation_metrics
 
 # Light imports only: the read and write tasks load this module, and must not pay for torch.
 from core.formats.codecs import EXTENSIONS, decode, encode_tiff, mask_scale
-from core.inference.bundle_uri import read_config
 from serve import batch_report as report
 from serve import batch_scans as scans
 from serve.batch_plan import plan

@@ -16,8 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from core.inference.bundle_uri import is_remote, parse_s3_uri, s3_client
-from core.io import atomic_dir, atomic_write_bytes
+from core.io import atomic_dir, atomic_write_bytes, is_remote, parse_s3_uri, s3_client
 
 MARKER = "patient.json"  # written last into each patient's folder: "this patient is done"
 # What boto3 reads from the environment; forwarded to Ray's workers (see worker_env).

@@ -10,7 +10,7 @@ from core.bundle import load_bundle, make_bundle_config, save_bundle
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info, split_hash
 from core.inference.predictor import Predictor
-from core.training.models import build_model
+from core.networks.models import build_model
 from core.training.trainer import Trainer
 
 

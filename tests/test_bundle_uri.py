@@ -20,7 +20,7 @@ from s3_support import moto_s3
 from tune_support import ROOT, driver_env
 
 from core.bundle import load_bundle
-from core.inference.bundle_uri import read_config, resolve_bundle
+from core.bundle.files import read_config, resolve_bundle
 from core.inference.predictor import Predictor
 from serve.demo import free_port
 

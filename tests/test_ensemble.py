@@ -32,7 +32,7 @@ def members(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ensemble(members, tmp_path_factory) -> Path:
-    from core.inference.ensemble import build_ensemble_bundle
+    from core.training.ensemble import build_ensemble_bundle
 
     out = tmp_path_factory.mktemp("ensemble") / "bundle"
     return build_ensemble_bundle(members, None, ["background", "tumour"], out, fixed=PLAIN)
@@ -51,7 +51,7 @@ def test_bundle_lists_members_with_sizes_and_hashed_weights(ensemble):
 
 @pytest.fixture(scope="module")
 def intact(members, tmp_path_factory) -> Path:
-    from core.inference.ensemble import build_ensemble_bundle
+    from core.training.ensemble import build_ensemble_bundle
 
     out = tmp_path_factory.mktemp("ensemble2") / "bundle"
     return build_ensemble_bundle(members, None, ["background", "tumour"], out, fixed=PLAIN)

@@ -1,4 +1,5 @@
-"""The import graph of core, tune and serve: no cycles, and only tune -> core and serve -> core between them.
+"""The import graph of core, tune and serve: no cycles, and only tune -> core and serve -> core between them;
+core's packages a one-way stack (CORE_STACK), with the command lines on top.
 
 Every import counts, including those inside functions (a lazy import still ties two modules together).
 Read with ast from the source tree, so nothing is imported and no third-party tool is needed.
@@ -15,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "tune", "serve")
 ALLOWED = {"core": set(), "tune": {"core"}, "serve": {"core"}}  # which other packages each may import
 FORBIDDEN_IN_CORE = ("ray.tune", "ray.serve")  # core trains and serves without them (DESIGN.md)
+# core's floors, bottom to top (DESIGN.md): a node (each subpackage and top-level module of core) imports
+# only nodes on lower floors; nodes on one floor import neither each other nor anything above.
+CORE_STACK: tuple[tuple[str, ...], ...] = (
+    ("core",),
+    ("core.io",), ("core.config",), ("core.runtime",),  # plain helpers
+    ("core.formats", "core.networks"),  # file codecs; architectures
+    ("core.bundle",),  # the contract: read, write, build a model through networks
+    ("core.data",), ("core.inference",), ("core.evaluation",), ("core.training",),  # the stages
+    ("core.cli",), ("core.__main__",),  # the command line
+)
 
 
 def module_name(path: Path) -> str:
@@ -92,6 +103,57 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+def core_node(module: str) -> str:
+    """The stack node of a core module: its subpackage or top-level module (``core.data.prepare`` -> ``core.data``)."""
+    return ".".join(module.split(".")[:2])
+
+
+def stack_violations(graph: dict[str, set[str]], stack: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Imports of core modules that do not point to a lower floor of ``stack``, and nodes it leaves out."""
+    floor = {node: level for level, nodes in enumerate(stack) for node in nodes}
+    bad = []
+    for name, targets in sorted(graph.items()):
+        if not name.startswith("core"):
+            continue
+        here = core_node(name)
+        if here not in floor:
+            bad.append(f"{name}: {here} has no floor in CORE_STACK (place it there)")
+            continue
+        for target in sorted(targets):
+            there = core_node(target)
+            if target.startswith("core") and there != here and floor.get(there, len(stack)) >= floor[here]:
+                bad.append(f"{name} -> {target} ({here} may not import {there})")
+    return bad
+
+
+def test_core_packages_form_a_one_way_stack() -> None:
+    assert stack_violations(import_graph(), CORE_STACK) == []
+
+
+def test_only_the_command_lines_import_the_clis() -> None:
+    """Each stage's ``cli`` module is on top: only ``core.cli.dispatch`` loads it (by name), nothing imports it;
+    ``core.cli`` itself is imported by the ``__main__`` modules alone."""
+    bad = []
+    for name, targets in import_graph().items():
+        for target in targets:
+            stage_cli = target.startswith("core.") and target.endswith(".cli") and target != "core.cli"
+            if stage_cli or (target == "core.cli" and not name.endswith("__main__")):
+                bad.append(f"{name} -> {target}")
+    assert bad == []
+
+
+@pytest.mark.parametrize("edges, expected", [
+    ({"core.data.x": {"core.io"}, "core.io": set()}, []),
+    ({"core.io": {"core.data.x"}}, ["core.io -> core.data.x (core.io may not import core.data)"]),
+    ({"core.formats.a": {"core.networks.b"}}, ["core.formats.a -> core.networks.b (core.formats may not import "
+                                               "core.networks)"]),
+    ({"core.data.x": {"core.data.y"}}, []),
+    ({"core.new": set()}, ["core.new: core.new has no floor in CORE_STACK (place it there)"]),
+])
+def test_stack_check_finds_what_is_there(edges: dict[str, set[str]], expected: list[str]) -> None:
+    assert stack_violations(edges, CORE_STACK) == expected
 
 
 def test_no_module_imports_one_that_imports_it_back() -> None:

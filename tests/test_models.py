@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.training.models import MODELS, build_model, count_parameters, init_output_bias
+from core.networks.models import MODELS, build_model, count_parameters, init_output_bias
 
 
 @pytest.mark.parametrize("arch", list(MODELS))

@@ -20,9 +20,9 @@ from core.data.preprocessing import (
     single_slice_note,
 )
 from core.evaluation.metrics import segmentation_metrics
+from core.evaluation.selection import ValSplit, choose_postprocess
 from core.inference.postprocess import apply_postprocess
 from core.inference.predictor import Predictor
-from core.inference.selection import ValSplit, choose_postprocess
 from core.training.augment import substitute_sequences
 from core.training.trainer import Trainer
 

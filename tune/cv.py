@@ -33,8 +33,8 @@ from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.prepare import fold_patients
 from core.evaluation.metrics import METRIC_KEYS, MINIMISED
-from core.inference.ensemble import build_ensemble_bundle
 from core.io import read_json, write_json
+from core.training.ensemble import build_ensemble_bundle
 from tune import results
 from tune.objective import objective_key
 from tune.search import parse_sets, tune_env

@@ -3,7 +3,7 @@
 Each member is the trial's best epoch (its last checkpoint carries those weights), exported as a bundle
 under ``runs/NAME/members/<trial>``; the ensemble averages their probabilities, each at its own input
 size, with threshold, TTA and post-processing chosen on val for the ensemble as a whole
-(core.inference.ensemble). ``runs/NAME/ensemble.json`` compares it with the best single trial: both
+(core.training.ensemble). ``runs/NAME/ensemble.json`` compares it with the best single trial: both
 were selected on the same val split, so neither figure is an unbiased estimate.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from core.data.arrays import load_split, load_split_info
 from core.evaluation.metrics import METRIC_KEYS
-from core.inference.ensemble import build_ensemble_bundle
 from core.io import read_json, write_json
+from core.training.ensemble import build_ensemble_bundle
 from tune.results import export_trial
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ path that sees one slice computes them from that slice and says so (``SlicePredi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+from core.networks.resample import resize_matrix
 
 NORMALISATIONS = ("scale", "slice", "patient")
 CROPS = ("none", "slice", "patient")
@@ -29,31 +30,6 @@ BRAIN_FRACTION = 0.1  # brain = pixels brighter than this share of the brightest
 MIN_BRAIN_PIXELS = 64  # fewer (an empty top-of-head slice): standardise over the whole slice
 MIN_SIDE = 32  # a crop never zooms in more than this many source pixels to the model's size
 MIN_STD = 1.0  # in uint8 levels: a flat channel (a missing sequence, an empty slice) is not blown up
-
-
-@lru_cache(maxsize=64)
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) float32 resampling matrix for one axis: area-averaging when shrinking (what the network
-    saw in training), bilinear with half-pixel centres when enlarging (probabilities back to a slice).
-
-    Every inference path (PyTorch, ONNX Runtime) and the trainer apply these same matrices, so a slice
-    is resized identically wherever it is segmented.
-    """
-    w = np.zeros((out_size, in_size), np.float64)
-    scale = in_size / out_size
-    if out_size <= in_size:  # area: output i averages the input span [i*scale, (i+1)*scale)
-        for i in range(out_size):
-            lo, hi = i * scale, (i + 1) * scale
-            for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), in_size)):
-                w[i, j] = min(hi, j + 1) - max(lo, j)
-        return (w / w.sum(1, keepdims=True)).astype(np.float32)
-    for i in range(out_size):
-        src = max(scale * (i + 0.5) - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), in_size - 1)
-        lam = min(max(src - i0, 0.0), 1.0)
-        w[i, i0] += 1.0 - lam
-        w[i, min(i0 + 1, in_size - 1)] += lam
-    return w.astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.cli import add_predictor_arguments
+from core.config import add_predictor_arguments
 from core.data.arrays import SplitArrays, load_split, load_split_info
 from core.evaluation.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
 from core.io import write_csv, write_json

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.cli import add_predictor_arguments
+from core.config import add_predictor_arguments
 from core.formats.codecs import encode_mask_png, encode_overlay_png, mask_scale, read_file
 from core.io import atomic_write_bytes, write_csv, write_json
 

@@ -31,13 +31,13 @@ class Predictor(SlicePredictor):
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> Predictor:
-        """From a bundle directory or ``s3://bucket/prefix`` (see core.inference.bundle_uri)."""
+        """From a bundle directory or ``s3://bucket/prefix`` (see core.bundle.files)."""
         dev = resolve_device(device)
         return cls(load_bundle(path, dev), dev, batch_size)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Predictor:
-        """From the options ``add_predictor_arguments`` adds (core.cli; the core evaluate/predict commands)."""
+        """From the options ``add_predictor_arguments`` adds (core.config; the core evaluate/predict commands)."""
         return cls.from_bundle(args.bundle, args.device, args.batch_size)
 
     def info(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Resizing on the device: the torch side of ``core.inference.slices.resize_matrix`` (area down, bilinear up).
+"""Resizing on the device: the torch side of ``core.networks.resample.resize_matrix`` (area down, bilinear up).
 
 The trainer shrinks a split once to its training resolution and enlarges validation probabilities back
 to the data's own; the Predictor does the same per request. One set of matrices serves all of them.
@@ -11,7 +11,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from core.data.preprocessing import box_matrices, resize_matrix
+from core.data.preprocessing import box_matrices
+from core.networks.resample import resize_matrix
 
 
 def _matrix(in_size: int, out_size: int, like: torch.Tensor) -> torch.Tensor:

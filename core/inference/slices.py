@@ -4,8 +4,8 @@ Input rules (HxWx3 or HxW uint8 slices of any size), the bundle's preprocessing 
 brain crop, core.data.preprocessing: computed per slice or per volume), grouping same-size slices into
 batches, thresholding or arg-max, and post-processing live here once. A subclass supplies ``_network``
 (standardised model-size input -> probabilities) or, to keep the pixels on its device, ``_forward``.
-Imports numpy, core.data.preprocessing, core.inference.postprocess and .quality only, so torch-free runtimes
-use it.
+Imports numpy, core.data.preprocessing, core.inference.postprocess and .quality and core.networks.resample
+only, so torch-free runtimes use it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from core.data.preprocessing import Preprocessing, box_matrices, mirror_boxes, normalise, resize_matrix
+from core.data.preprocessing import Preprocessing, box_matrices, mirror_boxes, normalise
 from core.inference.postprocess import apply_postprocess
 from core.inference.quality import assess
+from core.networks.resample import resize_matrix
 
 Images = np.ndarray | Sequence[np.ndarray]
 Spacing = Sequence[float] | None  # (slice, row, column) mm; None: the Kaggle grid's

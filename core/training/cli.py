@@ -37,7 +37,7 @@ INHERITED = ("arch", "filters", "dropout", "normalisation", "brain_crop")
 
 def inherit_from_init(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with each INHERITED option that is at its default taken from the --init bundle's."""
-    from core.inference.bundle_uri import CONFIG, resolve_bundle
+    from core.bundle.files import CONFIG, resolve_bundle
 
     theirs = read_json(resolve_bundle(cfg.init) / CONFIG).get("hyperparameters", {})
     defaults = TrainConfig().to_dict()

@@ -27,13 +27,13 @@ from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.preprocessing import Preprocessing
 from core.evaluation.metrics import is_better, segmentation_metrics, worst_value
+from core.evaluation.selection import ValSplit, choose_inference
 from core.inference.resize import normalise
-from core.inference.selection import ValSplit, choose_inference
+from core.networks.models import SIZE_MULTIPLE, build_model, init_output_bias
 from core.runtime import autocast, resolve_device, seed_everything
 from core.training import checkpoint as ckpt
 from core.training.augment import augment_batch, settings_from_config, substitute_sequences
 from core.training.loader import DeviceDataset
-from core.training.models import SIZE_MULTIPLE, build_model, init_output_bias
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class Trainer:
         return model.to(self.device).eval()
 
     def choose_inference(self, model: torch.nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """TTA and post-processing chosen together on val (core.inference.selection): each is kept only
+        """TTA and post-processing chosen together on val (core.evaluation.selection): each is kept only
         where it strictly raises val ``dsc_volume``. Returns (tta, post-processing, metrics.json entries)."""
         val = ValSplit(self.val_truth, self.val_patients, self.val_slices, self.class_names)
         flipped = self.predict_val(model, tta=True) if self.cfg.tta == "auto" else None

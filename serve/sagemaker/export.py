@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from core.inference.bundle_uri import CONFIG, FILES_KEY, METRICS, WEIGHTS, resolve_bundle
+from core.bundle.files import CONFIG, FILES_KEY, METRICS, WEIGHTS, resolve_bundle
 from core.io import atomic_write_bytes
 
 VENDOR = "gliomaseg_core"

@@ -1,8 +1,8 @@
-"""The bundle: what a trained model is. A directory of model.safetensors + config.json + metrics.json.
+"""A bundle's network: its config built into a module (through core.networks), written and loaded.
 
 Loading never unpickles: weights come from safetensors, config and metrics from JSON. config.json records
 a sha256 per other file (``files``) and loading checks them; a bundle may live at ``s3://bucket/prefix``
-(see ``core.inference.bundle_uri``).
+(``core.bundle.files``). An ensemble bundle keeps one weights file per member (``members/<i>.safetensors``).
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.inference.bundle_uri import (
+from core.bundle.files import (
     CONFIG,
     FILES_KEY,
     METRICS,
     WEIGHTS,
     hash_files,
-    is_remote,
     listed_files,
+    member_file,
     resolve_bundle,
     verify_files,
 )
-from core.inference.ensemble_net import build_ensemble, load_ensemble_weights
-from core.io import atomic_dir, read_json, write_json
-from core.training.models import build_model
+from core.io import atomic_dir, is_remote, read_json, write_json
+from core.networks.ensemble import Ensemble, build_ensemble
+from core.networks.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,57 @@ def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
     return build_model(config["arch"], args["in_channels"], args["out_channels"], args["filters"], args["dropout"])
 
 
+def member_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What an ensemble bundle records per member, from that member's own bundle config."""
+    return {"arch": config["arch"], "model_args": dict(config["model_args"]),
+            "image_size": [int(v) for v in config["image_size"]]}
+
+
+def ensemble_config(
+    configs: list[dict[str, Any]], name: str, sources: list[str] | None = None
+) -> dict[str, Any]:
+    """An ensemble bundle's config.json from its members' bundle configs (same classes and channels).
+
+    Its ``image_size`` is the largest member's; threshold, TTA and post-processing start plain and are
+    chosen on val for the ensemble as a whole (core.training.ensemble).
+    """
+    first = configs[0]
+    for c in configs[1:]:
+        for key in ("class_names", "channels", "normalisation", "crop"):
+            if c.get(key) != first.get(key):
+                raise ValueError(f"ensemble members differ in {key}: {first.get(key)!r} vs {c.get(key)!r}")
+    members = [{**member_config(c), "weights": member_file(i), "version": c.get("version"),
+                **({"source": sources[i]} if sources else {})} for i, c in enumerate(configs)]
+    size = max((tuple(m["image_size"]) for m in members), key=lambda s: s[0] * s[1])
+    return {
+        **{k: first[k] for k in ("format", "channels", "normalisation", "class_names")},
+        "crop": first.get("crop", {"type": "none"}),
+        "name": name, "arch": "ensemble", "members": members,
+        "model_args": {"in_channels": first["model_args"]["in_channels"],
+                       "out_channels": first["model_args"]["out_channels"]},
+        "image_size": list(size), "threshold": 0.5, "tta": "none", "postprocess": {},
+        "hyperparameters": {"members": [c.get("hyperparameters", {}) for c in configs]},
+        "data": first.get("data", {}),
+    }
+
+
+def _write(path: str | os.PathLike, modules: dict[str, torch.nn.Module], config: dict[str, Any],
+           metrics: dict[str, Any], half: bool) -> Path:
+    """Each module's weights to its file, metrics.json, then config.json with every file's digest."""
+    config = {**config, "weights_dtype": "float16" if half else "float32"}
+    with atomic_dir(path) as tmp:
+        for name, module in modules.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            if half:
+                state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(tmp / name), metadata={"format": BUNDLE_FORMAT})
+        write_json(tmp / METRICS, metrics)
+        # Written last: it records the digest of every other file (a copy or download is checked on load).
+        write_json(tmp / CONFIG, {**config, FILES_KEY: hash_files(tmp)})
+    return Path(path)
+
+
 def save_bundle(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -115,17 +166,21 @@ def save_bundle(
     half: bool = False,
 ) -> Path:
     """Write a bundle atomically (a crash leaves any previous bundle at ``path`` intact)."""
-    module = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    config = {**config, "weights_dtype": "float16" if half else "float32"}
-    with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": BUNDLE_FORMAT})
-        write_json(tmp / METRICS, metrics)
-        # Written last: it records the digest of every other file (a copy or download is checked on load).
-        write_json(tmp / CONFIG, {**config, FILES_KEY: hash_files(tmp)})
-    return Path(path)
+    return _write(path, {WEIGHTS: getattr(model, "module", model)}, config, metrics, half)  # DDP unwrapped
+
+
+def save_ensemble_bundle(
+    path: str | os.PathLike, model: Ensemble, config: dict[str, Any], metrics: dict[str, Any], half: bool = False
+) -> Path:
+    """Write an ensemble bundle atomically: one weights file per member (``members/<i>.safetensors``)."""
+    return _write(path, {member_file(i): m for i, m in enumerate(model.members)}, config, metrics, half)
+
+
+def _load_weights(module: torch.nn.Module, file: Path) -> None:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; the bundle's config.json lists it")
+    state = load_file(str(file))
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
@@ -150,9 +205,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
     model = build_from_config(config)
     if "members" in config:  # an ensemble keeps one weights file per member
-        load_ensemble_weights(model, path, config)  # type: ignore[arg-type]
+        for member, record in zip(model.members, config["members"], strict=True):  # type: ignore[arg-type]
+            _load_weights(member, path / record["weights"])
     else:
-        state = load_file(str(path / WEIGHTS))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        _load_weights(model, path / WEIGHTS)
     model.to(device).eval()
     return Bundle(model=model, config=config, metrics=metrics, path=path)

@@ -4,7 +4,7 @@ A bundle's ``config.json`` records a sha256 per file (``files``: name -> digest;
 hash itself). A remote bundle is downloaded into ``<cache>/<sha256 of config.json>`` (the config holds
 every other file's digest, so its hash keys the whole content), into a temporary folder first, checked,
 then renamed into place; a later load on the same node reuses the verified copy. Nothing here imports
-torch or unpickles anything; boto3 is imported only for remote bundles (it honours AWS_ENDPOINT_URL).
+torch or unpickles anything; boto3 is imported only for remote bundles (core.io.s3_client).
 """
 
 from __future__ import annotations
@@ -20,24 +20,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from core.io import is_remote, parse_s3_uri, s3_client
+
 log = logging.getLogger(__name__)
 
-# A bundle's files (core.bundle writes them); here so that reading a bundle needs no torch.
+# A bundle's files (core.bundle.model writes them); here so that reading a bundle needs no torch.
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 FILES_KEY = "files"
 _CHUNK = 1 << 20
 
 
-def is_remote(uri: str | os.PathLike) -> bool:
-    return isinstance(uri, str) and uri.startswith("s3://")
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` -> (bucket, prefix without a trailing slash); ValueError otherwise."""
-    bucket, _, prefix = uri[5:].partition("/") if uri.startswith("s3://") else ("", "", "")
-    if not bucket:
-        raise ValueError(f"{uri!r}: expected s3://bucket/prefix")
-    return bucket, prefix.strip("/")
+def member_file(index: int) -> str:
+    """An ensemble member's weights file inside its bundle."""
+    return f"members/{index}.safetensors"
 
 
 def cache_root() -> Path:
@@ -99,14 +94,6 @@ def verify_files(folder: Path, files: Mapping[str, str], shown: str | None = Non
         if actual != expected:
             raise ValueError(f"{shown}/{name}: sha256 {actual[:12]}... does not match {expected[:12]}... recorded in "
                              f"{CONFIG} (the file was changed or corrupted after the bundle was written)")
-
-
-def s3_client() -> Any:
-    import boto3
-
-    # Older boto3 releases ignore AWS_ENDPOINT_URL; pass it explicitly (MinIO, moto, LocalStack).
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
 
 
 def _key(prefix: str, name: str) -> str:

@@ -2,23 +2,21 @@
 activates to the mean of their probabilities.
 
 The module takes a batch at the ensemble's input size (the largest member's), resizes it to each
-member's size (the resize matrices of ``core.inference.slices``), runs the member, resizes its
+member's size (``core.networks.resample``), runs the member, resizes its
 probabilities back and averages them. It returns log-probabilities (softmax) or logits of the mean
 probability (sigmoid), so everything that consumes a network's logits (Predictor, ONNX export, TTA,
-thresholds, post-processing) takes an ensemble unchanged. Building ensemble bundles is
-``core.inference.ensemble``; this module is what ``core.bundle`` needs to load one.
+thresholds, post-processing) takes an ensemble unchanged. Ensemble bundles are written and loaded by
+``core.bundle`` and built from member bundles by ``core.training.ensemble``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from core.data.preprocessing import resize_matrix
-from core.training.models import build_model
+from core.networks.models import build_model
+from core.networks.resample import resize_matrix
 
 EPS = 1e-6  # keeps logit(p) finite; probabilities this close to 0 or 1 threshold the same either way
 
@@ -83,18 +81,3 @@ def build_ensemble(members: list[dict[str, Any]], multiclass: bool, scale: float
     nets = [build_model(m["arch"], m["model_args"]["in_channels"], m["model_args"]["out_channels"],
                         m["model_args"]["filters"], m["model_args"]["dropout"]) for m in members]
     return Ensemble(nets, [tuple(m["image_size"]) for m in members], multiclass, scale)
-
-
-def member_file(index: int) -> str:
-    """A member's weights file inside an ensemble bundle."""
-    return f"members/{index}.safetensors"
-
-
-def load_ensemble_weights(model: Ensemble, path: Path, config: dict[str, Any]) -> None:
-    """Load each member's weights file (named in ``config['members']``) into ``model``."""
-    for member, record in zip(model.members, config["members"], strict=True):
-        file = path / record["weights"]
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: missing; the ensemble bundle's config.json lists it")
-        state = load_file(str(file))
-        member.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
