@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from core.data.arrays import SPLITS, SplitArrays, load_split, load_split_info  # noqa: E402
-from core.formats.codecs import overlay  # noqa: E402
+from core.formats.overlays import overlay  # noqa: E402
 from core.io import write_json  # noqa: E402
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from core.formats.codecs import overlay  # noqa: E402  (red tint per predicted label)
+from core.formats.overlays import overlay  # noqa: E402  (red tint per predicted label)
 
 TRUTH_COLOUR = np.array([60, 255, 60], np.uint8)
 

@@ -16,8 +16,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from core.formats.cases import is_nifti_name
 from core.formats.dicom import is_dicom_bytes, is_zip_bytes, looks_like_dicom_dir, read_dicom
-from core.formats.nifti import is_nifti_bytes, is_nifti_name, read_nifti
+from core.formats.nifti import is_nifti_bytes, read_nifti
 from core.formats.volume import Limits, UnreadableVolume, Volume
 
 NIFTI_MEDIA = "application/x-nifti"  # .nii; gzipped bodies are sniffed from their bytes

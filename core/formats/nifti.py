@@ -16,7 +16,6 @@ import gzip
 import io
 import json
 import os
-import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from core.formats.cases import channel_gap, nifti_cases, split_name
 from core.formats.volume import (
     SEQUENCE_TITLES,
     SEQUENCES,
@@ -40,14 +40,8 @@ from core.formats.volume import (
     same_grid,
 )
 
-NIFTI_NAME = re.compile(r"^(?P<case>.+?)(?:_(?P<channel>\d{4}))?\.nii(?:\.gz)?$", re.IGNORECASE)
 MAX_CHANNELS = 8  # a 4D file with more volumes is a time series, not sequences
 Source = str | os.PathLike | bytes
-
-
-def is_nifti_name(path: str | os.PathLike) -> bool:
-    name = str(path).lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
 def is_nifti_bytes(data: bytes) -> bool:
@@ -60,26 +54,27 @@ def is_nifti_bytes(data: bytes) -> bool:
     return data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:8] in (b"n+2\x00", b"ni2\x00")
 
 
+class _Beside:
+    """The names beside a file, asked one at a time (no folder listing for a lone scan)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __contains__(self, name: object) -> bool:
+        return (self.folder / str(name)).is_file()
+
+
 def _channel(path: Path) -> tuple[str, int, str] | None:
-    """(case, channel, suffix) for an nnU-Net channel file: named ``<case>_XXXX.nii[.gz]`` and with a
-    ``<case>_0000`` beside it (so ``TCGA_SY_1000.nii.gz`` alone is case TCGA_SY_1000, not a channel)."""
-    m = NIFTI_NAME.match(path.name)
-    if not m or m["channel"] is None:
-        return None
-    suffix = path.name[len(m["case"]) + 5:]
-    if not (path.parent / f"{m['case']}_0000{suffix}").is_file():
-        return None
-    return m["case"], int(m["channel"]), suffix
+    """(case, channel, suffix) for an nnU-Net channel file (core.formats.cases), else None."""
+    split = split_name(path.name, _Beside(path.parent))
+    return None if split is None or split[1] is None else (split[0], split[1], split[2])
 
 
 def case_name(path: str | os.PathLike) -> str:
     """``BraTS_001_0000.nii.gz`` (beside its other channels) -> ``BraTS_001``; ``scan.nii.gz`` -> ``scan``."""
     path = Path(path)
-    channel = _channel(path)
-    if channel:
-        return channel[0]
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    split = split_name(path.name, _Beside(path.parent))
+    return split[0] if split else path.stem
 
 
 def channel_files(path: str | os.PathLike) -> list[Path]:
@@ -89,13 +84,12 @@ def channel_files(path: str | os.PathLike) -> list[Path]:
     if channel is None:
         return [path]
     case, _, suffix = channel
-    pattern = re.compile(re.escape(case) + r"_(\d{4})" + re.escape(suffix) + "$")
-    found = {int(m.group(1)): n for n in path.parent.iterdir() if (m := pattern.match(n.name))}
-    missing = [i for i in range(max(found) + 1) if i not in found]
-    if missing:
-        raise UnreadableVolume(f"{path.parent}/{case}: channel file(s) {missing[:8]} missing (found "
-                               f"{sorted(found)[:8]}; expected {case}_0000{suffix}, _0001 ... without gaps)")
-    return [found[i] for i in sorted(found)]
+    siblings = [p.name for p in path.parent.iterdir() if p.name.lower().endswith(suffix.lower())]
+    files = nifti_cases(siblings)[case]
+    gap = channel_gap(files)
+    if gap:
+        raise UnreadableVolume(f"{path.parent}/{case}: {gap}")
+    return [path.parent / f for f in files]
 
 
 def dataset_channel_names(path: str | os.PathLike) -> list[str] | None:

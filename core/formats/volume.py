@@ -9,7 +9,7 @@ axes (nibabel's orientation tools: no interpolation), fills a missing sequence w
 set does) and rescales each channel to uint8 by its own percentiles. ``Volume.to_source`` is the exact
 inverse, so a mask goes back with the source's shape and affine.
 
-Errors are ``VolumeError`` subclasses of core.formats.codecs.DecodeError: a ValueError whose ``status``
+Errors are ``VolumeError`` subclasses of core.formats.media.DecodeError: a ValueError whose ``status``
 is the HTTP answer (400 unreadable, 413 too large, 422 unusable) and whose message names the problem.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from core.formats.codecs import DecodeError
+from core.formats.media import DecodeError
 
 SEQUENCES = ("pre", "flair", "post")  # channel order of the model's input (the Kaggle TIFFs)
 SEQUENCE_TITLES = {"pre": "pre-contrast", "flair": "FLAIR", "post": "post-contrast"}
