@@ -1,7 +1,7 @@
 """Cohort segmentation: `python -m serve batch` (Ray Data) against one process doing the same work.
 
 Both sides run the same code on the same synthetic cohort, device, batch size and torch threads:
-serve.batch's read, Segmenter (the Predictor, 3D post-processing) and write steps, sequentially in
+serve.batch.stages' read, Segmenter (the Predictor, 3D post-processing) and write steps, sequentially in
 this process for the baseline (bundle load included), as a Ray Data pipeline with one predictor
 actor for `serve batch` (its listing, actor start-up, summary and CSV included). The two alternate
 ``--reps`` times so load changes hit both. Ray's share is 1 - baseline time / `serve batch` time.
@@ -40,8 +40,10 @@ from common import (
     row,
 )
 
-from serve.batch import BatchOptions, Segmenter, plan, read_patient, run_batch, write_patient
-from serve.batch_store import Store
+from serve.batch.plan import plan
+from serve.batch.run import BatchOptions, run_batch
+from serve.batch.stages import Segmenter, read_patient, write_patient
+from serve.batch.store import Store
 
 OBJECT_STORE = 256 * 1024 * 1024
 

@@ -20,9 +20,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -31,6 +32,9 @@ from core.bundle.files import WEIGHTS, listed_files, read_config
 from core.io import is_remote
 from serve.ingress import Ingress
 from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
+
+if TYPE_CHECKING:
+    from core.inference.slices import Segmentation
 
 log = logging.getLogger(__name__)
 APP_NAME = "gliomaseg"
@@ -110,27 +114,27 @@ class SegmentModel:
         # Warm up so the first request does not pay for lazy initialisation.
         self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))
 
-    async def _run(self, images: list[np.ndarray] | np.ndarray, volume: bool) -> np.ndarray | list[np.ndarray]:
-        """Predictor.predict's masks: one (N,H,W) array for same-size slices (a volume always), else a list."""
+    async def _run(self, method: Callable[..., Any], *args: Any) -> Any:
+        """One Predictor call at a time, in a thread: the replica's event loop stays free, so requests queue
+        up for the next batch."""
         async with self._lock:
             try:
-                # A thread keeps the replica's event loop free, so requests queue up for the next batch.
-                masks = await asyncio.to_thread(self.predictor.predict, images, volume)
+                return await asyncio.to_thread(method, *args)
             except RuntimeError as exc:
                 if "CUDA" in str(exc):
                     self._fatal = str(exc)  # a broken device will not heal: fail the health check
                 raise
-        return masks
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def segment(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """One HxWx3 slice per caller -> (HxW mask, size of the batch it ran in)."""
-        masks = await self._run(images, volume=False)
+        masks = await self._run(self.predictor.predict, images, False)
         return [(m, len(images)) for m in masks]
 
-    async def segment_volume(self, images: np.ndarray) -> np.ndarray:
-        """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing."""
-        return np.asarray(await self._run(images, volume=True))  # already one array: no copy
+    async def segment_volume(self, images: np.ndarray, spacing: Sequence[float] | None = None) -> Segmentation:
+        """One patient's ordered (N,H,W,3) slices -> its Segmentation: (N,H,W) masks with 3D post-processing
+        at ``spacing`` (mm; None: the Kaggle grid's), and the answer's quality and review flag."""
+        return await self._run(self.predictor.segment, images, spacing)
 
     def info(self) -> dict[str, Any]:
         return {**self.predictor.info(), "version": self.predictor.version}

@@ -2,7 +2,8 @@
 
 Decoding and encoding run here (in a thread, off the event loop), so the model replica only ever sees
 (H,W,3) uint8 arrays and only ever returns masks. Every error is JSON ``{"error", "detail"}``. What a
-volume body is and how its answer is made (NIfTI, DICOM SEG, TIFF, NPY, JSON) is serve/volumes.py.
+volume body is and how its answer is made (NIfTI, DICOM SEG, TIFF, NPY) is serve/volumes.py; a JSON answer
+is core's result schema (core.inference.results.result_json), as SageMaker's is.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' real annotations
 (``Request``) from the copy @serve.ingress makes, where postponed string annotations do not resolve.
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.preprocessing import single_slice_note
 from core.formats import codecs
-from core.inference.predict import VolumeResult
+from core.inference.results import VolumeResult, result_json
 from serve import volumes
 
 FORMATS = ("png", "tiff", "npy", "json")
@@ -234,10 +235,9 @@ class Ingress:
         if note:
             headers.update({"X-Preprocessing-Scope": "slice", "Warning": f'299 gliomaseg "{note}"'})
         if format == "json":
-            body = {"model_version": headers["X-Model-Version"], "size": list(mask.shape),
-                    "tumour_pixels": pixels, "tumour_fraction": pixels / mask.size,
-                    "rle": codecs.rle_encode(mask), "batch_size": batch,
-                    **({"preprocessing_note": note} if note else {})}
+            names = (await self.info())["config"].get("class_names", [])
+            body = {**result_json(mask[None], headers["X-Model-Version"], names, volume=False, note=note),
+                    "batch_size": batch}
             if overlay:
                 body["overlay"] = (await asyncio.to_thread(volumes.overlay_urls, image[None], mask[None], sequence))[0]
             if shown:
@@ -254,16 +254,16 @@ class Ingress:
                              sequence: str = "rgb", layers: str = "") -> Response:
         # Everything that can be refused without the body is refused first: auth, format, Accept, type.
         self._authorise(request)
-        wanted = volumes.requested_format(format, request.headers.get("accept"), overlay)
+        wanted = volumes.requested(format, request.headers.get("accept"), overlay)
         shown = volumes.parse_layers(layers)
         volumes.check_sequence(sequence)
         content_type = request.headers.get("content-type", "")
         declared = volumes.declared_kind(content_type)
         if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
-            volumes.output_format(wanted, declared)
+            volumes.output_format(wanted, declared, overlay)
         data = await self._body(request)
         kind = volumes.body_kind(declared, data)
-        fmt = volumes.output_format(wanted, kind)
+        fmt = volumes.output_format(wanted, kind, overlay)
         s = self.settings
         scan = None
         if kind == volumes.SLICES:
@@ -275,14 +275,18 @@ class Ingress:
                                            s["max_slices"], s["min_size"], s["max_size"])
             images = scan.images
         del data
-        masks = await _call_model(self.model.segment_volume, images)
+        # The scan's spacing, so post-processing sizes in mm3 mean what they mean in `core predict`.
+        answer = await _call_model(self.model.segment_volume, images, scan.spacing if scan else None)
+        masks = np.asarray(answer.masks)
         config = (await self.info())["config"]
-        result = VolumeResult(scan, masks, list(config.get("class_names", ["background", "tumour"]))) if scan else None
+        names = list(config.get("class_names", ["background", "tumour"]))
+        result = VolumeResult(scan, masks, names, getattr(answer, "quality", None),
+                              getattr(answer, "review", None)) if scan else None
         headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
         if result is not None:  # the figure a radiologist asks for first, without parsing the body
             headers["X-Tumour-Volume-mL"] = f"{result.volume_ml:.4f}"
         if fmt == "json":
-            body = volumes.volume_json(masks, headers["X-Model-Version"], result)
+            body = result_json(masks, headers["X-Model-Version"], names, scan=result, answer=answer)
             if overlay:
                 body["overlays"] = await asyncio.to_thread(volumes.overlay_urls, images, masks, sequence)
             if shown:

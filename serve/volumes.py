@@ -4,62 +4,51 @@ thread, and tests call them directly.
 
 Bodies are a slice stack (multi-page TIFF, (N,H,W,3) ``.npy``, one PNG; core.formats.codecs) or a scan
 (NIfTI ``.nii``/``.nii.gz``, a zipped DICOM study, one DICOM file; core.formats.load), known by the
-Content-Type (SCAN_TYPES, codecs.MEDIA_ALIASES) and, for a generic or missing type or a scan type, by
-their magic bytes. A scan's masks come back on its own grid (NIfTI with the source's affine and header;
-DICOM SEG referencing the source series) or, as TIFF/NPY, in the model's canonical slice order
-(CANONICAL_ORDER). The output is ``format=`` if given, else the first supported ``Accept`` type, else NIfTI
-for a scan and a multi-page TIFF for a slice stack. Every refusal is a codecs.DecodeError (its status,
-error and detail become the JSON error response).
+Content-Type (core.formats.media.SCAN_TYPES, codecs.MEDIA_ALIASES) and, for a generic or missing type or a
+scan type, by their magic bytes. A scan's masks come back on its own grid (NIfTI with the source's affine
+and header; DICOM SEG referencing the source series) or, as TIFF/NPY, in the model's canonical slice order.
+The output is ``format=`` if given, else the best ``Accept`` type this body can have (core.formats.media,
+as SageMaker negotiates), else NIfTI for a scan and a multi-page TIFF for a slice stack; JSON is the result
+schema (core.inference.results). Every refusal is a codecs.DecodeError (its status, error and detail
+become the JSON error response).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.formats import codecs
+from core.formats.media import (
+    DICOM,
+    DICOM_MEDIA,
+    FORMATS,
+    NIFTI,
+    NIFTI_MEDIA,
+    SCAN_TYPES,
+    SLICES,
+    base_type,
+    choose_format,
+    preferences,
+)
 
 if TYPE_CHECKING:
     from core.formats.volume import Limits, Volume
-    from core.inference.predict import VolumeResult
+    from core.inference.results import VolumeResult
 
-NIFTI, DICOM, SLICES = "nifti", "dicom", "slices"  # what a body holds
-NIFTI_MEDIA, DICOM_MEDIA = "application/gzip", "application/dicom"  # what .nii.gz and a SEG go out as
-# Request types of scans. gzip and zip say only "compressed": the bytes say what is inside (a gzip that
-# is no NIfTI, or a zip without DICOM, is a 400 naming what was expected).
-SCAN_TYPES = {
-    "application/x-nifti": NIFTI, "application/nifti": NIFTI, "application/x-nifti-gz": NIFTI,
-    "image/nifti": NIFTI, "application/gzip": NIFTI, "application/x-gzip": NIFTI,
-    "application/zip": DICOM, "application/x-zip-compressed": DICOM, "application/dicom+zip": DICOM,
-    "application/dicom": DICOM,
-}
-FORMATS = ("nifti", "dicom-seg", "tiff", "npy", "json", "png")
-ACCEPT = {  # response media type -> format
-    "application/json": "json", "image/tiff": "tiff", "image/tif": "tiff", "application/x-npy": "npy",
-    "application/npy": "npy", "image/png": "png", "application/dicom": "dicom-seg", **{
-        t: "nifti" for t in ("application/gzip", "application/x-gzip", "application/x-nifti", "application/nifti",
-                             "application/x-nifti-gz")},
-}
-MEDIA = {"nifti": NIFTI_MEDIA, "dicom-seg": DICOM_MEDIA, "tiff": codecs.TIFF, "npy": codecs.NPY,
-         "json": codecs.JSON, "png": codecs.PNG}
+# What this endpoint answers a volume with; png only with overlay=true (an animation of the overlays).
+VOLUME_FORMATS = ("nifti", "dicom-seg", "tiff", "npy", "json")
 SEQUENCE_VIEWS = ("rgb", "pre", "flair", "post")  # rgb: the three blended, as the model sees them
-CANONICAL_ORDER = ("axial slices, the first the most inferior; rows toward posterior, columns toward the "
-                   "patient's left (the Kaggle display orientation)")
-STACK_ORDER = "the slices in the order they were sent"
 MASK_ALPHA = 0.45  # as codecs.overlay, so a page compositing the layers shows what overlay=true burns in
 ACCEPTED = ("image/tiff, application/x-npy, image/png (slice stacks); application/gzip or application/x-nifti "
             "(NIfTI), application/zip or application/dicom+zip (a zipped DICOM study), application/dicom")
 
 
-def _base(media: str | None) -> str:
-    return (media or "").split(";", 1)[0].strip().lower()
-
-
 def declared_kind(content_type: str | None) -> str | None:
     """NIFTI, DICOM or SLICES from the Content-Type; None when generic (sniff the bytes); 415 otherwise.
     Called before the body is read, so an unusable type costs no upload."""
-    base = _base(content_type)
+    base = base_type(content_type)
     if base in SCAN_TYPES:
         return SCAN_TYPES[base]
     if base in codecs.MEDIA_ALIASES:
@@ -89,10 +78,13 @@ def body_kind(declared: str | None, data: bytes) -> str:
                              f"of DICOM files, DICOM, TIFF, PNG or .npy; send {ACCEPTED}")
 
 
-def requested_format(fmt: str | None, accept: str | None, overlay: bool) -> str | None:
-    """The output asked for: ``format=`` wins, then the first supported Accept type (by q-value); None
-    means "the default for what the body turns out to be". 400 for an unknown format, 406 for an Accept
-    that lists nothing this endpoint makes."""
+def offered(overlay: bool) -> tuple[str, ...]:
+    return (*VOLUME_FORMATS, "png") if overlay else VOLUME_FORMATS
+
+
+def requested(fmt: str | None, accept: str | None, overlay: bool) -> list[str]:
+    """The answers asked for, best first: ``format=`` alone where given (400 for an unknown one), else the
+    Accept header's (core.formats.media.preferences: q-values; 406 for one that lists nothing made here)."""
     if fmt is not None:
         fmt = fmt.strip().lower()
         if fmt not in FORMATS:
@@ -100,43 +92,14 @@ def requested_format(fmt: str | None, accept: str | None, overlay: bool) -> str 
         if fmt == "png" and not overlay:
             raise codecs.DecodeError(400, "bad_request", "format=png is for single slices; use nifti, dicom-seg, "
                                                           "tiff, npy or json for volumes (or overlay=true)")
-        return fmt
-    if not accept or not accept.strip():
-        return None
-    ranked: list[tuple[float, int, str]] = []
-    for i, item in enumerate(accept.split(",")):
-        media, *params = (p.strip() for p in item.split(";"))
-        q = 1.0
-        for p in params:
-            key, _, value = p.partition("=")
-            if key.strip() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            ranked.append((-q, i, media.lower()))
-    for _, _, media in sorted(ranked):
-        if media in ("*/*", "application/*", "image/*", ""):
-            return None
-        if media in ACCEPT and (ACCEPT[media] != "png" or overlay):
-            return ACCEPT[media]
-    raise codecs.DecodeError(406, "not_acceptable", f"Accept {accept!r}: this endpoint answers "
-                             f"{', '.join(sorted(set(ACCEPT)))} (image/png with overlay=true); or give format=")
+        return [fmt]
+    return preferences(accept, offered(overlay), " (image/png with overlay=true); or give format=")
 
 
-def output_format(requested: str | None, kind: str) -> str:
-    """The format to answer with for this body; 406 for an answer that this body cannot give."""
-    fmt = requested or (NIFTI if kind != SLICES else "tiff")
-    if fmt == "dicom-seg" and kind != DICOM:
-        what = "a NIfTI scan" if kind == NIFTI else "a slice stack"
-        raise codecs.DecodeError(406, "not_acceptable", f"a DICOM SEG references the DICOM series it segments; the "
-                                 f"body is {what}: send a zipped DICOM study, or ask for nifti, tiff, npy or json")
-    if fmt == "nifti" and kind == SLICES:
-        raise codecs.DecodeError(406, "not_acceptable", "a TIFF/NPY slice stack has no voxel geometry (spacing, "
-                                 "orientation) to write a NIfTI with: send the NIfTI or DICOM scan, or ask for "
-                                 "tiff, npy or json")
-    return fmt
+def output_format(wanted: list[str], kind: str, overlay: bool) -> str:
+    """The format to answer this body with (NIfTI for a scan, TIFF for a stack by default); 406 for answers
+    the body cannot have (a DICOM SEG of a NIfTI, a NIfTI of a slice stack)."""
+    return choose_format(wanted, kind, "nifti" if kind != SLICES else "tiff", offered(overlay))
 
 
 def scan_limits(max_pixels: int) -> Limits:
@@ -215,26 +178,6 @@ def layer_urls(images: np.ndarray, masks: np.ndarray, sequences: tuple[str, ...]
 def overlay_urls(images: np.ndarray, masks: np.ndarray, sequence: str) -> list[str]:
     shown = view(images, sequence)
     return [codecs.data_url(codecs.encode_overlay_png(i, m)) for i, m in zip(shown, masks, strict=True)]
-
-
-def volume_json(masks: np.ndarray, version: str, result: VolumeResult | None) -> dict[str, Any]:
-    """Per-slice and whole-volume tumour figures; ``volume_ml`` (and the spacing) where a scan gives it,
-    None for a slice stack, whose pixels have no size."""
-    areas = [int(a) for a in np.count_nonzero(masks.reshape(len(masks), -1), axis=1)]
-    body: dict[str, Any] = {
-        "model_version": version, "input": result.volume.kind if result else SLICES,
-        "slices": len(masks), "size": [int(s) for s in masks.shape[1:]], "tumour_pixels": sum(areas),
-        "tumour_slices": sum(a > 0 for a in areas), "slice_tumour_pixels": areas,
-        "slice_order": CANONICAL_ORDER if result else STACK_ORDER,
-        "volume_ml": None, "class_ml": None, "voxel_ml": None, "spacing_mm": None, "scan": None,
-    }
-    if result is not None:
-        summary = result.volume.summary()
-        body.update(volume_ml=result.volume_ml, class_ml=result.class_ml(), voxel_ml=summary["voxel_ml"],
-                    spacing_mm=summary["spacing_mm"],
-                    scan={k: summary[k] for k in ("kind", "source_shape", "plane", "sources", "filled_with_flair",
-                                                  "notes")})
-    return body
 
 
 def encode_masks(fmt: str, masks: np.ndarray, scale: int, result: VolumeResult | None, model: str,

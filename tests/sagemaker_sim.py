@@ -34,9 +34,10 @@ class Context:
     def __init__(self):
         self.system_properties = {"model_dir": model_dir, "gpu_id": None}
         self.request_processor = [RequestProcessor({})]
-        self.status, self.content_type = 200, None
+        self.status, self.content_type, self.headers = 200, None, {}
     def set_response_status(self, code=200, phrase=""): self.status = code
     def set_response_content_type(self, idx, value): self.content_type = value
+    def set_response_header(self, idx, key, value): self.headers[key] = value  # as TorchServe's Context
 
 ctx = Context()
 service = DefaultHandlerService(Transformer())
@@ -47,12 +48,12 @@ for i, req in enumerate(spec):
     if req.get("accept"):
         headers["Accept"] = req["accept"]
     ctx.request_processor = [RequestProcessor(headers)]
-    ctx.status, ctx.content_type = 200, None
+    ctx.status, ctx.content_type, ctx.headers = 200, None, {}
     body = open(req["body"], "rb").read()
     out = service.handle([{"body": body}], ctx)[0]
     out = out.encode() if isinstance(out, str) else bytes(out)
     open(f"{req['body']}.out", "wb").write(out)
-    results.append({"status": ctx.status, "content_type": ctx.content_type})
+    results.append({"status": ctx.status, "content_type": ctx.content_type, "headers": ctx.headers})
 mods = sys.modules
 results.append({"vendored": mods["gliomaseg_core"].__file__, "inference": mods["inference"].__file__,
                  "core_loaded": "core" in mods, "serve_loaded": "serve" in mods})

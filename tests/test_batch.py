@@ -22,7 +22,7 @@ from s3_support import moto_s3
 
 from core.cli import dispatch
 from core.data.prepare import patient_id
-from serve.batch import BatchOptions, run_batch
+from serve.batch.run import BatchOptions, run_batch
 
 PATIENTS, SLICES = 4, 12  # 12 slices: numeric order (1, 2, ..., 10) differs from name order (1, 10, 11, 2)
 BUCKET = "gliomaseg-batch"
@@ -150,7 +150,7 @@ def test_unreadable_slice_fails_only_its_patient_and_a_rerun_skips_finished_ones
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*")}
     shutil.copy(cohort / folders[1] / broken.name, broken)  # the file is fixed; rerun through the CLI
     caplog.clear()
-    rc = dispatch("python -m serve", "", ("serve.batch",), ["batch", "--bundle", str(bundle), "--src", str(src),
+    rc = dispatch("python -m serve", "", ("serve.batch.cli",), ["batch", "--bundle", str(bundle), "--src", str(src),
                                                            "--out", str(out), "--workers", "1", "--batch-size", "8"])
     assert rc == 0
     again = json.loads((out / "summary.json").read_text())

@@ -24,7 +24,7 @@ from core.evaluation.evaluate import arrays_from_src, scans_from_src, write_repo
 from core.formats.volume import VolumeError
 from core.inference.predict import run
 
-COMMANDS = ("core.evaluation.evaluate", "core.inference.predict")
+COMMANDS = ("core.evaluation.cli", "core.inference.cli")
 
 
 @pytest.fixture(scope="module")

@@ -159,13 +159,20 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
                 {"body": str(tmp_path / f"{tta}-slice-binary.npy"), "content_type": codecs.NPY, "accept": codecs.NPY}]
         (tmp_path / f"{tta}.json").write_text(json.dumps(spec))
         out = run_container(tmp_path / tta, tmp_path / f"{tta}.json", tmp_path, {})
-        statuses = [r["status"] for r in json.loads(out.split("RESULTS", 1)[1])[:3]]
+        answers = json.loads(out.split("RESULTS", 1)[1])[:3]
+        statuses = [r["status"] for r in answers]
         assert np.array_equal(read_npy((tmp_path / f"{tta}.npy.out").read_bytes()) > 0, reference[tta][0] > 0)
-        # One slice of a per-patient bundle: the JSON result says what was done; a bare mask is refused.
+        # One slice of a per-patient bundle: answered, as by Serve, with the note in JSON and in the
+        # invocation's custom attributes (Serve's Warning), whatever the format.
         summary = json.loads((tmp_path / f"{tta}-slice.npy.out").read_bytes())
         per_patient = predictor.preprocessing.per_patient
-        assert ("preprocessing_note" in summary) == per_patient
-        assert statuses == [200, 200, 422 if per_patient else 200]
+        assert (summary["preprocessing_note"] is not None) == per_patient
+        assert statuses == [200, 200, 200]
+        for r in answers[1:]:
+            scope = r["headers"].get("X-Amzn-SageMaker-Custom-Attributes", "")
+            assert scope.startswith("preprocessing_scope=slice") == per_patient, r
+        np.testing.assert_array_equal(read_npy((tmp_path / f"{tta}-slice-binary.npy.out").read_bytes()) > 0,
+                                      reference[tta][1][0] > 0)
 
     apps = {f"/{tta}": ServeSettings(bundle=str(bundle)) for tta, bundle in bundles.items()}
     with serving(apps) as urls:

@@ -140,13 +140,13 @@ def test_archive_handlers_in_fresh_process_match_predictor(archive, predictor, a
         summary = json.loads(ok(name, "application/json"))
         mask = predictor.predict(one)[0]
         np.testing.assert_array_equal(codecs.rle_decode(summary["masks_rle"][0]), mask)
-        assert summary["tumour_pixels"] == [int(mask.sum())] and summary["slices"] == 1
+        assert summary["tumour_pixels"] == int(mask.sum()) and summary["slices"] == 1 and summary["volume"] is False
 
     s3_out = json.loads(ok("s3_vol", "application/json"))
     assert s3_out["mask_uri"] == f"s3://{BUCKET}/out/patient_vol_mask.tiff" and s3_out["volume"] is True
     written = s3.get_object(Bucket=BUCKET, Key="out/patient_vol_mask.tiff")["Body"].read()
     np.testing.assert_array_equal(tifffile.imread(io.BytesIO(written)), expected_vol * 255)
-    assert s3_out["tumour_pixels"] == [int(m.sum()) for m in expected_vol]
+    assert s3_out["slice_tumour_pixels"] == [int(m.sum()) for m in expected_vol] and s3_out["masks_rle"] is None
     nxt = json.loads(ok("s3_next_to_input", "application/json"))
     assert nxt["mask_uri"] == f"s3://{BUCKET}/in/slice_mask.png"
     written = s3.get_object(Bucket=BUCKET, Key="in/slice_mask.png")["Body"].read()
@@ -178,7 +178,7 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     from scan_support import bad_bodies, dicom_study, flair_headers, nifti_scan, read_nifti_bytes, voxel_ml, zip_folder
 
     from core.formats.load import load_volume
-    from core.inference.predict import segment_volume
+    from core.inference.results import segment_volume
 
     vol = sample_images(10, seed=9)
     nii_path = nifti_scan(vol, tmp_path / "case.nii.gz")

@@ -180,8 +180,8 @@ def _tree(root: Path) -> set[Path]:
 
 
 def test_output_names_stay_inside_out(url: str, bundle: Path, synth_src: Path, tmp_path: Path) -> None:
+    from core.inference.jobs import safe_name as core_safe
     from core.inference.predict import run as core_predict
-    from core.inference.predict import safe_name as core_safe
     from core.inference.predictor import Predictor
     from serve.client import predict_paths
     from serve.client import safe_name as client_safe

@@ -74,7 +74,7 @@ def mask_from(r: httpx.Response, fmt: str) -> np.ndarray:
         return tifffile.imread(io.BytesIO(r.content)) // 255
     if fmt == "npy":
         return np.load(io.BytesIO(r.content), allow_pickle=False)
-    return codecs.rle_decode(r.json()["rle"])
+    return codecs.rle_decode(r.json()["masks_rle"][0])
 
 
 def test_health_model_and_page(url: str) -> None:
@@ -260,9 +260,9 @@ def scan_images() -> np.ndarray:
 
 
 def _expected(predictor, body: bytes):
-    """What `core predict` does with the same file: core.inference.predict.segment_volume."""
+    """What `core predict` does with the same file: core.inference.results.segment_volume."""
     from core.formats.load import load_volume
-    from core.inference.predict import segment_volume
+    from core.inference.results import segment_volume
 
     result = segment_volume(predictor, load_volume(body))
     assert 0 < result.masks.sum() < result.masks.size

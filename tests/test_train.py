@@ -14,8 +14,8 @@ from core.cli import dispatch
 from core.config import TrainConfig
 from core.data.arrays import load_split, load_split_info
 from core.evaluation.evaluate import evaluate_split
+from core.inference.jobs import safe_name
 from core.inference.postprocess import NO_POSTPROCESS
-from core.inference.predict import safe_name
 from core.inference.predictor import Predictor
 from core.training.trainer import EpochResult, Trainer
 

@@ -110,8 +110,8 @@ def test_page_scrolls_a_nifti_scan_in_grey_with_the_mask_and_its_volume(url: str
     from scan_support import nifti_scan, voxel_ml
 
     from core.formats.load import load_volume
-    from core.inference.predict import segment_volume
     from core.inference.predictor import Predictor
+    from core.inference.results import segment_volume
 
     images = sample_images(8, seed=4)
     scan = nifti_scan(images, tmp_path / "patient.nii.gz")

@@ -5,8 +5,8 @@
 - ``model``: the network a config describes, built through core.networks, written and loaded
   (single networks and ensembles).
 
-``from core.bundle import load_bundle`` (and the other ``model`` names) imports ``model`` on first use,
-so importing ``core.bundle.files`` never loads torch.
+The ``model`` names (``load_bundle``, ``save_bundle``, ...) are importable from this package: ``model``
+is imported on first use of one, so importing ``core.bundle.files`` never loads torch.
 """
 
 from __future__ import annotations

@@ -5,21 +5,20 @@ NIfTI sources (``--src``): an nnU-Net v2 raw dataset (imagesTr/labelsTr, and ima
 folder of scans (``<case>.nii.gz`` or channel files ``<case>_0000.nii.gz`` ...) each with its
 ``<case>_mask.nii.gz`` beside it; per_patient.csv then has the true and predicted volumes in mL.
 
-``evaluate_split`` is the reusable part (training and tune call it): it predicts each patient as one
-volume, so the bundle's 3D post-processing applies exactly as it will in serving.
+``evaluate_split`` is the reusable part (tune and the benchmarks call it): it predicts each patient as one
+volume, so the bundle's 3D post-processing applies exactly as it will in serving. The command line is
+core/evaluation/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.config import add_predictor_arguments
-from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.data.arrays import SplitArrays
 from core.evaluation.metrics import confusion_matrix, per_patient_dice, per_slice_dice, segmentation_metrics
 from core.io import write_csv, write_json
 
@@ -69,10 +68,6 @@ def arrays_from_src(src: str | os.PathLike, classes: int = 1) -> SplitArrays:
     return stack_patients(patients)
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
-
-
 def scans_from_src(src: str | os.PathLike, classes: int = 1, sequences: list[str] | None = None
                    ) -> tuple[SplitArrays, dict[str, float], dict[str, Any]] | None:
     """NIfTI scans with masks -> (arrays, voxel mL per patient, notes), or None when ``src`` holds none.
@@ -80,7 +75,8 @@ def scans_from_src(src: str | os.PathLike, classes: int = 1, sequences: list[str
     Cases of different in-plane sizes are resized to the most common one (recorded under ``resized``)."""
     from core.data.nnunet import common_size, is_nnunet_dataset, read_case, read_nnunet
     from core.data.prepare import DataError, stack_patients
-    from core.formats.nifti import case_name, channel_files
+    from core.formats.cases import is_nifti_name, is_truth_name, nifti_cases
+    from core.formats.nifti import channel_files
 
     src = Path(src)
     if is_nnunet_dataset(src):
@@ -89,14 +85,13 @@ def scans_from_src(src: str | os.PathLike, classes: int = 1, sequences: list[str
             raise ValueError(f"{src} has {len(cases.class_names) - 1} foreground classes, the bundle {classes}")
         patients, voxel_ml = cases.patients, cases.voxel_ml
     else:
-        files = sorted(p for p in src.iterdir() if _is_nifti(p)) if src.is_dir() else []
-        if not files:
+        names = sorted(p.name for p in src.iterdir() if p.is_file() and is_nifti_name(p.name)) if src.is_dir() else []
+        if not names:
             return None
-        masks = {case_name(f)[: -len("_mask")]: f for f in files if case_name(f).endswith("_mask")}
-        images: dict[str, list[Path]] = {}
-        for f in files:
-            if not case_name(f).endswith("_mask") and case_name(f) not in images:
-                images[case_name(f)] = channel_files(f)
+        truth = [n for n in names if is_truth_name(n)]
+        masks = {case[: -len("_mask")]: src / files[0] for case, files in nifti_cases(truth).items()}
+        images = {case: channel_files(src / files[0])
+                  for case, files in nifti_cases([n for n in names if n not in truth]).items()}
         for case in sorted(set(masks) - set(images)):
             raise DataError(f"{masks[case]}: mask without a scan")
         for case in sorted(set(images) - set(masks)):
@@ -176,49 +171,3 @@ def write_report(
         summary["confusion_matrix"] = {"classes": names, "pixels": matrix.tolist()}
     write_json(out / "summary.json", summary)
     return summary
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate", help="evaluate a bundle on a prepared split or a kaggle_3m folder",
-        description="Per-slice and per-patient CSVs, summary.json and plots for one bundle.",
-    )
-    add_predictor_arguments(p)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="prepared directory")
-    source.add_argument("--src", type=Path, help="a kaggle_3m folder, an nnU-Net raw dataset, or a folder of NIfTI "
-                        "scans each with <case>_mask.nii.gz beside it")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="with --data (default: test)")
-    p.add_argument("--out", required=True, type=Path, help="report directory")
-    p.add_argument("--sequences", help="NIfTI scans: the sequence of each channel, e.g. flair,t1,t1gd,t2")
-    p.set_defaults(func=evaluate_command)
-
-
-def evaluate_command(args: argparse.Namespace) -> int:
-    from core.inference.predictor import Predictor
-
-    predictor = Predictor.from_args(args)
-    classes = max(1, len(predictor.config["class_names"]) - 1)
-    if args.data is not None:
-        info = load_split_info(args.data)
-        if int(info.get("classes", 1)) != classes:
-            raise ValueError(f"{args.data} has {info.get('classes')} classes, the bundle {classes}")
-        arrays = load_split(args.data, args.split)
-        source = {"data": str(args.data), "split": args.split}
-    voxel_ml = None
-    if args.data is None:  # --src
-        sequences = args.sequences.split(",") if args.sequences else None
-        scans = scans_from_src(args.src, classes, sequences)
-        source = {"src": str(args.src)}
-        if scans is not None:
-            arrays, voxel_ml, notes = scans
-            source.update(notes)
-        else:
-            arrays = arrays_from_src(args.src, classes)
-    if len(arrays) == 0:
-        raise ValueError(f"no slices to evaluate in {source}")
-    summary = write_report(predictor, arrays, args.out, {**source, "bundle": str(args.bundle)}, voxel_ml)
-    m = summary["metrics"]
-    print(f"dsc_volume={m['dsc_volume']:.4f} dice_tumour={m['dice_tumour']:.4f} dice_all={m['dice_all']:.4f} "
-          f"fp_slice_rate={m['fp_slice_rate']:.4f}; report: {args.out}")
-    return 0

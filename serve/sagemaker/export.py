@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from core.bundle.files import CONFIG, FILES_KEY, METRICS, WEIGHTS, resolve_bundle
-from core.io import atomic_write_bytes
+from core.io import atomic_write_bytes, parse_s3_uri
+from core.io import s3_client as core_s3_client
 
 VENDOR = "gliomaseg_core"
 ENTRY_POINT = "inference.py"
@@ -200,22 +201,11 @@ def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInf
     return info
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key); ValueError otherwise."""
-    if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
-        raise ValueError(f"{uri!r}: expected s3://bucket/prefix")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
-
-
 def upload_archive(path: str | os.PathLike, s3_uri: str, s3_client: Any | None = None) -> str:
     """Upload to ``s3_uri`` (a ``.tar.gz`` key, or a prefix to put ``model.tar.gz`` under); returns the URI."""
     bucket, key = parse_s3_uri(s3_uri)
     if not key.endswith(".tar.gz"):
         key = f"{key.rstrip('/')}/{Path(path).name}".lstrip("/")
-    if s3_client is None:
-        import boto3
-
-        s3_client = boto3.client("s3")
+    s3_client = s3_client or core_s3_client()
     s3_client.upload_file(str(path), bucket, key)  # multipart for large archives
     return f"s3://{bucket}/{key}"

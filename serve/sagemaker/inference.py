@@ -12,13 +12,15 @@ also recognised by its bytes under ``application/octet-stream``; or ``applicatio
 writes the mask there (payloads over the 6 MB invocation limit go this way; ``"format"`` png, tiff, npy,
 or for a scan nifti (its default) or dicom-seg). Several slices form one patient volume (3D
 post-processing) unless the type says ``; volume=false`` (or the JSON ``"volume": false``); a scan always
-does. Responses (Accept): ``application/json`` (default: areas, RLE masks and, for a scan, ``volume_ml``
-from its voxel spacing; null for slices), ``application/x-npy`` ((N,H,W) uint8 labels), ``image/png`` (one
-slice, 0/255), ``image/tiff`` (one page per slice), and for a scan ``application/gzip`` (the NIfTI mask on
-the scan's own grid, with its affine and header) or ``application/dicom`` (a DICOM SEG referencing the
-source series; DICOM input only). A scan's NPY/TIFF masks are in the model's slice order: axial, the
-first slice the most inferior. Bad requests raise errors the container turns into 4xx responses carrying
-the message.
+does. Responses (Accept, with q-values, negotiated by core.formats.media as Serve's are):
+``application/json`` (default: core's result schema, the same JSON Serve answers, RLE masks included),
+``application/x-npy`` ((N,H,W) uint8 labels), ``image/png`` (one slice, 0/255), ``image/tiff`` (one page
+per slice), and for a scan ``application/gzip`` (the NIfTI mask on the scan's own grid, with its affine and
+header) or ``application/dicom`` (a DICOM SEG referencing the source series; DICOM input only). A scan's
+NPY/TIFF masks are in the model's slice order: axial, the first slice the most inferior. One slice of a
+per-patient bundle is answered (200) with a note: ``preprocessing_note`` in JSON, and for every answer the
+``X-Amzn-SageMaker-Custom-Attributes`` header (the invocation's CustomAttributes). Bad requests raise
+errors the container turns into 4xx responses carrying the message.
 """
 
 from __future__ import annotations
@@ -33,8 +35,22 @@ from typing import Any
 import numpy as np
 from gliomaseg_core.data.preprocessing import single_slice_note
 from gliomaseg_core.formats import codecs
-from gliomaseg_core.formats.codecs import JSON, NPY, PNG, TIFF
+from gliomaseg_core.formats.media import (
+    DICOM_MEDIA,
+    FORMAT_MEDIA,
+    JSON,
+    NIFTI_MEDIA,
+    NPY,
+    SCAN_TYPES,
+    SLICES,
+    TIFF,
+    choose_format,
+    preferences,
+    refusal,
+)
 from gliomaseg_core.inference.predictor import Predictor
+from gliomaseg_core.inference.results import result_json
+from gliomaseg_core.io import s3_client
 
 try:
     from sagemaker_inference.errors import GenericInferenceToolkitError as RequestError
@@ -49,14 +65,9 @@ except ImportError:  # outside the container: same shape, so callers can read .s
 
 log = logging.getLogger("gliomaseg.sagemaker")
 
-NIFTI, DICOM = "application/gzip", "application/dicom"  # a .nii.gz mask, a DICOM SEG
-RESPONSE_TYPES = (JSON, NPY, PNG, TIFF, NIFTI, DICOM)
-RESPONSE_ALIASES = {"application/x-gzip": NIFTI, "application/x-nifti": NIFTI, "application/nifti": NIFTI,
-                    "application/x-nifti-gz": NIFTI}
-# Request types that hold a scan; gzip and zip say only "compressed", so the bytes must say NIfTI or DICOM.
-SCAN_TYPES = {"application/gzip", "application/x-gzip", "application/x-nifti", "application/nifti",
-              "application/x-nifti-gz", "application/zip", "application/x-zip-compressed", "application/dicom+zip",
-              "application/dicom"}
+# What this endpoint answers with, in the order a wildcard picks from (``image/*``: PNG before TIFF).
+OFFERED = ("json", "npy", "png", "tiff", "nifti", "dicom-seg")
+SCOPE_HEADER = "X-Amzn-SageMaker-Custom-Attributes"  # the one response header SageMaker hands the caller
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
 LIMITS = {
     "max_pixels": int(os.environ.get("GLIOMASEG_MAX_PIXELS", codecs.DEFAULT_MAX_PIXELS)),
@@ -87,8 +98,13 @@ class Prediction:
     model_version: str
     class_names: list[str] = field(default_factory=list)
     preprocessing_note: str | None = None  # a per-patient bundle's numbers computed from single slices
-    result: Any = None  # gliomaseg_core.inference.predict.VolumeResult for a scan: its grid, mL, NIfTI, SEG
+    result: Any = None  # gliomaseg_core.inference.results.VolumeResult for a scan: its grid, mL, NIfTI, SEG
     model_name: str = "gliomaseg"  # a DICOM SEG names the algorithm that made it
+    answer: Any = None  # the predictor's volume answer (its quality and review), for a volume
+
+    @property
+    def kind(self) -> str:
+        return self.result.volume.kind if self.result is not None else SLICES
 
 
 def model_fn(model_dir: str) -> Predictor:
@@ -116,7 +132,7 @@ def input_fn(body: bytes | str, content_type: str | None) -> Request:
 
 def predict_fn(data: Request, model: Predictor) -> Prediction:
     if data.scan is not None:  # what `core predict` does with the same file
-        from gliomaseg_core.inference.predict import segment_volume
+        from gliomaseg_core.inference.results import segment_volume
 
         try:
             result = segment_volume(model, data.scan)
@@ -124,29 +140,31 @@ def predict_fn(data: Request, model: Predictor) -> Prediction:
             raise RequestError(422, f"invalid_input: {exc}") from exc
         return Prediction(result.masks, data, model.version, result.class_names, result=result,
                           model_name=str(model.config.get("name") or "gliomaseg"))
-    try:
-        masks = model.predict(data.images, volume=data.volume)
+    try:  # several slices as one patient give the volume answer (with its quality), as a scan does
+        answer = model.segment(data.images) if data.volume else None
+        masks = answer.masks if answer is not None else model.predict(data.images)
     except ValueError as exc:  # input the predictor refuses (shape/dtype): the client's to fix
         raise RequestError(422, f"invalid_input: {exc}") from exc
     names = list(model.config.get("class_names", []))
     note = None if data.volume else single_slice_note(model.config, "send all the patient's slices in one body")
-    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note)
+    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note, answer=answer)
 
 
-def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:
+def output_fn(prediction: Prediction, accept: str | None, context: Any = None) -> tuple[bytes, str]:
+    """The answer in the negotiated format; ``context`` (the toolkit passes it) carries the single-slice note
+    of a per-patient bundle as the invocation's custom attributes, as Serve's Warning header does."""
+    if prediction.preprocessing_note and hasattr(context, "set_response_header"):
+        context.set_response_header(0, SCOPE_HEADER, f"preprocessing_scope=slice; {prediction.preprocessing_note}")
     if prediction.request.s3_uri:
         return _write_s3(prediction), JSON
-    media = _choose_accept(accept)
-    if media == JSON:
+    try:
+        fmt = choose_format(preferences(accept or JSON, OFFERED), prediction.kind, "json", OFFERED,
+                            len(prediction.masks))
+    except codecs.DecodeError as exc:
+        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+    if fmt == "json":
         return json.dumps(_summary(prediction, rle=True)).encode(), JSON
-    _check_scan_output(prediction, media)
-    if prediction.preprocessing_note:  # a binary body has nowhere to say so: refuse rather than differ silently
-        raise RequestError(422, f"per_patient_model: {prediction.preprocessing_note}; or accept application/json, "
-                                "whose result says what was done")
-    if media == PNG and len(prediction.masks) != 1:
-        raise RequestError(406, f"not_acceptable: image/png holds one slice, the request had "
-                                f"{len(prediction.masks)}; accept image/tiff or application/x-npy")
-    return _encode(prediction, media), media
+    return _encode(prediction, FORMAT_MEDIA[fmt]), FORMAT_MEDIA[fmt]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -181,23 +199,6 @@ def _decode(data: bytes, content_type: str | None) -> np.ndarray:
         raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
 
 
-def _choose_accept(accept: str | None) -> str:
-    """First supported type in the Accept list; ``*/*`` (or nothing) means JSON."""
-    for item in (accept or JSON).split(","):
-        media = item.split(";", 1)[0].strip().lower()
-        if media in ("*/*", "application/*", ""):
-            return JSON
-        if media == "image/*":
-            return PNG
-        if media in RESPONSE_TYPES:
-            return media
-        if media in codecs.MEDIA_ALIASES:
-            return codecs.MEDIA_ALIASES[media]
-        if media in RESPONSE_ALIASES:
-            return RESPONSE_ALIASES[media]
-    raise RequestError(406, f"not_acceptable: {accept!r}; accept one of {', '.join(RESPONSE_TYPES)}")
-
-
 def _is_scan(media: str, body: bytes) -> bool:
     """A NIfTI or DICOM body: by its declared type, or by its bytes when the type says nothing."""
     if media in SCAN_TYPES:
@@ -228,25 +229,20 @@ def _read_scan(data: bytes) -> Any:
     return scan
 
 
-def _check_scan_output(prediction: Prediction, media: str) -> None:
+def _check_scan_output(prediction: Prediction, fmt: str) -> None:
     """406 for a NIfTI of slices (no geometry) or a SEG of anything but DICOM (nothing to reference)."""
-    kind = prediction.result.volume.kind if prediction.result is not None else "slices"
-    if media == NIFTI and kind == "slices":
-        raise RequestError(406, "not_acceptable: TIFF/PNG/NPY slices have no voxel geometry for a NIfTI mask; send "
-                                "the NIfTI or DICOM scan, or accept image/tiff, application/x-npy or application/json")
-    if media == DICOM and kind != "dicom":
-        raise RequestError(406, f"not_acceptable: a DICOM SEG references the DICOM series it segments; the input was "
-                                f"{'NIfTI' if kind == 'nifti' else 'slices'}: accept application/gzip (NIfTI), "
-                                "image/tiff, application/x-npy or application/json")
+    why = refusal(fmt, prediction.kind)
+    if why:
+        raise RequestError(406, f"not_acceptable: {why}")
 
 
 def _encode(prediction: Prediction, media: str) -> bytes:
     """Masks as NPY ((N,H,W) labels), TIFF (one page per slice) or PNG (one slice), binary masks 0/255; a
     scan's as NIfTI on its own grid or DICOM SEG."""
     masks, scale = prediction.masks, codecs.mask_scale(prediction.class_names)
-    if media == NIFTI:
+    if media == NIFTI_MEDIA:
         return prediction.result.nifti_bytes()
-    if media == DICOM:
+    if media == DICOM_MEDIA:
         try:
             return prediction.result.seg_bytes(prediction.model_name, prediction.model_version)
         except codecs.DecodeError as exc:
@@ -259,46 +255,13 @@ def _encode(prediction: Prediction, media: str) -> bytes:
 
 
 def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
-    masks = prediction.masks
-    out: dict[str, Any] = {
-        "model_version": prediction.model_version,
-        "slices": int(len(masks)),
-        "shape": [int(s) for s in masks.shape[1:]],
-        "volume": prediction.request.volume,
-        "tumour_pixels": [int(n) for n in (masks > 0).reshape(len(masks), -1).sum(1)],
-    }
-    out["total_tumour_pixels"] = int(sum(out["tumour_pixels"]))
-    result = prediction.result  # a scan: the volume in mL from its voxel spacing; slices have none
-    out["input"] = result.volume.kind if result is not None else "slices"
-    out["volume_ml"] = result.volume_ml if result is not None else None
-    if result is not None:
-        summary = result.volume.summary()
-        out.update(class_ml=result.class_ml(), voxel_ml=summary["voxel_ml"], spacing_mm=summary["spacing_mm"],
-                   slice_order="axial, the first slice the most inferior; rows toward posterior, columns toward "
-                               "the patient's left",
-                   scan={k: summary[k] for k in ("source_shape", "plane", "sources", "filled_with_flair", "notes")})
-    if prediction.preprocessing_note:
-        out["preprocessing_note"] = prediction.preprocessing_note
-    if rle:
-        if len(prediction.class_names) > 2:
-            out["masks_rle"] = [
-                {prediction.class_names[k]: codecs.rle_encode(m == k) for k in np.unique(m[m > 0]).tolist()}
-                for m in masks
-            ]
-        else:
-            out["masks_rle"] = [codecs.rle_encode(m) for m in masks]
-    return out
+    """core's result schema: the JSON Serve answers for the same body."""
+    return result_json(prediction.masks, prediction.model_version, prediction.class_names, scan=prediction.result,
+                       answer=prediction.answer, volume=prediction.request.volume,
+                       note=prediction.preprocessing_note, rle=rle)
 
 
 # ----------------------------------------------------------------------------------------------- S3
-
-
-def _s3_client() -> Any:
-    import boto3
-
-    # Older boto3 releases in the container ignore AWS_ENDPOINT_URL; pass it explicitly.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
 
 
 def _split_s3(uri: Any, what: str) -> tuple[str, str]:
@@ -332,7 +295,7 @@ def _json_request(body: bytes | str) -> Request:
     fmt = spec.get("format")
     if fmt not in (None, *S3_FORMATS):
         raise RequestError(400, f"bad_request: format {fmt!r}; use {', '.join(S3_FORMATS)}")
-    client = _s3_client()
+    client = s3_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
         if int(head.get("ContentLength", 0)) > MAX_S3_BYTES:
@@ -360,8 +323,8 @@ def _write_s3(prediction: Prediction) -> bytes:
     fmt = req.output_format or ("png" if len(masks) == 1 else "tiff")
     if fmt == "png" and len(masks) != 1:
         raise RequestError(400, f"bad_request: format png holds one slice, the input had {len(masks)}")
-    ctype = {"png": PNG, "tiff": TIFF, "npy": NPY, "nifti": NIFTI, "dicom-seg": DICOM}[fmt]
-    _check_scan_output(prediction, ctype)
+    ctype = FORMAT_MEDIA[fmt]
+    _check_scan_output(prediction, fmt)
     data = _encode(prediction, ctype)
     _, in_key = _split_s3(req.s3_uri, "s3_uri")
     bucket, prefix = _split_s3(str(req.output_prefix).rstrip("/") + "/x", "output_prefix")
@@ -371,7 +334,7 @@ def _write_s3(prediction: Prediction) -> bytes:
     key = posixpath.join(posixpath.dirname(prefix), f"{stem}{suffix}").lstrip("/")
     uri = f"s3://{bucket}/{key}"
     try:
-        _s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=ctype)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=ctype)
     except Exception as exc:
         raise _s3_error(exc, uri) from exc
     summary = _summary(prediction, rle=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -25,19 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serve.batch_store import Store
+from core.formats.cases import channel_gap, is_truth_name, nifti_cases
+from serve.batch.store import Store
 
 if TYPE_CHECKING:
     from core.formats.volume import Volume
+    from core.inference.results import VolumeResult
 
-NIFTI_NAME = re.compile(r"^(?P<case>.+?)(?:_(?P<channel>\d{4}))?(?P<suffix>\.nii(?:\.gz)?)$", re.IGNORECASE)
-TRUTH_SUFFIXES = ("_mask.nii", "_mask.nii.gz")  # `core evaluate --src` ground truth beside a scan, not a case
 DICOM_SUFFIXES = (".dcm", ".ima", "")
-
-
-def is_nifti(name: str) -> bool:
-    low = name.lower()
-    return low.endswith((".nii", ".nii.gz")) and not low.endswith(TRUTH_SUFFIXES)
 
 
 def looks_like_dicom(name: str) -> bool:
@@ -46,42 +40,19 @@ def looks_like_dicom(name: str) -> bool:
     return suffix in DICOM_SUFFIXES or suffix[1:].isdigit()
 
 
-def nifti_cases(names: list[str]) -> dict[str, list[str]]:
-    """NIfTI files -> {case: its files in channel order}: ``<case>_0000.nii.gz`` with its siblings
-    ``_0001`` ... is one case (as nnU-Net names them), any other NIfTI file a case by itself."""
-    present = set(names)
-    grouped: dict[str, dict[int, str]] = {}
-    for name in names:
-        path = PurePosixPath(name)
-        m = NIFTI_NAME.match(path.name)
-        if not m or not is_nifti(name):
-            continue
-        first = str(path.with_name(f"{m['case']}_0000{m['suffix']}"))
-        if m["channel"] is not None and first in present:
-            grouped.setdefault(m["case"], {})[int(m["channel"])] = name
-        else:
-            stem = path.name[: -len(m["suffix"])]
-            grouped.setdefault(stem, {})[0] = name
-    return {case: [files[k] for k in sorted(files)] for case, files in grouped.items()}
-
-
-def _channel_gap(files: list[str]) -> str:
-    """'' when the channel files run _0000, _0001, ... without a gap, else what is missing."""
-    numbers = [int(m["channel"]) for f in files if (m := NIFTI_NAME.match(PurePosixPath(f).name)) and m["channel"]]
-    if len(files) < 2 or numbers == list(range(len(numbers))):
-        return ""
-    missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-    return f"channel file(s) {missing[:8]} missing (found {numbers[:8]}; expected _0000, _0001 ... without gaps)"
+def scan_cases(names: list[str]) -> dict[str, list[str]]:
+    """The NIfTI cases among a folder's names (core.formats.cases), leaving out `core evaluate`'s ground truth."""
+    return nifti_cases([n for n in names if not is_truth_name(n)])
 
 
 def _job(patient: str, name: str, kind: str, files: list[str], source: str) -> dict[str, Any]:
     return {"patient": patient, "name": name, "id": name, "kind": kind, "files": files, "source": source,
-            "images": [], "masks": [], "outputs": [], "error": _channel_gap(files) if kind == "nifti" else ""}
+            "images": [], "masks": [], "outputs": [], "error": channel_gap(files) if kind == "nifti" else ""}
 
 
 def folder_jobs(src: Store, folder: str, names: list[str]) -> list[dict[str, Any]]:
     """Scan jobs of a folder without TIFF/PNG slices: its NIfTI case(s), else its DICOM study."""
-    cases = nifti_cases([n for n in names if "/" not in n])
+    cases = scan_cases([n for n in names if "/" not in n])
     if len(cases) == 1:  # the folder is the patient
         (files,) = cases.values()
         return [_job(folder, folder, "nifti", [f"{folder}/{f}" for f in files], "files")]
@@ -103,7 +74,7 @@ def _sniffs_dicom(folder: Path) -> bool:
 
 def top_jobs(names: list[str]) -> list[dict[str, Any]]:
     """Scan jobs of the files at the cohort's top: NIfTI cases and zipped DICOM studies."""
-    jobs = [_job(case, case, "nifti", files, "files") for case, files in nifti_cases(names).items()]
+    jobs = [_job(case, case, "nifti", files, "files") for case, files in scan_cases(names).items()]
     jobs += [_job(PurePosixPath(n).stem, PurePosixPath(n).stem, "dicom", [n], "zip") for n in names
              if n.lower().endswith(".zip")]
     return jobs
@@ -189,19 +160,18 @@ def unpack(geometry: Mapping[str, Any]) -> Volume:
                   header=header, datasets=datasets)
 
 
-def scan_files(geometry: Mapping[str, Any], masks: np.ndarray, class_names: list[str], model: str,
-               version: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """(the files to write: NIfTI mask, DICOM SEG for DICOM; the record's scan fields with the volume in mL)."""
-    from core.inference.predict import VolumeResult
+def scan_result(geometry: Mapping[str, Any], masks: np.ndarray, class_names: list[str],
+                quality: float | None = None, review: bool | None = None) -> VolumeResult:
+    """A scan's masks on the grid ``pack`` recorded: what the NIfTI mask, the SEG and the mL come from."""
+    from core.inference.results import VolumeResult
 
-    volume = unpack(geometry)
-    result = VolumeResult(volume, np.asarray(masks, np.uint8), class_names)
-    names = outputs(volume.name, volume.kind)
+    return VolumeResult(unpack(geometry), np.asarray(masks, np.uint8), class_names, quality, review)
+
+
+def scan_files(result: VolumeResult, model: str, version: str) -> dict[str, bytes]:
+    """The files to write: the NIfTI mask, and a DICOM SEG for DICOM (``model`` and ``version`` name its maker)."""
+    names = outputs(result.volume.name, result.volume.kind)
     files = {names[0]: result.nifti_bytes()}
-    if volume.kind == "dicom":
+    if result.volume.kind == "dicom":
         files[names[1]] = result.seg_bytes(model, version)
-    summary = volume.summary()
-    record = {"kind": volume.kind, "volume_ml": round(result.volume_ml, 6), "class_ml": result.class_ml(),
-              **{k: summary[k] for k in ("spacing_mm", "voxel_ml", "source_shape", "plane", "sources",
-                                         "filled_with_flair", "notes")}}
-    return files, record
+    return files

@@ -1,5 +1,5 @@
 """Which patients a `serve batch` cohort holds: Kaggle-layout folders of TIFF/PNG slices, NIfTI cases and
-DICOM studies (serve/batch_scans.py), one job each, with names unique in a stable order (a rerun finds
+DICOM studies (serve.batch.scans), one job each, with names unique in a stable order (a rerun finds
 the same names, so it skips the patients already written)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import logging
 from pathlib import PurePosixPath
 from typing import Any
 
-from serve import batch_scans as scans
-from serve.batch_store import Store
+from serve.batch import scans
+from serve.batch.store import Store
 
 log = logging.getLogger("serve.batch")
 
@@ -18,7 +18,7 @@ def plan(src: Store) -> list[dict[str, Any]]:
     """One job per patient: a folder of slices (numeric order; masks where every slice has one), a NIfTI
     case or a DICOM study (a folder, or a zip at the top). Names are made unique in a stable order."""
     from core.data.prepare import patient_id
-    from core.inference.predict import SUFFIXES, _slice_key, safe_name
+    from core.inference.jobs import SUFFIXES, safe_name, slice_key
 
     top, folders = src.tree()
     jobs: list[dict[str, Any]] = []
@@ -27,7 +27,7 @@ def plan(src: Store) -> list[dict[str, Any]]:
         present = set(names)
         images = sorted((n for n in names if PurePosixPath(n).suffix.lower() in SUFFIXES
                          and not PurePosixPath(n).stem.endswith("_mask") and not n.startswith(".")),
-                        key=lambda n: _slice_key(PurePosixPath(n)))
+                        key=lambda n: slice_key(PurePosixPath(n)))
         if not images:
             found = scans.folder_jobs(src, folder, everything)
             if not found:

@@ -1,0 +1,39 @@
+"""`python -m core predict --bundle B INPUT... --out DIR`: the command line of core.inference.predict."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.config import add_predictor_arguments
+from core.inference.jobs import add_scan_arguments, scan_options
+from core.inference.predict import run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="masks for TIFF/PNG slices, patient folders, NIfTI scans and DICOM studies",
+        description="Writes <name>_mask.png (0/255; labels as-is for multi-class) and <name>_overlay.png per "
+        "slice, and predictions.csv. A patient folder or a multi-page TIFF is predicted as one volume. A NIfTI "
+        "scan or DICOM study (folder or zip) gives <name>_mask.nii.gz on its own grid, <name>_seg.dcm (DICOM "
+        "SEG) for DICOM, <name>_volume.json, and its tumour volume in mL in predictions.csv.",
+    )
+    add_predictor_arguments(p)
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                   help="slice files, patient folders, .nii/.nii.gz files, DICOM folders or zips")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    add_scan_arguments(p)
+    p.set_defaults(func=predict_command)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from core.inference.predictor import Predictor  # here: `python -m core` starts without torch
+
+    predictor = Predictor.from_args(args)
+    rows = run(predictor, list(args.inputs), Path(args.out), scan_options(args))
+    scans = [r for r in rows if r["volume_ml"] != ""]
+    tumour = sum(1 for r in rows if int(r["tumour_pixels"]) > 0)  # type: ignore[call-overload]
+    for r in scans:
+        print(f"{r['input']}: {r['volume_ml']} mL{' (' + str(r['notes']) + ')' if r['notes'] else ''}")
+    print(f"{len(rows) - len(scans)} slices and {len(scans)} scans, {tumour} with tumour; outputs in {args.out}")
+    return 0

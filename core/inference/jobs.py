@@ -1,0 +1,161 @@
+"""What `core predict` (and `serve batch`) make of their inputs: one job per slice file, patient folder or
+scan, with safe output names, and how scans are read (ScanOptions).
+
+A file is a single-slice job; a folder of TIFF/PNG slices is one patient's volume (slices in numeric order,
+``slice_key``); a folder of such folders one volume each; NIfTI files are grouped into cases by
+core.formats.cases (nnU-Net channel files together); a DICOM study is a folder or a ``.zip``. Output names
+have every path part and unusual character removed, so nothing is written outside the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+from core.formats.cases import is_nifti_name
+
+if TYPE_CHECKING:
+    from core.formats.volume import Limits
+
+SUFFIXES = (".tif", ".tiff", ".png")
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
+_NUMBER = re.compile(r"(\d+)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class Job:
+    """One unit of `core predict`: a slice file, one patient's slices, or one scan's files."""
+
+    name: str  # safe output name (file stem, or folder name for a volume)
+    paths: list[Path]
+    volume: bool
+    kind: str = "slices"  # "slices" (TIFF/PNG), "nifti" or "dicom"
+
+
+def safe_name(name: str) -> str:
+    """A file name that cannot escape a directory: last path part, safe characters, no leading dots."""
+    base = re.split(r"[\\/]", name)[-1]
+    cleaned = _UNSAFE.sub("_", base).lstrip(".")
+    return cleaned[:120] or "input"
+
+
+def slice_key(path: PurePath) -> tuple[int, str]:
+    """Sort key of a slice file: the number its stem ends with (``<patient>_12.tif`` is 12), then its name."""
+    m = _NUMBER.search(path.stem)
+    return (int(m.group(1)) if m else -1, path.name)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+             and not p.stem.endswith("_mask") and not p.name.startswith(".")]
+    return sorted(files, key=slice_key)
+
+
+def _scan_kind(path: Path) -> str | None:
+    """'nifti', 'dicom' or None; nibabel and pydicom are imported only where a scan may be."""
+    if path.is_file() and not path.name.lower().endswith(SCAN_SUFFIXES):
+        return None
+    from core.formats.load import volume_kind
+
+    return volume_kind(path)
+
+
+def _nifti_jobs(files: list[Path]) -> list[Job]:
+    """One job per case: nnU-Net channel files of one case (<case>_0000 ...) belong together."""
+    from core.formats.nifti import case_name, channel_files
+
+    jobs: dict[tuple[Path, str], Job] = {}
+    for f in files:
+        key = (f.parent, case_name(f))
+        if key not in jobs:
+            jobs[key] = Job(safe_name(case_name(f)), channel_files(f), volume=True, kind="nifti")
+    return list(jobs.values())
+
+
+def collect_jobs(inputs: list[Path]) -> list[Job]:
+    """Files become single-slice jobs; folders become volumes (a folder of folders: one per subfolder);
+    NIfTI files and DICOM studies (a folder, with its series in subfolders or not, or a zip) become scans."""
+    jobs: list[Job] = []
+    for item in inputs:
+        if item.is_file():
+            kind = _scan_kind(item)
+            if kind == "nifti":
+                jobs += _nifti_jobs([item])
+            elif kind == "dicom":
+                jobs.append(Job(safe_name(item.stem), [item], volume=True, kind="dicom"))
+            elif item.suffix.lower() not in SUFFIXES:
+                raise ValueError(f"{item}: not a TIFF, PNG, NIfTI or DICOM file")
+            else:
+                jobs.append(Job(safe_name(item.stem), [item], volume=False))
+        elif item.is_dir():
+            slices = _images_in(item)
+            if slices:
+                jobs.append(Job(safe_name(item.resolve().name), slices, volume=True))
+                continue
+            if _scan_kind(item) == "dicom":
+                jobs.append(Job(safe_name(item.resolve().name), [item], volume=True, kind="dicom"))
+                continue
+            found = _nifti_jobs(sorted(p for p in item.iterdir() if p.is_file() and is_nifti_name(p.name)))
+            for d in sorted(p for p in item.iterdir() if p.is_dir()):
+                if _images_in(d):
+                    found.append(Job(safe_name(d.name), _images_in(d), volume=True))
+                elif _scan_kind(d) == "dicom":
+                    found.append(Job(safe_name(d.name), [d], volume=True, kind="dicom"))
+            if not found:
+                raise ValueError(f"{item}: no TIFF/PNG slices, NIfTI scans or DICOM studies in it or its subfolders")
+            jobs += found
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+    seen: dict[str, int] = {}
+    for job in jobs:  # two inputs with the same name must not overwrite each other
+        count = seen.get(job.name, 0)
+        seen[job.name] = count + 1
+        if count:
+            job.name = f"{job.name}_{count + 1}"
+    return jobs
+
+
+@dataclass
+class ScanOptions:
+    """How scans are read (core.formats): channel names, series mapping, intensity rescale, limits."""
+
+    sequences: list[str] | None = None
+    series: dict[str, str] | None = None
+    rescale: str = "auto"
+    limits: Limits | None = None  # None: core.formats.volume.Limits()
+
+
+def parse_series(values: list[str] | None) -> dict[str, str] | None:
+    """``--series flair=3 --series pre=1.2.840...`` -> {"flair": "3", "pre": "1.2.840..."}."""
+    if not values:
+        return None
+    out = {}
+    for value in values:
+        key, sep, selector = value.partition("=")
+        if not sep or not key.strip() or not selector.strip():
+            raise ValueError(f"--series {value!r}: expected SEQUENCE=SERIES (a number, description or UID)")
+        out[key.strip()] = selector.strip()
+    return out
+
+
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sequences, --series, --rescale: how scans are read (core predict, serve batch); see ``scan_options``."""
+    parser.add_argument("--sequences", help="NIfTI: the sequence of each channel in order, e.g. flair,t1,t1gd,t2 "
+                        "('-' skips one; default: the dataset.json beside the files, else 1 channel is FLAIR, 3 "
+                        "are pre-contrast,FLAIR,post-contrast)")
+    parser.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM: which series is which "
+                        "sequence (pre, flair, post) by SeriesNumber, description or UID; repeatable. Default: "
+                        "from SeriesDescription")
+    parser.add_argument("--rescale", default="auto", choices=("auto", "percentile", "none"),
+                        help="scan intensities to uint8: percentiles 0.5..99.5 of the nonzero voxels; auto keeps "
+                        "8-bit scans as they are")
+
+
+def scan_options(args: argparse.Namespace) -> ScanOptions:
+    """The ScanOptions of ``add_scan_arguments``' options."""
+    return ScanOptions(sequences=args.sequences.split(",") if args.sequences else None,
+                       series=parse_series(args.series), rescale=args.rescale)

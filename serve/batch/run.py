@@ -1,0 +1,147 @@
+"""The `serve batch` driver: plan the cohort, skip what is written, run the stages on Ray Data with the
+resources the cluster has, then write patients.csv and summary.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from core.bundle.files import read_config
+from serve.batch import report
+from serve.batch.plan import plan
+from serve.batch.stages import Segmenter, read_patient, write_patient
+from serve.batch.store import MARKER, Store, worker_env
+
+log = logging.getLogger(__name__)
+
+IO_CPUS = 0.25  # read/write tasks mostly wait on files or S3; a fraction lets them run beside the actors
+
+
+@dataclass
+class BatchOptions:
+    """One `serve batch` run: the command's options."""
+
+    bundle: str  # a str, not a Path: s3:// bundles are resolved by core.bundle.load_bundle
+    src: str
+    out: str
+    workers: int | None = None  # default: one per GPU share, else (CPUs - 1) / cpus_per_worker
+    gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    batch_size: int = 32
+    progress: bool = True  # Ray Data's progress bars
+    address: str | None = None  # Ray to start or join when none is running (None: local or RAY_ADDRESS)
+    sequences: list[str] | None = None  # NIfTI channel names (core predict --sequences); None: dataset.json/default
+    series: dict[str, str] | None = None  # DICOM sequence -> series (core predict --series); None: descriptions
+    rescale: str = "auto"  # scan intensities to uint8 (core predict --rescale)
+
+
+def _resources(opts: BatchOptions, patients: int) -> tuple[int, float]:
+    """(workers, GPUs per worker) from the options and the running cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    gpw = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus > 0 else 0.0)
+    if gpw > 0 and gpus == 0:
+        if opts.workers is None:
+            raise ValueError(f"--gpus-per-worker {gpw} but the Ray cluster has no GPU now; give --workers to wait "
+                             "for an autoscaler to add GPU nodes")
+        log.warning("no GPU in the cluster yet: the %d actors wait for the autoscaler to add GPU nodes", opts.workers)
+    workers = opts.workers or (int(gpus // gpw) if gpw > 0 else int((cpus - 1) // opts.cpus_per_worker))
+    workers = max(1, min(workers, patients))
+    # CPU actors holding every CPU would leave none for the reads: the pipeline would wait forever.
+    if gpw == 0 and workers * opts.cpus_per_worker + IO_CPUS > cpus:
+        raise ValueError(f"{workers} workers x {opts.cpus_per_worker} CPUs leave none of the cluster's {cpus:g} "
+                         "CPUs for reading and writing; lower --workers or --cpus-per-worker")
+    return workers, gpw
+
+
+def _segment(todo: list[dict[str, Any]], src: Store, out: Store, config: dict[str, Any],
+             opts: BatchOptions) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    import ray
+
+    workers, gpw = _resources(opts, len(todo))
+    class_names = list(config.get("class_names", ["background", "tumour"]))
+    model = (str(config.get("name") or "gliomaseg"), str(config.get("version") or "unknown"))
+    ray.data.DataContext.get_current().enable_progress_bars = opts.progress
+    if len(ray.nodes()) > 1 and not (src.remote and out.remote):
+        log.warning("local --src/--out on a %d-node cluster: every node must see them (a shared file system); "
+                    "else use s3://", len(ray.nodes()))
+    env = worker_env()
+    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    ds = ray.data.from_items([{"job": json.dumps(j)} for j in todo], override_num_blocks=len(todo))
+    # Two reads and two writes in flight per actor keep it fed without a process per fractional CPU.
+    io_pool = ray.data.TaskPoolStrategy(size=min(len(todo), 2 * workers))
+    scan_options = {"sequences": opts.sequences, "series": opts.series, "rescale": opts.rescale}
+    ds = ds.map(read_patient, fn_kwargs={"src": src, "classes": max(1, len(class_names) - 1),
+                                         "scan_options": scan_options},
+                compute=io_pool, num_cpus=IO_CPUS, **remote_args)
+    ds = ds.map_batches(
+        Segmenter, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={"bundle": opts.bundle, "device": "cuda" if gpw > 0 else "cpu",
+                               "batch_size": opts.batch_size, "threads": max(1, round(opts.cpus_per_worker))},
+        # Ray Data spreads the pool's actors over the nodes by default (DataContext.scheduling_strategy).
+        num_cpus=opts.cpus_per_worker, num_gpus=gpw or None, **remote_args,
+    )
+    ds = ds.map(write_patient, fn_kwargs={"out": out, "class_names": class_names, "model": model},
+                compute=io_pool, num_cpus=IO_CPUS, **remote_args)
+    records: list[dict[str, Any]] = []
+    start, seen = time.perf_counter(), []  # (seconds, slices) of each segmented patient as it comes back
+    for row in ds.iter_rows():
+        record = json.loads(row["record"])
+        records.append(record)
+        if record["status"] == "failed":
+            log.error("patient %s failed: %s", record["patient"], record["error"])
+        else:
+            seen.append((time.perf_counter() - start, record["slices"]))
+            log.info("patient %s: %d slices, %d with tumour -> %s", record["patient"], record["slices"],
+                     record["tumour_slices"], out.where(record["name"]))
+    # The first patient waits for the actors to start; the rate after it is the pipeline's steady pace.
+    after = None
+    if len(seen) > 1 and seen[-1][0] > seen[0][0]:
+        after = sum(n for _, n in seen[1:]) / (seen[-1][0] - seen[0][0])
+    timing = {"first_patient_s": seen[0][0] if seen else None, "slices_per_s_after_first": after}
+    return records, {"workers": workers, "gpus_per_worker": gpw}, timing
+
+
+def run_batch(opts: BatchOptions) -> dict[str, Any]:
+    """Segment every unfinished patient of ``opts.src`` into ``opts.out``; write patients.csv and
+    summary.json; return the summary. Uses the running Ray, or starts one when any patient is left."""
+    start = time.perf_counter()
+    src, out = Store(opts.src), Store(opts.out)
+    if src.same_place(out):
+        raise ValueError(f"--out {opts.out} is --src: masks named <slice>_mask.tif would overwrite the ground truth")
+    config = read_config(opts.bundle)  # fails early, before any worker starts, on a wrong bundle URI
+    jobs = plan(src)
+    done = out.finished()
+    todo = [j for j in jobs if j["name"] not in done]
+    records: list[dict[str, Any]] = []
+    for job in jobs:
+        if job["name"] in done:
+            records.append({**out.read_json(f"{job['name']}/{MARKER}"), "status": "skipped"})
+    log.info("%d patients in %s: %d already written in %s (skipped), %d to segment",
+             len(jobs), opts.src, len(jobs) - len(todo), opts.out, len(todo))
+    resolved: dict[str, Any] = {"workers": 0, "gpus_per_worker": opts.gpus_per_worker}
+    timing: dict[str, Any] = {"first_patient_s": None, "slices_per_s_after_first": None}
+    if todo:
+        import ray
+
+        started = not ray.is_initialized()  # only now: a wrong URI or a finished cohort needs no Ray
+        if started:
+            ray.init(address=opts.address, configure_logging=False)
+        try:
+            new, resolved, timing = _segment(todo, src, out, config, opts)
+        finally:
+            if started:
+                ray.shutdown()
+        records += new
+    order = {j["name"]: i for i, j in enumerate(jobs)}
+    records.sort(key=lambda r: order[r["name"]])
+    settings = {**{k: v for k, v in asdict(opts).items() if k not in ("progress", "address")}, **resolved}
+    summary = report.summary(records, settings, config, timing, time.perf_counter() - start)
+    out.write("patients.csv", report.patients_csv([r for r in records if r["status"] != "failed"]))
+    out.write("summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    return summary
