@@ -140,3 +140,33 @@ def dcm_files(folder: Path) -> list[Path]:
 
 def read_headers(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in dcm_files(folder)]
+
+
+def enhance_series(folder: Path) -> Path:
+    """Replace the single-frame series in ``folder`` by one Legacy Converted Enhanced MR image (highdicom),
+    its frames in the shuffled file order, so that only their plane positions can order them."""
+    import logging
+
+    import highdicom as hd
+
+    logging.getLogger("highdicom").setLevel(logging.ERROR)  # attributes our synthetic files lack are noted
+    files = dcm_files(folder)
+    datasets = [pydicom.dcmread(p) for p in files]
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        datasets, series_instance_uid=datasets[0].SeriesInstanceUID, series_number=int(datasets[0].SeriesNumber),
+        sop_instance_uid=hd.UID(), instance_number=1, include_dimension_index=False)
+    for p in files:
+        p.unlink()
+    target = folder / "enhanced.dcm"
+    image.save_as(target, enforce_file_format=True)
+    return target
+
+
+def strip_attributes(folder: Path, keywords: tuple[str, ...]) -> None:
+    """Remove attributes from every file under ``folder``, as an anonymiser does."""
+    for path in dcm_files(folder):
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
