@@ -16,7 +16,7 @@ from core.data.arrays import SplitArrays
 from core.inference.bundle_uri import FILES_KEY, hash_files
 from core.inference.ensemble_net import Ensemble, member_file
 from core.inference.predictor import Predictor
-from core.inference.selection import ValSplit, choose_inference, choose_threshold
+from core.inference.selection import ValSplit, choose_inference, choose_one_slice, choose_threshold
 from core.io import atomic_dir, write_json
 
 
@@ -110,6 +110,10 @@ def build_ensemble_bundle(
         masks = {mode: (p > threshold).astype(np.uint8) for mode, p in probs.items()}
     chosen_tta, settings, entries = choose_inference(masks["none"], masks.get("flip"), split, postprocess)
     config.update(threshold=threshold, tta=chosen_tta, postprocess=settings)
+    if "val_one_slice" in entries:  # re-chosen and scored on the real one-slice path, not volume masks
+        predictor.tta, predictor.threshold = chosen_tta, threshold
+        area, entries["val_one_slice"] = choose_one_slice(predictor, val, split)
+        config["postprocess"] = {**settings, "min_area_slice_mm2": float(area)}
     metrics = {
         **entries, "threshold_search": threshold_search, "members": members,
         "selection": "members, threshold, TTA and post-processing were all selected on this val split",
