@@ -251,7 +251,7 @@ class Ingress:
 
     @api.post("/v1/segment/volume")
     async def segment_volume(self, request: Request, format: str | None = None, overlay: bool = False,
-                             sequence: str = "rgb", layers: str = "") -> Response:
+                             sequence: str = "rgb", layers: str = "", sequences: str | None = None) -> Response:
         # Everything that can be refused without the body is refused first: auth, format, Accept, type.
         self._authorise(request)
         wanted = volumes.requested_format(format, request.headers.get("accept"), overlay)
@@ -272,7 +272,9 @@ class Ingress:
                 max_pixels=s["max_pixels"], min_size=s["min_size"], max_size=s["max_size"])
         else:  # NIfTI or DICOM: decompressing and reorienting is CPU work, off the event loop
             scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
-                                           s["max_slices"], s["min_size"], s["max_size"])
+                                           s["max_slices"], s["min_size"], s["max_size"],
+                                           volumes.sequence_names(sequences),
+                                           volumes.scan_name(request.headers.get("content-disposition")))
             images = scan.images
         del data
         masks = await _call_model(self.model.segment_volume, images)
