@@ -28,6 +28,7 @@ import numpy as np
 from ray import serve
 
 from core.inference.bundle_uri import WEIGHTS, is_remote, listed_files, read_config
+from core.inference.slices import Segmentation
 from serve.ingress import Ingress
 from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
 
@@ -109,27 +110,28 @@ class SegmentModel:
         # Warm up so the first request does not pay for lazy initialisation.
         self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))
 
-    async def _run(self, images: list[np.ndarray] | np.ndarray, volume: bool) -> np.ndarray | list[np.ndarray]:
-        """Predictor.predict's masks: one (N,H,W) array for same-size slices (a volume always), else a list."""
+    async def _locked(self, method: Any, *args: Any) -> Any:
+        """One Predictor call at a time, in a thread, so the replica's event loop keeps queueing requests
+        for the next batch."""
         async with self._lock:
             try:
-                # A thread keeps the replica's event loop free, so requests queue up for the next batch.
-                masks = await asyncio.to_thread(self.predictor.predict, images, volume)
+                return await asyncio.to_thread(method, *args)
             except RuntimeError as exc:
                 if "CUDA" in str(exc):
                     self._fatal = str(exc)  # a broken device will not heal: fail the health check
                 raise
-        return masks
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def segment(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """One HxWx3 slice per caller -> (HxW mask, size of the batch it ran in)."""
-        masks = await self._run(images, volume=False)
+        masks = await self._locked(self.predictor.predict, images)
         return [(m, len(images)) for m in masks]
 
-    async def segment_volume(self, images: np.ndarray) -> np.ndarray:
-        """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing."""
-        return np.asarray(await self._run(images, volume=True))  # already one array: no copy
+    async def segment_volume(self, images: np.ndarray, spacing: tuple[float, float, float] | None = None
+                             ) -> Segmentation:
+        """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing at ``spacing``
+        (a scan's; None: the Kaggle grid's), and the answer's quality."""
+        return await self._locked(self.predictor.segment, images, spacing)
 
     def info(self) -> dict[str, Any]:
         return {**self.predictor.info(), "version": self.predictor.version}

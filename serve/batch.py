@@ -153,7 +153,11 @@ class Segmenter:
             if not meta["error"]:
                 t0 = time.perf_counter()
                 try:
-                    mask = np.asarray(self.predictor.predict(np.asarray(images), volume=True))
+                    # A scan's post-processing rules apply at its own spacing (the Kaggle grid's for slices).
+                    spacing = scans.unpack(meta["geometry"]).spacing if "geometry" in meta else None
+                    answer = self.predictor.segment(np.asarray(images), spacing)
+                    mask = np.asarray(answer.masks)
+                    meta.update(quality=answer.quality, review=answer.review)
                 except Exception as exc:  # one bad volume (e.g. out of memory) must not end the cohort
                     meta.update(error=f"{meta['patient']}: prediction failed ({type(exc).__name__}: {exc})",
                                 has_truth=False)
@@ -187,7 +191,8 @@ def write_patient(row: dict[str, Any], out: Store, class_names: list[str], model
         area = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)
         record.update(status="segmented", slices=len(masks), tumour_slices=int((area > 0).sum()),
                       tumour_voxels=int(area.sum()), largest_slice_area=int(area.max(initial=0)),
-                      predict_s=meta.get("predict_s"), node=meta.get("node"), metrics=None)
+                      predict_s=meta.get("predict_s"), node=meta.get("node"), metrics=None,
+                      quality=meta.get("quality"), review=meta.get("review"))
         record["masks"] = meta["outputs"]
         if meta["has_truth"]:
             truth = np.asarray(row["truth"])

@@ -277,14 +277,20 @@ class Ingress:
                                            volumes.scan_name(request.headers.get("content-disposition")))
             images = scan.images
         del data
-        masks = await _call_model(self.model.segment_volume, images)
+        answer = await _call_model(self.model.segment_volume, images, scan.spacing if scan else None)
+        masks = answer.masks
         config = (await self.info())["config"]
-        result = VolumeResult(scan, masks, list(config.get("class_names", ["background", "tumour"]))) if scan else None
+        result = VolumeResult(scan, masks, list(config.get("class_names", ["background", "tumour"])),
+                              answer.quality, answer.review) if scan else None
         headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
         if result is not None:  # the figure a radiologist asks for first, without parsing the body
             headers["X-Tumour-Volume-mL"] = f"{result.volume_ml:.4f}"
+        if answer.quality is not None:  # how far to trust it, on binary answers too
+            headers["X-Quality"] = f"{answer.quality:.4f}"
+        if answer.review is not None:
+            headers["X-Review"] = "true" if answer.review else "false"
         if fmt == "json":
-            body = volumes.volume_json(masks, headers["X-Model-Version"], result)
+            body = volumes.volume_json(masks, headers["X-Model-Version"], result, answer.quality, answer.review)
             if overlay:
                 body["overlays"] = await asyncio.to_thread(volumes.overlay_urls, images, masks, sequence)
             if shown:

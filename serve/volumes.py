@@ -247,9 +247,10 @@ def overlay_urls(images: np.ndarray, masks: np.ndarray, sequence: str) -> list[s
     return [codecs.data_url(codecs.encode_overlay_png(i, m)) for i, m in zip(shown, masks, strict=True)]
 
 
-def volume_json(masks: np.ndarray, version: str, result: VolumeResult | None) -> dict[str, Any]:
+def volume_json(masks: np.ndarray, version: str, result: VolumeResult | None, quality: float | None = None,
+                review: bool | None = None) -> dict[str, Any]:
     """Per-slice and whole-volume tumour figures; ``volume_ml`` (and the spacing) where a scan gives it,
-    None for a slice stack, whose pixels have no size."""
+    None for a slice stack, whose pixels have no size; the answer's ``quality`` and ``review``."""
     areas = [int(a) for a in np.count_nonzero(masks.reshape(len(masks), -1), axis=1)]
     body: dict[str, Any] = {
         "model_version": version, "input": result.volume.kind if result else SLICES,
@@ -257,6 +258,7 @@ def volume_json(masks: np.ndarray, version: str, result: VolumeResult | None) ->
         "tumour_slices": sum(a > 0 for a in areas), "slice_tumour_pixels": areas,
         "slice_order": CANONICAL_ORDER if result else STACK_ORDER,
         "volume_ml": None, "class_ml": None, "voxel_ml": None, "spacing_mm": None, "scan": None,
+        "quality": quality, "review": review,
     }
     if result is not None:
         summary = result.volume.summary()

@@ -123,11 +123,12 @@ def new_study(patient: str = "SYNTH001") -> dict:
 
 
 def write_study(folder: Path, canonical: np.ndarray, axcodes=("L", "P", "S"), rotate=None,
-                descriptions=("T1 PRE", "AX T2 FLAIR", "T1 POST GAD"), seed: int = 0) -> dict:
+                descriptions=("T1 PRE", "AX T2 FLAIR", "T1 POST GAD"), seed: int = 0,
+                spacing: tuple[float, float, float] = SPACING) -> dict:
     """A DICOM study of three series (one per channel of canonical (N,H,W,3) slices) stored in the
-    orientation ``axcodes``; returns the source-grid truth and the study attributes."""
+    orientation ``axcodes`` with voxels of ``spacing``; returns the source-grid truth and the study attributes."""
     study = new_study()
-    source, affine = reorient(canonical, axcodes, rotate=rotate)
+    source, affine = reorient(canonical, axcodes, canonical_affine(spacing), rotate=rotate)
     for c, description in enumerate(descriptions):
         write_dicom_series(folder / f"s{c}", source[..., c], affine, description, study=study,
                            series_number=c + 1, seed=seed + c)
