@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench.honest_card import model_card  # noqa: E402
 from bench.honest_cv import choose, out_of_fold, with_flair  # noqa: E402
 from bench.machine import write_result  # noqa: E402
+from bench.real_lgg import step as run  # noqa: E402
 from core.bundle.files import FILES_KEY  # noqa: E402
 from core.data.arrays import SplitArrays, load_split, load_split_info  # noqa: E402
 from core.evaluation.metrics import per_patient_dice, segmentation_metrics  # noqa: E402
@@ -46,19 +46,6 @@ from core.evaluation.stats import paired_difference, spearman, summary  # noqa: 
 from core.io import read_json  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-test-split.json"
-
-
-def run(argv: list[str], log: Path) -> float:
-    """One gliomaseg command, its output appended to ``log``; returns its wall seconds."""
-    start = time.perf_counter()
-    print("+", " ".join(argv), flush=True)
-    with log.open("a") as out:
-        out.write(f"\n+ {' '.join(argv)}\n")
-        out.flush()
-        code = subprocess.call([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        raise SystemExit(f"{argv[:3]} failed with exit code {code}; see {log}")
-    return time.perf_counter() - start
 
 
 def cv_cpu_hours(cv_dir: Path) -> float:

@@ -11,34 +11,25 @@ and each is resumable, so the command can be re-run after an interruption and co
    from its best epoch (`core train --init`: progressive resolution, `--finetune-epochs`);
 4. optionally `python -m tune ensemble` of the search's `--ensemble K` best trials, and
    `python -m tune cv` of the winning configuration on `--cv-folds K` patient-level folds;
-5. the best of the candidates (the search's best bundle, the final run, the fine-tune, the ensembles)
-   by val dsc_volume (selected on val) is re-saved with fp16 weights in `--export` (e.g.
-   pretrained/lgg) with its MODEL_CARD.md, scored on val as volumes and one slice at a time, and with
-   its pre- and post-contrast replaced by FLAIR (bench/missing_sequences.py).
-   The CV's fold ensemble is a candidate only when its folds left val out (``--cv-pool train``).
+5. the best candidate by val dsc_volume (selected on val; the CV's fold ensemble only with ``--cv-pool
+   train``) is re-saved with fp16 weights in `--export` with its MODEL_CARD.md, scored on val as volumes,
+   one slice at a time, and with pre- and post-contrast replaced by FLAIR (bench/missing_sequences.py).
 
-The study behind pretrained/lgg (its search had run in an earlier session whose run directory was
-lost; ``--search-record`` takes the search, every trial and its CPU time, from that session's record):
+The studies behind the earlier pretrained/lgg (bench/results/real-lgg-cpu.json, real-lgg-ms50-cpu.json;
+the search ran in a session whose run directory was lost, so ``--search-record`` takes it from the record):
 
     python ../shared/data/lgg/restore.py runs/lgg-all --pack gpu          # 99 patients
-    python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-v2 \\
-        --num-samples 24 --max-epochs 10 --final-epochs 60 --final-patience 15 --finetune-epochs 4 \\
-        --cv-folds 5 --cv-epochs 24 --cv-pool train --export pretrained/lgg \\
-        --search-record bench/results/real-lgg-cpu.json    # drop this to run the search anew
-
-Its follow-up, the same winner trained with FLAIR in place of pre- and/or post-contrast on half the slices
-(``--set``), cross-validated on the same folds and exported only if that CV beats the record's (``--versus``):
-
     python bench/real_lgg.py --src runs/lgg-all/kaggle_3m --work runs --name lgg-ms50 \\
         --search-record bench/results/real-lgg-cpu.json --set missing_sequence=0.5 \\
         --final-epochs 60 --final-patience 15 --cv-folds 5 --cv-epochs 24 --cv-pool train \\
         --versus bench/results/real-lgg-cpu.json --export pretrained/lgg --result real-lgg-ms50
 
-With ``--cv-pool train`` the CV's folds cover the 88 training patients only, so its fold ensemble can be
-compared with the single models on the 11 val patients that no fold saw.
+``--set`` trains a variant of the search's winner; ``--versus`` exports only where this study's CV beats
+the record's by the paired per-patient differences (same folds). With ``--cv-pool train`` the folds cover
+the 88 training patients only, so the fold ensemble competes with the single models on val. The model
+shipped now comes from the honest protocol instead (bench/honest_study.py: a test split read once).
 
-Writes bench/results/real-lgg-<device>.json: the split, every trial's settings, metrics and epoch times,
-the final run, the fine-tune, the CV, wall time and CPU hours (--result names it otherwise).
+Writes bench/results/real-lgg-<device>.json (every trial, the final run, the CV, wall time, CPU hours).
 """
 
 from __future__ import annotations
@@ -64,6 +55,7 @@ from bench.real_lgg_card import model_card  # noqa: E402
 from core.bundle import load_bundle, save_bundle  # noqa: E402
 from core.config import TrainConfig  # noqa: E402
 from core.data.arrays import load_split, load_split_info, split_hash  # noqa: E402
+from core.evaluation.stats import paired_difference  # noqa: E402
 from core.io import read_json, write_json  # noqa: E402
 from tune.search import parse_sets  # noqa: E402
 
@@ -222,15 +214,23 @@ def cross_validate(args: argparse.Namespace, prepared: Path, winner: dict[str, A
 
 
 def versus(record: Path, cv: dict[str, Any] | None) -> dict[str, Any]:
-    """This study's CV against an earlier study's (same folds: tune cv seeds them): mean and worst patient."""
-    def summary(c: dict[str, Any]) -> dict[str, float]:
+    """This study's CV against an earlier study's on the same folds, by the paired per-patient differences of
+    dsc_volume (core.evaluation.stats): beaten only where their 95% interval lies above 0. A record without
+    per-patient figures (before tune cv kept them) cannot be beaten that way, whatever the means."""
+    def summary(c: dict[str, Any]) -> dict[str, Any]:
+        per_patient = {p: d for f in c["folds"] for p, d in (f.get("per_patient_dsc_volume") or {}).items()}
         return {"dsc_volume": c["summary"]["dsc_volume"]["mean"],
-                "worst_patient": c["summary"].get("worst_patient_dsc_volume")}
+                "worst_patient": c["summary"].get("worst_patient_dsc_volume"), "per_patient": per_patient}
 
     theirs = summary(read_json(record)["cv"])
     ours = summary(cv) if cv else None
-    return {"record": str(record), "theirs": theirs, "ours": ours,
-            "beaten": bool(ours and ours["dsc_volume"] > theirs["dsc_volume"])}
+    out: dict[str, Any] = {"record": str(record), "theirs": theirs, "ours": ours, "beaten": False}
+    if ours and ours["per_patient"] and theirs["per_patient"]:
+        out["paired"] = paired_difference(ours["per_patient"], theirs["per_patient"])
+        out["beaten"] = out["paired"]["verdict"] == "a"
+    else:
+        out["paired"] = "no per-patient figures in one of the CVs: no paired comparison, nothing beaten"
+    return out
 
 
 def trial_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -294,7 +294,8 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a variant of the winner: this setting overrides it in the final run and the CV")
     p.add_argument("--versus", type=Path,
-                   help="an earlier study's result JSON: export only if this study's CV dsc_volume beats its CV")
+                   help="an earlier study's result JSON: export only if this study's CV beats its CV by the "
+                        "paired per-patient dsc_volume difference (interval above 0)")
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
     p.add_argument("--result", default="real-lgg",
                    help="bench/results/RESULT-<device>.json (a study that ships nothing yet keeps its own name)")

@@ -20,21 +20,18 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from ray import serve
 
 from core.bundle.files import WEIGHTS, listed_files, read_config
+from core.inference.slices import Segmentation
 from core.io import is_remote
 from serve.ingress import Ingress
 from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
-
-if TYPE_CHECKING:
-    from core.inference.slices import Segmentation
 
 log = logging.getLogger(__name__)
 APP_NAME = "gliomaseg"
@@ -114,9 +111,9 @@ class SegmentModel:
         # Warm up so the first request does not pay for lazy initialisation.
         self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))
 
-    async def _run(self, method: Callable[..., Any], *args: Any) -> Any:
-        """One Predictor call at a time, in a thread: the replica's event loop stays free, so requests queue
-        up for the next batch."""
+    async def _locked(self, method: Any, *args: Any) -> Any:
+        """One Predictor call at a time, in a thread, so the replica's event loop keeps queueing requests
+        for the next batch."""
         async with self._lock:
             try:
                 return await asyncio.to_thread(method, *args)
@@ -128,13 +125,14 @@ class SegmentModel:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def segment(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """One HxWx3 slice per caller -> (HxW mask, size of the batch it ran in)."""
-        masks = await self._run(self.predictor.predict, images, False)
+        masks = await self._locked(self.predictor.predict, images)
         return [(m, len(images)) for m in masks]
 
-    async def segment_volume(self, images: np.ndarray, spacing: Sequence[float] | None = None) -> Segmentation:
-        """One patient's ordered (N,H,W,3) slices -> its Segmentation: (N,H,W) masks with 3D post-processing
-        at ``spacing`` (mm; None: the Kaggle grid's), and the answer's quality and review flag."""
-        return await self._run(self.predictor.segment, images, spacing)
+    async def segment_volume(self, images: np.ndarray, spacing: tuple[float, float, float] | None = None
+                             ) -> Segmentation:
+        """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing at ``spacing``
+        (a scan's; None: the Kaggle grid's), and the answer's quality."""
+        return await self._locked(self.predictor.segment, images, spacing)
 
     def info(self) -> dict[str, Any]:
         return {**self.predictor.info(), "version": self.predictor.version}

@@ -1,13 +1,20 @@
-"""`python -m serve predict`: segment slice files and patient folders with a gliomaseg server (or ONNX).
+"""`python -m serve predict`: segment slices, patient folders and scans with a gliomaseg server (or ONNX).
 
 A file is one request: a single slice to ``/v1/segment``, a multi-page TIFF or NxHxWx3 .npy to
 ``/v1/segment/volume``. A folder holding slice files (``*_mask.*`` excluded, sorted by the slice
 number) is one patient: its slices are stacked into one .npy volume request, so 3D post-processing
 sees the whole patient. Folders are searched recursively (``kaggle_3m/`` gives one volume per patient).
 
+A scan goes to ``/v1/segment/volume`` as it is: a NIfTI file (``.nii``, ``.nii.gz``), a zipped DICOM
+study (``.zip``), one DICOM file (``.dcm``), or a folder of DICOM files (a study, its series in subfolders
+or not), zipped on the fly. Its file name travels in Content-Disposition (for a 3D NIfTI it may say the
+sequence, as for `core predict`), ``--sequences`` names a NIfTI's channels.
+
 Outputs under ``--out`` (names sanitised, never outside it): per slice ``NAME_mask.png`` and
 ``NAME_overlay.png``; per volume ``NAME_masks.tif`` (one page per slice), ``NAME_overlay.png``
-(animated) and ``NAME.json`` (per-slice tumour pixels); and ``summary.json`` for the whole run.
+(animated) and ``NAME.json`` (per-slice tumour pixels); per scan ``NAME_mask.nii.gz`` (on the scan's own
+grid), ``NAME_seg.dcm`` (DICOM SEG, DICOM input) and ``NAME.json`` (the server's JSON answer: volume in mL,
+sequences used, notes); and ``summary.json`` for the whole run.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import io
 import json
 import logging
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +36,28 @@ from core.formats import codecs
 from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}
+# Scan files by name -> request type (core.formats.load tells NIfTI from DICOM by the bytes as well)
+SCAN_TYPES = {".nii.gz": "application/gzip", ".nii": "application/x-nifti", ".zip": "application/zip",
+              ".dcm": "application/dicom"}
+SLICES, SCAN, DICOM_FOLDER = "slices", "scan", "dicom-folder"
 
 
 @dataclass
 class Job:
-    """One request: a file (slice or volume, decided by its content) or a patient folder (a volume)."""
+    """One request: a file (slice or volume, decided by its content), a patient folder (a volume), or a scan
+    (a NIfTI, zip or DICOM file, or a DICOM folder)."""
 
     source: Path
     files: list[Path]
     name: str = ""
     result: dict[str, Any] = field(default_factory=dict)
+    kind: str = SLICES
+
+
+def scan_type(path: Path) -> str | None:
+    """The request type of a scan file by its name, None for anything else."""
+    name = path.name.lower()
+    return next((t for ext, t in SCAN_TYPES.items() if name.endswith(ext)), None)
 
 
 def _natural(path: Path) -> list[Any]:
@@ -48,22 +68,38 @@ def _is_slice(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SLICE_EXTS and not path.stem.lower().endswith("_mask")
 
 
+def _walk(folder: Path, jobs: list[Job]) -> None:
+    """A folder's slice files are one patient, its NIfTI and zip files scans; a folder of DICOM files
+    (recursively: its series may sit in subfolders) is one study; other subfolders are searched."""
+    from core.formats.dicom_files import looks_like_dicom_dir  # pydicom loads only when folders come
+
+    files = sorted((f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")), key=_natural)
+    slices = [f for f in files if _is_slice(f)]
+    if slices:
+        jobs.append(Job(folder, slices))
+    scans = [f for f in files if scan_type(f) not in (None, SCAN_TYPES[".dcm"])]
+    jobs += [Job(f, [f], kind=SCAN) for f in scans]
+    if not slices and not scans and looks_like_dicom_dir(folder):
+        jobs.append(Job(folder, [], kind=DICOM_FOLDER))
+        return
+    for sub in sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=str):
+        _walk(sub, jobs)
+
+
 def collect(inputs: list[str | Path]) -> list[Job]:
-    """Expand files and folders into jobs; a folder with slice files in it is one patient volume."""
+    """Expand files and folders into jobs; a folder with slice files in it is one patient volume, a folder
+    of DICOM files one study."""
     jobs: list[Job] = []
     for item in map(Path, inputs):
         if item.is_file():
-            jobs.append(Job(item, [item]))
+            jobs.append(Job(item, [item], kind=SCAN if scan_type(item) else SLICES))
         elif item.is_dir():
-            folders = [item, *sorted((d for d in item.rglob("*") if d.is_dir()), key=str)]
-            for folder in folders:
-                files = sorted((f for f in folder.iterdir() if _is_slice(f)), key=_natural)
-                if files:
-                    jobs.append(Job(folder, files))
+            _walk(item, jobs)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     if not jobs:
-        raise ValueError(f"no slice files ({', '.join(sorted(SLICE_EXTS))}) found in {', '.join(map(str, inputs))}")
+        raise ValueError(f"no slice files ({', '.join(sorted(SLICE_EXTS))}) or scans ({', '.join(SCAN_TYPES)}) "
+                         f"found in {', '.join(map(str, inputs))}")
     _assign_names(jobs)
     return jobs
 
@@ -77,12 +113,36 @@ def safe_name(text: str) -> str:
 def _assign_names(jobs: list[Job]) -> None:
     used: set[str] = set()
     for job in jobs:
-        base = safe_name(job.source.stem if job.source.is_file() else job.source.name)
+        base = safe_name(_stem(job.source) if job.source.is_file() else job.source.name)
         name, k = base, 2
         while name.lower() in used:
             name, k = f"{base}-{k}", k + 1
         used.add(name.lower())
         job.name = name
+
+
+def _stem(path: Path) -> str:
+    """A file name without its extension (both of ``.nii.gz``)."""
+    return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+
+
+def zip_study(folder: Path) -> bytes:
+    """A DICOM folder (its series in subfolders or not) as zip bytes: the body of a zipped study."""
+    from core.formats.dicom_files import hidden
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and not hidden(f.relative_to(folder).as_posix()):
+                zf.write(f, f.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def scan_body(job: Job) -> tuple[bytes, str, str]:
+    """(request body, content type, file name to send) of a scan job."""
+    if job.kind == DICOM_FOLDER:
+        return zip_study(job.source), SCAN_TYPES[".zip"], f"{safe_name(job.source.name)}.zip"
+    return job.source.read_bytes(), str(scan_type(job.source)), safe_name(job.source.name)
 
 
 def _inside(out: Path, filename: str) -> Path:
@@ -129,8 +189,51 @@ def write_outputs(out: Path, job: Job, images: np.ndarray, masks: np.ndarray, vo
             "tumour_pixels": sum(areas), "outputs": written}
 
 
+def write_scan_outputs(out: Path, job: Job, answer: dict[str, Any], mask: bytes, seg: bytes | None
+                       ) -> dict[str, Any]:
+    """Write a scan's JSON answer, its NIfTI mask and (DICOM input) its SEG; the summary line."""
+    written = []
+    for suffix, data in ((".json", json.dumps({"source": str(job.source), **answer}, indent=1).encode()),
+                         ("_mask.nii.gz", mask), ("_seg.dcm", seg)):
+        if data is not None:
+            atomic_write_bytes(_inside(out, job.name + suffix), data)
+            written.append(job.name + suffix)
+    scan = answer.get("scan") or {}
+    return {"input": str(job.source), "name": job.name, "volume": True, "scan": answer.get("input"),
+            "slices": answer.get("slices"), "tumour_pixels": answer.get("tumour_pixels"),
+            "volume_ml": answer.get("volume_ml"), "notes": scan.get("notes", []), "outputs": written}
+
+
+def _error_of(r: Any) -> RuntimeError:
+    try:
+        err = r.json()
+    except ValueError:
+        err = {"error": "http_error", "detail": r.text[:200]}
+    return RuntimeError(f"HTTP {r.status_code} {err.get('error')}: {err.get('detail')}")
+
+
+async def _scan_http(client: Any, job: Job, out: Path, auth: dict[str, str], sequences: list[str] | None) -> None:
+    """A scan as it is: its JSON answer, then its NIfTI mask, then (DICOM) its SEG; one request each."""
+    body, ctype, filename = await asyncio.to_thread(scan_body, job)
+    headers = {**auth, "Content-Type": ctype, "Content-Disposition": f'attachment; filename="{filename}"'}
+    params = {"sequences": ",".join(sequences)} if sequences else {}
+    answers: dict[str, Any] = {}
+    for fmt in ("json", "nifti", "dicom-seg"):
+        if fmt == "dicom-seg" and answers["json"].get("input") != "dicom":
+            break
+        r = await client.post("/v1/segment/volume", params={**params, "format": fmt}, content=body, headers=headers)
+        if r.status_code != 200:
+            raise _error_of(r)
+        answers[fmt] = r.json() if fmt == "json" else r.content
+        if "Warning" in r.headers:  # what a binary answer says beside it (e.g. a SEG's empty patient fields)
+            answers["json"].setdefault("warnings", []).append(r.headers["Warning"])
+    job.result = await asyncio.to_thread(write_scan_outputs, out, job, answers["json"], answers["nifti"],
+                                         answers.get("dicom-seg"))
+    job.result["model_version"] = answers["json"].get("model_version")
+
+
 async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, concurrency: int,
-                    timeout_s: float) -> None:
+                    timeout_s: float, sequences: list[str] | None = None) -> None:
     import httpx
 
     limit = asyncio.Semaphore(concurrency)
@@ -147,16 +250,15 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
         async def one(job: Job) -> None:
             async with limit:
                 try:
+                    if job.kind != SLICES:
+                        await _scan_http(client, job, out, auth, sequences)
+                        return
                     body, kind, images, volume = await asyncio.to_thread(load, job)
                     path = "/v1/segment/volume" if volume else "/v1/segment"
                     r = await client.post(path, params={"format": "npy"}, content=body,
                                           headers={**auth, "Content-Type": kind})
                     if r.status_code != 200:
-                        try:
-                            err = r.json()
-                        except ValueError:
-                            err = {"error": "http_error", "detail": r.text[:200]}
-                        raise RuntimeError(f"HTTP {r.status_code} {err.get('error')}: {err.get('detail')}")
+                        raise _error_of(r)
                     masks = np.load(io.BytesIO(r.content), allow_pickle=False)
                     job.result = await asyncio.to_thread(write_outputs, out, job, images, masks, volume, scale)
                     job.result["model_version"] = r.headers.get("X-Model-Version")
@@ -166,13 +268,30 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
         await asyncio.gather(*(one(j) for j in jobs))
 
 
-def _run_onnx(jobs: list[Job], out: Path, model: str) -> None:
+def _scan_onnx(predictor: Any, job: Job, out: Path, sequences: list[str] | None) -> dict[str, Any]:
+    """A scan read and segmented here as the server would (core.formats, core.inference.results)."""
+    from core.formats.load import load_volume
+    from core.inference.results import result_json, segment_volume
+
+    body, _, filename = scan_body(job)
+    volume = load_volume(body, sequences=sequences, name=_stem(Path(filename)))
+    result = segment_volume(predictor, volume)
+    answer = result_json(result.masks, predictor.version, result.class_names, scan=result)  # the server's JSON
+    name = str(predictor.config.get("name") or "gliomaseg")
+    seg = result.seg_bytes(name, predictor.version) if volume.kind == "dicom" else None
+    return write_scan_outputs(out, job, answer, result.nifti_bytes(), seg)
+
+
+def _run_onnx(jobs: list[Job], out: Path, model: str, sequences: list[str] | None = None) -> None:
     from serve.edge import OnnxPredictor  # optional path: onnxruntime loads only when asked for
 
     predictor = OnnxPredictor(model)
     scale = codecs.mask_scale(predictor.config["class_names"])
     for job in jobs:
         try:
+            if job.kind != SLICES:
+                job.result = _scan_onnx(predictor, job, out, sequences)
+                continue
             _, _, images, volume = load(job)
             masks = predictor.predict(images, volume=volume)
             job.result = write_outputs(out, job, images, masks, volume, scale)
@@ -181,17 +300,19 @@ def _run_onnx(jobs: list[Job], out: Path, model: str) -> None:
 
 
 def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = None, token: str | None = None,
-                  concurrency: int = 8, onnx: str | None = None, timeout_s: float = 300.0) -> list[dict[str, Any]]:
-    """Segment every input, write outputs and ``summary.json`` under ``out``; returns the summary."""
+                  concurrency: int = 8, onnx: str | None = None, timeout_s: float = 300.0,
+                  sequences: list[str] | None = None) -> list[dict[str, Any]]:
+    """Segment every input, write outputs and ``summary.json`` under ``out``; returns the summary.
+    ``sequences`` names each NIfTI scan's channels (as `core predict --sequences`)."""
     if (url is None) == (onnx is None):
         raise ValueError("give exactly one of --url (a gliomaseg server) or --onnx (a local ONNX model)")
     jobs = collect(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if onnx:
-        _run_onnx(jobs, out, onnx)
+        _run_onnx(jobs, out, onnx, sequences)
     else:
-        asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s))
+        asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s, sequences))
     summary = [j.result for j in jobs]
     write_json(out / "summary.json", summary)
     return summary
@@ -199,22 +320,28 @@ def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = N
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the summary
-    summary = predict_paths(args.inputs, args.out, url=args.url, token=args.token,
-                            concurrency=args.concurrency, onnx=args.onnx)
+    summary = predict_paths(args.inputs, args.out, url=args.url, token=args.token, concurrency=args.concurrency,
+                            onnx=args.onnx, sequences=args.sequences.split(",") if args.sequences else None)
     failed = [s for s in summary if "error" in s]
     for s in summary:
         what = s.get("error") or f"{s['slices']} slice(s), {s['tumour_pixels']} tumour px"
+        if s.get("volume_ml") is not None:
+            what += f", {s['volume_ml']:.4g} mL"
         print(f"{s['input']}: {what}")
     print(f"{len(summary) - len(failed)}/{len(summary)} ok; outputs in {args.out}")
     return 1 if failed else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment slice files / patient folders via a server (or --onnx locally)")
-    p.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS")
+    p = sub.add_parser("predict", help="segment slice files, patient folders and scans (NIfTI, DICOM) via a "
+                       "server (or --onnx locally)")
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS",
+                   help="slices (.tif/.png/.npy), patient folders, .nii/.nii.gz, DICOM .zip/.dcm or DICOM folders")
     p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--token", default=None, help="bearer token, if the server requires one")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--onnx", default=None, help="run this ONNX model locally instead of calling a server")
+    p.add_argument("--sequences", help="NIfTI scans: each channel's sequence in order, e.g. flair,t1,t1gd,t2 "
+                   "('-' skips one), as for `core predict`")
     p.set_defaults(func=_cmd_predict)

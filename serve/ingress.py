@@ -251,7 +251,7 @@ class Ingress:
 
     @api.post("/v1/segment/volume")
     async def segment_volume(self, request: Request, format: str | None = None, overlay: bool = False,
-                             sequence: str = "rgb", layers: str = "") -> Response:
+                             sequence: str = "rgb", layers: str = "", sequences: str | None = None) -> Response:
         # Everything that can be refused without the body is refused first: auth, format, Accept, type.
         self._authorise(request)
         wanted = volumes.requested(format, request.headers.get("accept"), overlay)
@@ -272,7 +272,9 @@ class Ingress:
                 max_pixels=s["max_pixels"], min_size=s["min_size"], max_size=s["max_size"])
         else:  # NIfTI or DICOM: decompressing and reorienting is CPU work, off the event loop
             scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
-                                           s["max_slices"], s["min_size"], s["max_size"])
+                                           s["max_slices"], s["min_size"], s["max_size"],
+                                           volumes.sequence_names(sequences),
+                                           volumes.scan_name(request.headers.get("content-disposition")))
             images = scan.images
         del data
         # The scan's spacing, so post-processing sizes in mm3 mean what they mean in `core predict`.
@@ -285,6 +287,10 @@ class Ingress:
         headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
         if result is not None:  # the figure a radiologist asks for first, without parsing the body
             headers["X-Tumour-Volume-mL"] = f"{result.volume_ml:.4f}"
+        if answer.quality is not None:  # how far to trust it, on binary answers too
+            headers["X-Quality"] = f"{answer.quality:.4f}"
+        if answer.review is not None:
+            headers["X-Review"] = "true" if answer.review else "false"
         if fmt == "json":
             body = result_json(masks, headers["X-Model-Version"], names, scan=result, answer=answer)
             if overlay:

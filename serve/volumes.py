@@ -11,10 +11,15 @@ The output is ``format=`` if given, else the best ``Accept`` type this body can 
 as SageMaker negotiates), else NIfTI for a scan and a multi-page TIFF for a slice stack; JSON is the result
 schema (core.inference.results). Every refusal is a codecs.DecodeError (its status, error and detail
 become the JSON error response).
+
+A scan body may be named (``Content-Disposition: attachment; filename="patient_t1.nii.gz"``): the name
+becomes the answer's file names and, for a 3D NIfTI, says its sequence as a file name does for `core
+predict`; ``sequences=flair,t1,...`` names a NIfTI's channels as ``--sequences`` does.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
 # What this endpoint answers a volume with; png only with overlay=true (an animation of the overlays).
 VOLUME_FORMATS = ("nifti", "dicom-seg", "tiff", "npy", "json")
 SEQUENCE_VIEWS = ("rgb", "pre", "flair", "post")  # rgb: the three blended, as the model sees them
+_FILENAME = re.compile(r"""filename\*?\s*=\s*(?:[\w-]+'[\w-]*')?"?([^";]+)"?""", re.IGNORECASE)
+SCAN_EXTENSIONS = (".nii.gz", ".nii", ".zip", ".dcm", ".gz")
 MASK_ALPHA = 0.45  # as codecs.overlay, so a page compositing the layers shows what overlay=true burns in
 ACCEPTED = ("image/tiff, application/x-npy, image/png (slice stacks); application/gzip or application/x-nifti "
             "(NIfTI), application/zip or application/dicom+zip (a zipped DICOM study), application/dicom")
@@ -113,11 +120,34 @@ def scan_limits(max_pixels: int) -> Limits:
     return replace(base, max_voxels=3 * max_pixels, max_bytes=min(base.max_bytes, 24 * max_pixels))
 
 
-def read_scan(data: bytes, limits: Limits, max_slices: int, min_size: int, max_size: int) -> Volume:
+def scan_name(disposition: str | None) -> str | None:
+    """The file name a client gave its body (Content-Disposition), as a safe stem without its extension:
+    never a path (it only names the answer and may say a NIfTI's sequence); None without one."""
+    found = _FILENAME.search(disposition or "")
+    if not found:
+        return None
+    name = re.split(r"[\\/]", found.group(1).strip())[-1]
+    for ext in SCAN_EXTENSIONS:
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:100]
+    return name or None
+
+
+def sequence_names(sequences: str | None) -> list[str] | None:
+    """``sequences=flair,t1,-`` -> the NIfTI channel names (as --sequences); None when not given."""
+    if sequences is None or not sequences.strip():
+        return None
+    return [n.strip() for n in sequences.split(",")]
+
+
+def read_scan(data: bytes, limits: Limits, max_slices: int, min_size: int, max_size: int,
+              sequences: list[str] | None = None, name: str | None = None) -> Volume:
     """A scan body -> a canonical Volume, within the request limits (VolumeError otherwise)."""
     from core.formats.load import load_volume
 
-    volume = load_volume(data, limits=limits)
+    volume = load_volume(data, limits=limits, sequences=sequences, name=name)
     n, h, w = volume.images.shape[:3]
     if n > max_slices:
         raise codecs.DecodeError(413, "too_large", f"{n} axial slices; at most {max_slices} per request")
@@ -189,9 +219,15 @@ def encode_masks(fmt: str, masks: np.ndarray, scale: int, result: VolumeResult |
         name = f"{result.volume.name}_mask.nii.gz"
         return result.nifti_bytes(), NIFTI_MEDIA, {"Content-Disposition": f'attachment; filename="{name}"'}
     if fmt == "dicom-seg":
+        from core.formats.dicom import missing_type2
+
         assert result is not None
         name = f"{result.volume.name}_seg.dcm"
-        return result.seg_bytes(model, version), DICOM_MEDIA, {"Content-Disposition": f'attachment; filename="{name}"'}
+        extra = {"Content-Disposition": f'attachment; filename="{name}"'}
+        missing = missing_type2(result.volume.datasets[0])
+        if missing:  # a binary answer: the note the JSON answer carries goes in a header
+            extra["Warning"] = f'299 gliomaseg "the source has no {", ".join(missing)}: the SEG carries them empty"'
+        return result.seg_bytes(model, version), DICOM_MEDIA, extra
     if fmt == "npy":
         return codecs.encode_npy(masks), codecs.NPY, {}
     return codecs.encode_tiff(masks, scale), codecs.TIFF, {}

@@ -78,12 +78,13 @@ class FakeRuntime(BaseHTTPRequestHandler):
 
     seen: list[dict] = []
     reply: bytes = b""
+    reply_type: str = "application/x-npy"
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).seen.append({"path": self.path, "headers": dict(self.headers), "body": body})
         self.send_response(200)
-        self.send_header("Content-Type", "application/x-npy")
+        self.send_header("Content-Type", self.reply_type)
         self.send_header("Content-Length", str(len(self.reply)))
         self.end_headers()
         self.wfile.write(self.reply)
@@ -93,8 +94,8 @@ class FakeRuntime(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def fake_runtime(reply: bytes) -> Iterator[str]:
-    FakeRuntime.seen, FakeRuntime.reply = [], reply
+def fake_runtime(reply: bytes, content_type: str = "application/x-npy") -> Iterator[str]:
+    FakeRuntime.seen, FakeRuntime.reply, FakeRuntime.reply_type = [], reply, content_type
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeRuntime)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -122,6 +122,11 @@ def test_three_fold_cv_validates_every_patient_exactly_once(ray_session, prepare
         # Each fold's bundle was validated on its fold and trained on the rest: its split says so.
         assert row["patients"] == len(val_patients)
         assert 0.0 <= row["val"]["dsc_volume"] <= 1.0 and bundle.config["data"]["split_hash"]
+        # Per patient, for paired comparisons of two CVs: exactly the fold's patients, and their mean is
+        # the fold's dsc_volume (both from the bundle's own post-processed volume masks).
+        per_patient = row["per_patient_dsc_volume"]
+        assert set(per_patient) == val_patients
+        assert np.mean(list(per_patient.values())) == pytest.approx(row["val"]["dsc_volume"], abs=1e-6)
     summary = out["summary"]["dsc_volume"]
     assert summary["mean"] == pytest.approx(np.mean([r["val"]["dsc_volume"] for r in out["folds"]]))
     ens = load_bundle(tmp_path / "cv3" / "ensemble")

@@ -16,12 +16,13 @@ import pydicom
 import pytest
 from bundle_factory import make_random_bundle
 from PIL import Image
-from volume_support import SPACING, dcm_files, reorient, write_nifti, write_study
+from volume_support import SPACING, canonical_affine, dcm_files, reorient, write_nifti, write_study
 
 from core.cli import dispatch
 from core.data.prepare import DataError, read_patients
 from core.evaluation.evaluate import arrays_from_src, scans_from_src, write_report
 from core.formats.volume import VolumeError
+from core.inference.postprocess import KAGGLE_SPACING_MM
 from core.inference.predict import run
 
 COMMANDS = ("core.evaluation.cli", "core.inference.cli")
@@ -67,9 +68,11 @@ def test_one_case_gives_the_same_masks_as_tiff_as_nifti_and_as_dicom(kaggle, pre
     assert tiff_masks.shape == (8, 64, 64) and 0 < tiff_masks.mean() < 0.9  # a test that can tell masks apart
 
     axcodes = ("R", "A", "S")  # stored unlike the display orientation, so a wrong turn would show
-    source, affine = reorient(patient.images, axcodes)
+    # On the Kaggle grid's spacing (which the TIFF slices are assumed to have), the post-processing's mm
+    # rules remove exactly what they remove from the slices: the same masks on every path.
+    source, affine = reorient(patient.images, axcodes, canonical_affine(KAGGLE_SPACING_MM))
     scan = write_nifti(tmp_path / "case.nii.gz", source, affine)
-    write_study(tmp_path / "study", patient.images, axcodes)
+    write_study(tmp_path / "study", patient.images, axcodes, spacing=KAGGLE_SPACING_MM)
     archive = _zip(tmp_path / "study", tmp_path / "case_dicom.zip")
     rows = run(predictor, [scan, archive], tmp_path / "scans")
     expected_source, _ = reorient(tiff_masks, axcodes)
@@ -82,7 +85,7 @@ def test_one_case_gives_the_same_masks_as_tiff_as_nifti_and_as_dicom(kaggle, pre
     frames = seg.get_pixels_by_source_instance([d.SOPInstanceUID for d in flair], segment_numbers=[1],
                                                combine_segments=True)
     assert np.array_equal(frames, expected_source.transpose(2, 1, 0))
-    expected_ml = np.count_nonzero(tiff_masks) * np.prod(SPACING) / 1000
+    expected_ml = np.count_nonzero(tiff_masks) * np.prod(KAGGLE_SPACING_MM) / 1000
     assert [r["volume_ml"] for r in rows] == [pytest.approx(expected_ml, abs=1e-4)] * 2
     written = _rows(tmp_path / "scans" / "predictions.csv")
     assert [float(r["volume_ml"]) for r in written] == [pytest.approx(expected_ml, abs=1e-4)] * 2

@@ -39,7 +39,8 @@ def test_smoke_trains_finite_on_the_data_it_restored(smoke):
     assert len(train["epochs"]) == smoke["settings"]["epochs"] >= 1
     assert all(math.isfinite(e["train_loss"]) for e in train["epochs"]) and train["loss_finite"] is True
     assert all(0.0 <= e["dsc_volume"] <= 1.0 for e in train["epochs"])
-    assert train["dsc_rising"] in (True, False)  # two epochs: decided (rising is the GPU's target)
+    dsc = [e["dsc_volume"] for e in train["epochs"]]  # rising: a later epoch beats the first (the GPU's target)
+    assert train["dsc_rising"] == ((max(dsc[1:]) > dsc[0]) if len(dsc) > 1 else None)
     # No CUDA here: the data sits on the CPU and autocast is off (bfloat16 is what a GPU run must show).
     assert train["data_device"] == "cpu" and train["autocast_dtype"] == "float32"
     assert train["train_slices"] > 0 and train["val_slices"] > 0 and train["peak_memory"]["host_rss_mib"] > 0
@@ -73,7 +74,9 @@ def test_smoke_json_has_timings_verdict_and_table_rows(smoke):
     assert timings["total_s"] >= sum(v for k, v in timings.items() if k != "total_s") * 0.99
     # GPU targets do not apply on a CPU; the time budget does.
     assert smoke["met"]["train"] is None and smoke["met"]["sharing"] is None and smoke["met"]["pipeline"] is None
-    assert isinstance(smoke["met"]["budget"], bool)
+    from bench.gpu_check import BUDGET_S
+
+    assert smoke["met"]["budget"] is (timings["total_s"] <= BUDGET_S)
     assert len(smoke["summary"]) == 5
     assert all(set(r) == {"metric", "target", "measured", "met", "limits"} for r in smoke["summary"])
     rendered = table([{**smoke, "_file": "gpu-check-smoke-cpu.json"}])

@@ -181,7 +181,8 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
             info = httpx.get(f"{url}/v1/model", timeout=30).json()
             per_patient = info["normalisation"]["type"] == "patient"
             assert info["tta"] == ("flip" if per_patient else tta) and info["image_size"] == [TRAINED, TRAINED]
-            assert info["metrics"]["val"]["dsc_volume"] >= 0
+            recorded = json.loads((Path(bundles[tta]) / "metrics.json").read_text())["val"]["dsc_volume"]
+            assert info["metrics"]["val"]["dsc_volume"] == recorded  # what the bundle recorded, as served
             r = httpx.post(f"{url}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
                            headers={"Content-Type": codecs.NPY}, timeout=120)
             assert r.status_code == 200, r.text

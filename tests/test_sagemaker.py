@@ -176,6 +176,7 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     import nibabel as nib
     import pydicom
     from scan_support import bad_bodies, dicom_study, flair_headers, nifti_scan, read_nifti_bytes, voxel_ml, zip_folder
+    from volume_support import reorient, write_nifti
 
     from core.formats.load import load_volume
     from core.inference.results import segment_volume
@@ -190,6 +191,8 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     s3 = boto3.client("s3")
     s3.put_object(Bucket=BUCKET, Key="scans/case.nii.gz", Body=nii)
     s3.put_object(Bucket=BUCKET, Key="scans/study.zip", Body=dcm)
+    t1 = write_nifti(tmp_path / "t1.nii.gz", *reorient(vol[..., 1], ("R", "A", "S")))  # one sequence, named T1 on S3
+    s3.put_object(Bucket=BUCKET, Key="scans/patient_t1.nii.gz", Body=t1.read_bytes())
     json_type = "application/json"
     cases = {
         "nifti_json": (nii, "application/gzip", json_type),
@@ -201,6 +204,7 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
                      .encode(), json_type, json_type),
         "s3_seg": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/study.zip", "format": "dicom-seg"}).encode(),
                    json_type, json_type),
+        "s3_t1": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/patient_t1.nii.gz"}).encode(), json_type, json_type),
         "seg_of_nifti": (nii, "application/gzip", "application/dicom"),
         "nifti_of_slices": (_npy(vol), "application/x-npy", "application/gzip"),
     }
@@ -244,6 +248,7 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     assert json.loads(ok("s3_seg", json_type))["mask_content_type"] == "application/dicom"
 
     expected = {"seg_of_nifti": (406, "not_acceptable"), "nifti_of_slices": (406, "not_acceptable"),
+                "s3_t1": (422, "not_flair"),
                 **{name: (status, code) for name, (_, _, status, code) in bad.items()}}
     for name, (status, code) in expected.items():
         r, body = res[name]

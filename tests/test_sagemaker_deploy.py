@@ -174,3 +174,36 @@ def test_batch_transform_creates_model_and_job(aws, capsys):
     assert job["TransformOutput"]["S3OutputPath"] == f"s3://{BUCKET}/masks/"
     assert job["TransformResources"] == {"InstanceType": "ml.c5.2xlarge", "InstanceCount": 1}
     assert job["MaxPayloadInMB"] == dep.TRANSFORM_PAYLOAD_MB
+
+
+def test_invoke_sends_scans_and_saves_answers_by_content_type(aws, tmp_path, capsys, monkeypatch):
+    from scan_support import dicom_study, nifti_scan, zip_folder
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nii = nifti_scan(sample_images(4), scans / "case.nii.gz")
+    dicom_study(sample_images(4), scans / "study")
+    archive = scans / "study.zip"
+    archive.write_bytes(zip_folder(scans / "study"))
+    for reply_type, accept, sent, saved in [
+        ("application/gzip", "application/gzip", [nii], ["case_mask.nii.gz"]),
+        ("application/dicom", "application/dicom", [archive, scans / "study"], ["study_seg.dcm", "study_seg.dcm"]),
+    ]:
+        reply = f"answer as {reply_type}".encode()
+        with fake_runtime(reply, reply_type) as url:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+            assert _cli("invoke-sagemaker", "--endpoint", "glioma-rt", *map(str, sent), "--accept", accept,
+                        "--out", str(tmp_path / "answers")) == 0
+            lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            seen = list(FakeRuntime.seen)
+        assert [Path(line["saved"]).name for line in lines] == saved
+        assert all(Path(line["saved"]).read_bytes() == reply for line in lines)
+        assert all(s["headers"]["Accept"] == accept for s in seen)
+        if reply_type == "application/gzip":
+            assert seen[0]["headers"]["Content-Type"] == "application/gzip" and seen[0]["body"] == nii.read_bytes()
+        else:  # a zip as it is, a folder zipped on the fly: the same study either way
+            assert [s["headers"]["Content-Type"] for s in seen] == ["application/zip"] * 2
+            assert seen[0]["body"] == archive.read_bytes()
+            from core.formats.load import load_volume
+
+            np.testing.assert_array_equal(load_volume(seen[1]["body"]).images, load_volume(seen[0]["body"]).images)

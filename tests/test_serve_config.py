@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from bundle_factory import make_random_bundle
+from ray import serve
 
 from core.cli import dispatch
 from serve.app import ServeSettings, app_builder, build_app
@@ -34,6 +35,17 @@ def test_client_names_and_collection(synth_src: Path) -> None:
         collect(["/no/such/path"])
 
 
+def bound_deployments(app: serve.Application) -> dict[str, serve.Deployment]:
+    """The deployments an application binds, by name (the ingress and those bound into its arguments)."""
+    out, todo = {}, [app]
+    while todo:
+        deployment = todo.pop()._bound_deployment
+        out[deployment.name] = deployment
+        bound = (*deployment.init_args, *deployment.init_kwargs.values())
+        todo += [a for a in bound if isinstance(a, serve.Application)]
+    return out
+
+
 def test_builder_settings_and_cli_validation(ray_session, bundle: Path, tmp_path: Path) -> None:
     from serve.app import resolve_resources
 
@@ -42,7 +54,10 @@ def test_builder_settings_and_cli_validation(ray_session, bundle: Path, tmp_path
     cpu = resolve_resources(ServeSettings(bundle="b", replicas="auto"), None)
     assert cpu.gpus_per_replica == 0 and cpu.max_replicas == int(ray_session.cluster_resources()["CPU"] // 2)
     app = app_builder({"bundle": str(bundle), "max_batch_size": "8", "replicas": "auto", "batch_wait_ms": "2"})
-    assert app is not None and build_app(ServeSettings(bundle=str(bundle), replicas="3")) is not None
+    model = bound_deployments(app)["SegmentModel"]
+    assert model.max_ongoing_requests == 2 * 8  # room for two batches of 8 per replica
+    fixed = build_app(ServeSettings(bundle=str(bundle), replicas="3"))
+    assert bound_deployments(fixed)["SegmentModel"].num_replicas == 3
     auto = ServeSettings(bundle="b", replicas="auto", max_replicas=4, max_batch_size=8).autoscaling()
     assert auto["max_replicas"] == 4 and auto["min_replicas"] == 1 and auto["target_ongoing_requests"] == 8
     for bad in ({"bundle": str(bundle), "colour": "red"}, {"bundle": str(bundle), "replicas": "0"},

@@ -123,11 +123,12 @@ def new_study(patient: str = "SYNTH001") -> dict:
 
 
 def write_study(folder: Path, canonical: np.ndarray, axcodes=("L", "P", "S"), rotate=None,
-                descriptions=("T1 PRE", "AX T2 FLAIR", "T1 POST GAD"), seed: int = 0) -> dict:
+                descriptions=("T1 PRE", "AX T2 FLAIR", "T1 POST GAD"), seed: int = 0,
+                spacing: tuple[float, float, float] = SPACING) -> dict:
     """A DICOM study of three series (one per channel of canonical (N,H,W,3) slices) stored in the
-    orientation ``axcodes``; returns the source-grid truth and the study attributes."""
+    orientation ``axcodes`` with voxels of ``spacing``; returns the source-grid truth and the study attributes."""
     study = new_study()
-    source, affine = reorient(canonical, axcodes, rotate=rotate)
+    source, affine = reorient(canonical, axcodes, canonical_affine(spacing), rotate=rotate)
     for c, description in enumerate(descriptions):
         write_dicom_series(folder / f"s{c}", source[..., c], affine, description, study=study,
                            series_number=c + 1, seed=seed + c)
@@ -140,3 +141,33 @@ def dcm_files(folder: Path) -> list[Path]:
 
 def read_headers(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in dcm_files(folder)]
+
+
+def enhance_series(folder: Path) -> Path:
+    """Replace the single-frame series in ``folder`` by one Legacy Converted Enhanced MR image (highdicom),
+    its frames in the shuffled file order, so that only their plane positions can order them."""
+    import logging
+
+    import highdicom as hd
+
+    logging.getLogger("highdicom").setLevel(logging.ERROR)  # attributes our synthetic files lack are noted
+    files = dcm_files(folder)
+    datasets = [pydicom.dcmread(p) for p in files]
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        datasets, series_instance_uid=datasets[0].SeriesInstanceUID, series_number=int(datasets[0].SeriesNumber),
+        sop_instance_uid=hd.UID(), instance_number=1, include_dimension_index=False)
+    for p in files:
+        p.unlink()
+    target = folder / "enhanced.dcm"
+    image.save_as(target, enforce_file_format=True)
+    return target
+
+
+def strip_attributes(folder: Path, keywords: tuple[str, ...]) -> None:
+    """Remove attributes from every file under ``folder``, as an anonymiser does."""
+    for path in dcm_files(folder):
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)

@@ -32,7 +32,9 @@ from ray import tune
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.prepare import fold_patients
-from core.evaluation.metrics import METRIC_KEYS, MINIMISED
+from core.evaluation.evaluate import predict_split
+from core.evaluation.metrics import METRIC_KEYS, MINIMISED, per_patient_dice
+from core.inference.predictor import Predictor
 from core.io import read_json, write_json
 from core.training.ensemble import build_ensemble_bundle
 from tune import results
@@ -151,9 +153,12 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
             results.export_trial(Path(folder), {x: v for x, v in trial["config"].items() if x != "fold"}, bundle,
                                  train, val, fold_info, "gliomaseg-cv-fold", {"fold": k})
         metrics = read_json(bundle / "metrics.json")
+        # Each patient's own dsc_volume, so two CVs on the same folds compare patient by patient.
+        pred = predict_split(Predictor.from_bundle(bundle, "cpu"), val)
         rows.append({"fold": k, "patients": len(folds[k]), "slices": len(val), "best_epoch": trial["best_epoch"],
                      "val": {m: metrics["val"].get(m) for m in METRIC_KEYS}, "tta": metrics.get("tta"),
-                     "postprocess": metrics.get("postprocess")})
+                     "postprocess": metrics.get("postprocess"),
+                     "per_patient_dsc_volume": per_patient_dice(pred, np.asarray(val.masks), val.patients)})
         bundles.append(bundle)
     summary = {m: {"mean": statistics.fmean(r["val"][m] for r in rows),
                    "sd": statistics.stdev([r["val"][m] for r in rows]) if len(rows) > 1 else 0.0}

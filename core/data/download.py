@@ -18,7 +18,8 @@ def download(out: str | Path) -> Path:
     try:
         import kagglehub
     except ImportError as exc:
-        raise DownloadError("kagglehub is not installed: pip install 'gliomaseg[kaggle]'") from exc
+        raise DownloadError("kagglehub is not installed: in the clone, "
+                            ".venv/bin/pip install -e '.[kaggle]'") from exc
     has_credentials = os.environ.get("KAGGLE_USERNAME") or Path("~/.kaggle/kaggle.json").expanduser().exists()
     if not has_credentials and not os.environ.get("KAGGLE_API_TOKEN"):
         raise DownloadError(

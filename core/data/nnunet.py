@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from core.data.arrays import SPLITS, load_split, load_split_info
 from core.data.prepare import DataError, Patient, read_patients, split_patients, write_prepared
-from core.formats.nifti import load_nifti, read_array, read_nifti
+from core.formats.nifti import load_nifti, mm_affine, read_array, read_nifti
 from core.formats.volume import SEQUENCE_TITLES, SEQUENCES, VolumeError, parse_sequences, slices_grid
 from core.io import atomic_dir, read_json, write_json
 
@@ -109,7 +109,7 @@ def read_case(case: str, files: list[Path], label: Path, sequences: list[str | N
     except VolumeError as exc:
         raise DataError(f"{case}: {exc}") from exc
     values = values.reshape(values.shape[:3] + (1,) * (3 - values.ndim)) if values.ndim < 3 else values
-    if values.shape != volume.source_shape or not np.allclose(image.affine, volume.affine, atol=1e-3):
+    if values.shape != volume.source_shape or not np.allclose(mm_affine(image), volume.affine, atol=1e-3):
         raise DataError(f"{label}: labels of shape {values.shape} on another grid than the images "
                         f"{volume.source_shape}")
     if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):

@@ -79,6 +79,15 @@ def choose_slice_area(raw: np.ndarray, val: ValSplit, base: dict[str, float]) ->
     return best_area, best
 
 
+def choose_one_slice(predictor: Any, arrays: Any, val: ValSplit) -> tuple[float, dict[str, float]]:
+    """``min_area_slice_mm2`` chosen on the real one-slice path: each val slice of ``arrays`` through
+    ``predictor`` (a SlicePredictor of the bundle being made) alone, with its own standardisation and crop,
+    as /v1/segment and SageMaker per slice see it. Returns the area and that path's val metrics."""
+    images = np.ascontiguousarray(np.asarray(arrays.images).transpose(0, 2, 3, 1))
+    raw = np.stack([predictor.masks_from_proba(p) for p in predictor.predict_proba(images)])
+    return choose_slice_area(raw, val, val.metrics(raw))
+
+
 def choose_inference(
     raw: np.ndarray, flipped: np.ndarray | None, val: ValSplit, postprocess: bool = True
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:

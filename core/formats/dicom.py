@@ -7,27 +7,30 @@ normal (row cosine x column cosine), never by file name or InstanceNumber, and m
 grid: one orientation, one pixel spacing, evenly spaced positions on one line. The other sequences are
 resampled onto the FLAIR series' grid where theirs differs (same frame of reference, no registration).
 
+An enhanced (multi-frame) image is a series of its frames, each placed by its functional groups
+(core.formats.dicom_frames), and reads to the same volume as the single-frame series it stands for.
+
 The source grid of a Volume from DICOM is (columns, rows, slices) with its RAS+ affine, so a mask goes
-back to the series exactly and becomes a DICOM SEG (core.formats.dicom_seg) referencing its instances.
+back to the series exactly and becomes a DICOM SEG (core.formats.dicom_seg) referencing its instances
+(or the frames of the enhanced image). Patient and study attributes of Type 2 that an anonymiser removed
+are noted: the SEG carries them empty.
 Limits are checked from the headers (read with ``stop_before_pixels``) before any pixel data is read;
-a zip's declared sizes and compression ratios are checked before anything is decompressed.
+where the files come from (folders, zips, bytes) and their limits is core.formats.dicom_files.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
 
+from core.formats.dicom_files import Member, Source, is_dicom_bytes, is_zip_bytes, looks_like_dicom_dir, members
+from core.formats.dicom_files import read_member as _read
+from core.formats.dicom_frames import frame_headers, frame_values, frames_of, is_multiframe, stored_range
 from core.formats.volume import (
     SEQUENCE_TITLES,
     SEQUENCES,
@@ -40,11 +43,8 @@ from core.formats.volume import (
     SeveralSeriesError,
     SliceGapError,
     SpacingError,
-    UnreadableVolume,
     Volume,
     VolumeError,
-    VolumeTooLarge,
-    ZipBombError,
     build_volume,
     parse_sequences,
     resample_to,
@@ -52,22 +52,22 @@ from core.formats.volume import (
     sequence_name,
 )
 
+__all__ = ["is_dicom_bytes", "is_zip_bytes", "iter_series", "looks_like_dicom_dir", "read_dicom", "missing_type2"]
+
 NON_IMAGE = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "REG", "DOC", "RTPLAN"}
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 POSITION_TOL = 0.01  # mm: scanners round positions; more than this is a real difference
-Source = str | os.PathLike | bytes
-
-
-@dataclass
-class _Member:
-    name: str
-    open: Callable[[], IO[bytes]]
+# Type 2 patient and study attributes a DICOM SEG copies from its source (empty when unknown): anonymisers
+# remove some of them, and highdicom needs each one present
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 @dataclass
 class _Series:
     uid: str
-    files: list[tuple[str, _Member, Any]]  # (name, member, header without pixels)
+    files: list[tuple[str, Member, Any]]  # (name, member, header without pixels): one per slice or frame
+    enhanced: Any = None  # the header of the one multi-frame image the frames above come from
 
     @property
     def header(self) -> Any:
@@ -79,89 +79,12 @@ class _Series:
         return f"series {h.get('SeriesNumber', '?')} {str(h.get('SeriesDescription', '') or '(no description)')!r}"
 
 
-def is_zip_bytes(data: bytes) -> bool:
-    return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
 
-
-def is_dicom_bytes(data: bytes) -> bool:
-    return data[128:132] == b"DICM"
-
-
-def looks_like_dicom_dir(path: str | os.PathLike, probe: int = 20) -> bool:
-    """A folder whose first files (recursively) include a DICOM one (preamble 'DICM' or a .dcm name)."""
-    for i, f in enumerate(p for p in sorted(Path(path).rglob("*")) if p.is_file() and not _hidden(p.name)):
-        if i >= probe:
-            return False
-        if f.suffix.lower() == ".dcm":
-            return True
-        with open(f, "rb") as fh:
-            if is_dicom_bytes(fh.read(132)):
-                return True
-    return False
-
-
-def _hidden(name: str) -> bool:
-    parts = name.replace("\\", "/").split("/")
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1].upper() == "DICOMDIR"
-
-
-def _zip_members(zf: zipfile.ZipFile, where: str, limits: Limits) -> list[_Member]:
-    infos = [i for i in zf.infolist() if not i.is_dir() and not _hidden(i.filename)]
-    if len(infos) > limits.max_files:
-        raise VolumeTooLarge(f"{where}: {len(infos)} files; at most {limits.max_files}")
-    total = sum(i.file_size for i in infos)
-    if total > limits.max_bytes:
-        raise ZipBombError(f"{where}: {total} bytes uncompressed; at most {limits.max_bytes}")
-    for i in infos:
-        if i.flag_bits & 0x1:
-            raise UnreadableVolume(f"{where}: {i.filename} is encrypted")
-        if i.file_size > (1 << 20) and i.file_size > limits.max_ratio * max(i.compress_size, 1):
-            raise ZipBombError(f"{where}: {i.filename} expands {i.file_size / max(i.compress_size, 1):.0f}-fold "
-                               f"({i.compress_size} -> {i.file_size} bytes); at most {limits.max_ratio:.0f}")
-    # zipfile stops at each member's declared size and checks its CRC, so the sizes above bound the output
-    return [_Member(i.filename, lambda i=i: zf.open(i)) for i in infos]
-
-
-def _members(source: Source, limits: Limits) -> tuple[list[_Member], str, zipfile.ZipFile | None]:
-    if isinstance(source, bytes):
-        if is_dicom_bytes(source):
-            return [_Member("request body", lambda: io.BytesIO(source))], "request body", None
-        try:
-            zf = zipfile.ZipFile(io.BytesIO(source))
-        except zipfile.BadZipFile as exc:
-            raise UnreadableVolume(f"request body: neither a zip nor a DICOM file ({exc})") from exc
-        return _zip_members(zf, "request body", limits), "request body", zf
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and not _hidden(str(p.relative_to(path)))]
-        if len(files) > limits.max_files:
-            raise VolumeTooLarge(f"{path}: {len(files)} files; at most {limits.max_files}")
-        return [_Member(str(f.relative_to(path)), lambda f=f: open(f, "rb")) for f in files], str(path), None
-    if zipfile.is_zipfile(path):
-        zf = zipfile.ZipFile(path)
-        return _zip_members(zf, str(path), limits), str(path), zf
-    return [_Member(path.name, lambda: open(path, "rb"))], str(path), None
-
-
-def _read(member: _Member, where: str, pixels: bool) -> Any:
-    try:
-        with member.open() as fh:
-            return pydicom.dcmread(fh, stop_before_pixels=not pixels)
-    except InvalidDicomError:
-        return None
-    except zipfile.BadZipFile as exc:
-        raise UnreadableVolume(f"{where}/{member.name}: corrupt zip member ({exc})") from exc
-    except Exception as exc:  # pydicom raises many types for a truncated or corrupt file
-        raise UnreadableVolume(f"{where}/{member.name}: unreadable DICOM ({type(exc).__name__}: {exc})") from exc
-
-
-def _scan(members: list[_Member], where: str, notes: list[str]) -> list[_Series]:
+def _scan(files: list[Member], where: str, notes: list[str]) -> list[_Series]:
     """Headers of every image instance, grouped by series; non-image objects and non-DICOM files noted."""
     series: dict[str, _Series] = {}
     other, non_image = 0, 0
-    for m in members:
+    for m in files:
         ds = _read(m, where, pixels=False)
         if ds is None:
             other += 1
@@ -169,10 +92,15 @@ def _scan(members: list[_Member], where: str, notes: list[str]) -> list[_Series]
         if str(ds.get("Modality", "")).upper() in NON_IMAGE or "Rows" not in ds:
             non_image += 1
             continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError(f"{where}/{m.name}: a multi-frame (enhanced) image; export the series as "
-                              "single-frame images (one file per slice)")
         uid = str(ds.get("SeriesInstanceUID", "")) or "(no SeriesInstanceUID)"
+        known = series.get(uid)
+        if is_multiframe(ds) or (known is not None and known.enhanced is not None):
+            if known is not None:  # a SEG references one multi-frame source, so a series is one such image
+                raise VolumeError(f"{where}/{m.name}: series {uid} holds a multi-frame (enhanced) image and other "
+                                  "images; send one multi-frame image per series, or its single-frame images")
+            frames = frame_headers(ds, f"{where}/{m.name}")
+            series[uid] = _Series(uid, [(f"{m.name} frame {i + 1}", m, h) for i, h in enumerate(frames)], ds)
+            continue
         series.setdefault(uid, _Series(uid, [])).files.append((m.name, m, ds))
     if other:
         notes.append(f"{other} file(s) that are not DICOM ignored")
@@ -299,28 +227,27 @@ def _geometry(s: _Series, where: str, notes: list[str]) -> tuple[list[int], np.n
 def _pixels(s: _Series, order: list[int], where: str) -> np.ndarray:
     """(columns, rows, slices) values in slice order: uint8 where they are 8-bit levels, else float32."""
     arrays, display = [], True
+    span = stored_range(s.header)  # one MONOCHROME1 turn for the whole series
+    if s.enhanced is not None:  # one file: decode all its frames at once
+        name, member, _ = s.files[0]
+        frames = frames_of(_read(member, where, pixels=True), f"{where}/{name.rsplit(' frame ', 1)[0]}")
     for i in order:
-        name, member, _ = s.files[i]
-        ds = _read(member, where, pixels=True)
-        if ds is None or not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise NoPixelDataError(f"{where}/{name}: no pixel data")
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            raise VolumeError(f"{where}/{name}: {photometric} images; expected greyscale (MONOCHROME2)")
-        try:
-            raw = ds.pixel_array
-        except Exception as exc:  # missing codec, truncated data
-            raise UnreadableVolume(f"{where}/{name}: pixel data not decodable ({type(exc).__name__}: {exc})") from exc
-        if raw.ndim != 2:
-            raise DimensionError(f"{where}/{name}: pixel data of shape {raw.shape}, expected one 2D frame")
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        display &= int(ds.get("BitsStored", 16)) <= 8 and slope == 1 and intercept == 0 and raw.dtype.kind == "u"
-        values = np.asarray(apply_modality_lut(raw, ds), np.float32)
-        if photometric == "MONOCHROME1":  # bright means low: turn it round so the tissue contrast matches
-            values = values.max() - values
+        name, member, header = s.files[i]
+        if s.enhanced is not None:
+            raw = frames[i]
+        else:
+            header = _read(member, where, pixels=True)
+            raw = frames_of(header, f"{where}/{name}")[0]
+        values, levels = frame_values(raw, header, span, f"{where}/{name}")
+        display &= levels
         arrays.append(values.T)
     stack = np.stack(arrays, axis=-1)
     return stack.astype(np.uint8) if display else stack
+
+
+def missing_type2(ds: Any) -> list[str]:
+    """The Type 2 patient/study attributes a header lacks (a DICOM SEG gives them empty)."""
+    return [k for k in TYPE2 if k not in ds]
 
 
 def read_dicom(
@@ -332,19 +259,21 @@ def read_dicom(
     rescale: str = "auto",
 ) -> Volume:
     """A DICOM study (folder, zip file, zip or DICOM bytes) -> a canonical Volume on the FLAIR series' grid."""
-    members, where, zf = _members(source, limits)
+    found_files, where, zf = members(source, limits)
     try:
         notes: list[str] = []
-        found = _scan(members, where, notes)
+        found = _scan(found_files, where, notes)
         chosen = _choose(found, series, where, notes)
         voxels = sum(int(s.header.Rows) * int(s.header.Columns) * len(s.files) for s in chosen.values())
         limits.check_voxels(voxels, where)
         grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        datasets: dict[str, list[Any]] = {}
+        orders: dict[str, list[int]] = {}
         for seq, s in chosen.items():
             order, affine = _geometry(s, where, notes)
             grids[seq] = (_pixels(s, order, where), affine)
-            datasets[seq] = [s.files[i][2] for i in order]  # headers only: all a SEG needs of its source
+            orders[seq] = order
+            if s.enhanced is not None:
+                notes.append(f"{s.label}: one enhanced (multi-frame) image of {len(s.files)} frames")
         ref_seq = "flair"
         ref_values, ref_affine = grids[ref_seq]
         ref_for = chosen[ref_seq].header.get("FrameOfReferenceUID")
@@ -361,8 +290,15 @@ def read_dicom(
             channels[seq] = values
         sources = {seq: f"{s.label} {s.uid}" for seq, s in chosen.items()}
         label = name or (Path(os.fspath(source)).stem if not isinstance(source, bytes) else "study")
+        ref = chosen[ref_seq]
+        # headers only: all a SEG needs of its source (the instances in slice order, or the one enhanced image)
+        datasets = [ref.enhanced] if ref.enhanced is not None else [ref.files[i][2] for i in orders[ref_seq]]
+        missing = missing_type2(datasets[0])
+        if missing:
+            notes.append(f"{ref.label}: no {', '.join(missing)} (removed by an anonymiser?); a DICOM SEG of it "
+                         "carries them empty")
         return build_volume(channels, ref_affine, kind="dicom", name=label, sources=sources, rescale=rescale,
-                            notes=notes, datasets=datasets[ref_seq])
+                            notes=notes, datasets=datasets, frames=orders[ref_seq] if ref.enhanced is not None else ())
     finally:
         if zf is not None:
             zf.close()
@@ -370,12 +306,13 @@ def read_dicom(
 
 def iter_series(source: Source, limits: Limits = Limits()) -> Iterator[dict[str, Any]]:
     """What a study holds (uid, number, description, sequence guess, instances): for choosing a mapping."""
-    members, where, zf = _members(source, limits)
+    found_files, where, zf = members(source, limits)
     try:
-        for s in _scan(members, where, []):
+        for s in _scan(found_files, where, []):
             h = s.header
             yield {"uid": s.uid, "number": h.get("SeriesNumber"), "description": str(h.get("SeriesDescription", "")),
-                   "sequence": sequence_name(str(h.get("SeriesDescription", ""))), "instances": len(s.files)}
+                   "sequence": sequence_name(str(h.get("SeriesDescription", ""))),
+                   "instances": 1 if s.enhanced is not None else len(s.files), "slices": len(s.files)}
     finally:
         if zf is not None:
             zf.close()

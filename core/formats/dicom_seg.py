@@ -1,8 +1,10 @@
-"""DICOM SEG out (highdicom): a mask on the source series' grid, referencing its instances, so PACS
-viewers (OHIF, 3D Slicer, Weasis) overlay it on the series it was predicted from."""
+"""DICOM SEG out (highdicom): a mask on the source series' grid, referencing its instances (or, for an
+enhanced image, its frames), so PACS viewers (OHIF, 3D Slicer, Weasis) overlay it on the series it was
+predicted from. Type 2 patient/study attributes the source lacks (anonymised) go into the SEG empty."""
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from collections.abc import Sequence
@@ -13,6 +15,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
+from core.formats.dicom import missing_type2
 from core.formats.volume import Volume, VolumeError
 from core.io import atomic_write_bytes
 
@@ -52,26 +55,45 @@ def dicom_seg(
     series_number: int = 9900,
 ) -> hd.seg.Segmentation:
     """(N,H,W) canonical label masks of a Volume read from DICOM -> a BINARY DICOM SEG whose frames are
-    the source series' instances (same frame of reference, study and patient)."""
+    the source series' instances, or the source image's frames (same frame of reference, study and patient)."""
     if volume.kind != "dicom" or not volume.datasets:
         raise ValueError(f"{volume.name}: a DICOM SEG needs a volume read from DICOM (this one is {volume.kind})")
     labels = volume.to_source(np.asarray(masks).astype(np.uint8)).transpose(2, 1, 0)  # (slice, row, column)
-    if labels.shape[0] != len(volume.datasets):
+    if volume.frames:  # one enhanced image: highdicom pairs mask i with its frame i, so put them in frame order
+        if len(volume.datasets) != 1 or labels.shape[0] != len(volume.frames):
+            raise ValueError(f"{labels.shape[0]} mask slices for {len(volume.frames)} frames of "
+                             f"{len(volume.datasets)} source image(s)")
+        in_frames = np.empty_like(labels)
+        in_frames[np.asarray(volume.frames)] = labels
+        labels = in_frames
+    elif labels.shape[0] != len(volume.datasets):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(volume.datasets)} source instances")
     if int(labels.max(initial=0)) >= len(class_names):
         raise ValueError(f"label {int(labels.max())} has no class name (classes {list(class_names)})")
-    reference = volume.datasets[0]
+    sources = [_with_type2(ds) for ds in volume.datasets]
     try:
-        return _segmentation(volume, labels, class_names, model, version, series_number, reference)
+        return _segmentation(sources, labels, class_names, model, version, series_number)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a source header highdicom cannot use
         raise VolumeError(f"{volume.name}: no DICOM SEG can reference this series ({type(exc).__name__}: "
                           f"{exc}); the NIfTI mask is unaffected") from exc
 
 
-def _segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], model: str, version: str,
-                  series_number: int, reference: Any) -> hd.seg.Segmentation:
+def _with_type2(ds: Any) -> Any:
+    """The header, or a copy with its missing Type 2 patient/study attributes present and empty."""
+    missing = missing_type2(ds)
+    if not missing:
+        return ds
+    ds = copy.deepcopy(ds)
+    for keyword in missing:
+        setattr(ds, keyword, "")
+    return ds
+
+
+def _segmentation(sources: list[Any], labels: np.ndarray, class_names: Sequence[str], model: str, version: str,
+                  series_number: int) -> hd.seg.Segmentation:
+    reference = sources[0]
     return hd.seg.Segmentation(
-        source_images=volume.datasets,
+        source_images=sources,
         pixel_array=np.ascontiguousarray(labels),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(class_names, model, version),

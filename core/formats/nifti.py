@@ -3,8 +3,14 @@
 A scan is one 3D or 4D file (sequences along the last axis) or, as nnU-Net names them, one file per
 sequence: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... Which channel is which sequence comes from
 ``sequences`` (names such as ``flair,t1,t1gd,t2``; see core.formats.volume.sequence_name), else from the
-``dataset.json`` of an nnU-Net dataset the files sit in, else: one channel is FLAIR, three are the
-Kaggle order (pre-contrast, FLAIR, post-contrast); any other count must be named.
+``dataset.json`` of an nnU-Net dataset the files sit in, else (one 3D file) from its file name (``flair``,
+``t2f``, ``t2_flair``; a name saying ``t1``, ``t1c``, ``t2`` ... is refused: FLAIR is the one sequence the
+model needs), else: one channel is FLAIR, three are the Kaggle order (pre-contrast, FLAIR, post-contrast);
+any other count must be named. The Volume's notes say where the names came from.
+
+Geometry is the header's: a file with neither qform nor sform (both codes 0) is refused, since left and
+right cannot be told apart; spatial units (``xyzt_units``) in metres or microns are converted, so the
+Volume's affine, spacing and mL are in millimetres (the mask keeps the source header as it was).
 
 Limits are checked from the header before the voxels are read: for bytes (an HTTP body), only the first
 540 bytes are decompressed to read it, and never more than the header's claim afterwards (no gzip bomb).
@@ -16,6 +22,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +38,8 @@ from core.formats.volume import (
     DimensionError,
     Limits,
     MissingSequenceError,
+    NoOrientationError,
+    NotFlairError,
     UnreadableVolume,
     Volume,
     VolumeTooLarge,
@@ -38,9 +47,14 @@ from core.formats.volume import (
     parse_sequences,
     resample_to,
     same_grid,
+    sequence_name,
 )
 
 MAX_CHANNELS = 8  # a 4D file with more volumes is a time series, not sequences
+TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}  # xyzt_units; 'unknown' is taken as mm, as tools do
+# Words in a file name that name a sequence; 'pre' or 'post' alone are more often an operation's ('postop')
+SEQUENCE_WORDS = re.compile(r"\b(flair|t2 ?f|tirm|dark ?fluid|t1(?:w|n|c|ce|gd|wce|post|pre)?|mprage|spgr|bravo"
+                            r"|t2(?:w|star|s)?|pdw?|dwi|adc|swi|dti)\b")
 Source = str | os.PathLike | bytes
 
 
@@ -183,6 +197,58 @@ def _default_sequences(count: int, where: str) -> list[str | None]:
                          "--sequences), one name per channel")
 
 
+def name_sequence(name: str) -> tuple[str | None, str]:
+    """('flair', 'pre', 'post' or 'other', the word) for a file name that names a sequence ('BraTS_001_t1ce',
+    'sub-01_FLAIR', 't2_flair'), (None, '') for one that names none ('patient01', 'case_0000')."""
+    text = " ".join(re.split(r"[^a-z0-9]+", name.lower()))
+    found = SEQUENCE_WORDS.search(text)
+    if not found:
+        return None, ""
+    return sequence_name(text) or "other", found.group(0)
+
+
+def _sequence_names(sequences: Sequence[str] | None, paths: list[Any], count: int, name: str | None, where: str
+                    ) -> tuple[list[str | None], str]:
+    """Each channel's sequence and where that came from: the caller, dataset.json, the file name, or the default."""
+    if sequences is not None:
+        return parse_sequences(sequences), "the given sequence names"
+    first = paths[0]
+    names = None if isinstance(first, bytes) else dataset_channel_names(first)
+    if names and len(paths) > 1:
+        return parse_sequences(names), "the dataset.json channel_names"
+    channel = None if isinstance(first, bytes) else _channel(Path(first))
+    if names and count == 1 and channel and channel[1] < len(names):
+        return parse_sequences([names[channel[1]]]), "the dataset.json channel_names"
+    if count == 1:
+        label = name if isinstance(first, bytes) else Path(first).name
+        seq, word = name_sequence(label or "")
+        if seq == "flair":
+            return ["flair"], f"the file name ({label!r} says {word!r})"
+        if seq is not None:
+            what = SEQUENCE_TITLES.get(seq, f"{word.upper()}, which the model does not take")
+            raise NotFlairError(f"{where}: the file name {label!r} says {word!r} ({what}), not FLAIR, and FLAIR is "
+                                "the sequence the model cannot do without; if it is FLAIR after all, say so "
+                                "(--sequences flair, or sequences=flair)")
+        return ["flair"], ("the default: one channel is FLAIR (no sequence names given, no dataset.json, "
+                      "no sequence word in its name)")
+    return _default_sequences(count, where), "the default: three channels are pre-contrast, FLAIR, post-contrast"
+
+
+def mm_affine(image: Any) -> np.ndarray:
+    """The image's affine in millimetres: some writers store metres or microns (``xyzt_units``)."""
+    affine = np.array(image.affine, np.float64)
+    affine[:3] *= TO_MM.get(image.header.get_xyzt_units()[0], 1.0)
+    return affine
+
+
+def check_orientation(image: Any, where: str) -> None:
+    """Refuse a header with neither qform nor sform: nibabel would guess axes, left and right unknown."""
+    if int(image.header["sform_code"]) == 0 and int(image.header["qform_code"]) == 0:
+        raise NoOrientationError(f"{where}: the header has no orientation (qform_code and sform_code both 0), so "
+                                 "left and right are unknown; write the file with its qform or sform (the scanner's "
+                                 "affine), e.g. from the DICOM with dcm2niix")
+
+
 def read_nifti(
     source: Source | Sequence[str | os.PathLike],
     *,
@@ -204,8 +270,6 @@ def read_nifti(
     first = paths[0]
     where = "request body" if isinstance(first, bytes) else str(first)
     name = name or ("volume" if isinstance(first, bytes) else case_name(first))
-    if sequences is None and len(paths) > 1:
-        sequences = dataset_channel_names(first)  # type: ignore[arg-type]
     images = [load_nifti(p, limits) for p in paths]
     total = sum(int(np.prod(i.shape)) for i in images)
     limits.check_voxels(total, where)
@@ -219,7 +283,7 @@ def read_nifti(
             layout.append((label, i, None))
     if len(images) > 1 and any(len(i.shape) == 4 for i in images):
         raise DimensionError(f"{where}: one file per channel must each be 3D")
-    wanted = parse_sequences(sequences) if sequences is not None else _default_sequences(len(layout), where)
+    wanted, how = _sequence_names(sequences, paths, len(layout), name if isinstance(first, bytes) else None, where)
     if len(wanted) != len(layout):
         raise DimensionError(f"{where}: {len(wanted)} sequence names for {len(layout)} channels")
     chosen: dict[str, tuple[str, int, int | None]] = {}
@@ -232,12 +296,18 @@ def read_nifti(
     if not chosen:
         raise MissingSequenceError(f"{where}: none of the channels ({', '.join(sequences or [])}) is pre-contrast, "
                                    "FLAIR or post-contrast")
+    used = sorted({i for _, i, _ in chosen.values()})
+    for i in used:
+        check_orientation(images[i], where if len(paths) == 1 else str(paths[i]))
+    affines = {i: mm_affine(images[i]) for i in used}  # in mm, whatever the header's units
     ref_index = chosen["flair"][1] if "flair" in chosen else 0
-    ref = images[ref_index]
+    ref, ref_affine = images[ref_index], affines[ref_index]
     ref_shape = tuple(ref.shape[:3]) + (1,) * (3 - len(ref.shape[:3]))
-    notes: list[str] = []
-    if int(ref.header["sform_code"]) == 0 and int(ref.header["qform_code"]) == 0:
-        notes.append("the header has no orientation (qform and sform codes 0): nibabel's default axes assumed")
+    named = ", ".join(f"{label} = {SEQUENCE_TITLES[seq]}" for seq, (label, _, _) in chosen.items())
+    notes: list[str] = [f"sequences from {how}: {named}"]
+    units = ref.header.get_xyzt_units()[0]
+    if TO_MM.get(units, 1.0) != 1.0:
+        notes.append(f"the header's spatial unit is the {units}: spacing and volumes converted to mm and mL")
     channels: dict[str, np.ndarray] = {}
     loaded: dict[int, np.ndarray] = {}  # a 4D file is read once for all its channels
     for seq, (label, i, c) in chosen.items():
@@ -245,12 +315,12 @@ def read_nifti(
             loaded[i] = read_array(images[i], label)
         data = loaded[i][..., c] if c is not None else loaded[i]
         data = data.reshape(data.shape[:3] + (1,) * (3 - data.ndim))
-        if not same_grid(images[i].affine, ref.affine, data.shape, ref_shape):
-            data = resample_to(data, images[i].affine, ref.affine, ref_shape)  # type: ignore[arg-type]
+        if not same_grid(affines[i], ref_affine, data.shape, ref_shape):
+            data = resample_to(data, affines[i], ref_affine, ref_shape)  # type: ignore[arg-type]
             notes.append(f"{SEQUENCE_TITLES[seq]} ({label}) resampled onto the reference grid (trilinear)")
         channels[seq] = data
     sources = {seq: label for seq, (label, _, _) in chosen.items()}
-    return build_volume(channels, ref.affine, kind="nifti", name=name, sources=sources, rescale=rescale,
+    return build_volume(channels, ref_affine, kind="nifti", name=name, sources=sources, rescale=rescale,
                         notes=notes, header=ref.header)
 
 
@@ -269,7 +339,8 @@ def nifti_mask_image(volume: Volume, masks: np.ndarray, labels: int = 1) -> nib.
     header.set_intent("label")
     header["cal_min"], header["cal_max"] = 0, max(labels, 1)
     header["descrip"] = b"gliomaseg mask"
-    image = klass(data, volume.affine, header)
+    # the source's own affine (in its own units: the header says which), so a viewer overlays the mask exactly
+    image = klass(data, volume.header.get_best_affine() if volume.header is not None else volume.affine, header)
     if volume.header is None:
         image.set_qform(volume.affine, code=1)  # scanner coordinates, as the DICOM series has them
         image.set_sform(volume.affine, code=1)

@@ -93,6 +93,14 @@ class NoPixelDataError(VolumeError):
     code = "no_pixel_data"
 
 
+class NoOrientationError(VolumeError):
+    code = "no_orientation"
+
+
+class NotFlairError(VolumeError):
+    code = "not_flair"
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a reader accepts, checked from headers before any pixel data is decompressed."""
@@ -147,7 +155,10 @@ class Volume:
     filled: tuple[str, ...] = ()  # sequences that were missing and are a copy of FLAIR
     notes: list[str] = field(default_factory=list)
     header: Any = None  # the source's nibabel header (NIfTI input), copied into the mask
-    datasets: list[Any] = field(default_factory=list)  # the reference series' pydicom headers, in slice order
+    # the reference series' pydicom headers in slice order; for an enhanced (multi-frame) image its one header,
+    # and ``frames`` the source frame (0-based) of each slice
+    datasets: list[Any] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
 
     @property
     def ornt(self) -> np.ndarray:
@@ -260,6 +271,7 @@ def build_volume(
     notes: Sequence[str] = (),
     header: Any = None,
     datasets: Sequence[Any] = (),
+    frames: Sequence[int] = (),
 ) -> Volume:
     """Source-grid sequences (each (I,J,K), one grid, keys from SEQUENCES) -> a canonical Volume.
 
@@ -303,7 +315,7 @@ def build_volume(
     images = np.ascontiguousarray(apply_orientation(out, canonical_ornt(affine)))
     return Volume(images=images, affine=np.asarray(affine, np.float64), source_shape=(shape[0], shape[1], shape[2]),
                   kind=kind, name=name, sources=dict(sources), filled=filled, notes=notes, header=header,
-                  datasets=list(datasets))
+                  datasets=list(datasets), frames=[int(f) for f in frames])
 
 
 def slices_grid(slices: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),

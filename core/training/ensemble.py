@@ -13,7 +13,7 @@ import numpy as np
 
 from core.bundle import Bundle, ensemble_config, ensemble_scale, load_bundle, save_ensemble_bundle
 from core.data.arrays import SplitArrays
-from core.evaluation.selection import ValSplit, choose_inference, choose_threshold
+from core.evaluation.selection import ValSplit, choose_inference, choose_one_slice, choose_threshold
 from core.inference.predictor import Predictor
 from core.networks.ensemble import Ensemble
 
@@ -56,6 +56,10 @@ def build_ensemble_bundle(
         masks = {mode: (p > threshold).astype(np.uint8) for mode, p in probs.items()}
     chosen_tta, settings, entries = choose_inference(masks["none"], masks.get("flip"), split, postprocess)
     config.update(threshold=threshold, tta=chosen_tta, postprocess=settings)
+    if "val_one_slice" in entries:  # re-chosen and scored on the real one-slice path, not volume masks
+        predictor.tta, predictor.threshold = chosen_tta, threshold
+        area, entries["val_one_slice"] = choose_one_slice(predictor, val, split)
+        config["postprocess"] = {**settings, "min_area_slice_mm2": float(area)}
     metrics = {
         **entries, "threshold_search": threshold_search, "members": members,
         "selection": "members, threshold, TTA and post-processing were all selected on this val split",

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from core.bundle import load_bundle, make_bundle_config, save_bundle
+from core.bundle import Bundle, load_bundle, make_bundle_config, save_bundle
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.preprocessing import Preprocessing
 from core.evaluation.metrics import is_better, segmentation_metrics, worst_value
-from core.evaluation.selection import ValSplit, choose_inference
+from core.evaluation.selection import ValSplit, choose_inference, choose_one_slice
 from core.inference.resize import normalise
 from core.networks.models import SIZE_MULTIPLE, build_model, init_output_bias
 from core.runtime import autocast, resolve_device, seed_everything
@@ -138,6 +138,7 @@ class Trainer:
         self.preprocessing = preprocessing_from_config(cfg)
         self.train_data = DeviceDataset(train, self.device, size=size, preprocessing=self.preprocessing)
         self.val_data = DeviceDataset(val, self.device, size=size, preprocessing=self.preprocessing)
+        self.val = val
         self.val_truth = np.ascontiguousarray(val.masks)
         self.val_patients = np.asarray(val.patients).astype(str)
         self.val_slices = np.asarray(val.slices)
@@ -382,6 +383,13 @@ class Trainer:
             postprocess=settings, tta=tta, split_hash=split_hash(self.split_info), name=name,
             preprocessing=self.preprocessing.to_config(), init=self.init,
         )
+        if "val_one_slice" in entries:  # re-chosen and scored on the real one-slice path, not volume masks
+            from core.inference.predictor import Predictor
+
+            one = Predictor(Bundle(model=model, config=config, metrics={}, path=Path(path)), self.device)
+            val = ValSplit(self.val_truth, self.val_patients, self.val_slices, self.class_names)
+            area, entries["val_one_slice"] = choose_one_slice(one, self.val, val)
+            config["postprocess"] = {**config["postprocess"], "min_area_slice_mm2": float(area)}
         metrics = {
             "epoch": self.best_epoch, "selection_metric": self.cfg.metric, "data_size": list(self.native_size),
             **entries, "epochs_trained": self.epoch, **(extra_metrics or {}),

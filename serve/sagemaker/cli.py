@@ -1,6 +1,9 @@
 """`python -m serve {export,deploy,invoke,batch-transform}-sagemaker`: the SageMaker path from a bundle.
 
 Each command prints one JSON document (or one per invoked file) on stdout so scripts can chain them.
+``invoke-sagemaker`` sends slices (.tif/.png/.npy) and scans (.nii/.nii.gz, a zipped DICOM study, one
+.dcm, or a DICOM folder zipped on the fly) with their content types, and saves each answer by its
+content type: ``NAME_mask.nii.gz`` (NIfTI), ``NAME_seg.dcm`` (DICOM SEG), ``NAME_mask.tif`` ...
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from core.formats.codecs import EXTENSIONS as CONTENT_TYPES
+from serve.client import DICOM_FOLDER, SCAN, Job, scan_body, scan_type
 from serve.sagemaker import deploy as dep
 from serve.sagemaker.export import build_archive, parse_s3_uri, upload_archive
 
-EXTENSIONS = {"image/tiff": ".tif", "image/png": ".png", "application/x-npy": ".npy", "application/json": ".json"}
+# answer content type -> saved file suffix (after the input's stem)
+SUFFIXES = {"image/tiff": "_mask.tif", "image/png": "_mask.png", "application/x-npy": "_mask.npy",
+            "application/json": "_mask.json", "application/gzip": "_mask.nii.gz", "application/x-gzip": "_mask.nii.gz",
+            "application/x-nifti": "_mask.nii", "application/dicom": "_seg.dcm"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,11 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("invoke-sagemaker", help="segment files (or s3:// objects) on a SageMaker endpoint")
     p.add_argument("--endpoint", required=True)
-    p.add_argument("files", nargs="+", metavar="FILE", help=".tif/.tiff/.png/.npy files or s3://bucket/key URIs")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".tif/.tiff/.png/.npy slices, .nii/.nii.gz scans, "
+                   "DICOM .zip/.dcm files or folders, or s3://bucket/key URIs")
     p.add_argument("--out", help="directory for the returned masks / JSON")
     p.add_argument("--content-type", help="request type (default: from the file extension)")
     p.add_argument("--accept", default="application/json",
-                   help="application/json (default), application/x-npy, image/png or image/tiff")
+                   help="application/json (default), application/x-npy, image/png or image/tiff; for a scan also "
+                   "application/gzip (the NIfTI mask) or application/dicom (a DICOM SEG of DICOM input)")
     p.add_argument("--slices", action="store_true", help="several slices are unrelated, not one volume")
     p.add_argument("--s3-staging", metavar="S3_URI", help="upload local files here and send their URIs "
                    "(for inputs over the 6 MB invocation limit)")
@@ -166,16 +175,30 @@ def _request_for(path: str, args: argparse.Namespace, s3: Any) -> tuple[bytes, s
         if args.content_type:
             spec["content_type"] = args.content_type
         return json.dumps(spec).encode(), "application/json"
-    ctype = args.content_type or CONTENT_TYPES.get(Path(path).suffix.lower())
+    local = Path(path)
+    if local.is_dir() or scan_type(local):  # a scan: as it is (a DICOM folder zipped), always one volume
+        body, ctype, _ = scan_body(Job(local, [local], kind=DICOM_FOLDER if local.is_dir() else SCAN))
+        return body, args.content_type or ctype
+    ctype = args.content_type or CONTENT_TYPES.get(local.suffix.lower())
     if not ctype:
         raise ValueError(f"{path}: unknown extension; pass --content-type")
-    return Path(path).read_bytes(), ctype + ("; volume=false" if args.slices else "")
+    return local.read_bytes(), ctype + ("; volume=false" if args.slices else "")
+
+
+def _stem(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".nii.gz", ".nii", ".zip", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
     for path in args.files:
-        if not path.startswith("s3://") and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+        if not path.startswith("s3://") and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        if args.s3_staging and Path(path).is_dir():
+            raise ValueError(f"{path}: zip a DICOM folder before staging it on S3")
     region = args.region
     runtime = _client("sagemaker-runtime", region)
     s3 = _client("s3", region) if args.s3_staging else None
@@ -194,8 +217,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             except ValueError:
                 line["response"] = data.decode("utf-8", "replace")[:2000]
         if out:
-            stem = Path(path.rsplit("/", 1)[-1]).stem
-            target = out / f"{stem}_mask{EXTENSIONS.get(rtype, '.bin')}"
+            target = out / f"{_stem(path)}{SUFFIXES.get(rtype, '_mask.bin')}"
             target.write_bytes(data)
             line["saved"] = str(target)
         print(json.dumps(line, default=str))

@@ -16,11 +16,13 @@ does. Responses (Accept, with q-values, negotiated by core.formats.media as Serv
 ``application/json`` (default: core's result schema, the same JSON Serve answers, RLE masks included),
 ``application/x-npy`` ((N,H,W) uint8 labels), ``image/png`` (one slice, 0/255), ``image/tiff`` (one page
 per slice), and for a scan ``application/gzip`` (the NIfTI mask on the scan's own grid, with its affine and
-header) or ``application/dicom`` (a DICOM SEG referencing the source series; DICOM input only). A scan's
-NPY/TIFF masks are in the model's slice order: axial, the first slice the most inferior. One slice of a
-per-patient bundle is answered (200) with a note: ``preprocessing_note`` in JSON, and for every answer the
-``X-Amzn-SageMaker-Custom-Attributes`` header (the invocation's CustomAttributes). Bad requests raise
-errors the container turns into 4xx responses carrying the message.
+header) or ``application/dicom`` (a DICOM SEG referencing the source series or enhanced image's frames;
+DICOM input only). A scan's NPY/TIFF masks are in the model's slice order: axial, the first slice the most
+inferior. A 3D NIfTI body is FLAIR; an S3 object's file name may say its sequence, as for `core predict`
+(``patient_t1.nii.gz`` is a 422). One slice of a per-patient bundle is answered (200) with a note:
+``preprocessing_note`` in JSON, and for every answer the ``X-Amzn-SageMaker-Custom-Attributes`` header (the
+invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses carrying
+the message.
 """
 
 from __future__ import annotations
@@ -210,8 +212,9 @@ def _is_scan(media: str, body: bytes) -> bool:
     return sniff_volume(body) is not None
 
 
-def _read_scan(data: bytes) -> Any:
-    """A scan's bytes -> a canonical Volume within the limits (VolumeError is a DecodeError: its status)."""
+def _read_scan(data: bytes, name: str | None = None) -> Any:
+    """A scan's bytes -> a canonical Volume within the limits (VolumeError is a DecodeError: its status);
+    ``name`` (an S3 key's file name) may say a 3D NIfTI's sequence, as a file name does for `core predict`."""
     from dataclasses import replace
 
     from gliomaseg_core.formats.load import load_volume
@@ -219,7 +222,7 @@ def _read_scan(data: bytes) -> Any:
 
     limits = replace(Limits(), max_voxels=MAX_VOXELS, max_bytes=min(Limits().max_bytes, 8 * MAX_VOXELS))
     try:
-        scan = load_volume(data, limits=limits)
+        scan = load_volume(data, limits=limits, name=name)
     except codecs.DecodeError as exc:
         raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
     n, h, w = scan.images.shape[:3]
@@ -307,7 +310,9 @@ def _json_request(body: bytes | str) -> Request:
         raise _s3_error(exc, uri) from exc
     declared = str(spec.get("content_type") or "").split(";", 1)[0].strip().lower()
     if declared in SCAN_TYPES or (not declared and key.lower().endswith(SCAN_SUFFIXES)) or _is_scan(declared, data):
-        scan = _read_scan(data)
+        base = posixpath.basename(key)
+        scan = _read_scan(data, next((base[: -len(e)] for e in SCAN_SUFFIXES[::-1] if base.lower().endswith(e)),
+                                     posixpath.splitext(base)[0]))
         if fmt not in (None, "nifti", "dicom-seg", "npy", "tiff"):
             raise RequestError(400, f"bad_request: format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
         return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan)
