@@ -235,12 +235,13 @@ def test_core_predict_on_clinical_files(case, tmp_path):
     uid = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
     assert uid == pydicom.dcmread(enhanced_file, stop_before_pixels=True).SOPInstanceUID
     assert (tmp_path / "out" / "anon_seg.dcm").is_file() and "anonymiser" in rows[1]["notes"]
-    assert any("anonymiser" in n for n in json.loads((tmp_path / "out" / "anon_volume.json").read_text())["notes"])
+    anon_json = json.loads((tmp_path / "out" / "anon_volume.json").read_text())  # the result JSON
+    assert any("anonymiser" in n for n in anon_json["scan"]["notes"])
     metres_json = json.loads((tmp_path / "out" / "metres_volume.json").read_text())
     assert np.allclose(metres_json["spacing_mm"], SPACING)
     with pytest.raises(NotFlairError, match="patient_t1.nii.gz"):
         run(predictor, [t1], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     run(predictor, [t1], tmp_path / "told", ScanOptions(sequences=["flair"]))
-    notes = json.loads((tmp_path / "told" / "patient_t1_volume.json").read_text())["notes"]
+    notes = json.loads((tmp_path / "told" / "patient_t1_volume.json").read_text())["scan"]["notes"]  # result JSON
     assert any("given sequence names" in n for n in notes)
