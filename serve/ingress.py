@@ -282,15 +282,15 @@ class Ingress:
         masks = np.asarray(answer.masks)
         config = (await self.info())["config"]
         names = list(config.get("class_names", ["background", "tumour"]))
-        result = VolumeResult(scan, masks, names, getattr(answer, "quality", None),
-                              getattr(answer, "review", None)) if scan else None
+        quality, review = getattr(answer, "quality", None), getattr(answer, "review", None)
+        result = VolumeResult(scan, masks, names, quality, review) if scan else None
         headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
         if result is not None:  # the figure a radiologist asks for first, without parsing the body
             headers["X-Tumour-Volume-mL"] = f"{result.volume_ml:.4f}"
-        if answer.quality is not None:  # how far to trust it, on binary answers too
-            headers["X-Quality"] = f"{answer.quality:.4f}"
-        if answer.review is not None:
-            headers["X-Review"] = "true" if answer.review else "false"
+        if quality is not None:  # how far to trust it, on binary answers too
+            headers["X-Quality"] = f"{quality:.4f}"
+        if review is not None:
+            headers["X-Review"] = "true" if review else "false"
         if fmt == "json":
             body = result_json(masks, headers["X-Model-Version"], names, scan=result, answer=answer)
             if overlay:
