@@ -26,8 +26,7 @@ the search ran in a session whose run directory was lost, so ``--search-record``
 
 ``--set`` trains a variant of the search's winner; ``--versus`` exports only where this study's CV beats
 the record's by the paired per-patient differences (same folds). With ``--cv-pool train`` the folds cover
-the 88 training patients only, so the fold ensemble competes with the single models on val. The model
-shipped now comes from the honest protocol instead (bench/honest_study.py: a test split read once).
+the 88 training patients only, so the fold ensemble competes with the single models on val.
 
 Writes bench/results/real-lgg-<device>.json (every trial, the final run, the CV, wall time, CPU hours).
 """
