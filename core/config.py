@@ -51,6 +51,10 @@ class TrainConfig:
     missing_sequence: float = field(
         default=0.0, metadata={"help": "chance per training slice that pre- and/or post-contrast become FLAIR"},
     )
+    sequences: str = field(
+        default="all", metadata={"choices": ("all", "flair"),
+                                 "help": "flair: FLAIR in every channel (for scans lacking pre/post-contrast)"},
+    )
     init: str = field(default="", metadata={"help": "start from this bundle's weights (fine-tuning; any image size)"})
     augment: bool = True
     crop: int = field(default=0, metadata={"help": "random crop size during training; 0 = no crop"})

@@ -24,6 +24,8 @@ import numpy as np
 from core.networks.resample import resize_matrix
 
 NORMALISATIONS = ("scale", "slice", "patient")
+SEQUENCES = ("all", "flair")  # flair: every channel is FLAIR (a model for scans without pre/post-contrast)
+FLAIR = 1  # channel order: pre-contrast, FLAIR, post-contrast
 CROPS = ("none", "slice", "patient")
 PERCENTILES = (10.0, 99.0)
 BRAIN_FRACTION = 0.1  # brain = pixels brighter than this share of the brightest (Buda et al.'s crop)
@@ -41,8 +43,11 @@ class Preprocessing:
     scale: float = 1.0 / 255.0
     percentiles: tuple[float, float] = PERCENTILES
     brain_fraction: float = BRAIN_FRACTION
+    sequences: str = "all"
 
     def __post_init__(self) -> None:
+        if self.sequences not in SEQUENCES:
+            raise ValueError(f"sequences {self.sequences!r} is not one of {', '.join(SEQUENCES)}")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation {self.normalisation!r} is not one of {', '.join(NORMALISATIONS)}")
         if self.crop not in CROPS:
@@ -61,6 +66,7 @@ class Preprocessing:
             scale=float(norm.get("scale", 1.0 / 255.0)),
             percentiles=tuple(float(p) for p in norm.get("percentiles", PERCENTILES)),  # type: ignore[arg-type]
             brain_fraction=float(norm.get("brain_fraction", crop.get("brain_fraction", BRAIN_FRACTION))),
+            sequences=str(config.get("sequences", "all")),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -73,7 +79,15 @@ class Preprocessing:
         crop: dict[str, Any] = {"type": self.crop}
         if self.crop != "none":
             crop["brain_fraction"] = self.brain_fraction
-        return {"normalisation": norm, "crop": crop}
+        # Written only for a FLAIR-only model, so every other bundle's config stays as it was.
+        sequences = {"sequences": self.sequences} if self.sequences != "all" else {}
+        return {"normalisation": norm, "crop": crop, **sequences}
+
+    def inputs(self, images: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+        """The channels the model sees: as given, or (``sequences`` flair) FLAIR in every channel."""
+        if self.sequences == "all" or images.shape[channel_axis] <= FLAIR:
+            return images
+        return np.repeat(np.take(images, [FLAIR], axis=channel_axis), images.shape[channel_axis], axis=channel_axis)
 
     @property
     def per_patient(self) -> bool:

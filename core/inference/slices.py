@@ -160,7 +160,7 @@ class SlicePredictor:
         ``volume=True``: the slices are one patient's volume; ``patients``: the patient of each slice.
         A ``patient`` bundle standardises and crops over those; otherwise over each slice alone.
         """
-        slices = as_slices(images)
+        slices = [self.preprocessing.inputs(s, channel_axis=2) for s in as_slices(images)]
         stats, boxes = self._plans(slices, volume, patients)
         out: list[np.ndarray | None] = [None] * len(slices)
         by_shape: dict[tuple[int, int], list[int]] = {}

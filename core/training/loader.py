@@ -36,7 +36,7 @@ class DeviceDataset:
     ) -> None:
         self.device = torch.device(device)
         self.preprocessing = preprocessing or Preprocessing()
-        images = np.asarray(arrays.images)  # a read-only memmap is read once, here
+        images = self.preprocessing.inputs(np.asarray(arrays.images))  # a read-only memmap is read once, here
         masks = np.asarray(arrays.masks)
         if images.dtype != np.uint8 or masks.dtype != np.uint8:
             raise ValueError(f"expected uint8 images and masks, got {images.dtype} and {masks.dtype}")

@@ -61,7 +61,7 @@ def make_loss(cfg: TrainConfig, multiclass: bool) -> torch.nn.Module:
 
 def preprocessing_from_config(cfg: TrainConfig) -> Preprocessing:
     """The bundle's preprocessing a run trains with (and every inference path then applies)."""
-    return Preprocessing(normalisation=cfg.normalisation, crop=cfg.brain_crop)
+    return Preprocessing(normalisation=cfg.normalisation, crop=cfg.brain_crop, sequences=cfg.sequences)
 
 
 def load_init(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
