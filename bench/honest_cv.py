@@ -35,6 +35,7 @@ REVIEW_DICE = 0.7  # a patient below this dsc_volume is one a reader should have
 OOF_PASSES = (("volume_none", True, "none", False), ("volume_flip", True, "flip", False),
               ("slice_none", False, "none", False), ("slice_flip", False, "flip", False),
               ("flair_none", True, "none", True), ("flair_flip", True, "flip", True))
+FLAIR_PASSES = tuple(p for p in OOF_PASSES if p[3])  # what a FLAIR-only member is asked in a routed ensemble
 
 
 def with_flair(images: np.ndarray) -> np.ndarray:
@@ -44,20 +45,21 @@ def with_flair(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def out_of_fold(cv_dir: Path, pool: SplitArrays, cache: Path) -> dict[str, np.ndarray]:
+def out_of_fold(cv_dir: Path, pool: SplitArrays, cache: Path, passes: tuple[tuple[str, bool, str, bool], ...]
+                = OOF_PASSES) -> dict[str, np.ndarray]:
     """Each pass's (N,H,W) probabilities for the pool's rows, each patient by its own fold's model."""
     from core.inference.predictor import Predictor
 
-    if all((cache / f"{name}.npy").is_file() for name, *_ in OOF_PASSES):
-        return {name: np.load(cache / f"{name}.npy") for name, *_ in OOF_PASSES}
+    if all((cache / f"{name}.npy").is_file() for name, *_ in passes):
+        return {name: np.load(cache / f"{name}.npy") for name, *_ in passes}
     folds = read_json(cv_dir / "folds.json")["folds"]
     patients = np.asarray(pool.patients).astype(str)
-    out = {name: np.zeros(np.shape(pool.masks), np.float16) for name, *_ in OOF_PASSES}
+    out = {name: np.zeros(np.shape(pool.masks), np.float16) for name, *_ in passes}
     for k, fold in enumerate(folds):
         predictor = Predictor.from_bundle(cv_dir / "folds" / f"fold{k}", "cpu")
         rows = np.flatnonzero(np.isin(patients, fold))
         images = np.ascontiguousarray(np.asarray(pool.images[rows]).transpose(0, 2, 3, 1))
-        for name, volume, tta, flair in OOF_PASSES:
+        for name, volume, tta, flair in passes:
             predictor.tta = tta
             x = with_flair(images) if flair else images
             probs = predictor.predict_proba(x, patients=patients[rows] if volume else None)
@@ -164,3 +166,14 @@ def choose(oof: dict[str, np.ndarray], val: ValSplit) -> dict[str, Any]:
         "search": {"tta": {mode: v[1]["dsc_volume"] for mode, v in volume.items()},
                    "volume": table, "one_slice": slice_table},
     }
+
+
+def flair_route(flair_oof: dict[str, np.ndarray], val: ValSplit, chosen: dict[str, Any]) -> dict[str, Any]:
+    """The CV figures of a routed ensemble's FLAIR-only path: the FLAIR-only members' out-of-fold
+    probabilities on pre/post replaced by FLAIR, with the TTA and post-processing ``choose`` fixed for
+    the full members (nothing is chosen here), against the full path's per-patient dsc_volume."""
+    tta, settings = chosen["tta"], chosen["postprocess"]
+    pred = postprocessed(flair_oof[f"flair_{tta}"], val, settings, True)
+    dice, full = patient_figures(pred, val), chosen["cv"]["per_patient_dsc_volume"]
+    return {"flair_only": val.metrics(pred), "per_patient": summary(dice),
+            "flair_only_drop": summary({p: full[p] - dice[p] for p in dice}), "per_patient_dsc_volume": dice}

@@ -9,13 +9,21 @@
 4. the fold ensemble, with those settings and fp16 weights, is the candidate; it is decided on before
    the test split is read. The test split is then read once: per volume, one slice at a time, and
    with pre- and post-contrast replaced by FLAIR, each with a 95% bootstrap interval over patients;
-5. ``--versus RECORD``: an earlier study of this protocol on the same folds, compared by the paired
+5. ``--flair-cv NAME``: a second CV on the same folds with ``sequences: flair`` (FLAIR in every
+   channel); its fold models join the candidate as FLAIR-only members of a routed ensemble (slices whose
+   pre- and post-contrast are copies of FLAIR go to them, the rest to the full members), its CV
+   FLAIR-only figures from their out-of-fold predictions with the settings of step 3;
+6. ``--versus RECORD``: an earlier study of this protocol on the same folds, compared by the paired
    per-patient differences of the CV (out-of-fold) dsc_volume; ``--export`` writes the ensemble (e.g.
    pretrained/lgg) with its MODEL_CARD.md, unless the paired interval says the earlier one is better.
 
     python ../shared/data/lgg/restore.py runs/lgg-all --pack gpu
     python bench/honest_study.py --src runs/lgg-all/kaggle_3m --work runs --name cv-base \\
         --config runs/honest-base.yaml --export pretrained/lgg
+    # the routed ensemble: first the FLAIR-only CV on the same folds
+    python -m tune cv --data runs/prepared-honest --folds 5 --config runs/honest-flair.yaml --name cv-flair \
+        --storage runs --half --folds-file runs/cv-base/folds.json
+    python bench/honest_study.py ... --flair-cv cv-flair --export pretrained/lgg
 
 Writes bench/results/real-lgg-honest-cpu.json (``--result`` names it otherwise).
 """
@@ -35,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.honest_card import model_card  # noqa: E402
-from bench.honest_cv import choose, out_of_fold, with_flair  # noqa: E402
+from bench.honest_cv import FLAIR_PASSES, choose, flair_route, out_of_fold, with_flair  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 from bench.real_lgg import step as run  # noqa: E402
 from core.bundle.files import FILES_KEY  # noqa: E402
@@ -103,6 +111,8 @@ def main() -> int:
     p.add_argument("--name", default="cv-base", help="the CV's run name under --work")
     p.add_argument("--config", type=Path, required=True, help="YAML of core train options (constants)")
     p.add_argument("--folds-file", type=Path, help="reuse an earlier study's folds.json (for --versus)")
+    p.add_argument("--flair-cv", help="a FLAIR-only CV's run name under --work (same folds): route to its models")
+    p.add_argument("--note", default="", help="a sentence for the record and the model card (e.g. a second reading)")
     p.add_argument("--versus", type=Path, help="an earlier record of this protocol on the same folds")
     p.add_argument("--export", type=Path, help="write the ensemble here (e.g. pretrained/lgg)")
     p.add_argument("--result", default="real-lgg-honest", help="bench/results/RESULT-<device>.json")
@@ -131,12 +141,23 @@ def main() -> int:
 
     from core.training.ensemble import build_ensemble_bundle
 
+    members, sources, kind = [cv_dir / "folds" / f"fold{r['fold']}" for r in cv["folds"]], \
+        [f"fold {r['fold']}" for r in cv["folds"]], "5-fold CV ensemble (fp16)"
     candidate = cv_dir / "shipped"
+    if args.flair_cv:
+        flair_dir = work / args.flair_cv
+        if read_json(flair_dir / "folds.json")["folds"] != read_json(cv_dir / "folds.json")["folds"]:
+            raise SystemExit(f"{flair_dir}: its folds are not {cv_dir}'s; run it with --folds-file")
+        chosen["flair_route"] = flair_route(out_of_fold(flair_dir, pool, flair_dir / "oof", FLAIR_PASSES), val, chosen)
+        flair_folds = read_json(flair_dir / "cv.json")["folds"]
+        members += [flair_dir / "folds" / f"fold{r['fold']}" for r in flair_folds]
+        sources += [f"FLAIR-only fold {r['fold']}" for r in flair_folds]
+        candidate, kind = cv_dir / "shipped-routed", "routed 5+5-fold CV ensemble (fp16): full and FLAIR-only members"
+        print(f"FLAIR-only route on CV: drop {chosen['flair_route']['flair_only_drop']['mean']:.4f}", flush=True)
     fixed = {"threshold": 0.5, "tta": chosen["tta"], "postprocess": chosen["postprocess"],
              "quality": {k: chosen["quality"][k] for k in ("method", "review_below")}}
-    build_ensemble_bundle([cv_dir / "folds" / f"fold{r['fold']}" for r in cv["folds"]], None,
-                          ["background", "tumour"], candidate, name="gliomaseg-lgg",
-                          sources=[f"fold {r['fold']}" for r in cv["folds"]], fixed=fixed, half=True,
+    build_ensemble_bundle(members, None, ["background", "tumour"], candidate, name="gliomaseg-lgg",
+                          sources=sources, fixed=fixed, half=True,
                           extra_metrics={"selection": "threshold, TTA, post-processing and the quality cut chosen "
                                                       "by 5-fold CV (out-of-fold) on the 79 pool patients"})
     test = test_figures(candidate, load_split(prepared, "test"))  # the one reading of the test split
@@ -145,9 +166,10 @@ def main() -> int:
         "split": {"file": str(SPLIT.relative_to(ROOT)), "hash": info.get("split_hash"),
                   "test": sorted(info["patients"]["test"]), "pool": len(info["patients"]["train"])},
         "config": cv["config"], "folds": cv["folds"], "cv_summary": cv["summary"], "chosen": chosen,
-        "shipped": {"kind": "5-fold CV ensemble (fp16), the bundle the test figures are from",
+        "shipped": {"kind": f"{kind}, the bundle the test figures are from",
                     "postprocess": chosen["postprocess"], "tta": chosen["tta"], "quality": fixed["quality"]},
-        "test": test, "cv_cpu_hours": cv_cpu_hours(cv_dir),
+        "test": test, "note": args.note,
+        "cv_cpu_hours": cv_cpu_hours(cv_dir) + (cv_cpu_hours(work / args.flair_cv) if args.flair_cv else 0.0),
         "study_wall_seconds": round(time.time() - started, 1),
     }
     if args.versus:

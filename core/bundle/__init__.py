@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         Bundle,
         build_from_config,
         ensemble_config,
+        ensemble_of,
         ensemble_scale,
         load_bundle,
         make_bundle_config,
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
         save_ensemble_bundle,
     )
 
-__all__ = ["BUNDLE_FORMAT", "Bundle", "build_from_config", "ensemble_config", "ensemble_scale", "load_bundle",
-           "make_bundle_config", "member_config", "save_bundle", "save_ensemble_bundle"]
+__all__ = ["BUNDLE_FORMAT", "Bundle", "build_from_config", "ensemble_config", "ensemble_of", "ensemble_scale",
+           "load_bundle", "make_bundle_config", "member_config", "save_bundle", "save_ensemble_bundle"]
 
 
 def __getattr__(name: str) -> Any:

@@ -29,8 +29,9 @@ from core.bundle.files import (
     resolve_bundle,
     verify_files,
 )
+from core.formats.volume import SEQUENCES
 from core.io import atomic_dir, is_remote, read_json, write_json
-from core.networks.ensemble import Ensemble, build_ensemble
+from core.networks.ensemble import Ensemble
 from core.networks.models import build_model
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def make_bundle_config(
         **({"init": dict(init)} if init else {}),  # the bundle whose weights this training started from
     }
 
+FLAIR_CHANNEL = SEQUENCES.index("flair")  # where a routed ensemble looks for copies of FLAIR
+
 
 def ensemble_scale(config: dict[str, Any]) -> float | None:
     """The /255 an ensemble undoes to round a resized input to uint8 levels; None for standardised input."""
@@ -98,19 +101,26 @@ def ensemble_scale(config: dict[str, Any]) -> float | None:
     return float(norm["scale"]) if norm.get("type", "scale") == "scale" else None
 
 
+def ensemble_of(members: list[torch.nn.Module], config: dict[str, Any]) -> Ensemble:
+    """The Ensemble an ensemble config describes, of these member networks (in its ``members`` order)."""
+    records = config["members"]
+    return Ensemble(members, [tuple(m["image_size"]) for m in records], int(config["model_args"]["out_channels"]) > 1,
+                    ensemble_scale(config), [m.get("sequences") == "flair" for m in records], FLAIR_CHANNEL)
+
+
 def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
     """The network a bundle config describes (weights not loaded): one architecture, or an ensemble."""
-    args = config["model_args"]
     if "members" in config:
-        multiclass = int(args["out_channels"]) > 1
-        return build_ensemble(config["members"], multiclass, ensemble_scale(config))
+        return ensemble_of([build_from_config(m) for m in config["members"]], config)
+    args = config["model_args"]
     return build_model(config["arch"], args["in_channels"], args["out_channels"], args["filters"], args["dropout"])
 
 
 def member_config(config: dict[str, Any]) -> dict[str, Any]:
     """What an ensemble bundle records per member, from that member's own bundle config."""
     return {"arch": config["arch"], "model_args": dict(config["model_args"]),
-            "image_size": [int(v) for v in config["image_size"]]}
+            "image_size": [int(v) for v in config["image_size"]],
+            **({"sequences": "flair"} if config.get("sequences") == "flair" else {})}  # routes a mixed ensemble
 
 
 def ensemble_config(
@@ -138,6 +148,8 @@ def ensemble_config(
         "image_size": list(size), "threshold": 0.5, "tta": "none", "postprocess": {},
         "hyperparameters": {"members": [c.get("hyperparameters", {}) for c in configs]},
         "data": first.get("data", {}),
+        # All FLAIR-only: the input itself becomes FLAIR everywhere; a mix routes inside the network.
+        **({"sequences": "flair"} if all(m.get("sequences") == "flair" for m in members) else {}),
     }
 
 

@@ -7,15 +7,17 @@ probabilities back and averages them. It returns log-probabilities (softmax) or 
 probability (sigmoid), so everything that consumes a network's logits (Predictor, ONNX export, TTA,
 thresholds, post-processing) takes an ensemble unchanged. Ensemble bundles are written and loaded by
 ``core.bundle`` and built from member bundles by ``core.training.ensemble``.
+
+A *routed* ensemble mixes full members with FLAIR-only ones (trained with FLAIR in every channel): a
+slice whose other channels are exact copies of FLAIR (a scan without pre/post-contrast, filled the
+way the Kaggle set fills a missing sequence) goes to the FLAIR-only members, every other slice to the
+full ones. Copies stay exact through per-channel standardisation, so the test is equality.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from core.networks.models import build_model
 from core.networks.resample import resize_matrix
 
 EPS = 1e-6  # keeps logit(p) finite; probabilities this close to 0 or 1 threshold the same either way
@@ -26,11 +28,15 @@ class Ensemble(torch.nn.Module):
 
     def __init__(
         self, members: list[torch.nn.Module], sizes: list[tuple[int, int]], multiclass: bool,
-        scale: float | None = 1 / 255,
+        scale: float | None = 1 / 255, flair_only: list[bool] | None = None, flair_channel: int = 0,
     ) -> None:
         super().__init__()
         if not members or len(members) != len(sizes):
             raise ValueError(f"an ensemble needs one size per member, got {len(members)} members, {len(sizes)} sizes")
+        self.flair_only = [bool(f) for f in flair_only] if flair_only is not None else [False] * len(members)
+        if len(self.flair_only) != len(members):
+            raise ValueError(f"flair_only needs one entry per member, got {len(self.flair_only)} for {len(members)}")
+        self.flair_channel = int(flair_channel)  # the input channel that holds FLAIR (core.formats.volume)
         self.members = torch.nn.ModuleList(members)
         self.sizes = [tuple(int(v) for v in s) for s in sizes]
         self.multiclass = multiclass
@@ -54,11 +60,20 @@ class Ensemble(torch.nn.Module):
         h, w = getattr(self, f"{kind}{i}_0"), getattr(self, f"{kind}{i}_1")
         return torch.einsum("oh,nchw,pw->ncop", h, x, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[2:]) != self.input_size:
-            raise ValueError(f"ensemble input must be {self.input_size}, got {tuple(x.shape[2:])}")
+    @property
+    def routed(self) -> bool:
+        """Whether slices are routed: some members, not all, are FLAIR-only."""
+        return any(self.flair_only) and not all(self.flair_only)
+
+    def flair_copies(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: rows whose every other channel equals FLAIR exactly (pre/post-contrast missing)."""
+        f = self.flair_channel
+        return (x == x[:, f : f + 1]).flatten(1).all(1)
+
+    def _mean(self, x: torch.Tensor, members: list[int]) -> torch.Tensor:
+        """The mean probability of the listed members on x (at the input size)."""
         total = None
-        for i, member in enumerate(self.members):
+        for i in members:
             xm = x
             if self.sizes[i] != self.input_size and self.scale is None:  # standardised input: resized as is
                 xm = self._resize(x, i, "down")
@@ -67,17 +82,39 @@ class Ensemble(torch.nn.Module):
                 # the rounding of a resized pixel that lies on a half level.
                 levels = (x / self.scale).round()
                 xm = self._resize(levels, i, "down").round().clamp(0, 255) / (1.0 / self.scale)
-            logits = member(xm).float()
+            logits = self.members[i](xm).float()
             probs = logits.softmax(1) if self.multiclass else logits.sigmoid()
             if self.sizes[i] != self.input_size:
                 probs = self._resize(probs, i, "up")
             total = probs if total is None else total + probs
-        mean = (total / len(self.members)).clamp(EPS, 1 - EPS)
+        assert total is not None
+        return total / len(members)
+
+    def _logits(self, mean: torch.Tensor) -> torch.Tensor:
+        mean = mean.clamp(EPS, 1 - EPS)
         return mean.log() if self.multiclass else torch.logit(mean)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.input_size:
+            raise ValueError(f"ensemble input must be {self.input_size}, got {tuple(x.shape[2:])}")
+        if not self.routed:
+            return self._logits(self._mean(x, list(range(len(self.members)))))
+        flair = [i for i, f in enumerate(self.flair_only) if f]
+        full = [i for i, f in enumerate(self.flair_only) if not f]
+        copies = self.flair_copies(x)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            # A traced graph cannot branch on the data: both groups run, each row keeps its own.
+            return self._logits(torch.where(copies[:, None, None, None], self._mean(x, flair), self._mean(x, full)))
+        parts: dict[str, torch.Tensor] = {}
+        if bool(copies.any()):
+            parts["flair"] = self._mean(x[copies], flair)
+        if not bool(copies.all()):
+            parts["full"] = self._mean(x[~copies], full)
+        first = next(iter(parts.values()))
+        out = first.new_empty((x.shape[0], *first.shape[1:]))
+        if "flair" in parts:
+            out[copies] = parts["flair"]
+        if "full" in parts:
+            out[~copies] = parts["full"]
+        return self._logits(out)
 
-def build_ensemble(members: list[dict[str, Any]], multiclass: bool, scale: float | None = 1 / 255) -> Ensemble:
-    """An Ensemble of freshly built members from their ``member_config`` records (weights not loaded)."""
-    nets = [build_model(m["arch"], m["model_args"]["in_channels"], m["model_args"]["out_channels"],
-                        m["model_args"]["filters"], m["model_args"]["dropout"]) for m in members]
-    return Ensemble(nets, [tuple(m["image_size"]) for m in members], multiclass, scale)

@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from core.bundle import Bundle, ensemble_config, ensemble_scale, load_bundle, save_ensemble_bundle
+from core.bundle import Bundle, ensemble_config, ensemble_of, load_bundle, save_ensemble_bundle
 from core.data.arrays import SplitArrays
 from core.evaluation.selection import ValSplit, choose_inference, choose_one_slice, choose_threshold
 from core.inference.predictor import Predictor
-from core.networks.ensemble import Ensemble
 
 
 def build_ensemble_bundle(
@@ -33,8 +32,7 @@ def build_ensemble_bundle(
     loaded = [load_bundle(b, device) for b in bundles]
     config = ensemble_config([b.config for b in loaded], name, sources)
     multiclass = int(config["model_args"]["out_channels"]) > 1
-    model = Ensemble([b.model for b in loaded], [tuple(c["image_size"]) for c in config["members"]], multiclass,
-                     ensemble_scale(config)).to(device).eval()
+    model = ensemble_of([b.model for b in loaded], config).to(device).eval()
     members = [{"source": (sources or [str(b) for b in bundles])[i], "val": b.metrics.get("val")}
                for i, b in enumerate(loaded)]
     if val is None:

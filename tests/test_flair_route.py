@@ -1,0 +1,112 @@
+"""Routed ensembles (issue 26): slices whose pre- and post-contrast are copies of FLAIR go to the
+FLAIR-only members, every other slice to the full ones, in PyTorch and in the exported ONNX graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_factory import make_random_bundle, sample_images
+
+from core.bundle import load_bundle
+from core.inference.postprocess import NO_POSTPROCESS
+from core.inference.predictor import Predictor
+
+PLAIN = {"tta": "none", "postprocess": dict(NO_POSTPROCESS), "threshold": 0.5}
+
+
+def flair_member(path: Path, seed: int) -> Path:
+    """A random bundle that says it was trained with FLAIR in every channel (``sequences: flair``)."""
+    bundle = make_random_bundle(path, size=(64, 64), postprocess={}, seed=seed, foreground=0.4)
+    config = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**config, "sequences": "flair"}))
+    return bundle
+
+
+def with_flair(images: np.ndarray) -> np.ndarray:
+    out = images.copy()
+    out[..., 0] = out[..., 2] = out[..., 1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("route")
+    return {"full": make_random_bundle(root / "full", size=(64, 64), postprocess={}, seed=1),
+            "flair": flair_member(root / "flair", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def routed(members, tmp_path_factory) -> Path:
+    from core.training.ensemble import build_ensemble_bundle
+
+    out = tmp_path_factory.mktemp("routed") / "bundle"
+    return build_ensemble_bundle([members["full"], members["flair"]], None, ["background", "tumour"], out, fixed=PLAIN)
+
+
+def mixed_volume() -> tuple[np.ndarray, np.ndarray]:
+    """Eight slices, rows 1, 4 and 5 with pre/post replaced by FLAIR; and which rows those are."""
+    images = sample_images(8, 64, 64, seed=7)
+    copies = np.zeros(8, bool)
+    copies[[1, 4, 5]] = True
+    images[copies] = with_flair(images[copies])
+    return images, copies
+
+
+def test_config_records_which_members_are_flair_only(members, routed, tmp_path):
+    from core.training.ensemble import build_ensemble_bundle
+
+    config = json.loads((routed / "config.json").read_text())
+    assert [m.get("sequences") for m in config["members"]] == [None, "flair"]
+    assert "sequences" not in config  # mixed: routed inside the network, the input stays as sent
+    assert load_bundle(routed).model.routed
+    only = build_ensemble_bundle([members["flair"]], None, ["background", "tumour"], tmp_path / "f", fixed=PLAIN)
+    assert json.loads((only / "config.json").read_text())["sequences"] == "flair"  # all FLAIR-only: the input is
+    assert not load_bundle(only).model.routed
+
+
+def test_copies_go_to_the_flair_member_and_the_rest_to_the_full_one(members, routed):
+    images, copies = mixed_volume()
+    full = np.stack(Predictor.from_bundle(members["full"], "cpu").predict_proba(images))
+    flair = np.stack(Predictor.from_bundle(members["flair"], "cpu").predict_proba(images))
+    got = np.stack(Predictor.from_bundle(routed, "cpu").predict_proba(images))
+    assert np.abs(got[copies] - flair[copies]).max() < 1e-5
+    assert np.abs(got[~copies] - full[~copies]).max() < 1e-5
+    assert np.abs(full - flair).max() > 0.1  # the two members differ, so the test tells them apart
+    # One channel replaced is not a FLAIR-only scan: the full member keeps it.
+    partial = images.copy()
+    partial[0, ..., 0] = partial[0, ..., 1]
+    assert not np.allclose(partial[0, ..., 2], partial[0, ..., 1])
+    one = Predictor.from_bundle(routed, "cpu").predict_proba(partial[:1])[0]
+    assert np.abs(one - Predictor.from_bundle(members["full"], "cpu").predict_proba(partial[:1])[0]).max() < 1e-5
+
+
+def test_onnx_graph_routes_the_same_rows(routed, tmp_path):
+    from serve.edge import OnnxPredictor
+    from serve.onnx_export import export_onnx
+
+    images, _ = mixed_volume()
+    export_onnx(routed, tmp_path / "routed.onnx")  # traced: both groups run, each row keeps its own
+    reference = np.stack(Predictor.from_bundle(routed, "cpu").predict_proba(images))
+    got = np.stack(OnnxPredictor(tmp_path / "routed.onnx").predict_proba(images))
+    assert np.abs(reference - got).max() < 1e-4
+
+
+def test_flair_route_scores_the_flair_members_with_the_full_members_settings():
+    from bench.honest_cv import flair_route
+    from core.evaluation.selection import ValSplit
+
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[:, 2:6, 2:6] = 1
+    patients = np.array(["a", "a", "b", "b"])
+    val = ValSplit(truth, patients, np.array([0, 1, 0, 1]))
+    probs = truth.astype(np.float16) * 0.9
+    probs[2:, 2:4, 2:6] = 0.1  # patient b: half the tumour missed
+    chosen = {"tta": "none", "postprocess": dict(NO_POSTPROCESS),
+              "cv": {"per_patient_dsc_volume": {"a": 1.0, "b": 1.0}}}
+    route = flair_route({"flair_none": probs}, val, chosen)
+    assert route["per_patient_dsc_volume"]["a"] == pytest.approx(1.0)
+    assert route["per_patient_dsc_volume"]["b"] == pytest.approx(2 * 8 / (8 + 16))
+    assert route["flair_only_drop"]["mean"] == pytest.approx((1 - 2 * 8 / 24) / 2)
