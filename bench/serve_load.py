@@ -1,19 +1,20 @@
-"""Serving under load on loopback: `python -m serve run` against the in-process Predictor, a plain
-FastAPI + uvicorn peer, and a JSON endpoint, all in one run.
+"""Serving under load on loopback: `python -m serve run` against the in-process Predictor, a plain FastAPI
++ uvicorn peer, and a JSON endpoint, all in one run.
 
 A bounded asyncio/httpx load generator (bench/load_client.py: a fixed number of requests per level, and
 a time limit) drives /v1/segment (NPY slices; PNG at a few levels) and /v1/segment/volume at each
 concurrency. Each slice request asks for the replica's Server-Timing (serve.timing), so every level
-reports the median per hop: proxy (client send -> handler start), decode, handle (the model call's own
-hop: ~0 with the model in the ingress replica), batch wait, model, encode, response (handler end ->
-client has the answer). The bound is the in-process Predictor on the same bundle and slice, measured
-before the server starts and after it stops. The peer (bench/fastapi_peer.py: what a user writes
-instead of Serve) answers the same /v1/segment at the same levels: Serve's throughput at concurrency 32
-against it, and its p50 at concurrency 1. ``--mixed-volume-slices N`` measures slice latency while an
-N-slice volume runs on the same replica; ``--sweep 8:16,16:32,32:64`` runs Serve again per
-max_batch_size:max_ongoing_requests at concurrency 1 and 32 (how the defaults were chosen). The earlier
-endpoints' style (the AWS sample's ``predictor.predict(x.tolist())``) is a minimal FastAPI app taking
-``{"inputs": [[...]]}`` float lists: bytes per request and latency, beside the binary API's.
+reports the median per hop: proxy (client send -> handler start), read (the body from the proxy),
+decode, handle (the model call's own hop: ~0 with the model in the ingress replica), batch wait, model,
+encode, response (handler end -> client has the answer). The bound is the in-process Predictor on the
+same bundle and slice, measured before the server starts and after it stops. The peer
+(bench/fastapi_peer.py: what a user writes instead of Serve) answers the same /v1/segment at the same
+levels: Serve's throughput at concurrency 32 against it, and its p50 at concurrency 1. ``--mixed-volume-
+slices N`` measures slice latency while an N-slice volume runs on the same replica; ``--sweep
+8:16,16:32,32:64`` runs Serve again per max_batch_size:max_ongoing_requests at concurrency 1 and 32 (what the
+defaults are to be chosen from). The earlier endpoints' style (the AWS sample's
+``predictor.predict(x.tolist())``) is a minimal FastAPI app taking ``{"inputs": [[...]]}`` float lists:
+bytes per request and latency, beside the binary API's.
 
     python bench/serve_load.py                                      # CPU: lite f16, 256 px, random weights
     python bench/serve_load.py --bundle pretrained/lgg --prepared runs/lgg-prepared --mixed-volume-slices 500

@@ -95,7 +95,7 @@ class ServeSettings:
 
     def ongoing(self) -> int:
         """Requests a model replica takes at once: room for several batches, or @serve.batch never sees
-        a full one (measured: bench/serve_load.py --sweep)."""
+        a full one (bench/serve_load.py --sweep measures other choices)."""
         return self.max_ongoing_requests or 2 * self.max_batch_size
 
     def autoscaling(self) -> dict[str, Any]:

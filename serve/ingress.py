@@ -9,7 +9,7 @@ The model is a DeploymentHandle (a split app) or, given its constructor argument
 this replica (serve.model.LocalHandle: the same calls, no second hop). A 4xx is answered only after the
 rest of the body is read (up to the size limit): a client still uploading would otherwise see a reset
 connection, not the JSON error. A request with ``X-Gliomaseg-Timing: 1`` gets a ``Server-Timing`` header
-(decode, handle, wait, model, encode, app in ms) and ``X-Timing-Window`` (wall-clock start,end of the
+(read, decode, handle, wait, model, encode, app in ms) and ``X-Timing-Window`` (wall-clock start,end of the
 handler), from which bench/serve_load.py derives the proxy and response hops.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' real annotations
@@ -208,12 +208,14 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _decode(self, request: Request, volume: bool) -> np.ndarray:
+    async def _decode(self, request: Request, volume: bool, hops: Hops | None = None) -> np.ndarray:
         self._authorise(request)
         content_type = request.headers.get("content-type", "")
         if content_type.split(";", 1)[0].strip().lower() not in codecs.SNIFFED:
             codecs.media_type(content_type)  # 415 before reading a body we cannot use
         data = await self._body(request)
+        if hops is not None:
+            hops.mark("read")  # the body's bytes arriving from the proxy, apart from decoding them
         s = self.settings
         pages = s["max_slices"] if volume else 1
         pixels = s["max_pixels"] if volume else s["max_size"] ** 2
@@ -283,7 +285,7 @@ class Ingress:
         _check_format(format)
         shown = volumes.parse_layers(layers)
         volumes.check_sequence(sequence)  # a bad name is a 400 before the body is read
-        image = (await self._decode(request, volume=False))[0]
+        image = (await self._decode(request, volume=False, hops=hops))[0]
         hops.mark("decode")
         mask, batch, inner = await _call_model(self.model.segment, image)
         hops.split("handle", inner)  # what is left of the call is its hop (none when the model is here)

@@ -1,16 +1,17 @@
 """Per-request hop timings, sent back as ``Server-Timing`` when a client asks (``X-Gliomaseg-Timing: 1``).
 
-The replica times what it does (decode, the model call's own overhead, the batch wait, the model, the
-encode, and its whole handler as ``app``) and gives the handler's wall-clock window, so a client on the
-same machine derives the two hops it cannot see: proxy (its send until the handler starts: loopback,
-Serve's proxy, routing to the replica) and response (the handler's end until it has the whole answer).
+The replica times what it does (reading the body, decoding it, the model call's own overhead, the batch
+wait, the model, the encode, and its whole handler as ``app``) and gives the handler's wall-clock
+window, so a client on the same machine derives the two hops it cannot see: proxy (its send until the
+handler starts: loopback, Serve's proxy, routing to the replica) and response (the handler's end until
+it has the whole answer).
 """
 
 from __future__ import annotations
 
 import time
 
-HOPS = ("proxy", "decode", "handle", "wait", "model", "encode", "response")
+HOPS = ("proxy", "read", "decode", "handle", "wait", "model", "encode", "response")
 
 
 class Hops:

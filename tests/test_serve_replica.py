@@ -138,12 +138,13 @@ def test_the_rest_of_the_body_is_drained_up_to_the_limit() -> None:
 
 def test_hop_breakdown_from_the_headers() -> None:
     hops = timing.Hops(enabled=True)
+    hops.mark("read")
     hops.mark("decode")
     hops.split("handle", {"wait": 0.0, "model": 0.0})
     hops.mark("encode")
     headers = hops.headers()
     parsed = timing.parse(headers["Server-Timing"])
-    assert set(parsed) == {"decode", "handle", "wait", "model", "encode", "app"}
+    assert set(parsed) == {"read", "decode", "handle", "wait", "model", "encode", "app"}
     begin, end = (float(v) for v in headers["X-Timing-Window"].split(","))
     out = timing.breakdown(headers["Server-Timing"], headers["X-Timing-Window"], begin - 0.002, end + 0.001)
     assert set(timing.HOPS) <= set(out) and out["proxy"] == pytest.approx(2.0, abs=0.01)
