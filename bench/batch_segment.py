@@ -8,6 +8,16 @@ actor for `serve batch` (its listing, actor start-up, summary and CSV included).
 Scaling over nodes runs on a simulated cluster (ray.cluster_utils.Cluster): one node of 1 CPU, then
 two, with one actor per node; on one machine the simulated nodes share its cores.
 
+What made one run 1.9x a single process's time and the next 0.96x, and what holds it now:
+- niceness: Ray starts its workers at niceness +15, the baseline ran at 0, so any other job on the
+  machine took the cores from the actor and readers only; `serve batch` (and this script) start Ray
+  with RAY_worker_niceness=0 unless it is set;
+- threads: the actor runs torch at its CPUs (``--threads``, as the baseline), and reads/writes in
+  flight are one per CPU actor (serve.batch.run.io_tasks), not two: more read processes competed
+  with the torch thread for the 2 cores without feeding it any faster;
+- actor start-up (bundle load, warm-up) is inside the timed run, as it is for the baseline's bundle
+  load; `first_patient_s` and the pace after it are reported apart, so a slow start shows as such.
+
     python bench/batch_segment.py                                           # CPU: lite f16, 256 px
     python bench/batch_segment.py --patients 8 --slices 12 --size 128 --reps 1   # a quick look
     python bench/batch_segment.py --device cuda --arch unet --filters 32 --patients 40 --slices 40
@@ -96,6 +106,7 @@ def one_node(args: argparse.Namespace, bundle: Path, src: Path, load: LoadSample
     """Baseline and `serve batch` (one actor), alternating, on a local Ray of this machine's CPUs."""
     import ray
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `serve batch` starts Ray: actors at the baseline's
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), num_gpus=1 if args.device.startswith("cuda")
              else 0, include_dashboard=False, log_to_driver=False, object_store_memory=OBJECT_STORE,
              configure_logging=False)

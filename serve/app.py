@@ -1,8 +1,12 @@
-"""Ray Serve application: an HTTP ingress (FastAPI) in front of a batching model deployment.
+"""Ray Serve application: an HTTP ingress (FastAPI) and a batching model (serve.model).
 
-The ingress decodes, validates, authenticates and encodes (CPU work that scales with requests); the
-model replica only runs the network, batching single slices from many requests with ``@serve.batch``.
-A volume goes to the model as one call so 3D post-processing sees the whole patient.
+The ingress decodes, validates, authenticates and encodes; the model runs the network, batching single
+slices from many requests with ``@serve.batch``. By default (``colocate``) the model lives inside the
+ingress replica: one deployment, so a request crosses one Ray hop (proxy -> replica), not two, and
+scaling the replicas scales both. ``colocate=False`` puts the model in its own ``SegmentModel``
+deployment behind a DeploymentHandle (the ingress retries a lost model replica on another), for
+clusters where decoding should scale apart from the GPUs. A volume goes to the model as one call so
+3D post-processing sees the whole patient.
 
 ``python -m serve run --bundle DIR`` serves it locally; ``serve run|deploy`` with
 ``import_path: serve.app:app_builder`` and ``args: {bundle: DIR, ...}`` serves it on a cluster, and
@@ -13,7 +17,6 @@ A volume goes to the model as one call so 3D post-processing sees the whole pati
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import logging
 import os
@@ -24,13 +27,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from core.bundle.files import WEIGHTS, listed_files, read_config
-from core.inference.slices import Segmentation
 from core.io import is_remote
 from serve.ingress import Ingress
+from serve.model import SegmentModel
 from serve.startup import DEFAULT_START_TIMEOUT_S, ServeStartError, apply_env_defaults, bring_up, init_local_ray
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,11 @@ class ServeSettings:
     replicas: str = "1"  # an integer, or "auto" for autoscaling
     max_replicas: int = 0  # with "auto": 0 derives it from the cluster's GPUs/CPUs
     max_batch_size: int = 32
-    batch_wait_ms: float = 5.0
+    # 0: a batch is what queued while the last one ran; a lone request never waits for company.
+    batch_wait_ms: float = 0.0
+    max_ongoing_requests: int = 0  # per replica; 0 = 2 x max_batch_size (room to fill the next batch)
+    colocate: bool = True  # the model inside the ingress replica (one hop); False: its own deployment
+    torch_threads: int = 0  # per replica on CPU; 0 = its CPUs, at most all cores but one (see serve.model)
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     token_env: str | None = None
@@ -71,6 +77,8 @@ class ServeSettings:
                 values[key] = int(value)
             elif kind == "float":
                 values[key] = float(value)
+            elif kind == "bool":
+                values[key] = value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
         settings = cls(**values)
         settings.validate()
         return settings
@@ -82,6 +90,13 @@ class ServeSettings:
             raise ValueError(f"max_batch_size must be in 1..1024, got {self.max_batch_size}")
         if self.batch_wait_ms < 0 or self.gpus_per_replica < 0 or self.max_body_mb <= 0:
             raise ValueError("batch_wait_ms and gpus_per_replica must be >= 0 and max_body_mb > 0")
+        if self.max_ongoing_requests < 0 or self.torch_threads < 0:
+            raise ValueError("max_ongoing_requests and torch_threads must be >= 0 (0: derived)")
+
+    def ongoing(self) -> int:
+        """Requests a model replica takes at once: room for several batches, or @serve.batch never sees
+        a full one (bench/serve_load.py --sweep measures other choices)."""
+        return self.max_ongoing_requests or 2 * self.max_batch_size
 
     def autoscaling(self) -> dict[str, Any]:
         """Autoscale on queued requests: a replica is 'full' at about one batch in flight."""
@@ -95,56 +110,6 @@ class ServeSettings:
         }
 
 
-@serve.deployment(name="SegmentModel", health_check_period_s=10.0, health_check_timeout_s=30.0)
-class SegmentModel:
-    """One core Predictor per replica; single slices are batched across requests."""
-
-    def __init__(self, bundle: str, device: str, max_batch_size: int, batch_wait_s: float) -> None:
-        from core.inference.predictor import Predictor  # torch loads in the replica, not in the driver
-
-        # ``bundle`` may be s3://...: resolved here, on the replica's node, into that node's cache.
-        self.predictor = Predictor.from_bundle(bundle, device=device, batch_size=max_batch_size)
-        self.segment.set_max_batch_size(max_batch_size)
-        self.segment.set_batch_wait_timeout_s(batch_wait_s)
-        self._lock = asyncio.Lock()  # the Predictor is not thread-safe; the forward runs in a thread
-        self._fatal: str | None = None
-        # Warm up so the first request does not pay for lazy initialisation.
-        self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))
-
-    async def _locked(self, method: Any, *args: Any) -> Any:
-        """One Predictor call at a time, in a thread, so the replica's event loop keeps queueing requests
-        for the next batch."""
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(method, *args)
-            except RuntimeError as exc:
-                if "CUDA" in str(exc):
-                    self._fatal = str(exc)  # a broken device will not heal: fail the health check
-                raise
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def segment(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """One HxWx3 slice per caller -> (HxW mask, size of the batch it ran in)."""
-        masks = await self._locked(self.predictor.predict, images)
-        return [(m, len(images)) for m in masks]
-
-    async def segment_volume(self, images: np.ndarray, spacing: tuple[float, float, float] | None = None
-                             ) -> Segmentation:
-        """One patient's ordered (N,H,W,3) slices -> (N,H,W) masks with 3D post-processing at ``spacing``
-        (a scan's; None: the Kaggle grid's), and the answer's quality."""
-        return await self._locked(self.predictor.segment, images, spacing)
-
-    def info(self) -> dict[str, Any]:
-        return {**self.predictor.info(), "version": self.predictor.version}
-
-    def ping(self) -> bool:
-        return True
-
-    def check_health(self) -> None:
-        if self._fatal:
-            raise RuntimeError(f"model replica unusable: {self._fatal}")
-
-
 def _token_digest(settings: ServeSettings) -> str | None:
     """SHA-256 of the bearer token, so the secret itself never lands in the Serve config."""
     if not settings.token_env:
@@ -154,7 +119,7 @@ def _token_digest(settings: ServeSettings) -> str | None:
 
 
 def build_app(settings: ServeSettings) -> serve.Application:
-    """Bind the ingress and model deployments for ``settings`` (nothing starts until serve.run)."""
+    """Bind the deployments for ``settings`` (nothing starts until serve.run)."""
     settings.validate()
     actor = {"num_cpus": settings.cpus_per_replica}
     if settings.gpus_per_replica > 0:
@@ -163,20 +128,26 @@ def build_app(settings: ServeSettings) -> serve.Application:
         {"autoscaling_config": settings.autoscaling()} if settings.replicas == "auto"
         else {"num_replicas": int(settings.replicas)}
     )
-    model = SegmentModel.options(
-        ray_actor_options=actor,
-        # Room for several batches per replica, or @serve.batch never sees a full one.
-        max_ongoing_requests=2 * settings.max_batch_size,
-        **scale,
-    ).bind(
-        _bundle_location(settings.bundle),
+    model_args = {
+        "bundle": _bundle_location(settings.bundle),
         # "auto", not "cuda": a replica given a GPU share where CUDA is absent serves on the CPU with a
         # warning (core.runtime.resolve_device) instead of failing every restart.
-        "auto" if settings.gpus_per_replica > 0 else "cpu",
-        settings.max_batch_size,
-        settings.batch_wait_ms / 1000.0,
-    )
+        "device": "auto" if settings.gpus_per_replica > 0 else "cpu",
+        "max_batch_size": settings.max_batch_size,
+        "batch_wait_s": settings.batch_wait_ms / 1000.0,
+        "threads": settings.torch_threads,
+        "cpus": settings.cpus_per_replica,
+    }
     ingress_settings = {**asdict(settings), "token_sha256": _token_digest(settings)}
+    if settings.colocate:
+        # One deployment named for what it holds: the model's replica, answering HTTP itself.
+        return Ingress.options(
+            name="SegmentModel", ray_actor_options=actor, max_ongoing_requests=settings.ongoing(),
+            health_check_period_s=10.0, health_check_timeout_s=30.0, **scale,
+        ).bind(model_args, ingress_settings)
+    model = SegmentModel.options(
+        ray_actor_options=actor, max_ongoing_requests=settings.ongoing(), **scale,
+    ).bind(*model_args.values())
     return Ingress.options(
         ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=max(64, 4 * settings.max_batch_size)
     ).bind(model, ingress_settings)
@@ -253,6 +224,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         bundle=args.bundle, replicas=args.replicas, max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms, token_env=args.token_env, max_body_mb=args.max_body_mb,
+        max_ongoing_requests=args.max_ongoing_requests, colocate=not args.split, torch_threads=args.torch_threads,
     )
     settings.validate()
     started_ray = not ray.is_initialized()
@@ -296,7 +268,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", default="1", help="model replicas: an integer or 'auto' (autoscaling)")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="longest wait to fill a batch (default 0: a batch is what queued while the last one ran)")
+    p.add_argument("--max-ongoing-requests", type=int, default=0,
+                   help="requests per model replica at once (default 0: 2 x --max-batch-size)")
+    p.add_argument("--split", action="store_true",
+                   help="run the model as its own deployment behind the ingress (default: inside the ingress "
+                   "replica, one hop fewer)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch threads per CPU replica (default 0: its CPUs, leaving the proxy a core)")
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPU share per model replica (default 0.5 when the cluster has a GPU, else 0)")
     p.add_argument("--token-env", default=None, help="environment variable holding a required bearer token")

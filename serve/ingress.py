@@ -5,6 +5,13 @@ Decoding and encoding run here (in a thread, off the event loop), so the model r
 volume body is and how its answer is made (NIfTI, DICOM SEG, TIFF, NPY) is serve/volumes.py; a JSON answer
 is core's result schema (core.inference.results.result_json), as SageMaker's is.
 
+The model is a DeploymentHandle (a split app) or, given its constructor arguments, a SegmentModelCore in
+this replica (serve.model.LocalHandle: the same calls, no second hop). A 4xx is answered only after the
+rest of the body is read (up to the size limit): a client still uploading would otherwise see a reset
+connection, not the JSON error. A request with ``X-Gliomaseg-Timing: 1`` gets a ``Server-Timing`` header
+(read, decode, handle, wait, model, encode, app in ms) and ``X-Timing-Window`` (wall-clock start,end of the
+handler), from which bench/serve_load.py derives the proxy and response hops.
+
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' real annotations
 (``Request``) from the copy @serve.ingress makes, where postponed string annotations do not resolve.
 """
@@ -12,6 +19,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the route signatur
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 from importlib import resources
 from typing import Any
@@ -29,6 +37,13 @@ from core.data.preprocessing import single_slice_note
 from core.formats import codecs
 from core.inference.results import VolumeResult, result_json
 from serve import volumes
+from serve.model import LocalHandle, ModelOutOfMemory, SegmentModelCore
+from serve.timing import Hops
+
+log = logging.getLogger(__name__)
+TIMING_HEADER = "x-gliomaseg-timing"
+DEFAULT_DRAIN = 64 << 20  # outside a replica (no settings to read): ServeSettings' default body limit
+INLINE_NPY = 4 << 20  # a .npy body this small decodes on the event loop: a thread hop costs more than it
 
 FORMATS = ("png", "tiff", "npy", "json")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
@@ -47,31 +62,59 @@ def _error(status: int, error: str, detail: str, headers: dict[str, str] | None 
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+def _drain_limit() -> int:
+    try:
+        return int(serve.get_replica_context().servable_object.max_body)
+    except Exception:  # not in a replica (unit tests): the default limit
+        return DEFAULT_DRAIN
+
+
+async def drain(request: Request, limit: int | None = None) -> int:
+    """Read what is left of the body, up to ``limit`` bytes (default: the replica's body limit), so that a
+    client still sending it reads the answer instead of a reset connection. Returns the bytes read."""
+    limit = _drain_limit() if limit is None else limit
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                break
+    except Exception:  # read already, or the client went away: nothing left to drain
+        pass
+    return seen
+
+
 @api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    await drain(request)
     return _error(exc.status, exc.error, exc.detail, exc.headers)
 
 
 @api.exception_handler(codecs.DecodeError)
-async def _decode_error(_: Request, exc: codecs.DecodeError) -> JSONResponse:
+async def _decode_error(request: Request, exc: codecs.DecodeError) -> JSONResponse:
+    await drain(request)
     return _error(exc.status, exc.error, exc.detail)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    await drain(request)
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
     return _error(400, "bad_request", problems)
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    await drain(request)
     names = {404: "not_found", 405: "method_not_allowed"}
     return _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # The text stays in the server's log: it can name files, hosts or a patient's data.
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal", "the server failed to answer this request; the cause is in its log")
 
 
 async def _call_model(method: Any, *args: Any) -> Any:
@@ -80,6 +123,9 @@ async def _call_model(method: Any, *args: Any) -> Any:
     for attempt in (1, 2):
         try:
             return await method.remote(*args)
+        except ModelOutOfMemory as exc:  # through a handle too: Ray's error subclasses its cause
+            raise ApiError(503, "out_of_memory", "the model ran out of device memory for this request; retry "
+                           "shortly, or send fewer slices", {"Retry-After": "2"}) from exc
         except (RayActorError, ActorUnavailableError) as exc:
             if attempt == 2:
                 raise ApiError(503, "unavailable", f"model replica lost ({type(exc).__name__}); retry shortly",
@@ -117,8 +163,10 @@ async def _awaitable(response: Any) -> Any:
 class Ingress:
     """HTTP front door; ``settings`` is ServeSettings as a dict plus ``token_sha256``."""
 
-    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
-        self.model = model
+    def __init__(self, model: DeploymentHandle | dict[str, Any], settings: dict[str, Any]) -> None:
+        # A dict is SegmentModelCore's arguments: the model runs here, called as through a handle.
+        self.local = SegmentModelCore(**model) if isinstance(model, dict) else None
+        self.model = LocalHandle(self.local) if self.local is not None else model
         self.settings = settings
         self.max_body = int(settings["max_body_mb"] * 1024 * 1024)
         self.token_sha256 = settings.get("token_sha256")
@@ -130,6 +178,11 @@ class Ingress:
             self.token_sha256 = hashlib.sha256(token.encode()).hexdigest()
         self.static = _static_files()
         self._info: dict[str, Any] | None = None
+
+    def check_health(self) -> None:
+        """Serve's health check: a model in this replica that lost its device makes the replica unhealthy."""
+        if self.local is not None:
+            self.local.check_health()
 
     # ------------------------------------------------------------------ helpers
 
@@ -155,19 +208,22 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _decode(self, request: Request, volume: bool) -> np.ndarray:
+    async def _decode(self, request: Request, volume: bool, hops: Hops | None = None) -> np.ndarray:
         self._authorise(request)
         content_type = request.headers.get("content-type", "")
         if content_type.split(";", 1)[0].strip().lower() not in codecs.SNIFFED:
             codecs.media_type(content_type)  # 415 before reading a body we cannot use
         data = await self._body(request)
+        if hops is not None:
+            hops.mark("read")  # the body's bytes arriving from the proxy, apart from decoding them
         s = self.settings
         pages = s["max_slices"] if volume else 1
         pixels = s["max_pixels"] if volume else s["max_size"] ** 2
-        return await asyncio.to_thread(
-            codecs.decode, data, content_type, volume=volume, max_pages=pages, max_pixels=pixels,
-            min_size=s["min_size"], max_size=s["max_size"],
-        )
+        limits = {"volume": volume, "max_pages": pages, "max_pixels": pixels, "min_size": s["min_size"],
+                  "max_size": s["max_size"]}
+        if len(data) <= INLINE_NPY and data[:6] == b"\x93NUMPY":  # a view on the body: no work to offload
+            return codecs.decode(data, content_type, **limits)
+        return await asyncio.to_thread(codecs.decode, data, content_type, **limits)
 
     async def info(self) -> dict[str, Any]:
         if self._info is None:
@@ -215,6 +271,8 @@ class Ingress:
         return JSONResponse({
             **{k: config.get(k) for k in keys}, "metrics": info["metrics"], "device": info["device"],
             "serving": {"max_batch_size": s["max_batch_size"], "batch_wait_ms": s["batch_wait_ms"],
+                        "max_ongoing_requests": s.get("max_ongoing_requests") or 2 * s["max_batch_size"],
+                        "colocate": bool(s.get("colocate")),
                         "replicas": s["replicas"], "max_body_mb": s["max_body_mb"], "max_slices": s["max_slices"],
                         "max_pixels": s["max_pixels"],
                         "min_size": s["min_size"], "max_size": s["max_size"], "auth": bool(self.token_sha256)},
@@ -223,11 +281,21 @@ class Ingress:
     @api.post("/v1/segment")
     async def segment(self, request: Request, format: str = "png", overlay: bool = False, sequence: str = "rgb",
                       layers: str = "") -> Response:
+        hops = Hops(request.headers.get(TIMING_HEADER) == "1")
         _check_format(format)
         shown = volumes.parse_layers(layers)
         volumes.check_sequence(sequence)  # a bad name is a 400 before the body is read
-        image = (await self._decode(request, volume=False))[0]
-        mask, batch = await _call_model(self.model.segment, image)
+        image = (await self._decode(request, volume=False, hops=hops))[0]
+        hops.mark("decode")
+        mask, batch, inner = await _call_model(self.model.segment, image)
+        hops.split("handle", inner)  # what is left of the call is its hop (none when the model is here)
+        response = await self._slice_answer(image, mask, batch, format, overlay, sequence, shown)
+        hops.mark("encode")
+        response.headers.update(hops.headers())
+        return response
+
+    async def _slice_answer(self, image: np.ndarray, mask: np.ndarray, batch: int, format: str, overlay: bool,
+                            sequence: str, shown: tuple[str, ...]) -> Response:
         pixels = int(np.count_nonzero(mask))
         headers = await self._headers(pixels, **{"X-Batch-Size": batch})
         # A per-patient bundle standardises (or crops) one slice by itself here: say so, never silently.
@@ -247,6 +315,8 @@ class Ingress:
             shown_image = volumes.view(image[None], sequence)[0]
             return Response(await asyncio.to_thread(codecs.encode_overlay_png, shown_image, mask), 200, headers,
                             codecs.PNG)
+        if format == "npy":  # a copy of a small array: cheaper here than a thread hop
+            return _encode_masks(mask, format, await self._scale(), headers)
         return await asyncio.to_thread(_encode_masks, mask, format, await self._scale(), headers)
 
     @api.post("/v1/segment/volume")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +35,17 @@ def bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, bundle) -> Iterator[str]:
-    app = ServeSettings(bundle=str(bundle), max_body_mb=MAX_BODY_MB, max_slices=32, max_batch_size=8)
-    with serving({"/": app}) as urls:
-        yield urls["/"]
+def urls(ray_session, bundle) -> Iterator[dict[str, str]]:
+    # Split (model behind a handle): the corpus also crosses the ingress -> model hop there.
+    app = ServeSettings(bundle=str(bundle), max_body_mb=MAX_BODY_MB, max_slices=32, max_batch_size=8, colocate=False)
+    big = ServeSettings(bundle=str(bundle))  # the defaults (64 MB bodies, model in the ingress replica)
+    with serving({"/": app, "/big": big}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def url(urls) -> str:
+    return urls["/"]
 
 
 def _post(url: str, path: str, body: bytes, kind: str, **kw) -> httpx.Response:
@@ -86,6 +96,21 @@ def test_corpus_gets_4xx_and_no_replica_crashes(url: str, tmp_path: Path) -> Non
     assert httpx.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
     r = _post(url, "/v1/segment", good, PNG, params={"format": "npy"})
     assert r.status_code == 200 and np.load(io.BytesIO(r.content), allow_pickle=False).shape == (64, 64)
+
+
+def test_an_early_4xx_reaches_a_urllib_client_still_uploading(urls: dict[str, str]) -> None:
+    """format=bogus is refused before the body is read; the 15 MB body is drained first, so a client that
+    sends all of it before reading (urllib, requests) gets the JSON 400, not a reset connection."""
+    body = os.urandom(15 << 20)
+    for path in ("/v1/segment/volume?format=bogus", "/v1/segment?format=bogus") * 3:
+        request = urllib.request.Request(f"{urls['/big']}{path}", data=body, method="POST",
+                                         headers={"Content-Type": NPY})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 400, path
+        answer = json.loads(caught.value.read())
+        assert answer["error"] == "bad_request" and "bogus" in answer["detail"], answer
+    assert httpx.get(f"{urls['/big']}/healthz", timeout=10).json()["status"] == "ok"
 
 
 # Where the handlers answer differently from the HTTP app: they read every body as a volume, so 10k

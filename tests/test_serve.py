@@ -44,7 +44,8 @@ def urls(ray_session, bundle):
     apps = {
         # A long batch window so concurrent requests reliably share batches on a 2-core machine.
         "/": ServeSettings(bundle=str(bundle), max_batch_size=16, batch_wait_ms=50, max_body_mb=1, max_slices=32),
-        "/secure": ServeSettings(bundle=str(bundle), token_env="GLIOMASEG_TEST_TOKEN"),
+        # Split (the model behind a handle), so both layouts answer every test that uses it.
+        "/secure": ServeSettings(bundle=str(bundle), token_env="GLIOMASEG_TEST_TOKEN", colocate=False),
     }
     with serving(apps, env={"GLIOMASEG_TEST_TOKEN": TOKEN}) as running:
         yield running

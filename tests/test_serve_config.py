@@ -56,6 +56,10 @@ def test_builder_settings_and_cli_validation(ray_session, bundle: Path, tmp_path
     app = app_builder({"bundle": str(bundle), "max_batch_size": "8", "replicas": "auto", "batch_wait_ms": "2"})
     model = bound_deployments(app)["SegmentModel"]
     assert model.max_ongoing_requests == 2 * 8  # room for two batches of 8 per replica
+    assert set(bound_deployments(app)) == {"SegmentModel"}  # colocated: the model answers HTTP, one hop
+    split = bound_deployments(build_app(ServeSettings(bundle=str(bundle), max_batch_size=8, colocate=False,
+                                                      max_ongoing_requests=24)))
+    assert set(split) == {"Ingress", "SegmentModel"} and split["SegmentModel"].max_ongoing_requests == 24
     fixed = build_app(ServeSettings(bundle=str(bundle), replicas="3"))
     assert bound_deployments(fixed)["SegmentModel"].num_replicas == 3
     auto = ServeSettings(bundle="b", replicas="auto", max_replicas=4, max_batch_size=8).autoscaling()
@@ -78,4 +82,4 @@ def test_serve_build_writes_a_deploy_config(bundle: Path, tmp_path: Path) -> Non
     subprocess.run([str(cli), "build", "serve.app:app", "-o", str(out)], check=True, env=env, capture_output=True,
                    cwd=Path(__file__).resolve().parents[1], timeout=120)
     text = out.read_text()
-    assert "import_path: serve.app:app" in text and "SegmentModel" in text and "Ingress" in text
+    assert "import_path: serve.app:app" in text and "SegmentModel" in text  # the colocated model+ingress

@@ -57,7 +57,11 @@ def decode(
         raise bad("empty request body")
     limits = _Limits(volume, max_pixels, max_pages if volume else 1, min_size, max_size)
     if kind == NPY:
-        slices = _decode_npy(data, limits)
+        arr = _read_npy(data, limits)
+        if arr.dtype == np.uint8 and arr.shape[-1] == 3 and arr.flags.c_contiguous and (
+                arr.ndim == 3 or (arr.ndim == 4 and len(arr))):
+            return arr if arr.ndim == 4 else arr[None]  # zero-copy: a read-only view on the request's bytes
+        slices = _npy_slices(arr, limits)
     elif kind == PNG:
         slices = [_decode_png(data, limits)]
     else:
@@ -120,7 +124,8 @@ def _spatial(shape: tuple[int, ...], volume: bool) -> tuple[int, int, int]:
                  + (", NxHxW or NxHxWx3" if volume else " (one slice)"))
 
 
-def _decode_npy(data: bytes, limits: _Limits) -> list[np.ndarray]:
+def _read_npy(data: bytes, limits: _Limits) -> np.ndarray:
+    """The .npy body as an array viewing ``data`` (no copy), its header checked against ``limits`` first."""
     fp = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(fp)
@@ -139,7 +144,10 @@ def _decode_npy(data: bytes, limits: _Limits) -> list[np.ndarray]:
     if len(data) - fp.tell() < count * dtype.itemsize:
         raise bad(f".npy header claims {count} values of {dtype} but the body is shorter")
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=fp.tell())
-    arr = arr.reshape(shape, order="F" if fortran else "C")
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_slices(arr: np.ndarray, limits: _Limits) -> list[np.ndarray]:
     if arr.ndim == 4 or (arr.ndim == 3 and limits.volume and arr.shape[-1] not in (1, 3)):
         return list(arr)
     return [arr]

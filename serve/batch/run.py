@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from core.bundle.files import read_config
 from serve.batch import report
 from serve.batch.plan import plan
 from serve.batch.stages import Segmenter, read_patient, write_patient
-from serve.batch.store import MARKER, Store, worker_env
+from serve.batch.store import MARKER, Store, worker_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ def _resources(opts: BatchOptions, patients: int) -> tuple[int, float]:
     return workers, gpw
 
 
+def io_tasks(workers: int, gpus_per_worker: float) -> int:
+    """Reads (and writes) in flight. On CPU one per actor: a patient's read is far shorter than its
+    prediction, and each extra read or write process competes for the cores the actors' torch threads
+    hold (a cause of run-to-run variance on a 2-core machine). A GPU actor outpaces one reader: two."""
+    return max(1, (2 if gpus_per_worker > 0 else 1) * workers)
+
+
 def _segment(todo: list[dict[str, Any]], src: Store, out: Store, config: dict[str, Any],
              opts: BatchOptions) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     import ray
@@ -70,11 +78,9 @@ def _segment(todo: list[dict[str, Any]], src: Store, out: Store, config: dict[st
     if len(ray.nodes()) > 1 and not (src.remote and out.remote):
         log.warning("local --src/--out on a %d-node cluster: every node must see them (a shared file system); "
                     "else use s3://", len(ray.nodes()))
-    env = worker_env()
-    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    remote_args = worker_runtime_env()  # S3 endpoint, region, profile: never the keys
     ds = ray.data.from_items([{"job": json.dumps(j)} for j in todo], override_num_blocks=len(todo))
-    # Two reads and two writes in flight per actor keep it fed without a process per fractional CPU.
-    io_pool = ray.data.TaskPoolStrategy(size=min(len(todo), 2 * workers))
+    io_pool = ray.data.TaskPoolStrategy(size=min(len(todo), io_tasks(workers, gpw)))
     scan_options = {"sequences": opts.sequences, "series": opts.series, "rescale": opts.rescale}
     ds = ds.map(read_patient, fn_kwargs={"src": src, "classes": max(1, len(class_names) - 1),
                                          "scan_options": scan_options},
@@ -131,6 +137,10 @@ def run_batch(opts: BatchOptions) -> dict[str, Any]:
 
         started = not ray.is_initialized()  # only now: a wrong URI or a finished cohort needs no Ray
         if started:
+            # Ray starts workers at niceness +15: beside any other job the actors would get almost no CPU
+            # while `core predict` runs at 0 (a cause of the unstable cohort times); a batch run is a
+            # foreground job. Read by the raylet at start-up, so set before ray.init.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address=opts.address, configure_logging=False)
         try:
             new, resolved, timing = _segment(todo, src, out, config, opts)

@@ -19,16 +19,25 @@ from typing import Any
 from core.io import atomic_dir, atomic_write_bytes, is_remote, parse_s3_uri, s3_client
 
 MARKER = "patient.json"  # written last into each patient's folder: "this patient is done"
-# What boto3 reads from the environment; forwarded to Ray's workers (see worker_env).
+# What boto3 reads from the environment that is not a secret; forwarded to Ray's workers (worker_env).
+# Never the keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN): a runtime_env is stored
+# in the GCS and shown on the dashboard. Workers use their node's own credentials: its instance role, or
+# the credentials file / profile named here (docs/scaling-out.md).
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-           "GLIOMASEG_CACHE", "GLIOMASEG_BUNDLE_CACHE")
+           "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GLIOMASEG_CACHE", "GLIOMASEG_BUNDLE_CACHE")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def worker_env() -> dict[str, str]:
     """The driver's S3 settings and bundle cache, for Ray workers that started before they were set
-    (or on nodes without them); on a cluster with instance roles no keys are set and none travel."""
+    (or on nodes without them); never its keys (SECRET_ENV)."""
     return {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """Ray remote args carrying worker_env (empty when there is nothing to forward)."""
+    env = worker_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 @dataclass(frozen=True)
