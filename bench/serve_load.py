@@ -79,11 +79,14 @@ def bound(args: argparse.Namespace, bundle: Path, slices: np.ndarray) -> dict[st
 
 
 def sample_slices(args: argparse.Namespace, n: int) -> np.ndarray:
-    """(n,H,W,3) uint8: real slices from ``--prepared`` (its val split, tumour slices first), else synthetic."""
+    """(n,H,W,3) uint8: real slices from ``--prepared`` (its val split, or its test split where it has no
+    val, tumour slices first), else synthetic."""
     if args.prepared:
         from core.data.arrays import load_split
 
         val = load_split(args.prepared, "val")
+        if len(val.masks) == 0:
+            val = load_split(args.prepared, "test")
         order = np.argsort(-np.asarray(val.masks).reshape(len(val.masks), -1).max(1), kind="stable")[:n]
         return np.ascontiguousarray(np.asarray(val.images)[np.sort(order)].transpose(0, 2, 3, 1))
     from tests.bundle_factory import sample_images

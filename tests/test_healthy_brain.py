@@ -3,7 +3,9 @@
 The brain is the public MNI152 2009a template that nilearn ships (1 mm, 197x233x189): its T1 stands in
 for pre- and post-contrast (no enhancement in a healthy brain), and a FLAIR is made from its grey- and
 white-matter maps with FLAIR's contrast (grey matter brighter than white, CSF suppressed). It goes
-through `core predict`, the path a user's NIfTI takes.
+through `core predict`, the path a user's NIfTI takes: as a 4D scan of three sequences, and as a 3D
+FLAIR alone (pre- and post-contrast filled with FLAIR's copy, which a routed model sends to its
+FLAIR-only members).
 """
 
 from __future__ import annotations
@@ -32,24 +34,33 @@ def mni_file(kind: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def healthy_scan(tmp_path_factory) -> Path:
+def healthy_scans(tmp_path_factory) -> dict[str, Path]:
     import nibabel as nib
 
     t1 = nib.load(mni_file("t1"))
     gm, wm = (np.asarray(nib.load(mni_file(k)).dataobj, np.float32) for k in ("gm", "wm"))
     flair = 0.8 * gm + 0.55 * wm  # tissue probabilities 0-255: GM > WM > CSF (~0) on FLAIR
     data = np.stack([np.asarray(t1.dataobj, np.float32), flair, np.asarray(t1.dataobj, np.float32)], axis=-1)
-    image = nib.Nifti1Image(data, t1.affine)
-    image.header.set_xyzt_units("mm")
-    path = tmp_path_factory.mktemp("healthy") / "mni152_flair.nii.gz"
-    nib.save(image, path)
-    return path
+    root = tmp_path_factory.mktemp("healthy")
+    paths = {}
+    for name, array in (("t1,flair,t1gd", data), ("flair", flair)):
+        image = nib.Nifti1Image(array, t1.affine)
+        image.header.set_xyzt_units("mm")
+        paths[name] = root / f"mni152_{'4d' if array.ndim == 4 else 'flair'}.nii.gz"
+        nib.save(image, paths[name])
+    return paths
 
 
-def test_the_healthy_template_brain_gets_under_one_ml_of_tumour(healthy_scan: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sequences", [
+    "t1,flair,t1gd",
+    # Measured 3.96 mL (2026-12-04): the FLAIR-only members of the routed pretrained/lgg call faint healthy
+    # FLAIR tumour (the answer does say "review"). A known defect, kept visible: strict, so a fix shows.
+    pytest.param("flair", marks=pytest.mark.xfail(strict=True, reason="FLAIR-only route: 3.96 mL on a healthy brain")),
+])
+def test_the_healthy_template_brain_gets_under_one_ml_of_tumour(healthy_scans, sequences: str, tmp_path: Path) -> None:
     out = tmp_path / "masks"
-    subprocess.run([sys.executable, "-m", "core", "predict", "--bundle", str(PRETRAINED), str(healthy_scan),
-                    "--out", str(out), "--sequences", "t1,flair,t1gd", "--device", "cpu"], check=True,
+    subprocess.run([sys.executable, "-m", "core", "predict", "--bundle", str(PRETRAINED), str(healthy_scans[sequences]),
+                    "--out", str(out), "--sequences", sequences, "--device", "cpu"], check=True,
                    cwd=Path(__file__).resolve().parents[1])
     with (out / "predictions.csv").open() as f:
         (row,) = list(csv.DictReader(f))
