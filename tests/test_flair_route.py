@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from bundle_factory import make_random_bundle, sample_images
 
+from bench.honest_cv import flair_route, with_flair
 from core.bundle import load_bundle
 from core.inference.postprocess import NO_POSTPROCESS
 from core.inference.predictor import Predictor
@@ -23,12 +24,6 @@ def flair_member(path: Path, seed: int) -> Path:
     config = json.loads((bundle / "config.json").read_text())
     (bundle / "config.json").write_text(json.dumps({**config, "sequences": "flair"}))
     return bundle
-
-
-def with_flair(images: np.ndarray) -> np.ndarray:
-    out = images.copy()
-    out[..., 0] = out[..., 2] = out[..., 1]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +90,6 @@ def test_onnx_graph_routes_the_same_rows(routed, tmp_path):
 
 
 def test_flair_route_scores_the_flair_members_with_the_full_members_settings():
-    from bench.honest_cv import flair_route
     from core.evaluation.selection import ValSplit
 
     truth = np.zeros((4, 8, 8), np.uint8)

@@ -35,6 +35,7 @@ from core.networks.ensemble import Ensemble
 from core.networks.models import build_model
 
 log = logging.getLogger(__name__)
+FLAIR_CHANNEL = SEQUENCES.index("flair")  # where a routed ensemble looks for copies of FLAIR
 
 BUNDLE_FORMAT = "gliomaseg-bundle/1"
 
@@ -91,8 +92,6 @@ def make_bundle_config(
         "data": {"split_hash": split_hash},
         **({"init": dict(init)} if init else {}),  # the bundle whose weights this training started from
     }
-
-FLAIR_CHANNEL = SEQUENCES.index("flair")  # where a routed ensemble looks for copies of FLAIR
 
 
 def ensemble_scale(config: dict[str, Any]) -> float | None:

@@ -37,6 +37,9 @@ class Ensemble(torch.nn.Module):
         if len(self.flair_only) != len(members):
             raise ValueError(f"flair_only needs one entry per member, got {len(self.flair_only)} for {len(members)}")
         self.flair_channel = int(flair_channel)  # the input channel that holds FLAIR (core.formats.volume)
+        # Each route's members: FLAIR-only ones take the copies, full ones the rest.
+        indices = range(len(members))
+        self._routes = ([i for i in indices if self.flair_only[i]], [i for i in indices if not self.flair_only[i]])
         self.members = torch.nn.ModuleList(members)
         self.sizes = [tuple(int(v) for v in s) for s in sizes]
         self.multiclass = multiclass
@@ -99,22 +102,17 @@ class Ensemble(torch.nn.Module):
             raise ValueError(f"ensemble input must be {self.input_size}, got {tuple(x.shape[2:])}")
         if not self.routed:
             return self._logits(self._mean(x, list(range(len(self.members)))))
-        flair = [i for i, f in enumerate(self.flair_only) if f]
-        full = [i for i, f in enumerate(self.flair_only) if not f]
+        flair, full = self._routes
         copies = self.flair_copies(x)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             # A traced graph cannot branch on the data: both groups run, each row keeps its own.
             return self._logits(torch.where(copies[:, None, None, None], self._mean(x, flair), self._mean(x, full)))
-        parts: dict[str, torch.Tensor] = {}
-        if bool(copies.any()):
-            parts["flair"] = self._mean(x[copies], flair)
-        if not bool(copies.all()):
-            parts["full"] = self._mean(x[~copies], full)
-        first = next(iter(parts.values()))
-        out = first.new_empty((x.shape[0], *first.shape[1:]))
-        if "flair" in parts:
-            out[copies] = parts["flair"]
-        if "full" in parts:
-            out[~copies] = parts["full"]
+        out = None
+        for members, rows in ((flair, copies), (full, ~copies)):
+            if bool(rows.any()):  # each row through its own group only
+                part = self._mean(x[rows], members)
+                out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+                out[rows] = part
+        assert out is not None
         return self._logits(out)
 
