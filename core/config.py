@@ -37,6 +37,10 @@ class TrainConfig:
     oversample: float = field(
         default=0.0, metadata={"help": "share of each batch drawn from tumour slices; 0 = natural rate"}
     )
+    hard_negatives: float = field(
+        default=0.0, metadata={"help": "share of each batch drawn from the tumour-free slices the model "
+                                       "called most tumour in the last epoch (hard negatives); 0 = off"}
+    )
     image_size: int = field(
         default=0, metadata={"help": "training resolution (square, a multiple of 32); 0 = the data's own size"}
     )
@@ -105,9 +109,12 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_size < 0 or self.image_size % 32:
             raise ValueError(f"image_size must be 0 (the data's own) or a multiple of 32, got {self.image_size}")
-        for name in ("oversample", "missing_sequence"):
+        for name in ("oversample", "hard_negatives", "missing_sequence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.oversample + self.hard_negatives > 1.0:
+            raise ValueError(f"oversample + hard_negatives must be at most 1 (the whole batch), got "
+                             f"{self.oversample} + {self.hard_negatives}")
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:

@@ -104,15 +104,8 @@ class SegmentModelCore:
         self._segment_batch.set_max_batch_size(max_batch_size)
         # 0 s: a batch is whatever queued while the previous one ran, so a lone request never waits.
         self._segment_batch.set_batch_wait_timeout_s(batch_wait_s)
-        self._gate = FairGate()
-        forward = self.predictor._forward_tta
-
-        def gated(*args: Any) -> np.ndarray:
-            with self._gate.hold():  # one chunk on the device at a time, in arrival order
-                return forward(*args)
-
-        # Per chunk, not per call: predict_proba runs a volume as chunks of batch_size slices.
-        self.predictor._forward_tta = gated  # type: ignore[method-assign]
+        # One chunk on the device at a time, in arrival order: a volume runs as chunks of batch_size slices.
+        self.predictor.device_gate = FairGate().hold
         self._fatal: str | None = None
         # Warm up so the first request does not pay for lazy initialisation.
         self.predictor.predict(np.zeros((1, *self.predictor.size, 3), np.uint8))

@@ -96,6 +96,24 @@ def test_loader_oversamples_tumour_slices():
     assert share >= 0.5
 
 
+def test_loader_draws_hard_negatives_by_what_the_model_called_tumour():
+    data = DeviceDataset(_arrays(n=40, tumour_every=10), "cpu")
+    empty = data.empty_idx.tolist()
+    hard = empty[3]
+    seen = torch.arange(len(data))  # the model called nothing tumour ...
+    data.note_predictions(seen, torch.zeros(len(data), *data.image_size, dtype=torch.bool))
+    called = torch.zeros(1, *data.image_size, dtype=torch.bool)
+    called[0, :16] = True  # ... except half of one tumour-free slice
+    data.note_predictions(torch.tensor([hard]), called)
+    batches = data.epoch_batches(10, torch.Generator().manual_seed(0), oversample=0.2, hard_negatives=0.5)
+    tumour, places = set(data.tumour_idx.tolist()), batches[:, 2:7].flatten().tolist()
+    assert all(i in tumour for i in batches[:, :2].flatten().tolist())
+    assert set(places) <= set(empty)
+    assert np.mean([i == hard for i in places]) > 0.9  # half a slice against one pixel for each of the rest
+    plain = data.epoch_batches(10, torch.Generator().manual_seed(0), oversample=0.2)
+    assert np.mean([i == hard for i in plain[:, 2:7].flatten().tolist()]) < 0.2
+
+
 def test_loader_rejects_non_uint8():
     arrays = _arrays()
     arrays.images = arrays.images.astype(np.float32)

@@ -215,12 +215,14 @@ def run_tune(prepared: str, out: Path) -> dict[str, Any]:
     }
 
 
-def _warned(pid: int) -> bool:
-    """Whether the worker process ``pid`` wrote resolve_device's warning to its stderr log."""
+def _warned(pid: int, replica: str) -> bool:
+    """Whether the replica (worker process ``pid``) wrote resolve_device's warning to its stderr log or, where
+    Serve keeps replica logs out of stderr (its high-throughput mode), to its own Serve log."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    return any(WARNING_TEXT in p.read_text(errors="replace") for p in logs.glob(f"worker-*-{pid}.err"))
+    files = [*logs.glob(f"worker-*-{pid}.err"), *(logs / "serve").glob(f"replica_*_{replica}.log")]
+    return any(WARNING_TEXT in p.read_text(errors="replace") for p in files)
 
 
 def run_serve(out: Path) -> dict[str, Any]:
@@ -251,7 +253,8 @@ def run_serve(out: Path) -> dict[str, Any]:
         # __ray_call__ runs a function inside the replica's own process: what it sees, not what Ray says.
         pid, env, gpus = ray.get(handle.__ray_call__.remote(lambda _: (
             os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), [str(g) for g in ray.get_gpu_ids()])))
-        replicas.append({"pid": pid, "cuda_visible_devices": env, "gpu_ids": gpus, "warned": _warned(pid)})
+        replicas.append({"pid": pid, "cuda_visible_devices": env, "gpu_ids": gpus,
+                         "warned": _warned(pid, actor["name"].rsplit("#", 1)[-1])})
     image = np.zeros((64, 64, 3), np.uint8)
     buf = io.BytesIO()
     np.save(buf, image)

@@ -106,17 +106,18 @@ def test_a_waiting_slice_goes_between_a_volumes_chunks() -> None:
 def test_volumes_run_chunk_by_chunk_through_the_gate(core: SegmentModelCore) -> None:
     """The replica's forward passes take the gate per chunk of max_batch_size slices, not per request."""
     entered = []
-    hold = core._gate.hold
+    hold = core.predictor.device_gate
+    assert hold.__self__.__class__ is FairGate  # the replica's predictor takes turns through a FairGate
 
     def counting():
         entered.append(1)
         return hold()
 
-    core._gate.hold = counting  # type: ignore[method-assign]
+    core.predictor.device_gate = counting
     try:
         asyncio.run(core.segment_volume(sample_images(10, seed=4)))
     finally:
-        core._gate.hold = hold  # type: ignore[method-assign]
+        core.predictor.device_gate = hold
     assert len(entered) == 3  # 10 slices in chunks of 4
 
 

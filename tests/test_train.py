@@ -84,7 +84,8 @@ def test_same_seed_same_weights(prepared_dir):
     assert not _same(_weights(a), _weights(c))
 
 
-def test_checkpoint_resumes_at_the_next_epoch_with_identical_state(prepared_dir, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"hard_negatives": 0.25}], ids=["plain", "hard_negatives"])
+def test_checkpoint_resumes_at_the_next_epoch_with_identical_state(prepared_dir, tmp_path, options):
     snapshots = {}
 
     def keep(result: EpochResult, tr: Trainer) -> None:
@@ -92,9 +93,9 @@ def test_checkpoint_resumes_at_the_next_epoch_with_identical_state(prepared_dir,
             tr.save_checkpoint(tmp_path / "ckpt")
             snapshots["epoch2"] = _weights(tr)
 
-    full = _trainer(prepared_dir, epochs=3)
+    full = _trainer(prepared_dir, epochs=3, **options)
     full.fit(keep)
-    resumed = _trainer(prepared_dir, epochs=3)
+    resumed = _trainer(prepared_dir, epochs=3, **options)
     resumed.load_checkpoint(tmp_path / "ckpt")
     assert resumed.epoch == 2 and len(resumed.history) == 2
     assert _same(_weights(resumed), snapshots["epoch2"])
@@ -107,6 +108,11 @@ def test_checkpoint_resumes_at_the_next_epoch_with_identical_state(prepared_dir,
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     with pytest.raises(ValueError, match="arch"):
         _trainer(prepared_dir, arch="unet").load_checkpoint(tmp_path / "ckpt")
+
+
+def test_hard_negatives_and_oversample_share_one_batch():
+    with pytest.raises(ValueError, match="oversample \\+ hard_negatives"):
+        TrainConfig.from_dict({**FAST, "oversample": 0.7, "hard_negatives": 0.5})
 
 
 def test_early_stopping_and_callback_stop(prepared_dir):

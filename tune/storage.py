@@ -29,21 +29,18 @@ DRIVER_FILES = (STUDY_DB, "leaderboard.csv", "history.json", "run.json")
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL (MinIO, moto, LocalStack) and AWS_* keys.
+    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL (MinIO, moto, LocalStack) and the region.
 
-    Keys and endpoint are passed explicitly because the filesystem is pickled to the trial workers,
-    whose environment was fixed when the Ray cluster started.
+    No keys: the filesystem is pickled to the trial workers and into Ray's experiment state, so each
+    node finds its own credentials through the AWS chain (instance profile, credentials file; see
+    docs/scaling-out.md). The endpoint and region are passed explicitly because the workers' environment
+    was fixed when the Ray cluster started.
     """
     kwargs: dict[str, object] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region

@@ -10,7 +10,9 @@ only, so torch-free runtimes use it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,9 @@ class SlicePredictor:
     config: dict[str, Any]
     metrics: dict[str, Any]
     batch_size: int
+    # Held around each forward chunk: callers sharing one predictor across threads (a Serve replica's
+    # slice batches and volumes) set a fair lock here, so they take turns per chunk, not per call.
+    device_gate: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     def _configure(self, config: dict[str, Any], metrics: dict[str, Any], batch_size: int) -> None:
         self.config, self.metrics, self.batch_size = config, metrics, batch_size
@@ -170,8 +175,9 @@ class SlicePredictor:
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
                 chunk_boxes = None if boxes[chunk[0]] is None else np.stack([boxes[i] for i in chunk])
-                probs = self._forward_tta(np.stack([slices[i] for i in chunk]), np.stack([stats[i] for i in chunk]),
-                                          chunk_boxes)
+                with self.device_gate():
+                    probs = self._forward_tta(np.stack([slices[i] for i in chunk]),
+                                              np.stack([stats[i] for i in chunk]), chunk_boxes)
                 for i, p in zip(chunk, probs, strict=True):
                     out[i] = p
         return out  # type: ignore[return-value]

@@ -55,6 +55,10 @@ class DeviceDataset:
             self.images, self.masks = resize_images(self.images, size), resize_labels(self.masks, size)
         tumour = self.masks.flatten(1).amax(1) > 0
         self.tumour_idx = torch.nonzero(tumour).flatten()
+        self.empty_idx = torch.nonzero(~tumour).flatten()
+        # Each slice's share of pixels the model last called tumour (read on tumour-free slices only: all
+        # of it is false positive there). 1 until a slice has been seen, so every one is drawn at first.
+        self.false_positive = torch.ones(len(self), device=self.device)
 
     def _plan(self, images: np.ndarray, arrays: SplitArrays) -> tuple[np.ndarray, np.ndarray | None]:
         """Each slice's standardisation stats and crop box, over its patient's rows where the bundle says so."""
@@ -103,14 +107,22 @@ class DeviceDataset:
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(len(self) / batch_size))
 
+    def note_predictions(self, idx: torch.Tensor, tumour: torch.Tensor) -> None:
+        """Record what the model called tumour ((B,H,W) bool) on rows ``idx``: next epoch's hard negatives."""
+        self.false_positive.index_copy_(0, idx, tumour.flatten(1).float().mean(1))
+
     def epoch_batches(
-        self, batch_size: int, gen: torch.Generator | None = None, oversample: float = 0.0
+        self, batch_size: int, gen: torch.Generator | None = None, oversample: float = 0.0,
+        hard_negatives: float = 0.0,
     ) -> torch.Tensor:
         """(steps, batch_size) index tensor for one epoch, on the device.
 
         A random permutation, padded with its own head so every batch is full (fixed shapes, and the
         same step count on every data-parallel rank). With ``oversample`` > 0, the first
-        ``round(oversample * batch_size)`` places of each batch are tumour slices drawn at random.
+        ``round(oversample * batch_size)`` places of each batch are tumour slices drawn at random. With
+        ``hard_negatives`` > 0, the next ``round(hard_negatives * batch_size)`` places are tumour-free
+        slices drawn in proportion to the false-positive share ``note_predictions`` last recorded (plus
+        one pixel's worth, so a slice the model got right can still be drawn).
         """
         n, steps = len(self), self.steps_per_epoch(batch_size)
         perm = torch.randperm(n, generator=gen, device=self.device)
@@ -123,6 +135,12 @@ class DeviceDataset:
             pick = torch.randint(len(self.tumour_idx), (steps, k), generator=gen, device=self.device)
             idx = idx.clone()
             idx[:, :k] = self.tumour_idx[pick]
+        h = min(round(hard_negatives * batch_size), batch_size - k)
+        if h > 0 and len(self.empty_idx):
+            weights = self.false_positive[self.empty_idx] + 1.0 / self.masks[0].numel()
+            pick = torch.multinomial(weights, steps * h, replacement=True, generator=gen).view(steps, h)
+            idx = idx.clone()
+            idx[:, k:k + h] = self.empty_idx[pick]
         return idx
 
     def eval_batches(self, batch_size: int) -> list[torch.Tensor]:

@@ -210,7 +210,7 @@ class Trainer:
         """One pass over the (device-resident) train split; returns mean loss and final lr."""
         cfg = self.cfg
         self.net.train()
-        batches = self.train_data.epoch_batches(cfg.batch_size, self.gen, cfg.oversample)
+        batches = self.train_data.epoch_batches(cfg.batch_size, self.gen, cfg.oversample, cfg.hard_negatives)
         total = torch.zeros((), device=self.device)
         with self._own_rng():
             self._train_steps(batches, total)
@@ -232,6 +232,8 @@ class Trainer:
                 logits = self.net(x.contiguous(memory_format=self.memory_format))
             # fp32 loss outside autocast: bf16 Dice sums lose precision (fp16 gave NaN in the earlier study)
             loss = self.loss_fn(logits.float(), y[:, None].float())
+            if cfg.hard_negatives > 0:
+                self.train_data.note_predictions(idx, self._tumour(logits.detach()))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -245,6 +247,10 @@ class Trainer:
             logits = model(x)
         logits = logits.float()
         return logits.softmax(1) if self.multiclass else logits.sigmoid()
+
+    def _tumour(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,H,W) bool: the pixels ``logits`` call tumour (any class but background)."""
+        return logits.argmax(1) > 0 if self.multiclass else logits[:, 0].float().sigmoid() > self.cfg.threshold
 
     @torch.no_grad()
     def predict_val(self, model: torch.nn.Module | None = None, tta: bool = False) -> np.ndarray:
@@ -325,6 +331,7 @@ class Trainer:
         optim_tensors, optim_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
         tensors.update(optim_tensors)
         tensors.update(ckpt.rng_state(self.gen, self._cpu_rng, self._cuda_rng))
+        tensors["false_positive"] = self.train_data.false_positive.cpu()  # the hard negatives' weights
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         meta = {
             "epoch": self.epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
@@ -347,6 +354,8 @@ class Trainer:
         best = ckpt.unprefixed("best", tensors)
         self.best_state = best or None
         self.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, meta["optimizer"]))
+        if "false_positive" in tensors and len(tensors["false_positive"]) == len(self.train_data):
+            self.train_data.false_positive.copy_(tensors["false_positive"])
         self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
         cpu, cuda = ckpt.restore_rng(tensors, self.gen, meta.get("python_random"))
         self._cpu_rng = cpu
