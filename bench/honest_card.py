@@ -25,10 +25,16 @@ def model_card(result: dict[str, Any], info: dict[str, Any]) -> str:
     quality = chosen["quality"]
     hp = {k: v for k, v in result["config"].items() if k not in ("device", "workers", "eval_batch_size")}
     route = chosen.get("flair_route")
+    flair_hp = result.get("flair_config") or {}
+    differ = ", ".join(f"`{k}: {flair_hp[k]}`" for k in sorted(flair_hp) if flair_hp[k] != result["config"].get(k))
+    route_text = ""
+    if route:
+        route_text = (f" The FLAIR-only members' own out-of-fold figures (the route those inputs take), with that "
+                      f"route's volume rules `{json.dumps(route['postprocess'])}` chosen on them: drop "
+                      f"{_interval(route['flair_only_drop'])}.")
     return CARD.format(
-        ships=ROUTED if route else PLAIN, note=f"\n{result['note']}\n" if result.get("note") else "",
-        route=f" The FLAIR-only members' own out-of-fold figures (the route those inputs take): drop "
-              f"{_interval(route['flair_only_drop'])}." if route else "",
+        ships=ROUTED.format(differ=differ or "`sequences: flair`") if route else PLAIN,
+        note=f"\n{result['note']}\n" if result.get("note") else "", route=route_text,
         pool=result["split"]["pool"], test_n=len(result["split"]["test"]), test_ids=", ".join(result["split"]["test"]),
         split=result["split"]["hash"], rows="\n".join(rows), drop=_interval(test["flair_only_drop"]),
         rho_test=test["quality"]["spearman"], cv_volume=_interval(cv["volume"]), cv_worst=cv["volume"]["worst"],
@@ -47,7 +53,7 @@ were measured with): five full models, each trained on all three channels, and f
 trained with FLAIR in every channel on the same folds. A slice whose pre- and post-contrast channels are
 exact copies of FLAIR (a scan without them, filled the way the Kaggle set fills a missing sequence) goes
 to the FLAIR-only models; every other slice to the full ones. Each group's probabilities are averaged.
-The FLAIR-only models share the hyperparameters below except `sequences: flair` and `missing_sequence: 0`."""
+The FLAIR-only models share the hyperparameters below except {differ}."""
 
 CARD = """# gliomaseg LGG FLAIR-abnormality segmentation model (`pretrained/lgg`)
 

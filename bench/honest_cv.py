@@ -170,10 +170,15 @@ def choose(oof: dict[str, np.ndarray], val: ValSplit) -> dict[str, Any]:
 
 def flair_route(flair_oof: dict[str, np.ndarray], val: ValSplit, chosen: dict[str, Any]) -> dict[str, Any]:
     """The CV figures of a routed ensemble's FLAIR-only path: the FLAIR-only members' out-of-fold
-    probabilities on pre/post replaced by FLAIR, with the TTA and post-processing ``choose`` fixed for
-    the full members (nothing is chosen here), against the full path's per-patient dsc_volume."""
-    tta, settings = chosen["tta"], chosen["postprocess"]
-    pred = postprocessed(flair_oof[f"flair_{tta}"], val, settings, True)
+    probabilities on pre/post replaced by FLAIR, with the TTA ``choose`` fixed and the path's own volume
+    rules, searched on these predictions as ``choose`` searches the full path's (its one-slice rules stay
+    the full path's: no one-slice FLAIR pass is predicted), against the full path's per-patient dsc_volume."""
+    tta = chosen["tta"]
+    probs = flair_oof[f"flair_{tta}"]
+    rules, _, table = search(probs, val, VOLUME_GRID, True)
+    settings = {**chosen["postprocess"], **{k: rules[k] for k in ("min_volume_mm3", "min_area_mm2", "min_probability")}}
+    pred = postprocessed(probs, val, settings, True)
     dice, full = patient_figures(pred, val), chosen["cv"]["per_patient_dsc_volume"]
-    return {"flair_only": val.metrics(pred), "per_patient": summary(dice),
-            "flair_only_drop": summary({p: full[p] - dice[p] for p in dice}), "per_patient_dsc_volume": dice}
+    return {"flair_only": val.metrics(pred), "per_patient": summary(dice), "postprocess": settings,
+            "flair_only_drop": summary({p: full[p] - dice[p] for p in dice}), "per_patient_dsc_volume": dice,
+            "search": table}

@@ -11,11 +11,12 @@
    with pre- and post-contrast replaced by FLAIR, each with a 95% bootstrap interval over patients;
 5. ``--flair-cv NAME``: a second CV on the same folds with ``sequences: flair`` (FLAIR in every
    channel); its fold models join the candidate as FLAIR-only members of a routed ensemble (slices whose
-   pre- and post-contrast are copies of FLAIR go to them, the rest to the full members), its CV
-   FLAIR-only figures from their out-of-fold predictions with the settings of step 3;
+   pre- and post-contrast are copies of FLAIR go to them, the rest to the full members); the route's
+   own volume rules are chosen on their out-of-fold predictions (TTA as in step 3), with its CV figures;
 6. ``--versus RECORD``: an earlier study of this protocol on the same folds, compared by the paired
-   per-patient differences of the CV (out-of-fold) dsc_volume; ``--export`` writes the ensemble (e.g.
-   pretrained/lgg) with its MODEL_CARD.md, unless the paired interval says the earlier one is better.
+   per-patient differences of the CV (out-of-fold) dsc_volume, and of the FLAIR-only route's where both
+   are routed; ``--export`` writes the ensemble (e.g. pretrained/lgg) with its MODEL_CARD.md, unless a
+   paired interval says the earlier one is better on either path.
 
     python ../shared/data/lgg/restore.py runs/lgg-all --pack gpu
     python bench/honest_study.py --src runs/lgg-all/kaggle_3m --work runs --name cv-base \\
@@ -51,7 +52,7 @@ from core.data.arrays import SplitArrays, load_split, load_split_info  # noqa: E
 from core.evaluation.metrics import per_patient_dice, segmentation_metrics  # noqa: E402
 from core.evaluation.selection import ValSplit  # noqa: E402
 from core.evaluation.stats import paired_difference, spearman, summary  # noqa: E402
-from core.io import read_json  # noqa: E402
+from core.io import read_json, write_json  # noqa: E402
 
 SPLIT = ROOT / "bench" / "results" / "real-lgg-test-split.json"
 
@@ -94,6 +95,18 @@ def test_figures(bundle: Path, test: SplitArrays) -> dict[str, Any]:
     }
 
 
+def compare(record: Path, chosen: dict[str, Any]) -> dict[str, Any]:
+    """Paired per-patient CV differences (this - earlier) of the full path and, where both are routed, of the
+    FLAIR-only route."""
+    earlier = read_json(record)["chosen"]
+    out = {"record": str(record), **paired_difference(chosen["cv"]["per_patient_dsc_volume"],
+                                                      earlier["cv"]["per_patient_dsc_volume"])}
+    if "flair_route" in chosen and "flair_route" in earlier:
+        out["flair_route"] = paired_difference(chosen["flair_route"]["per_patient_dsc_volume"],
+                                               earlier["flair_route"]["per_patient_dsc_volume"])
+    return out
+
+
 def export(bundle: Path, out: Path, metrics: dict[str, Any], card: str) -> None:
     """The evaluated ensemble, as evaluated (its fp16 weights unchanged), with the study's metrics and card."""
     from core.bundle import load_bundle, save_ensemble_bundle
@@ -134,7 +147,12 @@ def main() -> int:
     cv = read_json(cv_dir / "cv.json")
     pool = load_split(prepared, "train", mmap=False)
     val = ValSplit(np.asarray(pool.masks), np.asarray(pool.patients), np.asarray(pool.slices))
-    chosen = choose(out_of_fold(cv_dir, pool, cv_dir / "oof"), val)
+    chosen_file = cv_dir / "oof" / "chosen.json"  # choose() is deterministic on the cached OOF: kept beside it
+    if chosen_file.is_file():
+        chosen = read_json(chosen_file)
+    else:
+        chosen = choose(out_of_fold(cv_dir, pool, cv_dir / "oof"), val)
+        write_json(chosen_file, chosen)
     print(f"chosen by CV: tta {chosen['tta']}, post-processing {chosen['postprocess']}, quality "
           f"{chosen['quality']['method']} (Spearman {chosen['quality']['spearman_cv']:.3f}, review below "
           f"{chosen['quality']['review_below']})", flush=True)
@@ -156,10 +174,19 @@ def main() -> int:
         print(f"FLAIR-only route on CV: drop {chosen['flair_route']['flair_only_drop']['mean']:.4f}", flush=True)
     fixed = {"threshold": 0.5, "tta": chosen["tta"], "postprocess": chosen["postprocess"],
              "quality": {k: chosen["quality"][k] for k in ("method", "review_below")}}
+    if args.flair_cv and chosen["flair_route"]["postprocess"] != chosen["postprocess"]:
+        fixed["postprocess_flair_only"] = chosen["flair_route"]["postprocess"]  # the route's own, chosen by CV
     build_ensemble_bundle(members, None, ["background", "tumour"], candidate, name="gliomaseg-lgg",
                           sources=sources, fixed=fixed, half=True,
                           extra_metrics={"selection": "threshold, TTA, post-processing and the quality cut chosen "
                                                       "by 5-fold CV (out-of-fold) on the 79 pool patients"})
+    versus = compare(args.versus, chosen) if args.versus else {}
+    worse = [path for path, v in (("full", versus), ("FLAIR-only", versus.get("flair_route", {})))
+             if v.get("verdict") == "b"]
+    if worse:  # decided by CV, before the test split is read: the test split stays unread
+        print(f"by CV the earlier record is better on the {' and '.join(worse)} path: test split not read, "
+              f"nothing exported; {versus}", flush=True)
+        return 1
     test = test_figures(candidate, load_split(prepared, "test"))  # the one reading of the test split
     result: dict[str, Any] = {
         "protocol": __doc__.split("\n\n")[0],
@@ -167,20 +194,20 @@ def main() -> int:
                   "test": sorted(info["patients"]["test"]), "pool": len(info["patients"]["train"])},
         "config": cv["config"], "folds": cv["folds"], "cv_summary": cv["summary"], "chosen": chosen,
         "shipped": {"kind": f"{kind}, the bundle the test figures are from",
-                    "postprocess": chosen["postprocess"], "tta": chosen["tta"], "quality": fixed["quality"]},
+                    "postprocess": chosen["postprocess"], "tta": chosen["tta"], "quality": fixed["quality"],
+                    "postprocess_flair_only": fixed.get("postprocess_flair_only", chosen["postprocess"])},
         "test": test, "note": args.note,
+        "flair_config": read_json(work / args.flair_cv / "cv.json")["config"] if args.flair_cv else None,
         "cv_cpu_hours": cv_cpu_hours(cv_dir) + (cv_cpu_hours(work / args.flair_cv) if args.flair_cv else 0.0),
         "study_wall_seconds": round(time.time() - started, 1),
     }
-    if args.versus:
-        earlier = read_json(args.versus)["chosen"]["cv"]["per_patient_dsc_volume"]
-        result["versus"] = {"record": str(args.versus),
-                            **paired_difference(chosen["cv"]["per_patient_dsc_volume"], earlier)}
+    if versus:
+        result["versus"] = versus
     record = write_result(args.result, result)
     print(f"test (read once): dsc_volume {test['per_patient']['volume']['mean']:.4f} "
           f"{test['per_patient']['volume']['ci95']}, one slice {test['per_patient']['one_slice']['mean']:.4f}, "
           f"FLAIR-only drop {test['flair_only_drop']['mean']:.4f}; record {record}", flush=True)
-    if args.export and result.get("versus", {}).get("verdict") != "b":
+    if args.export:
         metrics = {"test": test["metrics"]["volume"], "test_one_slice": test["metrics"]["one_slice"],
                    "test_flair_only": test["metrics"]["flair_only"], "test_per_patient": test["per_patient"],
                    "cv": chosen["cv"]["per_patient"], "quality": chosen["quality"], "record": str(record)}

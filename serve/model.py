@@ -11,7 +11,7 @@ Three things keep a replica serving under mixed load:
   whole volume;
 - a CUDA out-of-memory error is answered (``ModelOutOfMemory``, a 503) after freeing the cache, and
   leaves the replica healthy; only other CUDA errors (a lost device) fail the health check;
-- torch threads default to the CPUs the replica holds, leaving one core of the machine to Serve's proxy.
+- torch threads default to the CPUs the replica holds, leaving one core of the machine to the ingress.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class FairGate:
 
 def replica_threads(threads: int, cpus: float) -> int:
     """Torch threads for a replica: ``threads`` if given, else the CPUs it holds, at most all cores but
-    one (Serve's HTTP proxy and the ingress need a core of their own, or every request waits on torch)."""
+    one (the ingress, HAProxy or Serve's proxy, and the replica's HTTP server need a core of their own, or
+    every request waits on torch)."""
     if threads > 0:
         return threads
     cores = os.cpu_count() or 1

@@ -3,8 +3,8 @@
 The replica times what it does (reading the body, decoding it, the model call's own overhead, the batch
 wait, the model, the encode, and its whole handler as ``app``) and gives the handler's wall-clock
 window, so a client on the same machine derives the two hops it cannot see: proxy (its send until the
-handler starts: loopback, Serve's proxy, routing to the replica) and response (the handler's end until
-it has the whole answer).
+handler starts: loopback, the ingress (HAProxy or Serve's proxy actor), the replica's HTTP server) and
+response (the handler's end until it has the whole answer).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from core.data.preprocessing import Preprocessing, box_matrices, mirror_boxes, normalise
+from core.data.preprocessing import FLAIR, Preprocessing, box_matrices, mirror_boxes, normalise
 from core.inference.postprocess import apply_postprocess
 from core.inference.quality import assess
 from core.networks.resample import resize_matrix
@@ -101,6 +101,8 @@ class SlicePredictor:
         self.size = (int(config["image_size"][0]), int(config["image_size"][1]))
         self.threshold = float(config.get("threshold", 0.5))
         self.postprocess = config.get("postprocess", {})
+        # A routed ensemble's FLAIR-only path may carry its own rules, chosen on its members' predictions.
+        self.postprocess_flair_only = config.get("postprocess_flair_only") or self.postprocess
         self.quality = config.get("quality") or {}
         self.multiclass = int(config["model_args"]["out_channels"]) > 1
         self.tta = str(config.get("tta", "none"))
@@ -190,7 +192,7 @@ class SlicePredictor:
             return Segmentation(np.zeros((0, *self.size), np.uint8))
         stacked = np.stack(probs)
         tumour = None if self.multiclass else stacked
-        masks = apply_postprocess(np.stack([self.masks_from_proba(p) for p in probs]), self.postprocess,
+        masks = apply_postprocess(np.stack([self.masks_from_proba(p) for p in probs]), self._rules(images),
                                   volume=True, probs=tumour, spacing=spacing)
         quality, review = assess(stacked, masks, self.quality)
         return Segmentation(masks, quality, review)
@@ -202,13 +204,23 @@ class SlicePredictor:
         if volume:
             return self.segment(images, spacing).masks
         masks = []
-        for p in self.predict_proba(images):
+        slices = as_slices(images)
+        for s, p in zip(slices, self.predict_proba(slices), strict=True):
             mask = self.masks_from_proba(p)[None]
-            masks.append(apply_postprocess(mask, self.postprocess, volume=False,
+            masks.append(apply_postprocess(mask, self._rules([s]), volume=False,
                                            probs=None if self.multiclass else p[None], spacing=spacing)[0])
         if len({m.shape for m in masks}) == 1:
             return np.stack(masks) if masks else np.zeros((0, *self.size), np.uint8)
         return masks
+
+    def _rules(self, images: Images) -> dict[str, Any]:
+        """The post-processing for these slices: the FLAIR-only path's where every slice's pre- and
+        post-contrast are exact copies of FLAIR (what a routed ensemble sends to its FLAIR-only members)."""
+        if self.postprocess_flair_only is self.postprocess:
+            return self.postprocess
+        slices = as_slices(images)
+        copies = bool(slices) and all((s == s[..., FLAIR : FLAIR + 1]).all() for s in slices)
+        return self.postprocess_flair_only if copies else self.postprocess
 
     def masks_from_proba(self, proba: np.ndarray) -> np.ndarray:
         if self.multiclass:
