@@ -32,8 +32,14 @@ def model_card(result: dict[str, Any], info: dict[str, Any]) -> str:
         route_text = (f" The FLAIR-only members' own out-of-fold figures (the route those inputs take), with that "
                       f"route's volume rules `{json.dumps(route['postprocess'])}` chosen on them: drop "
                       f"{_interval(route['flair_only_drop'])}.")
+    flair_limit = ""
+    if route:
+        f = test["per_patient"]["flair_only"]
+        flair_limit = (f"\n- Scans without pre- and post-contrast take the FLAIR-only route: on the test split\n"
+                       f"  it drops per-patient dsc_volume by {_interval(test['flair_only_drop'])} (worst patient "
+                       f"{f['worst']:.3f}, {f['worst_patient']}).")
     return CARD.format(
-        ships=ROUTED.format(differ=differ or "`sequences: flair`") if route else PLAIN,
+        flair_limit=flair_limit, ships=ROUTED.format(differ=differ or "`sequences: flair`") if route else PLAIN,
         note=f"\n{result['note']}\n" if result.get("note") else "", route=route_text,
         pool=result["split"]["pool"], test_n=len(result["split"]["test"]), test_ids=", ".join(result["split"]["test"]),
         split=result["split"]["hash"], rows="\n".join(rows), drop=_interval(test["flair_only_drop"]),
@@ -113,5 +119,5 @@ Hyperparameters of each fold model:
   protocols and diseases outside it (high-grade glioma, the BraTS whole-tumour label) are not covered.
 - On scans outside the collection the project measured false regions in faint-FLAIR tissue (temporal
   lobe, posterior fossa, insula); the component probability rule and `quality` are there to catch
-  them, not a guarantee. Read `review` answers with care.
+  them, not a guarantee. Read `review` answers with care.{flair_limit}
 """
