@@ -229,7 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings.validate()
     started_ray = not ray.is_initialized()
     if started_ray:
-        apply_env_defaults()  # before Ray starts: its processes read them at start-up
+        apply_env_defaults(haproxy=args.haproxy)  # before Ray starts: its processes read them at start-up
         try:
             # No dashboard unless asked: its head starts ~10 Python processes, and on a machine whose cores
             # are busy they starve the node's own agents, which the raylet gives only seconds to start.
@@ -282,6 +282,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-env", default=None, help="environment variable holding a required bearer token")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="HAProxy in front of the replicas' own HTTP servers instead of Serve's proxy actor, when "
+                   "serve run starts Ray itself (binds the replicas' ports and HAProxy's stats 8404 and metrics "
+                   "9101 on all interfaces, whatever --host says: see serve/startup.py)")
     p.add_argument("--dashboard", action="store_true",
                    help="also start Ray's dashboard when serve run starts Ray itself (costs CPU at start-up)")
     p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S,

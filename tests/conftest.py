@@ -27,7 +27,7 @@ def ray_session():
     from serve.startup import apply_env_defaults
 
     if not ray.is_initialized():
-        apply_env_defaults()  # as `serve run` starts Ray: its Serve (HAProxy ingress) is the one tested
+        apply_env_defaults()  # as `serve run` starts Ray: its Serve (throughput-optimized) is the one tested
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     # Leave Ray to the interpreter's exit hook: other session fixtures may still use it.

