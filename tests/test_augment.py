@@ -101,9 +101,9 @@ def test_loader_draws_hard_negatives_by_what_the_model_called_tumour():
     empty = data.empty_idx.tolist()
     hard = empty[3]
     seen = torch.arange(len(data))  # the model called nothing tumour ...
-    data.note_predictions(seen, torch.zeros(len(data), *data.image_size, dtype=torch.bool))
-    called = torch.zeros(1, *data.image_size, dtype=torch.bool)
-    called[0, :16] = True  # ... except half of one tumour-free slice
+    data.note_predictions(seen, torch.full((len(data), 1, *data.image_size), -5.0))
+    called = torch.full((1, 1, *data.image_size), -5.0)
+    called[0, 0, :16] = 5.0  # ... except half of one tumour-free slice
     data.note_predictions(torch.tensor([hard]), called)
     batches = data.epoch_batches(10, torch.Generator().manual_seed(0), oversample=0.2, hard_negatives=0.5)
     tumour, places = set(data.tumour_idx.tolist()), batches[:, 2:7].flatten().tolist()

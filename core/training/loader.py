@@ -107,8 +107,10 @@ class DeviceDataset:
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(len(self) / batch_size))
 
-    def note_predictions(self, idx: torch.Tensor, tumour: torch.Tensor) -> None:
-        """Record what the model called tumour ((B,H,W) bool) on rows ``idx``: next epoch's hard negatives."""
+    def note_predictions(self, idx: torch.Tensor, logits: torch.Tensor, threshold: float = 0.5) -> None:
+        """Record what ``logits`` (B,K,H,W) call tumour on rows ``idx`` (any class but background; one channel:
+        probability above ``threshold``): the weights of next epoch's hard negatives."""
+        tumour = logits.argmax(1) > 0 if logits.shape[1] > 1 else logits[:, 0].float().sigmoid() > threshold
         self.false_positive.index_copy_(0, idx, tumour.flatten(1).float().mean(1))
 
     def epoch_batches(

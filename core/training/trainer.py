@@ -233,7 +233,7 @@ class Trainer:
             # fp32 loss outside autocast: bf16 Dice sums lose precision (fp16 gave NaN in the earlier study)
             loss = self.loss_fn(logits.float(), y[:, None].float())
             if cfg.hard_negatives > 0:
-                self.train_data.note_predictions(idx, self._tumour(logits.detach()))
+                self.train_data.note_predictions(idx, logits.detach(), cfg.threshold)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -247,10 +247,6 @@ class Trainer:
             logits = model(x)
         logits = logits.float()
         return logits.softmax(1) if self.multiclass else logits.sigmoid()
-
-    def _tumour(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B,H,W) bool: the pixels ``logits`` call tumour (any class but background)."""
-        return logits.argmax(1) > 0 if self.multiclass else logits[:, 0].float().sigmoid() > self.cfg.threshold
 
     @torch.no_grad()
     def predict_val(self, model: torch.nn.Module | None = None, tta: bool = False) -> np.ndarray:
