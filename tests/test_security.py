@@ -65,6 +65,11 @@ def test_loopback_bind_by_default(url: str) -> None:
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
     assert listening and set(listening) == {"127.0.0.1"}, listening
+    # The throughput-optimized Serve gives each ingress replica its own server (direct ingress, ports 30000 and
+    # up by default): on the same loopback host, never all interfaces (that is `serve run --haproxy` only).
+    replica = [c.laddr.ip for c in psutil.net_connections("tcp")
+               if c.status == "LISTEN" and 30000 <= c.laddr.port < 31000]
+    assert replica and set(replica) == {"127.0.0.1"}, replica
 
 
 def test_token_compared_in_constant_time(url: str, monkeypatch) -> None:
