@@ -102,7 +102,7 @@ class SlicePredictor:
         self.threshold = float(config.get("threshold", 0.5))
         self.postprocess = config.get("postprocess", {})
         # A routed ensemble's FLAIR-only path may carry its own rules, chosen on its members' predictions.
-        self.postprocess_flair_only = config.get("postprocess_flair_only") or self.postprocess
+        self.postprocess_flair_only: dict[str, Any] | None = config.get("postprocess_flair_only")
         self.quality = config.get("quality") or {}
         self.multiclass = int(config["model_args"]["out_channels"]) > 1
         self.tta = str(config.get("tta", "none"))
@@ -216,7 +216,7 @@ class SlicePredictor:
     def _rules(self, images: Images) -> dict[str, Any]:
         """The post-processing for these slices: the FLAIR-only path's where every slice's pre- and
         post-contrast are exact copies of FLAIR (what a routed ensemble sends to its FLAIR-only members)."""
-        if self.postprocess_flair_only is self.postprocess:
+        if not self.postprocess_flair_only:
             return self.postprocess
         slices = as_slices(images)
         copies = bool(slices) and all((s == s[..., FLAIR : FLAIR + 1]).all() for s in slices)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from core.bundle import Bundle, load_bundle, make_bundle_config, save_bundle
+from core.bundle import Bundle, make_bundle_config, save_bundle
 from core.config import TrainConfig
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.preprocessing import Preprocessing
@@ -33,6 +33,7 @@ from core.networks.models import SIZE_MULTIPLE, build_model, init_output_bias
 from core.runtime import autocast, resolve_device, seed_everything
 from core.training import checkpoint as ckpt
 from core.training.augment import augment_batch, settings_from_config, substitute_sequences
+from core.training.init import load_init
 from core.training.loader import DeviceDataset
 
 log = logging.getLogger(__name__)
@@ -62,30 +63,6 @@ def make_loss(cfg: TrainConfig, multiclass: bool) -> torch.nn.Module:
 def preprocessing_from_config(cfg: TrainConfig) -> Preprocessing:
     """The bundle's preprocessing a run trains with (and every inference path then applies)."""
     return Preprocessing(normalisation=cfg.normalisation, crop=cfg.brain_crop, sequences=cfg.sequences)
-
-
-def load_init(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
-    """Load ``cfg.init``'s weights into ``model`` (same network; any image size: the nets are convolutional).
-
-    Returns what the new bundle records of where it started. A bundle of another architecture, filter
-    count or class count is an error naming the difference; other preprocessing is only logged.
-    """
-    start = load_bundle(cfg.init, "cpu")
-    if "members" in start.config:
-        raise ValueError(f"--init {cfg.init}: an ensemble bundle; fine-tune from one of its members instead")
-    theirs = {"arch": start.config["arch"], "filters": int(start.config["model_args"]["filters"])}
-    ours = {"arch": cfg.arch, "filters": cfg.filters}
-    if theirs != ours:
-        raise ValueError(f"--init {cfg.init}: bundle is {theirs}, this run is {ours}; they must match")
-    try:
-        model.load_state_dict(start.model.state_dict())
-    except RuntimeError as exc:  # e.g. another number of classes
-        raise ValueError(f"--init {cfg.init}: weights do not fit this network ({exc})") from exc
-    for key, value in preprocessing_from_config(cfg).to_config().items():
-        if start.config.get(key, {"type": "none"} if key == "crop" else None) != value:
-            log.warning("--init %s: its %s %s differs from this run's %s", cfg.init, key, start.config.get(key), value)
-    return {"source": str(cfg.init), "version": start.version,
-            "image_size": start.config["image_size"], "val": start.metrics.get("val", {}).get("dsc_volume")}
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -154,7 +131,8 @@ class Trainer:
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model = build_model(cfg.arch, 3, self.out_channels, cfg.filters, cfg.dropout).to(
             self.device, memory_format=self.memory_format)
-        self.init = load_init(self.model, cfg) if cfg.init else None  # fine-tuning: the bundle's weights
+        # fine-tuning: the bundle's weights
+        self.init = load_init(self.model, cfg, self.preprocessing) if cfg.init else None
         if self.init is None:
             init_output_bias(self.model, self._class_prior(self.out_channels))
         # Dropout draws from torch's global RNG; keep this run's own copy of it, so two trainers in one
