@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from core.data.arrays import SplitArrays
+from core.data.preprocessing import FLAIR
 from core.evaluation.metrics import per_patient_dice
 from core.evaluation.selection import ValSplit, better
 from core.evaluation.stats import spearman, summary
@@ -23,7 +24,6 @@ from core.inference.postprocess import NO_POSTPROCESS, apply_postprocess
 from core.inference.quality import QUALITY_METHODS, quality_score
 from core.io import read_json
 
-FLAIR = 1
 # Volume rules: minimum 3D component (mm3) x minimum lesion area (mm2) x minimum mean component probability.
 VOLUME_GRID = list(itertools.product((0.0, 500.0, 1500.0, 5000.0), (0.0, 25.0, 100.0),
                                      (0.0, 0.8, 0.85, 0.9, 0.925, 0.95)))
