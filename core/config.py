@@ -73,6 +73,11 @@ class TrainConfig:
     )
     threshold: float = 0.5
     metric: str = field(default="dsc_volume", metadata={"choices": METRICS, "help": "selects the best epoch"})
+    keep: str = field(
+        default="best", metadata={"choices": ("best", "last"),
+                                  "help": "weights kept: the best epoch on val, or the last epoch (val chooses "
+                                          "nothing: out-of-fold predictions stay unbiased)"},
+    )
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     workers: int = field(default=1, metadata={"help": ">1 runs Ray Train data-parallel workers"})

@@ -1,4 +1,4 @@
-"""Routed ensembles (issue 26): slices whose pre- and post-contrast are copies of FLAIR go to the
+"""Routed ensembles: slices whose pre- and post-contrast are copies of FLAIR go to the
 FLAIR-only members, every other slice to the full ones, in PyTorch and in the exported ONNX graph."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from bundle_factory import make_random_bundle, sample_images
 
-from bench.honest_cv import flair_route, with_flair
 from core.bundle import load_bundle
+from core.evaluation.choices import with_flair
 from core.inference.postprocess import NO_POSTPROCESS
 from core.inference.predictor import Predictor
 
@@ -89,27 +89,6 @@ def test_onnx_graph_routes_the_same_rows(routed, tmp_path):
     assert np.abs(reference - got).max() < 1e-4
 
 
-def test_flair_route_chooses_its_own_volume_rules_on_the_flair_members_predictions():
-    from core.evaluation.selection import ValSplit
-
-    truth = np.zeros((6, 32, 32), np.uint8)
-    truth[:, 4:20, 4:20] = 1
-    patients = np.array(["a", "a", "a", "b", "b", "b"])
-    val = ValSplit(truth, patients, np.array([0, 1, 2, 0, 1, 2]))
-    probs = truth.astype(np.float16) * 0.95
-    probs[3:, 4:12, 4:20] = 0.1  # patient b: half the tumour missed
-    probs[:3, 24:30, 24:30] = 0.7  # patient a: a faint false region, apart from the tumour
-    chosen = {"tta": "none", "postprocess": dict(NO_POSTPROCESS),
-              "cv": {"per_patient_dsc_volume": {"a": 1.0, "b": 1.0}}}
-    route = flair_route({"flair_none": probs}, val, chosen)
-    assert route["postprocess"]["min_probability"] >= 0.8  # the faint region goes, the tumours stay
-    assert route["per_patient_dsc_volume"]["a"] == pytest.approx(1.0)
-    assert route["per_patient_dsc_volume"]["b"] == pytest.approx(2 * 384 / (384 + 768))
-    assert route["flair_only_drop"]["mean"] == pytest.approx((1 - 2 * 384 / 1152) / 2)
-    kept = flair_route({"flair_none": probs}, val, {**chosen, "postprocess": dict(NO_POSTPROCESS)})
-    assert kept["postprocess"] == route["postprocess"]  # chosen on these predictions, not taken from the full path
-
-
 def test_a_routed_bundle_post_processes_flair_copies_with_the_flair_only_rules(tmp_path):
     """The Predictor applies ``postprocess_flair_only`` to a volume whose slices are all FLAIR copies and the
     bundle's own rules to any other."""
@@ -120,6 +99,8 @@ def test_a_routed_bundle_post_processes_flair_copies_with_the_flair_only_rules(t
     predictor = Predictor.from_bundle(bundle, "cpu")
     predictor.threshold = 0.0  # random weights: every pixel is tumour, so only post-processing can clear it
     images = sample_images(4, seed=2)
-    assert predictor.segment(images).masks.any()
-    assert not predictor.segment(with_flair(images)).masks.any()
+    assert predictor.segment(images).masks.any() and not predictor.segment(images).network_mask_kept
+    # the FLAIR-only rules would empty the volume: the network's mask comes back instead, for review
+    copies = predictor.segment(with_flair(images))
+    assert copies.network_mask_kept and copies.review is True and copies.masks.any()
     assert not predictor.predict(with_flair(images)).any() and predictor.predict(images).any()

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.inference.postprocess import KAGGLE_SPACING_MM, NO_POSTPROCESS, apply_postprocess, physical
+from core.inference.postprocess import (
+    KAGGLE_SPACING_MM,
+    NO_POSTPROCESS,
+    apply_postprocess,
+    physical,
+    postprocess_volume,
+)
 from core.inference.quality import assess, quality_score
 from core.inference.slices import SlicePredictor
 
@@ -98,5 +104,18 @@ def test_segment_applies_the_rules_at_the_scans_spacing_and_answers_quality() ->
     predictor = Thresholding({**NO_POSTPROCESS, "min_volume_mm3": 1000.0})
     kaggle = predictor.segment(images)  # 300 voxels of 4.39 mm3: kept
     assert kaggle.masks.sum() == 300 and kaggle.quality > 0.9 and kaggle.review is False
-    assert predictor.segment(images, spacing=(1, 1, 1)).masks.sum() == 0  # 300 mm3 at 1 mm: removed
-    assert np.array_equal(predictor.predict(images, volume=True, spacing=(1, 1, 1)), np.zeros((6, 32, 32)))
+    images[1:5, 18:30, 18:30, 1] = 255  # a second lesion, 576 voxels
+    both = predictor.segment(images, spacing=(2, 1, 1))  # 600 mm3 removed, 1152 mm3 kept
+    assert both.masks.sum() == 576 and both.masks[:, 4:14, 4:14].sum() == 0 and not both.network_mask_kept
+
+
+def test_a_rule_never_empties_a_volume_the_network_found_tumour_in() -> None:
+    images = np.zeros((6, 32, 32, 3), np.uint8)
+    images[1:4, 4:14, 4:14, 1] = 255  # 300 voxels: 300 mm3 at 1 mm, under the 1000 mm3 rule
+    predictor = Thresholding({**NO_POSTPROCESS, "min_volume_mm3": 1000.0})
+    answer = predictor.segment(images, spacing=(1, 1, 1))
+    assert answer.masks.sum() == 300 and answer.network_mask_kept  # the network's mask, not an empty one
+    assert answer.review is True and answer.quality > 0.9  # flagged for a reader whatever the quality says
+    assert predictor.predict(images, volume=True, spacing=(1, 1, 1)).sum() == 300
+    masks, kept = postprocess_volume(np.zeros((6, 32, 32), np.uint8), {"min_volume_mm3": 1000.0})
+    assert masks.sum() == 0 and not kept  # nothing found: nothing to keep, no review forced

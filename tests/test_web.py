@@ -28,8 +28,11 @@ def bundle(tmp_path_factory) -> Path:
     val = {"dsc_volume": 0.8125, "dice_tumour": 0.75, "fp_slice_rate": 0.0625}
     # Rules the random network's masks pass (every mask pixel is above the 0.5 threshold), shown in mm.
     postprocess = {"min_volume_mm3": 20.0, "min_probability": 0.5, "min_area_slice_mm2": 50.0}
+    # A study's test-split figures, as tune.card.metrics_json writes them.
+    test = {"patients": 20, "reading": 4, "volume": {"dsc_volume": 0.81, "dsc_volume_ci95": [0.75, 0.86],
+                                                    "dsc_volume_worst": 0.4}}
     return make_random_bundle(tmp_path_factory.mktemp("web") / "bundle", postprocess=postprocess,
-                              metrics={"val": val, "epoch": 7, "selection_metric": "dsc_volume"})
+                              metrics={"val": val, "epoch": 7, "selection_metric": "dsc_volume", "test": test})
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,9 @@ def test_page_loads_model_and_segments_a_slice(url: str, page, synth_src: Path, 
     assert "one slice alone: lesions >= 50 mm²" in page.inner_text("#model")
     metrics = page.inner_text("#metrics")  # the validation metrics of the model, not only its epoch
     assert "val dsc_volume" in metrics and "0.8125" in metrics and "val fp_slice_rate" in metrics
+    assert metrics.index("test dsc_volume, volumes") < metrics.index("val dsc_volume")  # the test split first
+    assert "0.8100 [0.7500, 0.8600], worst 0.4000" in metrics and "20 patients, reading 4" in metrics
+    assert "null" not in page.inner_text("#model-name")  # the bundle's version, not a missing one
     files = slice_files(synth_src)
     page.set_input_files("#file", str(files[8]))
     page.wait_for_function("document.body.dataset.state === 'done' || document.body.dataset.state === 'error'")

@@ -23,7 +23,7 @@ from tune.objective import CHECKPOINT_DIR, COMPLETED, DIVERGED, PATIENCE, RUNNIN
 
 log = logging.getLogger(__name__)
 
-HISTORY_KEYS = ("epoch", "train_loss", "lr", "epoch_seconds", *METRIC_KEYS)
+HISTORY_KEYS = ("epoch", "train_loss", "lr", "epoch_seconds", "epoch_cpu_seconds", *METRIC_KEYS)
 STOP_REASONS = {
     COMPLETED: "completed",
     PATIENCE: "early-stopped by patience",

@@ -141,7 +141,7 @@ def ensemble_config(
     return {
         **{k: first[k] for k in ("format", "channels", "normalisation", "class_names")},
         "crop": first.get("crop", {"type": "none"}),
-        "name": name, "arch": "ensemble", "members": members,
+        "name": name, "version": f"{name}-{time.strftime('%Y%m%dT%H%M%S')}", "arch": "ensemble", "members": members,
         "model_args": {"in_channels": first["model_args"]["in_channels"],
                        "out_channels": first["model_args"]["out_channels"]},
         "image_size": list(size), "threshold": 0.5, "tta": "none", "postprocess": {},

@@ -7,6 +7,10 @@ what separates the confident tumours from the fainter false regions that no size
 (heldout-findings: a 7,114-voxel false region beside a 2,493-voxel tumour). The older largest-component
 rule is honoured in bundles that chose it; selection no longer offers it.
 
+A rule never turns a volume in which the network found tumour into an empty mask
+(``postprocess_volume``): the answer is then the network's own mask, flagged for review. A rule that
+empties a whole scan has overruled the network everywhere, which is a call for a reader, not a rule.
+
 A path that sees one slice at a time cannot apply the 3D rules, so it has its own minimum lesion area
 and probability (``min_area_slice_mm2``, ``min_probability_slice``), applied to each slice's 2D lesions.
 
@@ -116,3 +120,14 @@ def apply_postprocess(masks: np.ndarray, settings: dict[str, Any], volume: bool,
         out = remove_small_components(out, rules["min_volume_mm3"], sz * sy * sx, probs, rules["min_probability"])
         return keep_largest_component(out) if rules["largest_component"] else out
     return remove_small_lesions(masks, rules["min_area_slice_mm2"], sy * sx, probs, rules["min_probability_slice"])
+
+
+def postprocess_volume(masks: np.ndarray, settings: dict[str, Any], probs: np.ndarray | None = None,
+                       spacing: Sequence[float] | None = None) -> tuple[np.ndarray, bool]:
+    """``apply_postprocess`` of one patient's volume that never empties a volume the network found tumour
+    in. Returns (masks, kept): ``kept`` is True where the rules would have removed every component, so the
+    network's mask is returned instead (the answer must then say "review")."""
+    out = apply_postprocess(masks, settings, volume=True, probs=probs, spacing=spacing)
+    if out.any() or not np.asarray(masks).any():
+        return out, False
+    return masks, True

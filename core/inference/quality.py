@@ -9,7 +9,7 @@ Both methods need nothing beyond the one forward pass every answer makes:
 - ``confidence``: the mean probability inside the final mask (1 - the highest probability anywhere when
   the mask is empty), i.e. how sure the model is of what it reports.
 Which one a bundle uses, and the score below which an answer says "review", are chosen by
-cross-validation against per-patient Dice (bench/honest_study.py) and recorded in its ``quality``.
+cross-validation against per-patient Dice (``python -m tune study``) and recorded in its ``quality``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.data.preprocessing import FLAIR, Preprocessing, box_matrices, mirror_boxes, normalise
-from core.inference.postprocess import apply_postprocess
+from core.inference.postprocess import apply_postprocess, postprocess_volume
 from core.inference.quality import assess
 from core.networks.resample import resize_matrix
 
@@ -84,6 +84,7 @@ class Segmentation:
     masks: np.ndarray
     quality: float | None = None
     review: bool | None = None
+    network_mask_kept: bool = False  # the rules would have emptied the volume: the network's mask, for review
 
 
 class SlicePredictor:
@@ -192,10 +193,10 @@ class SlicePredictor:
             return Segmentation(np.zeros((0, *self.size), np.uint8))
         stacked = np.stack(probs)
         tumour = None if self.multiclass else stacked
-        masks = apply_postprocess(np.stack([self.masks_from_proba(p) for p in probs]), self._rules(images),
-                                  volume=True, probs=tumour, spacing=spacing)
+        masks, kept = postprocess_volume(np.stack([self.masks_from_proba(p) for p in probs]), self._rules(images),
+                                         probs=tumour, spacing=spacing)
         quality, review = assess(stacked, masks, self.quality)
-        return Segmentation(masks, quality, review)
+        return Segmentation(masks, quality, True if kept else review, kept)
 
     def predict(self, images: Images, volume: bool = False, spacing: Spacing = None) -> np.ndarray | list[np.ndarray]:
         """Masks (uint8; 0/1 binary or 0..K labels). ``volume=True``: the slices are one patient in order,

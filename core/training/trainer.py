@@ -269,7 +269,7 @@ class Trainer:
         if self.stop_reason() == "patience":
             return self.best_metrics()  # resumed from a run that had already stopped early
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             metrics = self.train_epoch()
             # Under data parallelism rank 0 validates and broadcasts, so every rank takes the same
             # best-epoch and early-stopping decisions (and the others do not repeat the work).
@@ -281,8 +281,11 @@ class Trainer:
             assert val is not None
             metrics.update(val)
             metrics["epoch_seconds"] = time.perf_counter() - start
+            # this process's CPU seconds over all its threads: wall-clock hides how many cores an epoch took
+            metrics["epoch_cpu_seconds"] = time.process_time() - cpu_start
             self.epoch = epoch
-            if self.best_state is None or is_better(cfg.metric, metrics[cfg.metric], self.best_metric):
+            if (cfg.keep == "last" or self.best_state is None
+                    or is_better(cfg.metric, metrics[cfg.metric], self.best_metric)):
                 self.best_metric, self.best_epoch = float(metrics[cfg.metric]), epoch
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             self.history.append({"epoch": epoch, **metrics})

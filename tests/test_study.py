@@ -1,0 +1,116 @@
+"""`python -m tune study` end to end on the synthetic set (prepare, CV trials on local Ray, out-of-fold
+choices, one test reading, bundle, card, README table), and the robust choice it rests on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from core.evaluation.choices import Candidate, robust_choice, volume_masks
+from core.evaluation.selection import ValSplit
+
+EPOCHS = 2
+SMOKE_CONFIG = {"arch": "lite", "filters": 4, "image_size": 64, "epochs": EPOCHS, "batch_size": 16, "lr": 3e-3,
+                "normalisation": "patient", "brain_crop": "none", "oversample": 0.5, "eval_batch_size": 32}
+
+
+def test_robust_choice_takes_the_simplest_unless_the_best_is_clearly_better() -> None:
+    rng = np.random.default_rng(0)
+    base = {f"p{i}": float(v) for i, v in enumerate(rng.uniform(0.5, 0.9, 30))}
+    # a hair better on average (+0.002), patients either way: an interval around 0
+    noise = {p: v + (0.03 if i % 2 else -0.026) for i, (p, v) in enumerate(base.items())}
+    plain, tuned = Candidate({"rule": 0}, (0,), base), Candidate({"rule": 1}, (1,), noise)
+    chosen, record = robust_choice([tuned, plain])
+    assert record["best"] == {"rule": 1} and chosen is plain  # not significantly better: the simpler wins
+    assert record["not_worse_than_best"] == 2 and record["chosen_minus_best"]["verdict"] == "undecided"
+    clear = Candidate({"rule": 2}, (2,), {p: v + 0.1 for p, v in base.items()})
+    chosen, record = robust_choice([plain, tuned, clear])
+    assert chosen is clear and record["not_worse_than_best"] == 1  # better for every patient: it wins
+
+
+def test_volume_rules_never_score_an_emptied_patient_as_empty() -> None:
+    truth = np.zeros((4, 16, 16), np.uint8)
+    truth[:2, 4:8, 4:8] = 1
+    probs = np.zeros((4, 16, 16), np.float32)
+    probs[:2, 4:8, 4:8] = 0.6  # found, but fainter than the rule's 0.9
+    val = ValSplit(truth, np.array(["a", "a", "b", "b"]), np.array([0, 1, 0, 1]))
+    masks, kept = volume_masks(probs, val, 0.5, {"min_probability": 0.9})
+    assert kept == ["a"] and np.array_equal(masks, truth)  # the network's mask, not an empty one
+
+
+@pytest.fixture(scope="module")
+def study(ray_session, synth_src, tmp_path_factory) -> tuple[dict, argparse.Namespace]:
+    from tune.card import README_BEGIN, README_END
+    from tune.study import run_study
+
+    root = tmp_path_factory.mktemp("study")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(SMOKE_CONFIG))
+    readme = root / "README.md"
+    readme.write_text(f"# title\n\n{README_BEGIN}\nold\n{README_END}\n\nafter\n")
+    args = argparse.Namespace(
+        src=synth_src, data=None, out=root / "out", config=config, set=[], test_split=None, test=3.0, folds=3,
+        folds_file=None, seed=0, cpus_per_trial=1.0, gpus_per_trial=0.0, versus=None, name="gliomaseg-smoke",
+        note="", readings_before=0, record=root / "record.json", export=root / "bundle", readme=readme)
+    return run_study(args), args
+
+
+def test_study_keeps_the_test_split_out_of_every_choice(study) -> None:
+    record, args = study
+    test = set(record["split"]["test"])
+    folds = record["folds"]["patients"]
+    assert len(test) == 3 and record["split"]["pool"] == 9
+    assert sorted(p for f in folds for p in f) == sorted(set(p for f in folds for p in f))  # each once
+    assert not test & {p for f in folds for p in f}
+    assert set(record["cv"]["per_patient_dsc_volume"]) == {p for f in folds for p in f}
+    assert set(record["test"]["per_patient_dsc_volume"]["volume"]) == test
+    # fold weights are the last epoch's: no fold's epoch was chosen on the patients it predicts
+    assert [row["best_epoch"] for row in record["folds"]["per_fold"]] == [EPOCHS] * 3
+    assert record["config"]["keep"] == "last"
+    assert record["test"]["reading"] == 1
+    for path in ("volume", "one_slice", "flair_only"):
+        s = record["test"]["per_patient"][path]
+        assert s["ci95"][0] <= s["mean"] <= s["ci95"][1] and s["patients"] == 3
+    assert record["compute"]["training_process_cpu_seconds"] > 0 and record["compute"]["epochs"] == 3 * EPOCHS
+
+
+def test_study_publishes_only_what_the_record_says(study) -> None:
+    from core.bundle import load_bundle
+    from tune.card import metrics_json, model_card, readme_block, readme_table
+
+    record, args = study
+    assert json.loads(Path(args.record).read_text()) == json.loads((args.out / "study.json").read_text())
+    bundle = load_bundle(args.export)  # every listed file's digest checks
+    assert bundle.config["version"] == record["bundle"]["version"] != "unknown"
+    assert bundle.config["data"]["split_hash"] == record["split"]["hash"]
+    assert bundle.config["threshold"] == record["choices"]["threshold"]
+    assert bundle.config["quality"]["review_below"] == record["quality"]["review_below"]
+    assert bundle.metrics == json.loads(json.dumps(metrics_json(record, str(args.record))))
+    assert (args.export / "MODEL_CARD.md").read_text() == model_card(record, str(args.record))
+    text = args.readme.read_text()
+    assert readme_block(text) == readme_table(record) and text.startswith("# title") and text.endswith("after\n")
+    figure = f"{record['test']['per_patient']['volume']['mean']:.3f}"
+    assert figure in readme_table(record) and figure in model_card(record, "r")
+
+
+@pytest.mark.parametrize(("keep", "epoch"), [("best", 1), ("last", 2)])
+def test_keep_last_exports_the_last_epoch_whatever_val_says(prepared_dir, monkeypatch, keep: str, epoch: int) -> None:
+    import torch
+
+    from core.config import TrainConfig
+    from core.training.trainer import Trainer
+
+    cfg = TrainConfig.from_dict({**SMOKE_CONFIG, "epochs": 2, "keep": keep, "patience": 0, "device": "cpu"})
+    trainer = Trainer.from_prepared(cfg, prepared_dir)
+    falling = iter([0.9, 0.1])  # val says the first epoch was the better one
+    monkeypatch.setattr(trainer, "validate", lambda: {"dsc_volume": next(falling)})
+    trainer.fit()
+    assert trainer.best_epoch == epoch
+    final = trainer.model.state_dict()
+    same = all(torch.equal(v, final[k]) for k, v in trainer.best_model().state_dict().items())
+    assert same == (keep == "last")

@@ -1,0 +1,283 @@
+"""`python -m tune study`: the protocol that makes a model trustworthy, from data to a shipped bundle.
+
+    python -m tune study --src data/kaggle_3m --out runs/study --config tune/studies/lgg-lite16.yaml \\
+        --test-split bench/results/real-lgg-test-split.json --export pretrained/lgg --readme README.md
+
+1. A test split fixed before any choice: ``--test-split FILE`` (a ``split.json``, e.g. of an earlier
+   study), or one made by ``--test`` and recorded in OUT/test-split.json. ``--data`` takes a prepared
+   directory instead of ``--src``.
+2. K-fold CV on the rest, one Ray Tune trial per fold (``tune cv``; a killed study resumes where it
+   stopped). Each fold model is trained for the configuration's epochs and kept at its last epoch, so no
+   fold's weights are chosen on the patients it predicts.
+3. Out-of-fold predictions of every pool patient (core.evaluation.oof), and on them the threshold, TTA,
+   volume and one-slice rules, quality method and review cut (core.evaluation.choices: among the
+   candidates not significantly worse than the best, paired per patient, the simplest).
+4. ``--versus RECORD``: an earlier study on the same folds, compared by the paired per-patient
+   differences of CV dsc_volume; where the earlier one is better the study stops before the test split.
+5. The fold ensemble with those settings is the candidate. The test split is read once, at the end: per
+   volume, one slice at a time, and with pre/post-contrast replaced by FLAIR, with 95% bootstrap intervals
+   over patients.
+6. OUT/study.json (``--record`` copies it) holds every figure, the folds, the choices and the compute;
+   ``--export`` writes the bundle with its metrics.json and MODEL_CARD.md, ``--readme`` the README's
+   results table, all generated from the record (tune.card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from core.data.arrays import SplitArrays, load_split, load_split_info
+from core.io import read_json, write_json
+
+PROTOCOL = ("test split fixed before any choice and read once; K-fold CV on the rest with fold models kept "
+            "at their last epoch; every setting chosen on out-of-fold predictions (the simplest not "
+            "significantly worse than the best, paired per patient); intervals by bootstrap over patients")
+STUDY_FIXED = {"keep": "last", "patience": 0, "tta": "none", "postprocess": "none"}
+
+
+def prepared_data(args: argparse.Namespace, out: Path) -> Path:
+    """The prepared directory whose test split is fixed: ``--data`` as given, or ``--src`` prepared once."""
+    if args.data:
+        return Path(args.data)
+    from core.data.prepare import prepare
+
+    prepared = out / "prepared"
+    if not (prepared / "split.json").is_file():
+        if args.test_split:
+            prepare(args.src, prepared, split_file=args.test_split, progress=False)
+        else:
+            prepare(args.src, prepared, val=0, test=args.test, seed=args.seed, progress=False)
+    return prepared
+
+
+def check_test_split(prepared: Path, test_split: Path | None, out: Path) -> dict[str, Any]:
+    """The prepared split's info; its test patients must be the recorded ones (written if none was given)."""
+    info = load_split_info(prepared)
+    if not info["patients"]["test"]:
+        raise SystemExit(f"{prepared}: no test patients; a study reads a test split at its end")
+    if test_split is not None:
+        wanted = sorted(read_json(test_split)["patients"]["test"])
+        if sorted(info["patients"]["test"]) != wanted:
+            raise SystemExit(f"{prepared}: its test patients are not those of {test_split}")
+    else:
+        write_json(out / "test-split.json", {"patients": info["patients"], "split_hash": info.get("split_hash")})
+    return info
+
+
+def study_config(config_file: Path, sets: dict[str, Any]) -> dict[str, Any]:
+    """The fold configuration: the YAML's constants and --set, with the study's fixed settings."""
+    from tune.cv import base_config
+
+    return base_config(config_file, None, {**sets, **STUDY_FIXED})
+
+
+def training_compute(cv_dir: Path) -> dict[str, Any]:
+    """Each fold's process CPU seconds and wall-clock seconds, summed from its checkpointed epoch history."""
+    from core.training.checkpoint import STATE
+
+    cpu = wall = 0.0
+    epochs = 0
+    for fold in sorted((cv_dir / "ray").glob("fold_*")):
+        states = sorted(fold.glob(f"checkpoint_*/*/{STATE}"))  # the newest carries every epoch
+        if not states:
+            continue
+        history = json.loads(states[-1].read_text()).get("history", [])
+        cpu += sum(float(row.get("epoch_cpu_seconds", 0.0)) for row in history)
+        wall += sum(float(row.get("epoch_seconds", 0.0)) for row in history)
+        epochs += len(history)
+    return {"training_process_cpu_seconds": round(cpu, 1), "training_fold_wall_seconds": round(wall, 1),
+            "epochs": epochs,
+            "note": "process CPU seconds: each fold's training process, all its threads, summed over folds; "
+                    "wall seconds: each fold's epochs end to end, summed over folds (folds ran in parallel)"}
+
+
+def compare(record: Path, chosen: dict[str, Any], folds: list[list[str]]) -> dict[str, Any]:
+    """Paired per-patient CV dsc_volume differences (this study - the earlier one) on the same folds."""
+    from core.evaluation.stats import paired_difference
+
+    earlier = read_json(record)
+    earlier_folds = earlier.get("folds", {}).get("patients")
+    if earlier_folds is not None and sorted(map(sorted, earlier_folds)) != sorted(map(sorted, folds)):
+        raise SystemExit(f"{record}: its folds are not this study's; run with --folds-file of that study")
+    return {"record": str(record),
+            **paired_difference(chosen["cv"]["per_patient_dsc_volume"], earlier["cv"]["per_patient_dsc_volume"])}
+
+
+def bundle_version(name: str, fold_bundles: list[Path]) -> str:
+    """The date and a digest of the members' weights: the same folds give the same version."""
+    digest = hashlib.sha256()
+    for bundle in fold_bundles:
+        digest.update((bundle / "model.safetensors").read_bytes())
+    return f"{name}-{time.strftime('%Y.%m.%d')}+{digest.hexdigest()[:8]}"
+
+
+def build_candidate(fold_bundles: list[Path], chosen: dict[str, Any], info: dict[str, Any], out: Path,
+                    name: str) -> Path:
+    """The fold ensemble with the CV's settings (fp16 weights); its config names the study's split."""
+    from core.training.ensemble import build_ensemble_bundle
+
+    fixed = {"threshold": chosen["threshold"], "tta": chosen["tta"], "postprocess": chosen["postprocess"],
+             "quality": {k: chosen["quality"][k] for k in ("method", "review_below")},
+             "version": bundle_version(name, fold_bundles),
+             "data": {"split_hash": info.get("split_hash")}}
+    return build_ensemble_bundle(fold_bundles, None, list(info.get("class_names") or ["background", "tumour"]),
+                                 out, name=name, sources=[f"fold {k}" for k in range(len(fold_bundles))],
+                                 fixed=fixed, half=True)
+
+
+def read_test(bundle: Path, test: SplitArrays) -> dict[str, Any]:
+    """The one reading of the test split: per volume, one slice at a time, and with pre/post replaced by
+    FLAIR; per-patient dsc_volume with intervals, the metrics, quality and the volumes a rule would have
+    emptied (answered with the network's mask, for review)."""
+    from core.evaluation.choices import with_flair
+    from core.evaluation.metrics import per_patient_dice, segmentation_metrics
+    from core.evaluation.selection import ValSplit
+    from core.evaluation.stats import spearman, summary
+    from core.inference.predictor import Predictor
+
+    predictor = Predictor.from_bundle(bundle, "cpu")
+    truth, patients = np.asarray(test.masks), np.asarray(test.patients).astype(str)
+    split = ValSplit(truth, patients, np.asarray(test.slices))
+    paths = {name: np.zeros_like(truth) for name in ("volume", "one_slice", "flair_only")}
+    quality, review, kept = {}, {}, {"volume": [], "flair_only": []}
+    for rows in split.groups:
+        patient = str(patients[rows[0]])
+        images = np.ascontiguousarray(np.asarray(test.images[rows]).transpose(0, 2, 3, 1))
+        answer = predictor.segment(images)
+        paths["volume"][rows] = answer.masks
+        quality[patient], review[patient] = answer.quality, answer.review
+        paths["one_slice"][rows] = predictor.predict(images)
+        flair = predictor.segment(with_flair(images))
+        paths["flair_only"][rows] = flair.masks
+        for path, got in (("volume", answer), ("flair_only", flair)):
+            if got.network_mask_kept:
+                kept[path].append(patient)
+    dice = {name: per_patient_dice(pred, truth, patients) for name, pred in paths.items()}
+    return {
+        "patients": sorted(set(patients.tolist())),
+        "metrics": {name: segmentation_metrics(pred, truth, patients) for name, pred in paths.items()},
+        "per_patient": {name: summary(d) for name, d in dice.items()},
+        "flair_only_drop": summary({p: dice["volume"][p] - dice["flair_only"][p] for p in dice["volume"]}),
+        "per_patient_dsc_volume": dice,
+        "quality": {"per_patient": quality, "review": review, "reviewed": sorted(p for p, r in review.items() if r),
+                    "spearman": spearman([quality[p] for p in quality], [dice["volume"][p] for p in quality])},
+        "network_mask_kept": kept,
+    }
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole protocol (module doc); returns the record."""
+    from core.evaluation.choices import choose_settings
+    from core.evaluation.oof import OutOfFold
+    from core.evaluation.selection import ValSplit
+    from core.evaluation.stats import BOOTSTRAP
+    from tune.cv import pool_splits, run_cv
+    from tune.search import parse_sets
+
+    started, cpu_started = time.time(), time.process_time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepared_data(args, out).resolve()
+    info = check_test_split(prepared, args.test_split, out)
+    config = study_config(args.config, parse_sets(args.set))
+    cv = run_cv(prepared, "cv", args.folds, config, out, args.folds_file, args.cpus_per_trial, args.gpus_per_trial,
+                args.seed, half=True)
+    cv_dir = out / "cv"
+    folds = read_json(cv_dir / "folds.json")["folds"]
+    fold_bundles = [cv_dir / "folds" / f"fold{k}" for k in range(len(folds))]
+    pool, _ = pool_splits(prepared)
+    val = ValSplit(np.asarray(pool.masks), np.asarray(pool.patients), np.asarray(pool.slices))
+    chosen = choose_settings(OutOfFold(fold_bundles, folds, pool, out / "oof"), val)
+    record: dict[str, Any] = {
+        "protocol": PROTOCOL, "bootstrap": BOOTSTRAP, "name": args.name, "note": args.note,
+        "split": {"file": str(args.test_split) if args.test_split else str(out / "test-split.json"),
+                  "hash": info.get("split_hash"), "test": sorted(info["patients"]["test"]),
+                  "pool": len(np.unique(np.asarray(pool.patients)))},
+        "config": cv["config"], "folds": {"patients": folds, "per_fold": cv["folds"]},
+        "choices": {k: chosen[k] for k in ("tta", "threshold", "postprocess", "search")},
+        "quality": {k: v for k, v in chosen["quality"].items() if k != "per_patient"},
+        "cv": {**chosen["cv"], "quality": chosen["quality"]["per_patient"]},
+    }
+    if args.versus:
+        record["versus"] = compare(args.versus, chosen, folds)
+        if record["versus"]["verdict"] == "b":  # decided by CV, before the test split is read
+            write_json(out / "study.json", record)
+            raise SystemExit(f"by CV the earlier study {args.versus} is better ({record['versus']}): the test split "
+                             f"was not read and nothing was exported; record {out / 'study.json'}")
+    candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", args.name)
+    record["bundle"] = {"version": read_json(candidate / "config.json")["version"],
+                        "kind": f"{len(folds)}-fold CV ensemble (fp16), probabilities averaged"}
+    record["test"] = read_test(candidate, load_split(prepared, "test"))
+    record["test"]["reading"] = args.readings_before + 1
+    record["compute"] = {**training_compute(cv_dir),
+                         "study_process_cpu_seconds": round(time.process_time() - cpu_started, 1),
+                         "study_wall_seconds": round(time.time() - started, 1)}
+    write_json(out / "study.json", record)
+    if args.record:
+        write_json(args.record, record)
+    publish(record, candidate, args)
+    return record
+
+
+def publish(record: dict[str, Any], candidate: Path, args: argparse.Namespace) -> None:
+    """The exported bundle (its metrics.json and card from the record) and the README's table."""
+    from tune import card
+
+    if args.export:
+        export = Path(args.export)
+        tmp = export.with_name(export.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(candidate, tmp)
+        card.write_bundle_files(tmp, record, args.record or Path(args.out) / "study.json")
+        shutil.rmtree(export, ignore_errors=True)
+        os.replace(tmp, export)
+    if args.readme:
+        card.update_readme(Path(args.readme), record)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="the protocol: fixed test split, CV, choices on out-of-fold, one test reading",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--src", type=Path, help="a Kaggle-layout folder (kaggle_3m/)")
+    src.add_argument("--data", type=Path, help="a prepared directory with a test split")
+    p.add_argument("--out", type=Path, required=True, help="the study's folder (prepared/, cv/, oof/, bundle/)")
+    p.add_argument("--config", type=Path, required=True, help="YAML of core train options (constants)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    p.add_argument("--test-split", type=Path, help="split.json whose test patients are the test split")
+    p.add_argument("--test", type=float, default=0.2, help="without --test-split: test patients (fraction or count)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds-file", type=Path, help="the folds of an earlier study (folds.json), for --versus")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--versus", type=Path, help="an earlier study.json on the same folds")
+    p.add_argument("--name", default="gliomaseg", help="the bundle's name")
+    p.add_argument("--note", default="", help="a sentence for the record and the card")
+    p.add_argument("--readings-before", type=int, default=0, help="times this test split was read before")
+    p.add_argument("--record", type=Path, help="also write the record here (e.g. bench/results/...)")
+    p.add_argument("--export", type=Path, help="write the bundle, metrics.json and MODEL_CARD.md here")
+    p.add_argument("--readme", type=Path, help="replace this README's study table")
+    p.set_defaults(func=study_command)
+
+
+def study_command(args: argparse.Namespace) -> int:
+    if args.config and not Path(args.config).is_file():
+        raise SystemExit(f"--config {args.config}: no such file")
+    yaml.safe_load(Path(args.config).read_text())  # a malformed YAML fails before any training
+    record = run_study(args)
+    test = record["test"]["per_patient"]["volume"]
+    print(f"test split (read once, reading {record['test']['reading']}): dsc_volume {test['mean']:.4f} "
+          f"[{test['ci95'][0]:.4f}, {test['ci95'][1]:.4f}], worst {test['worst']:.4f}; record "
+          f"{Path(args.out) / 'study.json'}")
+    return 0
