@@ -114,3 +114,30 @@ def test_keep_last_exports_the_last_epoch_whatever_val_says(prepared_dir, monkey
     final = trainer.model.state_dict()
     same = all(torch.equal(v, final[k]) for k, v in trainer.best_model().state_dict().items())
     assert same == (keep == "last")
+
+
+def test_a_study_run_again_publishes_again_without_a_second_test_reading(study) -> None:
+    from tune.study import run_study
+
+    record, args = study
+    again = run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None}))
+    assert again["test"] == record["test"] and again["bundle"] == record["bundle"]  # read once, kept
+
+
+def test_versus_leaves_the_test_split_unread_unless_the_study_wins_by_cv(study) -> None:
+    from tune.study import run_study
+
+    record, args = study
+    earlier = args.out.parent / "earlier.json"
+    earlier.write_text(json.dumps({**record, "cv": {"per_patient_dsc_volume": {
+        p: d - 0.2 for p, d in record["cv"]["per_patient_dsc_volume"].items()}}}))
+    won = run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None,
+                                          "versus": earlier}))
+    assert won["versus"]["verdict"] == "a" and won["versus"]["mean"] == pytest.approx(0.2)
+    tied = args.out.parent / "tied.json"
+    tied.write_text(json.dumps(record))  # the same study: no better by CV
+    (args.out / "study.json").unlink()  # nothing read before: a reading would happen if allowed
+    with pytest.raises(SystemExit, match="does not beat"):
+        run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None,
+                                        "versus": tied}))
+    assert "test" not in json.loads((args.out / "study.json").read_text())

@@ -13,7 +13,8 @@
    volume and one-slice rules, quality method and review cut (core.evaluation.choices: among the
    candidates not significantly worse than the best, paired per patient, the simplest).
 4. ``--versus RECORD``: an earlier study on the same folds, compared by the paired per-patient
-   differences of CV dsc_volume; where the earlier one is better the study stops before the test split.
+   differences of CV dsc_volume; unless this study wins (the interval above 0) it stops before the test
+   split, which stays unread, and exports nothing.
 5. The fold ensemble with those settings is the candidate. The test split is read once, at the end: per
    volume, one slice at a time, and with pre/post-contrast replaced by FLAIR, with 95% bootstrap intervals
    over patients.
@@ -106,19 +107,21 @@ def compare(record: Path, chosen: dict[str, Any], folds: list[list[str]]) -> dic
     from core.evaluation.stats import paired_difference
 
     earlier = read_json(record)
-    earlier_folds = earlier.get("folds", {}).get("patients")
+    earlier_folds = earlier.get("folds", {}).get("patients") if isinstance(earlier.get("folds"), dict) else None
     if earlier_folds is not None and sorted(map(sorted, earlier_folds)) != sorted(map(sorted, folds)):
         raise SystemExit(f"{record}: its folds are not this study's; run with --folds-file of that study")
-    return {"record": str(record),
-            **paired_difference(chosen["cv"]["per_patient_dsc_volume"], earlier["cv"]["per_patient_dsc_volume"])}
+    cv = earlier["cv"]["per_patient_dsc_volume"]
+    if sorted(cv) != sorted(p for f in folds for p in f):
+        raise SystemExit(f"{record}: its CV patients are not this study's pool")
+    return {"record": str(record), **paired_difference(chosen["cv"]["per_patient_dsc_volume"], cv)}
 
 
-def bundle_version(name: str, fold_bundles: list[Path]) -> str:
-    """The date and a digest of the members' weights: the same folds give the same version."""
+def members_digest(fold_bundles: list[Path]) -> str:
+    """sha256 over the fold models' weights: the same folds give the same digest."""
     digest = hashlib.sha256()
     for bundle in fold_bundles:
         digest.update((bundle / "model.safetensors").read_bytes())
-    return f"{name}-{time.strftime('%Y.%m.%d')}+{digest.hexdigest()[:8]}"
+    return digest.hexdigest()
 
 
 def build_candidate(fold_bundles: list[Path], chosen: dict[str, Any], info: dict[str, Any], out: Path,
@@ -128,7 +131,7 @@ def build_candidate(fold_bundles: list[Path], chosen: dict[str, Any], info: dict
 
     fixed = {"threshold": chosen["threshold"], "tta": chosen["tta"], "postprocess": chosen["postprocess"],
              "quality": {k: chosen["quality"][k] for k in ("method", "review_below")},
-             "version": bundle_version(name, fold_bundles),
+             "version": f"{name}-{time.strftime('%Y.%m.%d')}+{members_digest(fold_bundles)[:8]}",
              "data": {"split_hash": info.get("split_hash")}}
     return build_ensemble_bundle(fold_bundles, None, list(info.get("class_names") or ["background", "tumour"]),
                                  out, name=name, sources=[f"fold {k}" for k in range(len(fold_bundles))],
@@ -210,15 +213,29 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.versus:
         record["versus"] = compare(args.versus, chosen, folds)
-        if record["versus"]["verdict"] == "b":  # decided by CV, before the test split is read
+        if record["versus"]["verdict"] != "a":  # decided by CV: a variant that does not win leaves the test unread
             write_json(out / "study.json", record)
-            raise SystemExit(f"by CV the earlier study {args.versus} is better ({record['versus']}): the test split "
-                             f"was not read and nothing was exported; record {out / 'study.json'}")
-    candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", args.name)
-    record["bundle"] = {"version": read_json(candidate / "config.json")["version"],
-                        "kind": f"{len(folds)}-fold CV ensemble (fp16), probabilities averaged"}
-    record["test"] = read_test(candidate, load_split(prepared, "test"))
-    record["test"]["reading"] = args.readings_before + 1
+            if args.record:
+                write_json(args.record, record)
+            raise SystemExit(f"by CV this study does not beat {args.versus} (paired per patient: {record['versus']}): "
+                             f"the test split was not read and nothing was exported; record {out / 'study.json'}")
+    digest = members_digest(fold_bundles)
+    previous = read_json(out / "study.json") if (out / "study.json").is_file() else {}
+    if previous.get("test") and previous.get("bundle", {}).get("members_sha256") == digest \
+            and previous.get("choices") == json.loads(json.dumps(record["choices"])):
+        # a finished study run again (to publish again, or after a kill past the reading): never a second reading
+        candidate, record["bundle"], record["test"] = out / "bundle", previous["bundle"], previous["test"]
+    else:
+        candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", args.name)
+        record["bundle"] = {"version": read_json(candidate / "config.json")["version"], "members_sha256": digest,
+                            "kind": f"{len(folds)}-fold CV ensemble (fp16), probabilities averaged"}
+        record["test"] = read_test(candidate, load_split(prepared, "test"))
+        record["test"]["reading"] = args.readings_before + 1
+    if args.versus and "test" in (earlier := read_json(args.versus)):  # the same test patients, paired
+        from core.evaluation.stats import paired_difference
+
+        record["versus"]["test"] = paired_difference(record["test"]["per_patient_dsc_volume"]["volume"],
+                                                     earlier["test"]["per_patient_dsc_volume"]["volume"])
     record["compute"] = {**training_compute(cv_dir),
                          "study_process_cpu_seconds": round(time.process_time() - cpu_started, 1),
                          "study_wall_seconds": round(time.time() - started, 1)}
