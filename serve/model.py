@@ -78,7 +78,8 @@ def replica_threads(threads: int, cpus: float) -> int:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (and the older RuntimeError it was), without importing torch here."""
+    """torch.cuda.OutOfMemoryError (a RuntimeError saying "out of memory" on older torch), without importing
+    torch here."""
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 

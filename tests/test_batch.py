@@ -313,7 +313,7 @@ def test_a_bad_scan_fails_only_its_patient(ray_session, scan_cohort, bundle, tmp
 
 
 def test_s3_scans_are_read_and_written_like_local_ones(ray_session, scan_cohort, bundle, s3, tmp_path):
-    from scan_support import read_nifti_bytes
+    from scan_support import read_nifti_bytes, voxel_ml
 
     from core.inference.predict import run
     from core.inference.predictor import Predictor
@@ -327,11 +327,17 @@ def test_s3_scans_are_read_and_written_like_local_ones(ray_session, scan_cohort,
     assert summary["segmented"] == ["studyC", "caseB"] and not summary["failed"]
     predictor = Predictor.from_bundle(str(bundle), "cpu", 8)
     run(predictor, [scan_cohort / "caseB_0000.nii.gz", scan_cohort / "studyC"], tmp_path / "ref")
+    voxels = {}
     for name in ("caseB", "studyC"):
         body = s3.get_object(Bucket=BUCKET, Key=f"scan-out/{name}/{name}_mask.nii.gz")["Body"].read()
         got, want = read_nifti_bytes(body), read_nifti_bytes((tmp_path / "ref" / f"{name}_mask.nii.gz").read_bytes())
         np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj))
         np.testing.assert_array_equal(got.affine, want.affine)
+        voxels[name] = int(np.count_nonzero(np.asanyarray(got.dataobj)))
     assert s3.head_object(Bucket=BUCKET, Key="scan-out/studyC/studyC_seg.dcm")["ContentLength"] > 0
     rows = read_csv(s3.get_object(Bucket=BUCKET, Key="scan-out/patients.csv")["Body"].read().decode())
-    assert [r["patient"] for r in rows] == ["studyC", "caseB"] and all(float(r["volume_ml"]) >= 0 for r in rows)
+    assert [r["patient"] for r in rows] == ["studyC", "caseB"]
+    # Each patient's mL is its written mask's voxels times the voxel volume; some tumour was found.
+    for r in rows:
+        assert float(r["volume_ml"]) == pytest.approx(voxels[r["patient"]] * voxel_ml(), rel=1e-6)
+    assert sum(voxels.values()) > 0

@@ -178,12 +178,12 @@ def test_failed_prepare_keeps_previous_output(synth_src: Path, tmp_path: Path) -
     src, stem = _copy(synth_src, tmp_path / "kaggle_3m")
     out = tmp_path / "prepared"
     prepare(src, out, val=1, test=1, progress=False)
-    before = (out / "split.json").read_bytes()
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     Path(f"{stem}_mask.tif").unlink()
     with pytest.raises(DataError):
         prepare(src, out, val=1, test=1, progress=False)
-    assert (out / "split.json").read_bytes() == before
-    assert load_split(out, "train").images.shape[0] > 0
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert len(load_split(out, "train")) == json.loads(before[Path("split.json")])["counts"]["train"]["slices"] > 0
 
 
 def test_cli_end_to_end_and_clear_errors(tmp_path: Path) -> None:

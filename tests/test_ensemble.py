@@ -106,7 +106,8 @@ def test_ensemble_through_onnx_sagemaker_and_serve(intact, ray_session, tmp_path
 
 
 def test_three_fold_cv_validates_every_patient_exactly_once(ray_session, prepared_dir, tmp_path):
-    from core.data.arrays import load_split
+    from core.data.arrays import SplitArrays, load_split
+    from core.evaluation.evaluate import evaluate_split
     from tune.cv import run_cv
 
     config = {**TINY_NET, "epochs": 1, "lr": 5e-3, "oversample": 0.5}
@@ -116,12 +117,19 @@ def test_three_fold_cv_validates_every_patient_exactly_once(ray_session, prepare
     flat = [p for f in folds for p in f]
     assert len(folds) == 3 and sorted(flat) == pool and len(flat) == len(set(flat))
     assert [r["fold"] for r in out["folds"]] == [0, 1, 2]
+    parts = [load_split(prepared_dir, split, mmap=False) for split in ("train", "val")]
+    pooled = SplitArrays(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("images", "masks", "patients",
+                                                                                    "slices")))
     for row in out["folds"]:
         bundle = load_bundle(tmp_path / "cv3" / "folds" / f"fold{row['fold']}")
         val_patients = set(folds[row["fold"]])
         # Each fold's bundle was validated on its fold and trained on the rest: its split says so.
-        assert row["patients"] == len(val_patients)
-        assert 0.0 <= row["val"]["dsc_volume"] <= 1.0 and bundle.config["data"]["split_hash"]
+        assert row["patients"] == len(val_patients) and bundle.config["data"]["split_hash"]
+        # Its recorded score is what the bundle scores on exactly its fold's patients (core's evaluation).
+        fold = pooled.select(np.flatnonzero(np.isin(np.asarray(pooled.patients).astype(str), list(val_patients))))
+        assert row["slices"] == len(fold)
+        assert evaluate_split(Predictor(bundle, "cpu"), fold)["dsc_volume"] == pytest.approx(
+            row["val"]["dsc_volume"], abs=1e-6)
         # Per patient, for paired comparisons of two CVs: exactly the fold's patients, and their mean is
         # the fold's dsc_volume (both from the bundle's own post-processed volume masks).
         per_patient = row["per_patient_dsc_volume"]
@@ -141,6 +149,7 @@ def test_three_fold_cv_validates_every_patient_exactly_once(ray_session, prepare
 
 def test_cv_over_train_alone_keeps_val_out_and_scores_the_fold_ensemble_there(ray_session, prepared_dir, tmp_path):
     from core.data.arrays import load_split
+    from core.evaluation.evaluate import evaluate_split
     from tune.cv import pool_splits, run_cv
 
     pool, _ = pool_splits(prepared_dir, "train")
@@ -153,7 +162,11 @@ def test_cv_over_train_alone_keeps_val_out_and_scores_the_fold_ensemble_there(ra
     out = run_cv(prepared_dir, "cv2", 2, config, tmp_path, pool_name="train")
     folds = json.loads((tmp_path / "cv2" / "folds.json").read_text())["folds"]
     assert sorted(p for f in folds for p in f) == sorted(train) and not val & {p for f in folds for p in f}
-    assert out["pool"] == "train" and 0.0 <= out["ensemble_val"]["dsc_volume"] <= 1.0
+    assert out["pool"] == "train"
+    # The ensemble's val figure is what the shipped ensemble bundle scores on val (core's evaluation).
+    ensemble = load_bundle(tmp_path / "cv2" / "ensemble")
+    assert evaluate_split(Predictor(ensemble, "cpu"), load_split(prepared_dir, "val"))["dsc_volume"] == (
+        pytest.approx(out["ensemble_val"]["dsc_volume"], abs=1e-6))
     assert out["summary"]["worst_patient_dsc_volume"] <= out["summary"]["dsc_volume"]["mean"]
-    metrics = load_bundle(tmp_path / "cv2" / "ensemble").metrics
+    metrics = ensemble.metrics
     assert "selected on this val split" in metrics["selection"]

@@ -136,14 +136,16 @@ def _bad_scans(patient, root: Path) -> dict[str, Path]:
 def test_a_bad_scan_is_a_clear_error_and_writes_nothing(kaggle, predictor, bundle, tmp_path, capsys):
     patient = next(read_patients(kaggle))
     bad = _bad_scans(patient, tmp_path / "in")
-    expected = {"nan": "NaN", "5d": "5 dimensions", "huge": "voxels", "gap": "gap in slice positions",
-                "two_flair": "2 series look like FLAIR", "bomb": "expands", "mixed": "ImageOrientationPatient",
-                "nopixels": "no pixel data", "uneven": "inconsistent slice spacing"}
+    # name -> (what the error says, its HTTP status: 413 too large, 422 readable but unusable)
+    expected = {"nan": ("NaN", 422), "5d": ("5 dimensions", 422), "huge": ("voxels", 413),
+                "gap": ("gap in slice positions", 422), "two_flair": ("2 series look like FLAIR", 422),
+                "bomb": ("expands", 413), "mixed": ("ImageOrientationPatient", 422),
+                "nopixels": ("no pixel data", 422), "uneven": ("inconsistent slice spacing", 422)}
     for name, path in bad.items():
         out = tmp_path / "out" / name
-        with pytest.raises(VolumeError, match=expected[name]) as err:
+        with pytest.raises(VolumeError, match=expected[name][0]) as err:
             run(predictor, [path], out)
-        assert 400 <= err.value.status < 500
+        assert err.value.status == expected[name][1], (name, err.value.status)
         assert not out.exists(), sorted(out.rglob("*"))
     code = dispatch("core", "", COMMANDS, ["predict", "--bundle", str(bundle), "--device", "cpu",
                                            str(bad["gap"]), "--out", str(tmp_path / "cli")])

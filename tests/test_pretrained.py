@@ -27,6 +27,8 @@ SPLIT = Path(__file__).resolve().parents[1] / "bench" / "results" / "real-lgg-te
 # dsc_volume floors (see the module docstring): the lossless test patients, and all 25 lossless patients.
 FLOOR_TEST, FLOOR_ALL = 0.85, 0.85  # measured 0.880 and 0.872 (2026-12-04, the routed ensemble)
 N_TEST = 5  # of the 20 test patients, these are among the 25 lossless ones
+# metrics.json's own test figures (all 20 test patients): whole volumes, and FLAIR standing in for pre/post.
+RECORDED_FLOOR, FLAIR_ONLY_FLOOR = 0.80, 0.70
 
 
 def test_shipped_bundle_is_small_documented_and_loads():
@@ -38,9 +40,21 @@ def test_shipped_bundle_is_small_documented_and_loads():
     card = (PRETRAINED / "MODEL_CARD.md").read_text()
     for needed in ("CC BY-NC-SA 4.0", "not for diagnosis", "dsc_volume", "Test split", "95% bootstrap", "routed"):
         assert needed in card, needed
-    test = bundle.metrics["test"]
-    assert 0.0 < test["dsc_volume"] <= 1.0 and set(test) >= {"dice_tumour", "fp_slice_rate"}
-    assert bundle.metrics["test_flair_only"]["dsc_volume"] > 0.0 and "review_below" in bundle.metrics["quality"]
+    test, per_patient = bundle.metrics["test"], bundle.metrics["test_per_patient"]
+    assert set(test) >= {"dice_tumour", "fp_slice_rate"} and "review_below" in bundle.metrics["quality"]
+    # Each recorded test figure is its per-patient summary over the whole test split (mean and worst, inside
+    # its interval), and the card's table prints exactly that.
+    n_test = len(json.loads(SPLIT.read_text())["patients"]["test"])
+    for key, path in (("test", "volume"), ("test_one_slice", "one_slice"), ("test_flair_only", "flair_only")):
+        summary, figures = per_patient[path], bundle.metrics[key]
+        assert summary["patients"] == n_test, path
+        assert figures["dsc_volume"] == pytest.approx(summary["mean"]), path
+        assert figures["dsc_volume_min"] == pytest.approx(summary["worst"]), path
+        low, high = summary["ci95"]
+        assert low <= summary["mean"] <= high, path
+        assert f"| {summary['mean']:.3f} [{low:.3f}, {high:.3f}] |" in card, path
+    # Far above an untrained network (about 0) and below the measured figures (0.856, 0.782).
+    assert test["dsc_volume"] >= RECORDED_FLOOR and bundle.metrics["test_flair_only"]["dsc_volume"] >= FLAIR_ONLY_FLOOR
     assert bundle.model.routed  # FLAIR-only members take scans without pre/post-contrast
 
 

@@ -95,7 +95,7 @@ def bundle(tmp_path_factory) -> Path:
 
 
 def test_serve_and_sagemaker_answer_the_same_json(ray_session, bundle, tmp_path) -> None:
-    from scan_support import nifti_scan
+    from scan_support import nifti_scan, voxel_ml
     from serve_support import serving
 
     from serve.app import ServeSettings
@@ -136,5 +136,6 @@ def test_serve_and_sagemaker_answer_the_same_json(ray_session, bundle, tmp_path)
         for key in ("volume_ml", "quality"):  # None for a slice stack's mL and a slice's quality
             a, b = serve_body[key], sm[key]
             assert (a is None and b is None) or a == pytest.approx(b, rel=1e-4), (name, key, a, b)
-    assert served["scan"]["input"] == "nifti" and served["scan"]["volume_ml"] is not None
+    assert served["scan"]["input"] == "nifti"  # the NIfTI's mL: its tumour voxels times the voxel volume
+    assert served["scan"]["volume_ml"] == pytest.approx(served["scan"]["tumour_pixels"] * voxel_ml(), rel=1e-6)
     assert served["stack"]["volume"] is True and served["slice"]["volume"] is False

@@ -10,6 +10,8 @@ import hashlib
 import io
 import logging
 import os
+import subprocess
+import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from bundle_factory import make_random_bundle, sample_images
-from reliability_support import Unpickled, pickled_blob, pickled_npy
+from reliability_support import pickled_blob, pickled_npy
 from serve_support import slice_files
 
 from core.formats import codecs
@@ -172,7 +174,16 @@ def test_pickled_inputs_are_refused_without_unpickling(url: str, bundle: Path, t
     with pytest.raises(Exception):  # noqa: B017 (safetensors raises its own error type)
         read_checkpoint(ckpt)
     assert not marker.exists(), "something unpickled an untrusted file"
-    assert isinstance(Unpickled(marker).__reduce__(), tuple)  # the payload does work when unpickled
+    # The payloads are live: unpickled in a fresh process (np.load with allow_pickle=True, pickle.loads),
+    # each creates its marker, so the refusals above are what kept ``marker`` from existing.
+    live = {"npy": tmp_path / "live_npy", "blob": tmp_path / "live_blob"}
+    (tmp_path / "live.npy").write_bytes(pickled_npy(live["npy"]))
+    (tmp_path / "live.pkl").write_bytes(pickled_blob(live["blob"]))
+    script = ("import pickle, sys, numpy as np; np.load(sys.argv[1], allow_pickle=True); "
+              "pickle.loads(open(sys.argv[2], 'rb').read())")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "live.npy"), str(tmp_path / "live.pkl")],
+                   check=True, cwd=tmp_path, timeout=60)
+    assert all(p.is_file() for p in live.values()), live
 
 
 # ------------------------------------------------------------------------------------- output names

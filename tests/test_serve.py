@@ -227,11 +227,15 @@ def test_client_cli(url: str, predictor, synth_src: Path, tmp_path: Path) -> Non
     np.testing.assert_array_equal(masks, predictor.predict(volume, volume=True))
     assert Image.open(out / f"{patient.name}_overlay.png").n_frames > 1
     assert json.loads((out / f"{patient.name}.json").read_text())["slices"] == len(files)
-    # A broken file fails alone (exit 1); the others are still written.
-    assert dispatch("python -m serve", "", MY_COMMANDS, ["predict", "--url", url, str(bad), str(files[1]),
+    # A broken file fails alone (exit 1); the others are still written, with the server's mask and its count.
+    busy = next(f for f in files if predictor.predict(tifffile.imread(f))[0].any())  # a slice with tumour
+    expected = predictor.predict(tifffile.imread(busy))[0]
+    assert dispatch("python -m serve", "", MY_COMMANDS, ["predict", "--url", url, str(bad), str(busy),
                                                           "--out", str(tmp_path / "out2")]) == 1
     summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
-    assert "error" in summary[0] and summary[1]["tumour_pixels"] >= 0
+    assert "error" in summary[0] and summary[1]["tumour_pixels"] == int(expected.sum()) > 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out2" / f"{busy.stem}_mask.png")) // 255,
+                                  expected)
 
 
 def test_client_onnx_needs_no_server(url: str, bundle: Path, synth_src: Path, tmp_path: Path) -> None:

@@ -204,7 +204,7 @@ def resolve_bundle(uri: str | os.PathLike, cache_dir: str | os.PathLike | None =
     digest = hashlib.sha256(raw)
     names = files
     if files is None:
-        log.info("%s records no file hashes (written before they were added); loading it unchecked", uri)
+        log.info("%s records no file hashes; loading it unchecked", uri)
         names = _remote_names(client, bucket, prefix, uri)
         digest.update(json.dumps(names, sort_keys=True).encode())
     root = Path(cache_dir) if cache_dir is not None else cache_root()

@@ -207,10 +207,10 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if config.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     files = listed_files(config, str(path))
-    if files is None:  # written before hashes were recorded: one network (ensembles came with the hashes)
+    if files is None:  # a bundle format without hashes: one network (every ensemble bundle records its hashes)
         if not (path / WEIGHTS).is_file():
             raise FileNotFoundError(f"{path / WEIGHTS}: missing; a bundle needs {WEIGHTS} and {CONFIG}")
-        log.info("%s: no file hashes in %s (written before they were recorded); loading it unchecked", path, CONFIG)
+        log.info("%s: no file hashes in %s; loading it unchecked", path, CONFIG)
     elif not remote:  # resolve_bundle has just checked a fetched copy; verify_files names a missing file
         verify_files(path, files)
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}

@@ -6,7 +6,6 @@ non-binary mask, unreadable TIFF, empty folder); nothing half-written is left be
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -267,7 +266,3 @@ def stack_patients(patients: list[Patient], size: tuple[int, int] = (0, 0)) -> S
         patients=np.concatenate([np.full(len(p.slices), p.id) for p in patients]),
         slices=np.concatenate([p.slices for p in patients]),
     )
-
-
-def summary_line(info: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in info["counts"].items()})

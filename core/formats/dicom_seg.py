@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -17,7 +15,6 @@ from pydicom.sr.codedict import codes
 
 from core.formats.dicom import missing_type2
 from core.formats.volume import Volume, VolumeError
-from core.io import atomic_write_bytes
 
 # SNOMED CT property types per class name; anything else is a generic tissue segment
 PROPERTY_TYPES = {
@@ -118,9 +115,3 @@ def dicom_seg_bytes(volume: Volume, masks: np.ndarray, class_names: Sequence[str
     buffer = io.BytesIO()
     dicom_seg(volume, masks, class_names, **kwargs).save_as(buffer, enforce_file_format=True)  # type: ignore[arg-type]
     return buffer.getvalue()
-
-
-def write_dicom_seg(path: str | os.PathLike, volume: Volume, masks: np.ndarray,
-                    class_names: Sequence[str] = ("background", "tumour"), **kwargs: object) -> Path:
-    atomic_write_bytes(path, dicom_seg_bytes(volume, masks, class_names, **kwargs))
-    return Path(path)

@@ -351,15 +351,3 @@ def nifti_mask_bytes(volume: Volume, masks: np.ndarray, labels: int = 1, compres
     """The mask as ``.nii.gz`` (or ``.nii``) bytes."""
     raw = nifti_mask_image(volume, masks, labels).to_bytes()
     return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
-
-
-def nifti_image_bytes(volume: Volume, compress: bool = True) -> bytes:
-    """The canonical uint8 slices as a 4D NIfTI (sequences on the last axis) on the source grid: what the
-    model saw, for a viewer to show under the mask."""
-    data = np.stack([volume.to_source(volume.images[..., c]) for c in range(volume.images.shape[-1])], axis=-1)
-    image = nib.Nifti1Image(data, volume.affine)
-    image.set_qform(volume.affine, code=1)
-    image.set_sform(volume.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    raw = image.to_bytes()
-    return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw

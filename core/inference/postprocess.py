@@ -4,8 +4,9 @@ Per slice, lesions below a minimum area (mm2) are removed; per patient, 3D compo
 volume (mm3) or whose mean tumour probability is below a minimum are removed (every component that
 passes is kept, so a large false positive never costs the tumour its place). The probability rule is
 what separates the confident tumours from the fainter false regions that no size rule can
-(heldout-findings: a 7,114-voxel false region beside a 2,493-voxel tumour). The older largest-component
-rule is honoured in bundles that chose it; selection no longer offers it.
+(heldout-findings: a 7,114-voxel false region beside a 2,493-voxel tumour). The largest-component rule
+is applied where a bundle's config names it, but selection does not offer it: beside a larger false
+positive it would remove the tumour itself.
 
 A rule never turns a volume in which the network found tumour into an empty mask
 (``postprocess_volume``): the answer is then the network's own mask, flagged for review. A rule that
