@@ -1,9 +1,10 @@
 """`python -m serve predict`: segment slices, patient folders and scans with a gliomaseg server (or ONNX).
 
 A file is one request: a single slice to ``/v1/segment``, a multi-page TIFF or NxHxWx3 .npy to
-``/v1/segment/volume``. A folder holding slice files (``*_mask.*`` excluded, sorted by the slice
-number) is one patient: its slices are stacked into one .npy volume request, so 3D post-processing
-sees the whole patient. Folders are searched recursively (``kaggle_3m/`` gives one volume per patient).
+``/v1/segment/volume``. A folder holding slice files (``*_mask.*`` excluded, in slice order as `core predict`
+stacks them: core.formats.cases.slice_order) is one patient: its slices are stacked into one .npy volume
+request with one intensity scale (codecs.stack_volume), so 3D post-processing sees the whole patient.
+Folders are searched recursively (``kaggle_3m/`` gives one volume per patient).
 
 A scan goes to ``/v1/segment/volume`` as it is: a NIfTI file (``.nii``, ``.nii.gz``), a zipped DICOM
 study (``.zip``), one DICOM file (``.dcm``), or a folder of DICOM files (a study, its series in subfolders
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from core.formats import codecs
+from core.formats.cases import slice_order
 from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}
@@ -60,10 +62,6 @@ def scan_type(path: Path) -> str | None:
     return next((t for ext, t in SCAN_TYPES.items() if name.endswith(ext)), None)
 
 
-def _natural(path: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
-
-
 def _is_slice(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SLICE_EXTS and not path.stem.lower().endswith("_mask")
 
@@ -73,8 +71,8 @@ def _walk(folder: Path, jobs: list[Job]) -> None:
     (recursively: its series may sit in subfolders) is one study; other subfolders are searched."""
     from core.formats.dicom_files import looks_like_dicom_dir  # pydicom loads only when folders come
 
-    files = sorted((f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")), key=_natural)
-    slices = [f for f in files if _is_slice(f)]
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    slices = slice_order(f for f in files if _is_slice(f))
     if slices:
         jobs.append(Job(folder, slices))
     scans = [f for f in files if scan_type(f) not in (None, SCAN_TYPES[".dcm"])]
@@ -159,10 +157,8 @@ def load(job: Job) -> tuple[bytes, str, np.ndarray, bool]:
         kind = codecs.EXTENSIONS.get(job.source.suffix.lower(), "")
         images = codecs.decode(data, kind, volume=True)  # the same rules the server applies
         return data, kind, images, len(images) > 1
-    slices = [codecs.read_file(str(f), volume=False)[0] for f in job.files]
-    if len({s.shape for s in slices}) > 1:
-        raise ValueError(f"{job.source}: slices differ in size; a volume needs one size")
-    images = np.stack(slices)
+    slices = [codecs.read_file(str(f), volume=False, raw=True)[0] for f in job.files]
+    images = codecs.stack_volume(slices, [str(f) for f in job.files])
     return codecs.encode_npy(images), codecs.NPY, images, True
 
 

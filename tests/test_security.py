@@ -210,9 +210,9 @@ def test_output_names_stay_inside_out(url: str, bundle: Path, synth_src: Path, t
     inputs = tmp_path / "in"
     patient = inputs / "..\\..\\patient"
     patient.mkdir(parents=True)
-    for name in EVIL_NAMES:
+    for k, name in enumerate(EVIL_NAMES, 1):  # one slice number each: a patient's slices need an order
         (inputs / name).write_bytes(source)
-        (patient / name.replace(".tif", "_1.tif")).write_bytes(source)
+        (patient / name.replace(".tif", f"_{k}.tif")).write_bytes(source)
     files = [inputs / n for n in EVIL_NAMES] + [inputs / "x" / ".." / EVIL_NAMES[0]]
     (inputs / "x").mkdir()
     before = _tree(tmp_path)

@@ -7,7 +7,7 @@ core import those directly; this one only gathers their public names.
 
 from __future__ import annotations
 
-from core.formats.decoders import DEFAULT_MAX_PAGES, DEFAULT_MAX_PIXELS, decode, read_file
+from core.formats.decoders import DEFAULT_MAX_PAGES, DEFAULT_MAX_PIXELS, decode, read_file, stack_volume
 from core.formats.encoders import (
     data_url,
     encode_mask_png,
@@ -26,5 +26,5 @@ __all__ = [
     "DEFAULT_MAX_PAGES", "DEFAULT_MAX_PIXELS", "EXTENSIONS", "JSON", "MEDIA_ALIASES", "NPY", "OVERLAY_COLOURS", "PNG",
     "SNIFFED", "TIFF", "DecodeError", "data_url", "decode", "encode_animation", "encode_mask_png", "encode_npy",
     "encode_overlay_png", "encode_png", "encode_tiff", "encode_volume_tiff", "mask_scale", "media_type",
-    "overlay", "read_file", "rle_decode", "rle_encode", "sniff",
+    "overlay", "read_file", "rle_decode", "rle_encode", "sniff", "stack_volume",
 ]

@@ -3,8 +3,10 @@
 Pure functions over bytes and numpy arrays (numpy, tifffile, PIL and the standard library). Every size
 limit is checked against the headers (TIFF page tags, PNG IHDR, .npy header) BEFORE any pixel data is
 decoded, so a small file that claims a huge image costs nothing. ``.npy`` is parsed by hand from its header
-and never unpickled. uint16 input is rescaled per channel by the request's maximum. What a body is (its
-media type) is core.formats.media; the refusals are its DecodeError.
+and never unpickled. uint16 input maps to uint8 by one rule for a whole volume (core.formats.intensity, as
+NIfTI and DICOM scans): a request's slices together, or one patient's slice files together (``stack_volume``
+over files decoded with ``raw=True``); only a slice sent alone is its own scope. What a body is (its media
+type) is core.formats.media; the refusals are its DecodeError.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from core.formats.intensity import to_uint8
 from core.formats.media import EXTENSIONS, NPY, PNG, DecodeError, media_type
 
 DEFAULT_MAX_PIXELS = 1 << 25  # 512 slices of 256x256 per request
@@ -47,8 +51,10 @@ def decode(
     max_pages: int = DEFAULT_MAX_PAGES,
     min_size: int = 32,
     max_size: int = 1024,
+    raw: bool = False,
 ) -> np.ndarray:
-    """Request bytes -> (N,H,W,3) uint8 slices. ``volume=False`` demands exactly one slice.
+    """Request bytes -> (N,H,W,3) uint8 slices. ``volume=False`` demands exactly one slice. ``raw=True``
+    keeps uint16 as it is, for a caller that stacks several files into one volume (``stack_volume``).
 
     Raises DecodeError: 400 undecodable, 413 too large, 415 unsupported type, 422 wrong shape/dtype.
     """
@@ -71,7 +77,10 @@ def decode(
     slices = [_to_hwc(s, i) for i, s in enumerate(slices)]
     if len({s.shape for s in slices}) > 1:
         raise _shape(f"slices differ in shape: {sorted({s.shape[:2] for s in slices})}")
-    return _to_uint8(np.stack(slices))
+    stack = np.stack(slices)
+    if raw:
+        return stack.astype(stack.dtype.newbyteorder("="), copy=False)
+    return volume_uint8(stack)
 
 
 @dataclass(frozen=True)
@@ -230,24 +239,45 @@ def _to_hwc(arr: np.ndarray, i: int) -> np.ndarray:
     return arr
 
 
-def _to_uint8(stack: np.ndarray) -> np.ndarray:
-    """uint16 -> uint8 scaled per channel by the request's maximum (MRI intensities have no fixed range)."""
+def volume_uint8(stack: np.ndarray) -> np.ndarray:
+    """(N,H,W,3) uint8 or uint16 slices of one volume (or one slice) -> uint8. uint8 stays as it is; uint16
+    maps per channel by core.formats.intensity's percentile window over the whole stack, so every slice of a
+    volume shares one scale (MRI intensities have no fixed range, and a hot pixel must not darken its slice)."""
     if stack.dtype == np.uint8:
         return np.ascontiguousarray(stack)
     if stack.dtype.newbyteorder("=") != np.dtype(np.uint16):
         raise _shape(f"dtype {stack.dtype} is not supported; send uint8 or uint16")
-    peak = stack.reshape(-1, stack.shape[-1]).max(0).astype(np.float32)
-    scale = np.where(peak > 0, 255.0 / np.maximum(peak, 1), 0.0).astype(np.float32)
     out = np.empty(stack.shape, np.uint8)
-    for i, s in enumerate(stack):  # slice by slice: a float copy of a whole volume would be 4x its size
-        out[i] = np.rint(s.astype(np.float32) * scale).clip(0, 255)
+    for c in range(stack.shape[-1]):
+        # a grey slice is one channel repeated: map it once
+        same = next((d for d in range(c) if np.array_equal(stack[..., d], stack[..., c])), None)
+        out[..., c] = out[..., same] if same is not None else to_uint8(stack[..., c])
     return out
 
 
-def read_file(path: str, *, volume: bool = False, **limits: Any) -> np.ndarray:
-    """Decode a local file by its extension, with the same rules and limits as a request."""
+def stack_volume(slices: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """One patient's slice files, each decoded with ``raw=True`` into (H,W,3) slices (``names[i]`` the file of
+    ``slices[i]``, for errors), as one (N,H,W,3) uint8 volume: one size, one bit depth, one intensity scale.
+
+    Raises DecodeError (422) naming the first file that differs from the first slice in size or bit depth.
+    """
+    if not slices:
+        raise _shape("a volume needs at least one slice")
+    first = slices[0]
+    for name, s in zip(names, slices, strict=True):
+        if s.shape != first.shape:
+            raise _shape(f"{name}: slice of {s.shape[0]}x{s.shape[1]}, but {names[0]} is "
+                         f"{first.shape[0]}x{first.shape[1]}; a volume needs one size")
+        if s.dtype.itemsize != first.dtype.itemsize:
+            raise _shape(f"{name}: {8 * s.dtype.itemsize}-bit, but {names[0]} is {8 * first.dtype.itemsize}-bit; "
+                         "a volume's slices need one bit depth (one intensity scale)")
+    return volume_uint8(np.stack(slices))
+
+
+def read_file(path: str, *, volume: bool = False, raw: bool = False, **limits: Any) -> np.ndarray:
+    """Decode a local file by its extension, with the same rules and limits as a request (``raw``: as decode)."""
     with open(path, "rb") as f:
         data = f.read()
     suffix = os.path.splitext(path)[1].lower()  # unknown or none: sniffed from the magic bytes
-    return decode(data, EXTENSIONS.get(suffix, ""), volume=volume, **limits)
+    return decode(data, EXTENSIONS.get(suffix, ""), volume=volume, raw=raw, **limits)
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
+from core.formats.intensity import to_uint8
 from core.formats.media import DecodeError
 
 SEQUENCES = ("pre", "flair", "post")  # channel order of the model's input (the Kaggle TIFFs)
@@ -31,7 +32,6 @@ SEQUENCE_TITLES = {"pre": "pre-contrast", "flair": "FLAIR", "post": "post-contra
 # axis codes): rows toward posterior and columns toward the left are the DICOM display orientation.
 CANONICAL_AXES = ("S", "P", "L")
 PLANES = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "L": "sagittal", "R": "sagittal"}
-PERCENTILES = (0.5, 99.5)  # of the nonzero voxels, to 0..255: how uint8 slices are made from a scan
 RESCALES = ("auto", "percentile", "none")
 
 
@@ -240,20 +240,6 @@ def acquisition_plane(affine: np.ndarray) -> str:
     return PLANES[codes[int(axis)]]
 
 
-def to_uint8(x: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
-    """One channel of one volume -> uint8: the percentiles of its nonzero voxels to 0..255, zero kept
-    zero (the background of a skull-stripped scan), as the Kaggle slices were made from the scans."""
-    x = np.asarray(x, np.float32)
-    nonzero = x != 0
-    out = np.zeros(x.shape, np.uint8)
-    if not nonzero.any():
-        return out
-    lo, hi = np.percentile(x[nonzero], percentiles)
-    scaled = np.clip((x - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0) * 255.0
-    out[nonzero] = np.round(scaled[nonzero]).astype(np.uint8)
-    return out
-
-
 def check_finite(array: np.ndarray, where: str) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -275,9 +261,10 @@ def build_volume(
 ) -> Volume:
     """Source-grid sequences (each (I,J,K), one grid, keys from SEQUENCES) -> a canonical Volume.
 
-    ``rescale``: ``percentile`` (PERCENTILES of the nonzero voxels to 0..255), ``none`` (the values are
-    already 0..255 display levels, as in a volume built from Kaggle slices), or ``auto``: ``none`` for
-    uint8 data, ``percentile`` otherwise. A missing pre- or post-contrast sequence is FLAIR's copy.
+    ``rescale``: ``percentile`` (core.formats.intensity.to_uint8: percentiles of the nonzero voxels to
+    0..255), ``none`` (the values are already 0..255 display levels, as in a volume built from Kaggle
+    slices), or ``auto``: ``none`` for uint8 data, ``percentile`` otherwise. A missing pre- or
+    post-contrast sequence is FLAIR's copy.
     """
     if rescale not in RESCALES:
         raise ValueError(f"rescale {rescale!r} is not one of {', '.join(RESCALES)}")

@@ -1,10 +1,11 @@
 """What `core predict` (and `serve batch`) make of their inputs: one job per slice file, patient folder or
 scan, with safe output names, and how scans are read (ScanOptions).
 
-A file is a single-slice job; a folder of TIFF/PNG slices is one patient's volume (slices in numeric order,
-``slice_key``); a folder of such folders one volume each; NIfTI files are grouped into cases by
-core.formats.cases (nnU-Net channel files together); a DICOM study is a folder or a ``.zip``. Output names
-have every path part and unusual character removed, so nothing is written outside the output folder.
+A file is a single-slice job; a folder of TIFF/PNG slices is one patient's volume (in the order of
+core.formats.cases.slice_order, as every path stacks them); a folder of such folders one volume each; NIfTI
+files are grouped into cases by core.formats.cases (nnU-Net channel files together); a DICOM study is a
+folder or a ``.zip``. Output names have every path part and unusual character removed, so nothing is
+written outside the output folder.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.formats.cases import is_nifti_name
+from core.formats.cases import is_nifti_name, slice_order
 
 if TYPE_CHECKING:
     from core.formats.volume import Limits
 
 SUFFIXES = (".tif", ".tiff", ".png")
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
-_NUMBER = re.compile(r"(\d+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -43,16 +43,10 @@ def safe_name(name: str) -> str:
     return cleaned[:120] or "input"
 
 
-def slice_key(path: PurePath) -> tuple[int, str]:
-    """Sort key of a slice file: the number its stem ends with (``<patient>_12.tif`` is 12), then its name."""
-    m = _NUMBER.search(path.stem)
-    return (int(m.group(1)) if m else -1, path.name)
-
-
 def _images_in(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
-             and not p.stem.endswith("_mask") and not p.name.startswith(".")]
-    return sorted(files, key=slice_key)
+    """A folder's TIFF/PNG slices (masks and hidden files left out) in slice order; ValueError if unorderable."""
+    return slice_order(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+                       and not p.stem.endswith("_mask") and not p.name.startswith("."))
 
 
 def _scan_kind(path: Path) -> str | None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.formats.decoders import read_file
+from core.formats.decoders import read_file, stack_volume
 from core.formats.encoders import encode_mask_png, mask_scale
 from core.formats.overlays import encode_overlay_png
 from core.inference.jobs import Job, ScanOptions, collect_jobs, safe_name
@@ -31,14 +31,27 @@ COLUMNS = ["input", "mask", "tumour_pixels", "volume_ml", "quality", "review", "
 LOCAL_MAX_SIZE, LOCAL_MAX_PAGES = 4096, 4096
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, raw: bool = False) -> np.ndarray:
     """(N,H,W,3) uint8 slices of one TIFF/PNG file (a multi-page TIFF is a volume), via core.formats.codecs.
 
     Same decoding rules as the HTTP API (uint16 rescaled, grey replicated to 3 channels), with limits
-    wide enough for local files.
+    wide enough for local files; ``raw=True`` keeps uint16 for ``stack_volume`` to scale a patient's files as one.
     """
     return read_file(str(path), volume=True, max_size=LOCAL_MAX_SIZE, max_pages=LOCAL_MAX_PAGES,
-                     max_pixels=LOCAL_MAX_SIZE * LOCAL_MAX_SIZE * 64)
+                     max_pixels=LOCAL_MAX_SIZE * LOCAL_MAX_SIZE * 64, raw=raw)
+
+
+def read_slices(job: Job) -> tuple[list[tuple[Path, str]], np.ndarray]:
+    """A slice job's (input file, output stem) per slice and its (N,H,W,3) uint8 slices: a patient folder's
+    files (or a multi-page TIFF's pages) become one volume, one intensity scale for all (``stack_volume``)."""
+    entries: list[tuple[Path, str]] = []
+    pages: list[np.ndarray] = []
+    for path in job.paths:
+        slices = read_image(path, raw=True)
+        stem = safe_name(path.stem) if job.volume else job.name
+        entries += [(path, stem if len(slices) == 1 else f"{stem}_{i + 1}") for i in range(len(slices))]
+        pages += list(slices)
+    return entries, stack_volume(pages, [str(path) for path, _ in entries])
 
 
 def _run_scan(predictor: SlicePredictor, job: Job, out: Path, options: ScanOptions) -> dict[str, object]:
@@ -81,23 +94,18 @@ def run(predictor: SlicePredictor, inputs: list[Path], out: Path, options: ScanO
         if job.kind != "slices":
             rows.append(_run_scan(predictor, job, out, options))
             continue
-        # (input file, output stem, slice): a multi-page TIFF gives several slices of one file
-        entries: list[tuple[Path, str, np.ndarray]] = []
-        for path in job.paths:
-            slices = read_image(path)
-            stem = safe_name(path.stem) if job.volume else job.name
-            entries += [(path, stem if len(slices) == 1 else f"{stem}_{i + 1}", s) for i, s in enumerate(slices)]
+        entries, images = read_slices(job)  # a multi-page TIFF gives several slices of one file
         volume = job.volume or len(entries) > 1
         quality: object = ""
         review = ""
         if volume:
-            answer = predictor.segment([e[2] for e in entries])
+            answer = predictor.segment(images)
             masks, quality = answer.masks, answer.quality
             review = review_label(answer.review)
         else:
-            masks = predictor.predict([e[2] for e in entries])
+            masks = predictor.predict(images)
         target = out / job.name if volume else out
-        for (path, stem, image), mask in zip(entries, masks, strict=True):
+        for (path, stem), image, mask in zip(entries, images, masks, strict=True):
             atomic_write_bytes(target / f"{stem}_mask.png", encode_mask_png(mask, scale))
             atomic_write_bytes(target / f"{stem}_overlay.png", encode_overlay_png(image, mask))
             rows.append({"input": str(path), "mask": (target / f"{stem}_mask.png").relative_to(out).as_posix(),

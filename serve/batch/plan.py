@@ -15,19 +15,26 @@ log = logging.getLogger("serve.batch")
 
 
 def plan(src: Store) -> list[dict[str, Any]]:
-    """One job per patient: a folder of slices (numeric order; masks where every slice has one), a NIfTI
-    case or a DICOM study (a folder, or a zip at the top). Names are made unique in a stable order."""
+    """One job per patient: a folder of slices (in slice order, core.formats.cases.slice_order; masks where
+    every slice has one), a NIfTI case or a DICOM study (a folder, or a zip at the top). Names are made unique
+    in a stable order. A folder whose slices cannot be ordered is a job carrying its ``error``: that patient
+    fails, named, and the rest of the cohort runs."""
     from core.data.prepare import patient_id
-    from core.inference.jobs import SUFFIXES, safe_name, slice_key
+    from core.formats.cases import slice_order
+    from core.inference.jobs import SUFFIXES, safe_name
 
     top, folders = src.tree()
     jobs: list[dict[str, Any]] = []
     for folder, everything in folders.items():
         names = [n for n in everything if "/" not in n]
         present = set(names)
-        images = sorted((n for n in names if PurePosixPath(n).suffix.lower() in SUFFIXES
-                         and not PurePosixPath(n).stem.endswith("_mask") and not n.startswith(".")),
-                        key=lambda n: slice_key(PurePosixPath(n)))
+        images = sorted(n for n in names if PurePosixPath(n).suffix.lower() in SUFFIXES
+                        and not PurePosixPath(n).stem.endswith("_mask") and not n.startswith("."))
+        error = ""
+        try:
+            images = slice_order(images)
+        except ValueError as exc:
+            error = f"{src.where(folder)}: {exc}"
         if not images:
             found = scans.folder_jobs(src, folder, everything)
             if not found:
@@ -41,7 +48,7 @@ def plan(src: Store) -> list[dict[str, Any]]:
         if any(masks) and not all(masks):
             log.warning("%s: masks for %d of %d slices; no metrics for this patient",
                         src.where(folder), sum(map(bool, masks)), len(images))
-        jobs.append({"patient": folder, "name": folder, "id": patient_id(folder), "kind": "slices",
+        jobs.append({"patient": folder, "name": folder, "id": patient_id(folder), "kind": "slices", "error": error,
                      "images": images, "masks": masks if all(masks) else [],
                      "outputs": [f"{safe_name(PurePosixPath(n).stem)}_mask.tif" for n in images]})
     jobs += scans.top_jobs(top)

@@ -17,9 +17,9 @@ import numpy as np
 
 # Light imports only: the read and write tasks load this module, and must not pay for torch.
 from core.evaluation.metrics import segmentation_metrics
-from core.formats.decoders import decode
+from core.formats.decoders import decode, stack_volume
 from core.formats.encoders import encode_tiff, mask_scale
-from core.formats.media import EXTENSIONS
+from core.formats.media import EXTENSIONS, DecodeError
 from core.inference.results import result_json
 from serve.batch import scans
 from serve.batch.store import Store
@@ -28,27 +28,36 @@ MAX_SIZE = 4096  # pixels a side, as `core predict` allows for local files (requ
 
 
 def _decode(name: str, data: bytes) -> np.ndarray:
-    """(H,W,3) uint8 from one slice file, by core.formats.codecs' rules (uint16 rescaled, grey to 3 channels)."""
+    """(H,W,3) from one slice file, by core.formats.codecs' rules (grey to 3 channels), uint16 kept as it is:
+    a patient's slices are scaled together (stack_volume), a mask's values are labels."""
     pages = decode(data, EXTENSIONS.get(PurePosixPath(name).suffix.lower(), ""), volume=True,
-                   max_size=MAX_SIZE, max_pages=64, max_pixels=64 * MAX_SIZE * MAX_SIZE)
+                   max_size=MAX_SIZE, max_pages=64, max_pixels=64 * MAX_SIZE * MAX_SIZE, raw=True)
     if len(pages) != 1:
         raise ValueError(f"{len(pages)} pages; expected one slice per file")
     return pages[0]
 
 
 def _truth(data: bytes, name: str, shape: tuple[int, ...], classes: int) -> np.ndarray:
-    """A ground-truth mask as `core data prepare` reads it: 0/255 (or 0/1) -> 0/1, labels 0..K as they are."""
+    """A ground-truth mask as `core data prepare` reads it: 0/255 (or 0/1) -> 0/1, labels 0..K as they are;
+    a 16-bit binary mask may use any one foreground value."""
     mask = _decode(name, data)[..., 0]
     if mask.shape != shape:
         raise ValueError(f"mask of {mask.shape}, its image is {shape}")
     values = set(np.unique(mask).tolist())
     if classes == 1:
-        if not (values <= {0, 255} or values <= {0, 1}):
+        foreground = values - {0}
+        if len(foreground) > 1 or (mask.dtype == np.uint8 and not foreground <= {1, 255}):
             raise ValueError(f"non-binary mask (values {sorted(values)[:8]}), expected 0/255")
         return (mask > 0).astype(np.uint8)
     if max(values) > classes:
         raise ValueError(f"label {max(values)} outside 0..{classes}")
-    return mask
+    return mask.astype(np.uint8)
+
+
+def _empty(meta: dict[str, Any]) -> dict[str, Any]:
+    """The row of a patient that failed before prediction (``meta`` names why)."""
+    return {"meta": json.dumps(meta), "images": np.zeros((0, 1, 1, 3), np.uint8),
+            "truth": np.zeros((0, 1, 1), np.uint8)}
 
 
 def _read_scan(job: dict[str, Any], src: Store, options: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +70,7 @@ def _read_scan(job: dict[str, Any], src: Store, options: dict[str, Any]) -> dict
     except Exception as exc:  # VolumeError names the problem; S3 and OS errors name the file
         named = scans.named_files(job, src)
         meta.update(error=f"{', '.join(named)}: {exc}", bad_files=named)
-        return {"meta": json.dumps(meta), "images": np.zeros((0, 1, 1, 3), np.uint8),
-                "truth": np.zeros((0, 1, 1), np.uint8)}
+        return _empty(meta)
     return {"meta": json.dumps(meta), "images": volume.images, "truth": np.zeros((0, 1, 1), np.uint8)}
 
 
@@ -72,6 +80,10 @@ def read_patient(row: dict[str, Any], src: Store, classes: int, scan_options: di
     job = json.loads(row["job"])
     if job["kind"] != "slices":
         return _read_scan(job, src, scan_options or {})
+    meta = {k: job[k] for k in ("patient", "name", "id", "outputs", "kind")}
+    if job.get("error"):  # slices the plan could not order (core.formats.cases.slice_order): its message
+        meta.update(error=job["error"], bad_files=[src.where(job["patient"])], has_truth=False)
+        return _empty(meta)
     images: list[np.ndarray] = []
     truth: list[np.ndarray] = []
     bad: list[str] = []
@@ -91,13 +103,17 @@ def read_patient(row: dict[str, Any], src: Store, classes: int, scan_options: di
                 truth.append(_truth(src.read(mask_rel), job["masks"][i], image.shape[:2], classes))
             except Exception as exc:
                 bad.append(f"{src.where(mask_rel)}: {exc}")
-    meta = {k: job[k] for k in ("patient", "name", "id", "outputs", "kind")}
+    volume = None
+    if not bad:
+        try:  # one intensity scale for the whole patient, as `core predict` and `serve predict` stack it
+            volume = stack_volume(images, [src.where(f"{job['patient']}/{n}") for n in job["images"]])
+        except DecodeError as exc:  # its detail starts with the file it names
+            bad.append(exc.detail)
     meta.update(error="; ".join(bad), bad_files=[b.split(": ", 1)[0] for b in bad],
                 has_truth=bool(job["masks"]) and not bad)
-    if bad:  # a volume with a hole would be post-processed wrongly: the patient waits for a rerun
-        return {"meta": json.dumps(meta), "images": np.zeros((0, 1, 1, 3), np.uint8),
-                "truth": np.zeros((0, 1, 1), np.uint8)}
-    return {"meta": json.dumps(meta), "images": np.stack(images),
+    if volume is None:  # a volume with a hole would be post-processed wrongly: the patient waits for a rerun
+        return _empty(meta)
+    return {"meta": json.dumps(meta), "images": volume,
             "truth": np.stack(truth) if truth else np.zeros((0, 1, 1), np.uint8)}
 
 
