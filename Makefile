@@ -16,7 +16,7 @@ export WANDB_MODE ?= disabled
 export AWS_DEFAULT_REGION ?= us-east-1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint browser clean
+.PHONY: venv demo test lint browser clean gpu-campaign gpu-campaign-pack
 
 venv: $(STAMP)
 
@@ -67,6 +67,23 @@ test: $(STAMP) browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The GPU campaign (bench/gpu_campaign.py, bench/README.md): the study's folds trained at full size on a lent
+# GPU machine without Ray. Here: `make gpu-campaign-pack` writes $(GPU_CARRY) (the pool's patients, restore.py,
+# folds.json, wheels). There, as the one command of a `run` call carrying $(GPU_CARRY): `make gpu-campaign`
+# installs the wheels beside the image's torch and writes $(GPU_OUT) ($$OUT there).
+GPU_CARRY ?= runs/gpu-carry
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/gpu-campaign-site
+GPU_OUT ?= $(or $(OUT),runs/gpu-campaign-out)
+
+gpu-campaign-pack: $(STAMP)
+	$(PY) bench/gpu_campaign.py --make-pack $(GPU_CARRY)
+
+gpu-campaign:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) \
+		$(GPU_CARRY)/wheels/*.whl
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) bench/gpu_campaign.py --carry $(GPU_CARRY) --out $(GPU_OUT)
 
 clean:
 	rm -rf $(DEMO_DIR) runs .pytest_cache
