@@ -54,9 +54,11 @@ def study(ray_session, synth_src, tmp_path_factory) -> tuple[dict, argparse.Name
     readme = root / "README.md"
     readme.write_text(f"# title\n\n{README_BEGIN}\nold\n{README_END}\n\nafter\n")
     args = argparse.Namespace(
-        src=synth_src, data=None, out=root / "out", config=config, set=[], test_split=None, test=3.0, folds=3,
+        src=synth_src, data=None, out=root / "out", config=config, folds_from=None, set=[], test_split=None, test=3.0,
+        folds=3,
         folds_file=None, seed=0, cpus_per_trial=1.0, gpus_per_trial=0.0, versus=None, name="gliomaseg-smoke",
-        note="", readings_before=0, record=root / "record.json", export=root / "bundle", readme=readme)
+        note="", data_licence="synthetic", readings_before=0, record=root / "record.json", export=root / "bundle",
+        readme=readme)
     return run_study(args), args
 
 
@@ -141,3 +143,28 @@ def test_versus_leaves_the_test_split_unread_unless_the_study_wins_by_cv(study) 
         run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None,
                                         "versus": tied}))
     assert "test" not in json.loads((args.out / "study.json").read_text())
+
+
+def test_folds_from_takes_fold_models_trained_elsewhere_and_checks_their_patients(study, tmp_path) -> None:
+    import shutil
+
+    from tune.study import run_study
+
+    record, args = study
+    elsewhere = tmp_path / "campaign"  # bench/gpu_campaign.py --unpack's layout
+    shutil.copytree(args.out / "cv" / "folds", elsewhere)
+    shutil.copy(args.out / "cv" / "folds.json", elsewhere / "folds.json")
+    finished = run_study(argparse.Namespace(**{
+        **vars(args), "src": None, "data": args.out / "prepared", "test_split": args.out / "test-split.json",
+        "config": None, "folds_from": elsewhere, "out": tmp_path / "out", "record": None, "readme": None,
+        "export": None}))
+    assert finished["cv"]["per_patient_dsc_volume"] == record["cv"]["per_patient_dsc_volume"]  # the same models
+    assert finished["test"]["per_patient_dsc_volume"] == record["test"]["per_patient_dsc_volume"]
+    metrics = json.loads((elsewhere / "fold0" / "metrics.json").read_text())
+    wrong = {**metrics, "train_patients": metrics["val_patients"]}
+    (elsewhere / "fold0" / "metrics.json").write_text(json.dumps(wrong))
+    with pytest.raises(SystemExit, match="not trained on exactly the pool minus fold 0"):
+        run_study(argparse.Namespace(**{**vars(args), "src": None, "data": args.out / "prepared",
+                                        "test_split": args.out / "test-split.json", "config": None,
+                                        "folds_from": elsewhere, "out": tmp_path / "out2", "record": None,
+                                        "readme": None, "export": None}))

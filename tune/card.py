@@ -129,12 +129,19 @@ def model_card(record: dict[str, Any], record_path: str) -> str:
         f"\n- Against `{versus['record']}` on the same folds (paired per-patient CV dsc_volume, this minus that): "
         f"{versus['mean']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}] ({versus['verdict']}).")
     test = record["test"]
+    licence = f"\nTraining data: {record['data']}." if record.get("data") else ""
+    active = {k: v for k, v in choices["postprocess"].items() if v}
+    rules = f"`{json.dumps(active)}`" if active else "none"
+    train = "not recorded" if "training_process_cpu_seconds" not in compute else (
+        f"{compute['training_process_cpu_seconds'] / 3600:.2f} process CPU hours,\n  "
+        f"{compute['training_fold_wall_seconds'] / 3600:.2f} fold wall-clock hours summed over folds\n  "
+        f"({compute['epochs']} epochs)")
     return f"""# gliomaseg LGG FLAIR-abnormality segmentation model (`{record['bundle']['version']}`)
 
 **Intended use: research and software development only. Not a medical device; not for diagnosis or
 treatment decisions.** It segments FLAIR abnormality in axial brain MRI of lower-grade glioma patients:
 three channels (pre-contrast, FLAIR, post-contrast), 8-bit, any size, standardised and cropped per patient
-(send whole volumes). Every volume answer carries `quality` (0-1) and `review`.
+(send whole volumes). Every volume answer carries `quality` (0-1) and `review`.{licence}
 
 ## Test split (nothing was chosen on it)
 {record['note'] + chr(10) if record.get('note') else ''}
@@ -150,12 +157,10 @@ three channels (pre-contrast, FLAIR, post-contrast), 8-bit, any size, standardis
 {record['bundle']['kind']}, by `python -m tune study` ({record['protocol']}).
 - {lines['cv']}
 - Chosen on those predictions: threshold {choices['threshold']}, TTA `{choices['tta']}`, post-processing
-  `{json.dumps({k: v for k, v in choices['postprocess'].items() if v})}` (empty: none), quality method
+  {rules}, quality method
   `{quality['method']}` with review below {quality['review_below']}. Each is the simplest candidate whose
   paired per-patient difference from the best is not significant.{versus_line}
-- Training compute: {compute['training_process_cpu_seconds'] / 3600:.2f} process CPU hours,
-  {compute['training_fold_wall_seconds'] / 3600:.2f} fold wall-clock hours summed over folds
-  ({compute['epochs']} epochs).
+- Training compute: {train}.
 - Record: `{record_path}`.
 
 Hyperparameters of each fold model:

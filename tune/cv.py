@@ -151,7 +151,9 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
         bundle = run_dir / "folds" / f"fold{k}"
         with trial["checkpoint"].as_directory() as folder:
             results.export_trial(Path(folder), {x: v for x, v in trial["config"].items() if x != "fold"}, bundle,
-                                 train, val, fold_info, "gliomaseg-cv-fold", {"fold": k})
+                                 train, val, fold_info, "gliomaseg-cv-fold",
+                                 {"fold": k, "train_patients": fold_info["patients"]["train"],
+                                  "val_patients": fold_info["patients"]["val"]})
         metrics = read_json(bundle / "metrics.json")
         # Each patient's own dsc_volume, so two CVs on the same folds compare patient by patient.
         pred = predict_split(Predictor.from_bundle(bundle, "cpu"), val)

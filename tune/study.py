@@ -8,7 +8,8 @@
    directory instead of ``--src``.
 2. K-fold CV on the rest, one Ray Tune trial per fold (``tune cv``; a killed study resumes where it
    stopped). Each fold model is trained for the configuration's epochs and kept at its last epoch, so no
-   fold's weights are chosen on the patients it predicts.
+   fold's weights are chosen on the patients it predicts. ``--folds-from DIR`` takes fold models trained
+   elsewhere instead (bench/gpu_campaign.py, unpacked), checked to be trained on the pool minus their fold.
 3. Out-of-fold predictions of every pool patient (core.evaluation.oof), and on them the threshold, TTA,
    volume and one-slice rules, quality method and review cut (core.evaluation.choices: among the
    candidates not significantly worse than the best, paired per patient, the simplest).
@@ -80,6 +81,31 @@ def study_config(config_file: Path, sets: dict[str, Any]) -> dict[str, Any]:
     from tune.cv import base_config
 
     return base_config(config_file, None, {**sets, **STUDY_FIXED})
+
+
+def folds_from(directory: Path, pool: SplitArrays) -> tuple[dict[str, Any], list[list[str]], list[Path]]:
+    """Fold models trained elsewhere (bench/gpu_campaign.py): ``DIR/folds.json``, ``DIR/fold{k}/`` bundles
+    and ``DIR/timing.json``; each must have been trained on exactly the pool minus its fold, at its last epoch."""
+    folds = read_json(directory / "folds.json")["folds"]
+    bundles = [directory / f"fold{k}" for k in range(len(folds))]
+    pool_ids = set(np.unique(np.asarray(pool.patients).astype(str)).tolist())
+    if sorted(p for f in folds for p in f) != sorted(pool_ids):
+        raise SystemExit(f"{directory}/folds.json: its folds do not cover this study's pool exactly once")
+    per_fold, configs = [], []
+    for k, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
+        metrics, config = read_json(bundle / "metrics.json"), read_json(bundle / "config.json")
+        trained_on = metrics.get("train_patients")
+        if trained_on is None or sorted(trained_on) != sorted(pool_ids - set(fold)):
+            raise SystemExit(f"{bundle}: not trained on exactly the pool minus fold {k}")
+        if config["hyperparameters"].get("keep") != "last":
+            raise SystemExit(f"{bundle}: its weights were chosen on its own fold (keep: last is required)")
+        configs.append(config["hyperparameters"])
+        per_fold.append({"fold": k, "patients": len(fold), "best_epoch": metrics.get("epoch"),
+                         "val": metrics.get("val"), "stop_reason": metrics.get("stop_reason")})
+    timing = read_json(directory / "timing.json") if (directory / "timing.json").is_file() else {}
+    cv = {"config": configs[0], "folds": per_fold, "compute": timing.get("compute"),
+          "device": timing.get("device"), "source": str(directory)}
+    return cv, folds, bundles
 
 
 def training_compute(cv_dir: Path) -> dict[str, Any]:
@@ -192,17 +218,21 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepared_data(args, out).resolve()
     info = check_test_split(prepared, args.test_split, out)
-    config = study_config(args.config, parse_sets(args.set))
-    cv = run_cv(prepared, "cv", args.folds, config, out, args.folds_file, args.cpus_per_trial, args.gpus_per_trial,
-                args.seed, half=True)
-    cv_dir = out / "cv"
-    folds = read_json(cv_dir / "folds.json")["folds"]
-    fold_bundles = [cv_dir / "folds" / f"fold{k}" for k in range(len(folds))]
     pool, _ = pool_splits(prepared)
+    cv_dir = out / "cv"
+    if args.folds_from:
+        cv, folds, fold_bundles = folds_from(Path(args.folds_from), pool)
+    else:
+        config = study_config(args.config, parse_sets(args.set))
+        cv = run_cv(prepared, "cv", args.folds, config, out, args.folds_file, args.cpus_per_trial,
+                    args.gpus_per_trial, args.seed, half=True)
+        folds = read_json(cv_dir / "folds.json")["folds"]
+        fold_bundles = [cv_dir / "folds" / f"fold{k}" for k in range(len(folds))]
     val = ValSplit(np.asarray(pool.masks), np.asarray(pool.patients), np.asarray(pool.slices))
     chosen = choose_settings(OutOfFold(fold_bundles, folds, pool, out / "oof"), val)
     record: dict[str, Any] = {
         "protocol": PROTOCOL, "bootstrap": BOOTSTRAP, "name": args.name, "note": args.note,
+        "data": args.data_licence,
         "split": {"file": str(args.test_split) if args.test_split else str(out / "test-split.json"),
                   "hash": info.get("split_hash"), "test": sorted(info["patients"]["test"]),
                   "pool": len(np.unique(np.asarray(pool.patients)))},
@@ -236,7 +266,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
         record["versus"]["test"] = paired_difference(record["test"]["per_patient_dsc_volume"]["volume"],
                                                      earlier["test"]["per_patient_dsc_volume"]["volume"])
-    record["compute"] = {**training_compute(cv_dir),
+    record["compute"] = {**(cv.get("compute") or {} if args.folds_from else training_compute(cv_dir)),
                          "study_process_cpu_seconds": round(time.process_time() - cpu_started, 1),
                          "study_wall_seconds": round(time.time() - started, 1)}
     write_json(out / "study.json", record)
@@ -269,7 +299,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--src", type=Path, help="a Kaggle-layout folder (kaggle_3m/)")
     src.add_argument("--data", type=Path, help="a prepared directory with a test split")
     p.add_argument("--out", type=Path, required=True, help="the study's folder (prepared/, cv/, oof/, bundle/)")
-    p.add_argument("--config", type=Path, required=True, help="YAML of core train options (constants)")
+    p.add_argument("--config", type=Path, help="YAML of core train options (constants); not with --folds-from")
+    p.add_argument("--folds-from", type=Path,
+                   help="fold models trained elsewhere (bench/gpu_campaign.py --unpack): choices and test reading only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
     p.add_argument("--test-split", type=Path, help="split.json whose test patients are the test split")
     p.add_argument("--test", type=float, default=0.2, help="without --test-split: test patients (fraction or count)")
@@ -281,6 +313,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--versus", type=Path, help="an earlier study.json on the same folds")
     p.add_argument("--name", default="gliomaseg", help="the bundle's name")
     p.add_argument("--note", default="", help="a sentence for the record and the card")
+    p.add_argument("--data-licence", default="", help="the training data and its licence, for the card")
     p.add_argument("--readings-before", type=int, default=0, help="times this test split was read before")
     p.add_argument("--record", type=Path, help="also write the record here (e.g. bench/results/...)")
     p.add_argument("--export", type=Path, help="write the bundle, metrics.json and MODEL_CARD.md here")
@@ -289,9 +322,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def study_command(args: argparse.Namespace) -> int:
-    if args.config and not Path(args.config).is_file():
-        raise SystemExit(f"--config {args.config}: no such file")
-    yaml.safe_load(Path(args.config).read_text())  # a malformed YAML fails before any training
+    if (args.config is None) == (args.folds_from is None):
+        raise SystemExit("give --config (train the folds here) or --folds-from DIR (folds trained elsewhere)")
+    if args.config:
+        if not Path(args.config).is_file():
+            raise SystemExit(f"--config {args.config}: no such file")
+        yaml.safe_load(Path(args.config).read_text())  # a malformed YAML fails before any training
     record = run_study(args)
     test = record["test"]["per_patient"]["volume"]
     print(f"test split (read once, reading {record['test']['reading']}): dsc_volume {test['mean']:.4f} "
