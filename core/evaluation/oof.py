@@ -41,7 +41,7 @@ class OutOfFold:
             raise ValueError(f"unknown out-of-fold pass {name!r}; known: {', '.join(PASSES)}")
         path = self.cache / f"{name}.npy"
         if path.is_file():
-            return np.load(path)
+            return np.load(path, allow_pickle=False)
         from core.inference.predictor import Predictor
 
         volume, tta, flair = PASSES[name]
