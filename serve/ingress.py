@@ -257,7 +257,9 @@ class Ingress:
             await asyncio.wait_for(_awaitable(self.model.ping.remote()), timeout=10)
             info = await self.info()
         except Exception as exc:  # an unreachable model is "unhealthy", not a server error
-            return _error(503, "unavailable", f"model deployment not ready: {type(exc).__name__}: {exc}")
+            # Unauthenticated probes get no exception text (paths, hosts): the log has it.
+            log.warning("healthz: model deployment not ready: %s: %s", type(exc).__name__, exc)
+            return _error(503, "unavailable", "model deployment not ready")
         return JSONResponse({"status": "ok", "model_version": info["version"]})
 
     @api.get("/v1/model")

@@ -8,6 +8,7 @@ import ast
 import base64
 import hashlib
 import io
+import json
 import logging
 import os
 import subprocess
@@ -72,6 +73,20 @@ def test_loopback_bind_by_default(url: str) -> None:
     replica = [c.laddr.ip for c in psutil.net_connections("tcp")
                if c.status == "LISTEN" and 30000 <= c.laddr.port < 31000]
     assert replica and set(replica) == {"127.0.0.1"}, replica
+
+
+def test_an_unhealthy_answer_carries_no_exception_text() -> None:
+    import asyncio
+
+    import serve.ingress as ingress
+
+    def ping_fails() -> None:
+        raise RuntimeError("replica at /secret/bundle/path on 10.1.2.3 died")
+
+    fake_self = types.SimpleNamespace(model=types.SimpleNamespace(ping=types.SimpleNamespace(remote=ping_fails)))
+    answer = asyncio.run(ingress.Ingress.func_or_class.healthz(fake_self))
+    assert answer.status_code == 503
+    assert json.loads(answer.body) == {"error": "unavailable", "detail": "model deployment not ready"}
 
 
 def test_token_compared_in_constant_time(url: str, monkeypatch) -> None:
