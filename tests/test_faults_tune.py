@@ -322,3 +322,29 @@ def test_resume_mends_a_torn_ray_snapshot(tmp_path, kept_copy):
         assert sorted(p.name for p in ray_dir.glob("experiment_state-*.json"))[-1] == f"experiment_state-{old}.json"
     assert (ray_dir / f"{files[0]}.torn").read_text() == '{"trial_data": [], "'  # kept for a post-mortem
     assert storage.repair_torn_snapshots() == {}  # whole snapshots are left alone
+
+
+@pytest.mark.parametrize("logger", ["KeepDriverResults", "KeepDriverProgress"])
+def test_a_retried_trial_keeps_the_rows_the_driver_logged_before_its_node_died(tmp_path, logger):
+    """The upload Tune made before the trial's first epoch is empty; the driver's own file has the rows."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from tune import search
+
+    name = "result.json" if logger == "KeepDriverResults" else "progress.csv"
+    driver, uploaded = tmp_path / "driver", tmp_path / "storage"
+    driver.mkdir(), uploaded.mkdir()
+    (driver / name).write_text("epoch 1\nepoch 2\n")
+    (uploaded / name).write_text("")
+    trial = SimpleNamespace(checkpoint=object(), local_path=str(driver), storage=SimpleNamespace(
+        trial_fs_path=str(uploaded), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    getattr(search, logger)()._restore_from_remote(name, trial)
+    assert (driver / name).read_text() == "epoch 1\nepoch 2\n"
+
+    # A new driver process (resume) has no file of its own: it starts from the upload.
+    (driver / name).unlink()
+    (uploaded / name).write_text("epoch 1\n")
+    getattr(search, logger)()._restore_from_remote(name, trial)
+    assert (driver / name).read_text() == "epoch 1\n"

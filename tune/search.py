@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from core.config import METRICS
@@ -245,11 +246,9 @@ def trial_dirname(trial: Any) -> str:
 
 
 def _run_config(opts: SearchOptions, storage: RunStorage, mode: str) -> Any:
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
     # Explicit result loggers: the leaderboard and learning curves read them, and Tune's automatic
     # ones can be switched off by environment (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS).
-    callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback()]
+    callbacks: list[Any] = [KeepDriverResults(), KeepDriverProgress()]
     callbacks.append(PushStudy(storage) if storage.remote else KeepWholeSnapshot(storage))
     return tune.RunConfig(
         name="ray",
@@ -263,6 +262,31 @@ def _run_config(opts: SearchOptions, storage: RunStorage, mode: str) -> Any:
         callbacks=callbacks,
         verbose=opts.verbose,
     )
+
+
+class _DriverCopyFirst:
+    """A result logger that restarts a retried trial's file from the driver's own copy where it has one.
+
+    Tune's loggers write on the driver and upload every ``sync_period``; when a trial is retried after
+    its node died they overwrite the driver's file with the uploaded one, which can be an upload from
+    before the trial's first epochs (empty), so those epochs vanish from the learning curves. The
+    driver's file holds every row the uploaded one does, so the upload is read only where the driver
+    has none (a resume in a new driver process).
+    """
+
+    def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+        local = Path(trial.local_path, file_name)
+        if local.exists() and local.stat().st_size > 0:
+            return
+        super()._restore_from_remote(file_name, trial)  # type: ignore[misc]
+
+
+class KeepDriverResults(_DriverCopyFirst, JsonLoggerCallback):
+    """Tune's result.json logger, keeping the driver's rows of a retried trial."""
+
+
+class KeepDriverProgress(_DriverCopyFirst, CSVLoggerCallback):
+    """Tune's progress.csv logger, keeping the driver's rows of a retried trial."""
 
 
 class KeepWholeSnapshot(tune.Callback):
