@@ -134,8 +134,10 @@ def check_return_size(cfg: Any, folds: int) -> dict[str, Any]:
     """Each fold comes back as one zip of its fp16 bundle, beside folds.json and timing.json: fail before
     training if that cannot fit what a `run` call brings back."""
     from core.networks.models import build_model
+    from core.training.trainer import preprocessing_from_config
 
-    state = build_model(cfg.arch, 3, 1, cfg.filters, cfg.dropout).state_dict()
+    channels = len(preprocessing_from_config(cfg).channel_names)  # 3, or more with 2.5D context
+    state = build_model(cfg.arch, channels, 1, cfg.filters, cfg.dropout).state_dict()
     params = sum(v.numel() for v in state.values())
     fold_bytes = sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in state.values())
     fold_bytes += 64 * 1024  # config.json, metrics.json, zip headers (deflate saves ~10% on fp16 weights)

@@ -59,6 +59,12 @@ class TrainConfig:
         default="all", metadata={"choices": ("all", "flair"),
                                  "help": "flair: FLAIR in every channel (for scans lacking pre/post-contrast)"},
     )
+    context: int = field(
+        default=0, metadata={"help": "2.5D: neighbouring slices each side given as extra input channels (0-3)"},
+    )
+    context_sequences: str = field(
+        default="flair", metadata={"choices": ("flair", "all"), "help": "which sequences of each neighbour"},
+    )
     init: str = field(default="", metadata={"help": "start from this bundle's weights (fine-tuning; any image size)"})
     augment: bool = True
     crop: int = field(default=0, metadata={"help": "random crop size during training; 0 = no crop"})

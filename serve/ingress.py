@@ -267,7 +267,7 @@ class Ingress:
         self._authorise(request)
         info = await self.info()
         config = info["config"]
-        keys = ("name", "version", "arch", "image_size", "class_names", "channels", "normalisation", "crop",
+        keys = ("name", "version", "arch", "image_size", "class_names", "channels", "context", "normalisation", "crop",
                 "threshold", "postprocess", "tta", "hyperparameters", "model_args")
         s = self.settings
         return JSONResponse({

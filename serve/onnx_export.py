@@ -108,7 +108,8 @@ def export_onnx(
     multiclass = int(config["model_args"]["out_channels"]) > 1
     module = ProbabilityModel(loaded.model, multiclass).eval()
     h, w = (int(v) for v in config["image_size"])
-    example = torch.randn(2, 3, h, w)
+    channels = int(config["model_args"]["in_channels"])
+    example = torch.randn(2, channels, h, w)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".onnx-export-", dir=out.parent) as tmp:
@@ -127,7 +128,8 @@ def export_onnx(
             META_CONFIG: json.dumps(config, sort_keys=True),
             META_METRICS: json.dumps(loaded.metrics, sort_keys=True, default=float),
             "gliomaseg.version": loaded.version,
-            "gliomaseg.input": f"{INPUT}: float32 (N,3,{h},{w}) standardised (the config's normalisation, crop)",
+            "gliomaseg.input": f"{INPUT}: float32 (N,{channels},{h},{w}) standardised "
+                               "(the config's channels, normalisation, crop)",
             "gliomaseg.output": f"{OUTPUT}: {'softmax' if multiclass else 'sigmoid'} probabilities",
             META_QUANT: "none",
         }
@@ -141,10 +143,11 @@ def export_onnx(
         info: dict[str, Any] = {
             "onnx": str(out), "exporter": exporter,
             "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
-            "input": [INPUT, "batch", 3, h, w], "model_version": loaded.version, "prelu_to_leaky_relu": rewritten,
+            "input": [INPUT, "batch", channels, h, w], "model_version": loaded.version,
+            "prelu_to_leaky_relu": rewritten,
         }
         if verify:
-            info["max_abs_diff"] = verify_onnx(staged, module, (h, w))
+            info["max_abs_diff"] = verify_onnx(staged, module, (channels, h, w))
         if quantize == "int8":
             from serve.quantize import compare, quantize_int8
 
@@ -152,7 +155,7 @@ def export_onnx(
             quantized = Path(tmp) / "int8.onnx"
             info.update(quantize_int8(staged, quantized, x, input_name=INPUT))
             if verify:
-                probe = x if x is not None else _random_inputs(4, (h, w))
+                probe = x if x is not None else _random_inputs(4, (channels, h, w))
                 info["int8_vs_fp32"] = compare(staged, quantized, probe, float(config.get("threshold", 0.5)))
             staged = quantized
         os.replace(staged, out)
@@ -160,15 +163,16 @@ def export_onnx(
     return info
 
 
-def _random_inputs(batch: int, size: tuple[int, int]) -> np.ndarray:
-    return (torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0)) * 255).round().numpy()
+def _random_inputs(batch: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """``batch`` random inputs of (channels, height, width) ``shape`` at uint8 levels."""
+    return (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)) * 255).round().numpy()
 
 
-def verify_onnx(path: str | os.PathLike, module: torch.nn.Module, size: tuple[int, int], batch: int = 3) -> float:
+def verify_onnx(path: str | os.PathLike, module: torch.nn.Module, shape: tuple[int, int, int], batch: int = 3) -> float:
     """Largest |ONNX Runtime - PyTorch| probability on a random batch (a batch size unlike the export's)."""
     import onnxruntime as ort
 
-    x = (torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0)) * 255).float()
+    x = torch.from_numpy(_random_inputs(batch, shape))
     with torch.inference_mode():
         ref = module(x).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -76,15 +76,18 @@ def _even(total: int, n: int) -> np.ndarray:
 
 
 def model_inputs(images: np.ndarray, config: dict[str, Any]) -> np.ndarray:
-    """uint8 (N,3,H,W) -> float32 graph input as OnnxPredictor feeds it: the bundle config's crop, resize
-    and standardisation (over each slice alone: calibration needs the inputs' range, not one patient's)."""
+    """uint8 (N,3,H,W) -> float32 graph input as OnnxPredictor feeds it: the bundle config's channels, crop,
+    resize and standardisation (over each slice alone, a 2.5D bundle's neighbours being the slice itself:
+    calibration needs the inputs' range, not one patient's)."""
     preprocessing = Preprocessing.from_config(config)
     size = (int(config["image_size"][0]), int(config["image_size"][1]))
     parts = []
     for image in images:
-        stats, boxes = preprocessing.plan(image[None])
-        parts.append(model_input(image.transpose(1, 2, 0)[None], stats, boxes, size))
-    return np.concatenate(parts) if parts else np.zeros((0, 3, *size), np.float32)
+        image = preprocessing.with_context(preprocessing.inputs(image[None]))
+        stats, boxes = preprocessing.plan(image)
+        parts.append(model_input(image.transpose(0, 2, 3, 1), stats, boxes, size))
+    channels = len(preprocessing.channel_names)
+    return np.concatenate(parts) if parts else np.zeros((0, channels, *size), np.float32)
 
 
 class SliceReader:

@@ -9,6 +9,7 @@ import torch
 from scipy import ndimage
 
 from core.bundle import build_from_config, make_bundle_config, save_bundle
+from core.data.preprocessing import Preprocessing
 
 
 def sample_images(n: int, h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
@@ -35,17 +36,22 @@ def make_random_bundle(
     seed: int = 0,
     foreground: float = 0.25,
     metrics: dict | None = None,
+    context: int = 0,
 ) -> Path:
-    """Random-init bundle whose output layer is shifted so ~``foreground`` of pixels are positive."""
+    """Random-init bundle whose output layer is shifted so ~``foreground`` of pixels are positive;
+    ``context`` > 0 makes it 2.5D (that many neighbours' FLAIR each side)."""
     torch.manual_seed(seed)
+    preprocessing = Preprocessing(context=context)
     config = make_bundle_config(
         {"arch": arch, "filters": filters, "dropout": 0.0, "threshold": 0.5},
-        in_channels=3, class_names=list(class_names), image_size=size,
+        in_channels=len(preprocessing.channel_names), class_names=list(class_names), image_size=size,
         postprocess=postprocess if postprocess is not None else {"min_area": 3, "largest_component": True},
+        preprocessing=preprocessing.to_config(),
     )
     model = build_from_config(config).eval()
     last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)][-1]
-    x = torch.from_numpy(sample_images(8, *size, seed=seed)).permute(0, 3, 1, 2).float() / 255
+    images = preprocessing.with_context(sample_images(8, *size, seed=seed).transpose(0, 3, 1, 2))
+    x = torch.from_numpy(images).float() / 255
     with torch.no_grad():
         last.weight.mul_(8.0)  # spread the logits so masks follow the image, not float noise
         logits = model(x)

@@ -68,6 +68,23 @@ def test_ensemble_is_the_mean_of_member_probabilities(members, intact):
     assert np.array_equal(masks, (np.stack(expected) > 0.5).astype(np.uint8))
 
 
+def test_a_2_5d_ensemble_takes_its_members_neighbours(tmp_path):
+    from core.training.ensemble import build_ensemble_bundle
+
+    members = [make_random_bundle(tmp_path / name, size=(32, 32), postprocess={}, seed=seed, context=1)
+               for name, seed in (("a", 1), ("b", 2))]
+    out = build_ensemble_bundle(members, None, ["background", "tumour"], tmp_path / "ensemble", fixed=PLAIN)
+    config = json.loads((out / "config.json").read_text())
+    assert config["context"] == {"slices": 1, "sequences": "flair"} and config["model_args"]["in_channels"] == 5
+    volume = sample_images(4, 32, 32, seed=5)
+    singles = [np.stack(Predictor.from_bundle(m, "cpu").predict_proba(volume, volume=True)) for m in members]
+    got = np.stack(Predictor.from_bundle(out, "cpu").predict_proba(volume, volume=True))
+    np.testing.assert_allclose(got, 0.5 * (singles[0] + singles[1]), atol=1e-5)
+    plain = make_random_bundle(tmp_path / "plain", size=(32, 32), postprocess={}, seed=3)
+    with pytest.raises(ValueError, match="channels"):  # a 2.5D member and a plain one take different inputs
+        build_ensemble_bundle([members[0], plain], None, ["background", "tumour"], tmp_path / "mixed", fixed=PLAIN)
+
+
 def test_ensemble_through_onnx_sagemaker_and_serve(intact, ray_session, tmp_path):
     import httpx
     from serve_support import serving

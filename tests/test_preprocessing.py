@@ -197,3 +197,36 @@ def test_post_processing_is_never_chosen_at_the_worst_patients_cost():
     base = val.metrics(pred)
     assert metrics["dsc_volume_min"] >= base["dsc_volume_min"]
     assert any(s["dsc_volume"] > base["dsc_volume"] and s["dsc_volume_min"] < base["dsc_volume_min"] for s in search)
+
+
+def test_2_5d_context_appends_each_neighbours_channels_with_the_edges_repeated():
+    volume = np.broadcast_to(np.arange(4, dtype=np.uint8)[:, None, None, None] * 10, (4, 3, 2, 2)).copy()
+    volume[:, 1] += 1  # FLAIR told apart from the other sequences
+    flair = Preprocessing(context=1)
+    out = flair.with_context(volume)
+    assert out.shape == (4, 5, 2, 2) and flair.channel_names[3:] == ["flair-1", "flair+1"]
+    assert [int(v) for v in out[:, 3, 0, 0]] == [1, 1, 11, 21]  # slice i-1's FLAIR; the first repeats itself
+    assert [int(v) for v in out[:, 4, 0, 0]] == [11, 21, 31, 31]
+    np.testing.assert_array_equal(out[:, :3], volume)
+    every = Preprocessing(context=2, context_sequences="all")
+    assert every.with_context(volume).shape == (4, 15, 2, 2) and len(every.channel_names) == 15
+    channels_last = every.with_context(volume.transpose(0, 2, 3, 1), channel_axis=3)
+    np.testing.assert_array_equal(channels_last, every.with_context(volume).transpose(0, 2, 3, 1))
+    # The bundle records it (and its channel names); a bundle without the entry has no context.
+    assert Preprocessing.from_config(every.to_config()) == every
+    assert every.to_config()["channels"] == every.channel_names
+    assert Preprocessing.from_config({}).context == 0 and "context" not in Preprocessing().to_config()
+    with pytest.raises(ValueError, match="context"):
+        Preprocessing(context=4)
+
+
+def test_int8_calibration_inputs_carry_a_2_5d_bundles_channels():
+    from serve.quantize import model_inputs
+
+    config = {"image_size": [32, 32], **Preprocessing(context=1).to_config()}
+    images = np.random.default_rng(0).integers(0, 255, (3, 3, 48, 48), dtype=np.uint8)
+    x = model_inputs(images, config)
+    assert x.shape == (3, 5, 32, 32)
+    # One slice alone: its neighbours are itself, so the FLAIR channels are one input.
+    np.testing.assert_array_equal(x[:, 3], x[:, 1])
+    np.testing.assert_array_equal(x[:, 4], x[:, 1])

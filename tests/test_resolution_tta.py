@@ -18,6 +18,7 @@ from scipy import ndimage
 from core.bundle import load_bundle
 from core.config import TrainConfig
 from core.data.arrays import load_split, patient_rows
+from core.data.preprocessing import single_slice_note
 from core.evaluation.metrics import segmentation_metrics
 from core.formats import codecs
 from core.inference.postprocess import KAGGLE_SPACING_MM, NO_POSTPROCESS, apply_postprocess
@@ -58,14 +59,25 @@ def trained_patient(prepared_128, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundles(trained, trained_patient, tmp_path_factory) -> dict[str, Path]:
+def trained_context(prepared_128, tmp_path_factory) -> Path:
+    """A 2.5D bundle: one neighbouring slice's FLAIR each side as extra channels, preprocessing per slice."""
+    cfg = TrainConfig(arch="lite", filters=8, epochs=2, batch_size=8, image_size=TRAINED, lr=5e-3, oversample=0.5,
+                      normalisation="slice", brain_crop="slice", context=1, device="cpu", seed=0)
+    trainer = Trainer.from_prepared(cfg, prepared_128)
+    trainer.fit()
+    return trainer.export_bundle(tmp_path_factory.mktemp("bundle-context") / "b")
+
+
+@pytest.fixture(scope="module")
+def bundles(trained, trained_patient, trained_context, tmp_path_factory) -> dict[str, Path]:
     """The trained bundle with TTA forced off and on (post-processing on), whatever val chose, and the
-    per-patient bundle with flip TTA and component post-processing."""
+    per-patient and 2.5D bundles with flip TTA and component post-processing."""
     out = {}
     for name, source, tta, postprocess in (
         ("none", trained[1], "none", {"largest_component": True, "min_area": 5}),
         ("flip", trained[1], "flip", {"largest_component": True, "min_area": 5}),
         ("patient", trained_patient, "flip", {"min_volume": 20, "min_area": 5}),
+        ("context", trained_context, "flip", {"min_volume": 20, "min_area": 5}),
     ):
         path = tmp_path_factory.mktemp(f"bundle-{name}") / "bundle"
         shutil.copytree(source, path)
@@ -115,6 +127,31 @@ def test_bundle_trained_at_64_predicts_128_masks_matching_its_val_metrics(traine
     assert got["dsc_volume"] == pytest.approx(bundle.metrics["val"]["dsc_volume"], abs=1e-6)
 
 
+def test_a_2_5d_bundle_takes_its_neighbours_the_way_it_was_trained(trained_context, prepared_128):
+    bundle = load_bundle(trained_context)
+    assert bundle.config["context"] == {"slices": 1, "sequences": "flair"}
+    assert bundle.config["model_args"]["in_channels"] == 5
+    assert bundle.config["channels"] == ["pre-contrast", "flair", "post-contrast", "flair-1", "flair+1"]
+    images, truth, patients = val_images(prepared_128)
+    predictor = Predictor(bundle, "cpu")
+    masks = np.zeros_like(truth)
+    for rows in patient_rows(patients, np.arange(len(patients))):
+        masks[rows] = predictor.predict(images[rows], volume=True)
+    # The val figures the trainer recorded (its neighbours from the prepared split) are the Predictor's.
+    got = segmentation_metrics(masks, truth, patients)
+    assert got["dsc_volume"] == pytest.approx(bundle.metrics["val"]["dsc_volume"], abs=1e-6)
+
+    volume = images[patients == patients[0]]
+    together = np.stack(predictor.predict_proba(volume, volume=True))
+    alone = np.stack(predictor.predict_proba(volume))
+    assert np.abs(alone - together).max() > 1e-4  # neighbours are input: one slice alone is another answer
+    # Where they must agree: a slice whose neighbours are itself (a volume's edge slice is its own outer
+    # neighbour; a volume of that slice repeated), the volume path and the one-slice path give one answer.
+    edge = np.stack(predictor.predict_proba(np.repeat(volume[:1], 3, axis=0), volume=True))
+    np.testing.assert_allclose(edge, np.repeat(alone[:1], 3, axis=0), atol=1e-6)
+    assert single_slice_note(bundle.config) is not None and "neighbouring" in single_slice_note(bundle.config)
+
+
 def test_tta_averages_the_mirrored_pass(bundles):
     plain, flip = Predictor.from_bundle(bundles["none"], "cpu"), Predictor.from_bundle(bundles["flip"], "cpu")
     images = sample_images(3, NATIVE, NATIVE, seed=4)
@@ -137,7 +174,7 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
     images, _, patients = val_images(prepared_128)
     volume = images[patients == patients[0]]
     reference = {}
-    for tta, bundle in bundles.items():  # without and with flip TTA; per-patient preprocessing
+    for tta, bundle in bundles.items():  # without and with flip TTA; per-patient preprocessing; 2.5D
         predictor = Predictor.from_bundle(bundle, "cpu")
         reference[tta] = predictor.predict(volume, volume=True), predictor.predict(volume[:4])
         assert reference[tta][0].shape == (len(volume), NATIVE, NATIVE) and reference[tta][0].any()
@@ -162,10 +199,10 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
         answers = json.loads(out.split("RESULTS", 1)[1])[:3]
         statuses = [r["status"] for r in answers]
         assert np.array_equal(read_npy((tmp_path / f"{tta}.npy.out").read_bytes()) > 0, reference[tta][0] > 0)
-        # One slice of a per-patient bundle: answered, as by Serve, with the note in JSON and in the
+        # One slice of a per-patient or 2.5D bundle: answered, as by Serve, with the note in JSON and in the
         # invocation's custom attributes (Serve's Warning), whatever the format.
         summary = json.loads((tmp_path / f"{tta}-slice.npy.out").read_bytes())
-        per_patient = predictor.preprocessing.per_patient
+        per_patient = tta in ("patient", "context")
         assert (summary["preprocessing_note"] is not None) == per_patient
         assert statuses == [200, 200, 200]
         for r in answers[1:]:
@@ -179,8 +216,9 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
         for tta, (ref_volume, ref_slices) in reference.items():
             url = urls[f"/{tta}"]
             info = httpx.get(f"{url}/v1/model", timeout=30).json()
-            per_patient = info["normalisation"]["type"] == "patient"
+            per_patient = tta in ("patient", "context")
             assert info["tta"] == ("flip" if per_patient else tta) and info["image_size"] == [TRAINED, TRAINED]
+            assert info.get("context") == ({"slices": 1, "sequences": "flair"} if tta == "context" else None)
             recorded = json.loads((Path(bundles[tta]) / "metrics.json").read_text())["val"]["dsc_volume"]
             assert info["metrics"]["val"]["dsc_volume"] == recorded  # what the bundle recorded, as served
             r = httpx.post(f"{url}/v1/segment/volume", content=codecs.encode_npy(volume), params={"format": "npy"},
@@ -192,7 +230,8 @@ def test_same_masks_through_predictor_onnx_serve_and_sagemaker(bundles, prepared
                                headers={"Content-Type": codecs.NPY}, timeout=60)
                 assert r.status_code == 200, r.text
                 assert np.array_equal(read_npy(r.content) > 0, ref_slices[i] > 0)
-                # One slice of a per-patient bundle: standardised by itself, and the response says so.
+                # One slice of a per-patient or 2.5D bundle: standardised (or its neighbours filled) by
+                # itself, and the response says so.
                 assert (r.headers.get("X-Preprocessing-Scope") == "slice") == per_patient
                 assert ("/v1/segment/volume" in r.headers.get("Warning", "")) == per_patient
 

@@ -132,15 +132,19 @@ def ensemble_config(
     """
     first = configs[0]
     for c in configs[1:]:
-        for key in ("class_names", "channels", "normalisation", "crop"):
+        for key in ("class_names", "channels", "normalisation", "crop", "context"):
             if c.get(key) != first.get(key):
                 raise ValueError(f"ensemble members differ in {key}: {first.get(key)!r} vs {c.get(key)!r}")
     members = [{**member_config(c), "weights": member_file(i), "version": c.get("version"),
                 **({"source": sources[i]} if sources else {})} for i, c in enumerate(configs)]
+    if first.get("context") and len({m.get("sequences", "all") for m in members}) > 1:
+        raise ValueError("a routed ensemble (FLAIR-only and full members) cannot take 2.5D context: its route "
+                         "tests that every channel is a copy of FLAIR, which neighbouring slices are not")
     size = max((tuple(m["image_size"]) for m in members), key=lambda s: s[0] * s[1])
     return {
         **{k: first[k] for k in ("format", "channels", "normalisation", "class_names")},
         "crop": first.get("crop", {"type": "none"}),
+        **({"context": first["context"]} if first.get("context") else {}),
         "name": name, "version": f"{name}-{time.strftime('%Y%m%dT%H%M%S')}", "arch": "ensemble", "members": members,
         "model_args": {"in_channels": first["model_args"]["in_channels"],
                        "out_channels": first["model_args"]["out_channels"]},

@@ -4,6 +4,9 @@ brain crop (numpy only, so the torch-free runtimes, ONNX and the SageMaker archi
 - ``normalisation``: ``scale`` (x / 255), ``slice`` or ``patient``: each channel clipped to the
   [10th, 99th] percentile of the brain's pixels, then z-scored over them (Buda et al. standardise per
   volume; ``slice`` does it per slice, so a single-slice request needs nothing else).
+- ``context`` (2.5D): k neighbouring slices each side (FLAIR, or all sequences) as extra input channels,
+  taken from the volume before anything else, the edge slice repeated past either end; a slice given
+  alone has only itself, repeated (``single_slice_note`` says so).
 - ``crop``: ``none``, ``slice`` or ``patient``: the bounding box of the brain (pixels above 10% of the
   maximum), made square about its centre (padded with black where it leaves the image), resized to the
   model's size; probabilities go back into the box on the source grid, zero outside it.
@@ -27,6 +30,9 @@ NORMALISATIONS = ("scale", "slice", "patient")
 SEQUENCES = ("all", "flair")  # flair: every channel is FLAIR (a model for scans without pre/post-contrast)
 FLAIR = 1  # channel order: pre-contrast, FLAIR, post-contrast
 CROPS = ("none", "slice", "patient")
+CONTEXT_SEQUENCES = ("flair", "all")  # which sequences of each neighbouring slice a 2.5D input takes
+MAX_CONTEXT = 3  # neighbouring slices each side: further ones are 10+ mm away on the Kaggle grid
+CHANNEL_NAMES = ("pre-contrast", "flair", "post-contrast")
 PERCENTILES = (10.0, 99.0)
 BRAIN_FRACTION = 0.1  # brain = pixels brighter than this share of the brightest (Buda et al.'s crop)
 MIN_BRAIN_PIXELS = 64  # fewer (an empty top-of-head slice): standardise over the whole slice
@@ -44,8 +50,15 @@ class Preprocessing:
     percentiles: tuple[float, float] = PERCENTILES
     brain_fraction: float = BRAIN_FRACTION
     sequences: str = "all"
+    context: int = 0
+    context_sequences: str = "flair"
 
     def __post_init__(self) -> None:
+        if not 0 <= self.context <= MAX_CONTEXT:
+            raise ValueError(f"context must be 0 to {MAX_CONTEXT} neighbouring slices each side, got {self.context}")
+        if self.context_sequences not in CONTEXT_SEQUENCES:
+            raise ValueError(f"context sequences {self.context_sequences!r} is not one of "
+                             f"{', '.join(CONTEXT_SEQUENCES)}")
         if self.sequences not in SEQUENCES:
             raise ValueError(f"sequences {self.sequences!r} is not one of {', '.join(SEQUENCES)}")
         if self.normalisation not in NORMALISATIONS:
@@ -61,12 +74,14 @@ class Preprocessing:
         """From a bundle config (one written before the crop existed has no ``crop``: none)."""
         norm = dict(config.get("normalisation") or {"type": "scale"})
         crop = dict(config.get("crop") or {"type": "none"})
+        context = dict(config.get("context") or {"slices": 0})
         return cls(
             normalisation=str(norm.get("type", "scale")), crop=str(crop.get("type", "none")),
             scale=float(norm.get("scale", 1.0 / 255.0)),
             percentiles=tuple(float(p) for p in norm.get("percentiles", PERCENTILES)),  # type: ignore[arg-type]
             brain_fraction=float(norm.get("brain_fraction", crop.get("brain_fraction", BRAIN_FRACTION))),
             sequences=str(config.get("sequences", "all")),
+            context=int(context.get("slices", 0)), context_sequences=str(context.get("sequences", "flair")),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -81,7 +96,35 @@ class Preprocessing:
             crop["brain_fraction"] = self.brain_fraction
         # Written only for a FLAIR-only model, so every other bundle's config stays as it was.
         sequences = {"sequences": self.sequences} if self.sequences != "all" else {}
+        if self.context:
+            sequences["context"] = {"slices": self.context, "sequences": self.context_sequences}
+            sequences["channels"] = self.channel_names
         return {"normalisation": norm, "crop": crop, **sequences}
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The model's input channels: the slice's sequences, then each neighbour's (``flair-1``, ``flair+1``)."""
+        names = list(CHANNEL_NAMES)
+        kept = [CHANNEL_NAMES[FLAIR]] if self.context_sequences == "flair" else list(CHANNEL_NAMES)
+        for offset in self._offsets():
+            names += [f"{name}{offset:+d}" for name in kept]
+        return names
+
+    def _offsets(self) -> list[int]:
+        return [o for o in range(-self.context, self.context + 1) if o != 0]
+
+    def with_context(self, volume: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+        """One volume's slices in order, (n,C,H,W) (or channels last with ``channel_axis`` 3) -> the same
+        with each neighbour's channels appended (edges repeated); unchanged without ``context``."""
+        if not self.context:
+            return volume
+        kept = [FLAIR] if self.context_sequences == "flair" else list(range(volume.shape[channel_axis]))
+        n = len(volume)
+        parts = [volume]
+        for offset in self._offsets():
+            rows = np.clip(np.arange(n) + offset, 0, n - 1)
+            parts.append(np.take(np.take(volume, rows, axis=0), kept, axis=channel_axis))
+        return np.concatenate(parts, axis=channel_axis)
 
     def inputs(self, images: np.ndarray, channel_axis: int = 1) -> np.ndarray:
         """The channels the model sees: as given, or (``sequences`` flair) FLAIR in every channel."""
@@ -153,13 +196,17 @@ VOLUME_ENDPOINT = "send the whole volume to /v1/segment/volume"
 
 def single_slice_note(config: dict[str, Any], remedy: str = VOLUME_ENDPOINT) -> str | None:
     """What a path given one slice (not a volume) tells its caller about a bundle's per-patient
-    preprocessing, which it computes from that slice alone; None where nothing differs."""
+    preprocessing, which it computes from that slice alone, and its 2.5D context, which it fills with
+    the slice itself; None where nothing differs."""
     p = Preprocessing.from_config(config)
     what = [f"{k} {v}" for k, v in (("normalisation", p.normalisation), ("crop", p.crop)) if v == "patient"]
-    if not what:
+    notes = [f"this model's {' and '.join(what)} is per patient and was computed from this slice alone"] if what else []
+    if p.context:
+        notes.append(f"this model also sees {p.context} neighbouring slice(s) each side, which one slice lacks: "
+                     "the slice itself was repeated in their place")
+    if not notes:
         return None
-    return (f"this model's {' and '.join(what)} is per patient and was computed from this slice alone; "
-            f"{remedy} for the model's own masks")
+    return f"{'; '.join(notes)}; {remedy} for the model's own masks"
 
 
 def normalise(x: np.ndarray, stats: np.ndarray) -> np.ndarray:

@@ -87,6 +87,11 @@ class Segmentation:
     network_mask_kept: bool = False  # the rules would have emptied the volume: the network's mask, for review
 
 
+def _check_one_size(slices: list[np.ndarray]) -> None:
+    if len({s.shape for s in slices}) > 1:
+        raise ValueError(f"a volume's slices must all have one size, got {sorted({s.shape[:2] for s in slices})}")
+
+
 class SlicePredictor:
     """Bundle config -> masks at each input's own resolution; subclasses implement ``_network``."""
 
@@ -133,27 +138,42 @@ class SlicePredictor:
             probs = 0.5 * (probs + mirrored[..., ::-1])
         return probs
 
-    def _plans(self, slices: list[np.ndarray], volume: bool, patients: Sequence[str] | None,
-               ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        """Per slice: standardisation stats and crop box, from its volume (``volume``, or the rows of each
-        of ``patients``) or from itself."""
+    @staticmethod
+    def _volumes(n: int, volume: bool, patients: Sequence[str] | None) -> list[list[int]]:
+        """The rows of each volume among ``n`` slices: all of them (``volume``), each patient's (in the
+        order given), or each slice alone."""
         if volume:
-            groups = [list(range(len(slices)))] if slices else []
-        elif patients is not None:
-            if len(patients) != len(slices):
-                raise ValueError(f"{len(patients)} patient ids for {len(slices)} slices")
-            by_patient: dict[str, list[int]] = {}
-            for i, p in enumerate(patients):
-                by_patient.setdefault(str(p), []).append(i)
-            groups = list(by_patient.values())
-        else:
-            groups = [[i] for i in range(len(slices))]
+            return [list(range(n))] if n else []
+        if patients is None:
+            return [[i] for i in range(n)]
+        if len(patients) != n:
+            raise ValueError(f"{len(patients)} patient ids for {n} slices")
+        by_patient: dict[str, list[int]] = {}
+        for i, p in enumerate(patients):
+            by_patient.setdefault(str(p), []).append(i)
+        return list(by_patient.values())
+
+    def _model_slices(self, slices: list[np.ndarray], groups: list[list[int]]) -> list[np.ndarray]:
+        """The channels the model sees per HxWx3 slice: the bundle's sequences, then its 2.5D neighbours
+        from the slice's volume (``groups``)."""
+        slices = [self.preprocessing.inputs(s, channel_axis=2) for s in slices]
+        if not self.preprocessing.context:
+            return slices
+        for rows in groups:
+            _check_one_size([slices[i] for i in rows])
+            stacked = self.preprocessing.with_context(np.stack([slices[i] for i in rows]), channel_axis=3)
+            for k, i in enumerate(rows):
+                slices[i] = stacked[k]
+        return slices
+
+    def _plans(self, slices: list[np.ndarray], groups: list[list[int]],
+               ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Per slice: standardisation stats and crop box, from its volume (``groups``) where the bundle's
+        preprocessing is per patient, otherwise from itself."""
         stats: list[np.ndarray] = [np.empty(0)] * len(slices)
         boxes: list[np.ndarray | None] = [None] * len(slices)
         for rows in groups:
-            if len({slices[i].shape for i in rows}) > 1:
-                raise ValueError("a volume's slices must all have one size, got "
-                                 f"{sorted({slices[i].shape[:2] for i in rows})}")
+            _check_one_size([slices[i] for i in rows])
             volume_chw = np.stack([slices[i] for i in rows]).transpose(0, 3, 1, 2)
             group_stats, group_boxes = self.preprocessing.plan(volume_chw)
             for k, i in enumerate(rows):
@@ -165,11 +185,14 @@ class SlicePredictor:
                       patients: Sequence[str] | None = None) -> list[np.ndarray]:
         """Per slice: (H,W) tumour probability (binary) or (C,H,W) class probabilities (multi-class).
 
-        ``volume=True``: the slices are one patient's volume; ``patients``: the patient of each slice.
-        A ``patient`` bundle standardises and crops over those; otherwise over each slice alone.
+        ``volume=True``: the slices are one patient's volume, in order; ``patients``: the patient of each
+        slice (each patient's slices in order). A ``patient`` bundle standardises and crops over those and
+        a 2.5D bundle takes its neighbours from them; otherwise each slice stands alone.
         """
-        slices = [self.preprocessing.inputs(s, channel_axis=2) for s in as_slices(images)]
-        stats, boxes = self._plans(slices, volume, patients)
+        slices = as_slices(images)
+        groups = self._volumes(len(slices), volume, patients)
+        slices = self._model_slices(slices, groups)
+        stats, boxes = self._plans(slices, groups)
         out: list[np.ndarray | None] = [None] * len(slices)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(slices):

@@ -19,7 +19,8 @@ from core.inference.resize import crop_resize, resize_images, resize_labels, unc
 
 
 class DeviceDataset:
-    """One split resident on ``device``: images (N,3,H,W) uint8, masks (N,H,W) uint8, stats (N,3,4).
+    """One split resident on ``device``: images (N,C,H,W) uint8, masks (N,H,W) uint8, stats (N,C,4); C is 3,
+    plus a 2.5D bundle's neighbour channels.
 
     With ``size``, the split is resized once, on the device, to that training resolution (images
     area-averaged, masks by majority so they stay 0/1 or labels): one prepared directory serves every size.
@@ -37,6 +38,7 @@ class DeviceDataset:
         self.device = torch.device(device)
         self.preprocessing = preprocessing or Preprocessing()
         images = self.preprocessing.inputs(np.asarray(arrays.images))  # a read-only memmap is read once, here
+        images = self._with_context(images, arrays)
         masks = np.asarray(arrays.masks)
         if images.dtype != np.uint8 or masks.dtype != np.uint8:
             raise ValueError(f"expected uint8 images and masks, got {images.dtype} and {masks.dtype}")
@@ -59,6 +61,15 @@ class DeviceDataset:
         # Each slice's share of pixels the model last called tumour (read on tumour-free slices only: all
         # of it is false positive there). 1 until a slice has been seen, so every one is drawn at first.
         self.false_positive = torch.ones(len(self), device=self.device)
+
+    def _with_context(self, images: np.ndarray, arrays: SplitArrays) -> np.ndarray:
+        """Each slice with its 2.5D neighbours' channels, taken from its patient's slices in order."""
+        if not self.preprocessing.context:
+            return images
+        out = np.empty((len(images), len(self.preprocessing.channel_names), *images.shape[2:]), images.dtype)
+        for rows in arrays.patient_rows():
+            out[rows] = self.preprocessing.with_context(images[rows])
+        return out
 
     def _plan(self, images: np.ndarray, arrays: SplitArrays) -> tuple[np.ndarray, np.ndarray | None]:
         """Each slice's standardisation stats and crop box, over its patient's rows where the bundle says so."""
@@ -99,7 +110,7 @@ class DeviceDataset:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pixel values as float32 (B,3,H,W), uint8 masks (B,H,W) and standardisation stats (B,3,4) for
+        """Pixel values as float32 (B,C,H,W), uint8 masks (B,H,W) and standardisation stats (B,C,4) for
         device index tensor ``idx`` (``core.inference.resize.normalise`` applies them, after any warp)."""
         return (self.images.index_select(0, idx).float(), self.masks.index_select(0, idx),
                 self.stats.index_select(0, idx))

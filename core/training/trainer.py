@@ -62,7 +62,8 @@ def make_loss(cfg: TrainConfig, multiclass: bool) -> torch.nn.Module:
 
 def preprocessing_from_config(cfg: TrainConfig) -> Preprocessing:
     """The bundle's preprocessing a run trains with (and every inference path then applies)."""
-    return Preprocessing(normalisation=cfg.normalisation, crop=cfg.brain_crop, sequences=cfg.sequences)
+    return Preprocessing(normalisation=cfg.normalisation, crop=cfg.brain_crop, sequences=cfg.sequences,
+                         context=cfg.context, context_sequences=cfg.context_sequences)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -129,12 +130,13 @@ class Trainer:
         # NHWC convolutions are 1.23x a training step on this project's CPU (bench/step_cost.py); GPUs keep
         # their own default. Weights are saved contiguous either way (bundle, checkpoint).
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        self.model = build_model(cfg.arch, 3, self.out_channels, cfg.filters, cfg.dropout).to(
+        self.in_channels = len(self.preprocessing.channel_names)
+        self.model = build_model(cfg.arch, self.in_channels, self.out_channels, cfg.filters, cfg.dropout).to(
             self.device, memory_format=self.memory_format)
         # fine-tuning: the bundle's weights
         self.init = load_init(self.model, cfg, self.preprocessing) if cfg.init else None
         if self.init is None:
-            init_output_bias(self.model, self._class_prior(self.out_channels))
+            init_output_bias(self.model, self._class_prior(self.out_channels), self.in_channels)
         # Dropout draws from torch's global RNG; keep this run's own copy of it, so two trainers in one
         # process (tests, tune's reuse) do not perturb each other and a checkpoint restores it exactly.
         self._cpu_rng = torch.get_rng_state()
@@ -346,7 +348,7 @@ class Trainer:
     # ---- export -------------------------------------------------------------------------------------
     def best_model(self) -> torch.nn.Module:
         """A fresh copy of the network with the best epoch's weights (the current ones before any)."""
-        model = build_model(self.cfg.arch, 3, self.out_channels, self.cfg.filters, self.cfg.dropout)
+        model = build_model(self.cfg.arch, self.in_channels, self.out_channels, self.cfg.filters, self.cfg.dropout)
         model.load_state_dict(self.best_state or self.model.state_dict())
         return model.to(self.device).eval()
 
@@ -365,7 +367,7 @@ class Trainer:
         model = self.best_model()
         tta, settings, entries = self.choose_inference(model)
         config = make_bundle_config(
-            self.cfg.to_dict(), in_channels=3, class_names=self.class_names, image_size=self.image_size,
+            self.cfg.to_dict(), in_channels=self.in_channels, class_names=self.class_names, image_size=self.image_size,
             postprocess=settings, tta=tta, split_hash=split_hash(self.split_info), name=name,
             preprocessing=self.preprocessing.to_config(), init=self.init,
         )
