@@ -6,6 +6,7 @@ Imports no Ray, so the training and model benchmarks run on GPU machines without
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -92,6 +93,20 @@ def random_bundle(prefix: str, arch: str, filters: int, size: int) -> Path:
     if not (path / "config.json").is_file():
         make_random_bundle(path, arch=arch, filters=filters, size=(size, size))
     return path
+
+
+def bundle_identity(path: str | Path) -> dict[str, Any]:
+    """What a benchmark ran, as loaded: the bundle's version, architecture (members for an ensemble), input
+    size and the sha256 of its config.json (which holds every other file's digest: one hash for the whole)."""
+    import hashlib
+
+    raw = (Path(path) / "config.json").read_bytes()
+    config = json.loads(raw)
+    members = config.get("members") or []
+    return {"path": str(path), "version": config.get("version", "unknown"), "arch": config.get("arch"),
+            "filters": config.get("model_args", {}).get("filters"),
+            "members": [f"{m['arch']}-f{m['model_args'].get('filters')}-{m['image_size'][0]}px" for m in members],
+            "image_size": config.get("image_size"), "config_sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def add_model_options(parser: argparse.ArgumentParser, arch: str, filters: int, size: int) -> None:

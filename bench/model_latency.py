@@ -32,6 +32,7 @@ from common import (
     CACHE,
     LoadSampler,
     add_threads_option,
+    bundle_identity,
     fmt,
     publish,
     random_bundle,
@@ -46,8 +47,9 @@ DSC_DROP_TARGET = 0.01  # ... with dsc_volume at most 0.01 below fp32 on the rea
 TARGET_ARCHS = ("lite", "unet")
 
 
-def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, Any]]:
-    """name -> callable(batch float32 N,3,H,W of standardised input); plus export facts."""
+def backends(args: argparse.Namespace, path: Path) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, Any]]:
+    """name -> callable(batch float32 N,C,H,W of standardised input) for the bundle at ``path``; plus export
+    facts (its identity, parameters, input shape)."""
     import torch
 
     from core.bundle import load_bundle
@@ -55,11 +57,12 @@ def backends(args: argparse.Namespace, arch: str) -> tuple[dict[str, Callable[[n
     from core.runtime import autocast
     from serve.onnx_export import ProbabilityModel, export_onnx
     from serve.quantize import calibration_images, model_inputs, quantize_int8
-    path = random_bundle("latency", arch, args.filters, args.size)
     device = torch.device(args.device)
     loaded = load_bundle(path, device)
-    module = ProbabilityModel(loaded.model.eval(), False).eval()
-    facts: dict[str, Any] = {"parameters": count_parameters(loaded.model)}
+    module = ProbabilityModel(loaded.model.eval(), int(loaded.config["model_args"]["out_channels"]) > 1).eval()
+    shape = [int(loaded.config["model_args"]["in_channels"]), *(int(v) for v in loaded.config["image_size"])]
+    facts: dict[str, Any] = {"model": bundle_identity(path), "parameters": count_parameters(loaded.model),
+                             "input_shape": shape}
 
     def eager(x: np.ndarray, amp: bool = False) -> Any:
         with torch.inference_mode(), autocast(device, amp):
@@ -105,13 +108,14 @@ def _session(path: Path) -> Callable[[np.ndarray], Any]:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def measure_arch(args: argparse.Namespace, arch: str, sizes: list[int], load: LoadSampler) -> dict[str, Any]:
-    fns, facts = backends(args, arch)
+def measure(args: argparse.Namespace, label: str, path: Path, sizes: list[int], load: LoadSampler) -> dict[str, Any]:
+    """Every backend of the bundle at ``path`` at each batch size, alternated per repeat."""
+    fns, facts = backends(args, path)
     rng = np.random.default_rng(0)
     points: dict[str, dict[str, Any]] = {}
     per_image: float | None = None
     for b in sizes:
-        x = np.round(rng.random((b, 3, args.size, args.size), dtype=np.float32) * 255).astype(np.float32)
+        x = np.round(rng.random((b, *facts["input_shape"]), dtype=np.float32) * 255).astype(np.float32)
         reps = max(args.reps, args.reps_b1) if b == 1 else args.reps if b <= 8 else max(1, args.reps - 1)
         if per_image is not None and per_image * b * reps * len(fns) > args.point_budget_s:
             points[str(b)] = {"skipped": f"projected {per_image * b * reps * len(fns):.0f} s > --point-budget-s"}
@@ -140,8 +144,8 @@ def measure_arch(args: argparse.Namespace, arch: str, sizes: list[int], load: Lo
         point[f"speedup_vs_{first}_min"] = {k: point[first]["latency_ms_min"] / v["latency_ms_min"]
                                             for k, v in others.items()}
         points[str(b)] = point
-        load.mark(f"{arch} b={b}")
-        print(f"{arch} b={b}: " + ", ".join(f"{k} {v['latency_ms_median']:.1f} ms" for k, v in point.items()
+        load.mark(f"{label} b={b}")
+        print(f"{label} b={b}: " + ", ".join(f"{k} {v['latency_ms_median']:.1f} ms" for k, v in point.items()
                                             if "latency_ms_median" in v), flush=True)
     return {**facts, "batches": points, "backends": list(fns)}
 
@@ -157,7 +161,7 @@ def int8_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     val = load_split(args.val, "val")
     truth = np.asarray(val.masks)
     bundle = Path(args.bundle)
-    out: dict[str, Any] = {"bundle": str(bundle), "split": str(Path(args.val) / "val"), "slices": len(val),
+    out: dict[str, Any] = {"bundle": bundle_identity(bundle), "split": str(Path(args.val) / "val"), "slices": len(val),
                            "patients": len(val.patient_rows())}
     masks = {}
     for kind, quantize in (("fp32", "none"), ("int8", "int8")):
@@ -201,7 +205,8 @@ def summary_rows(args: argparse.Namespace, archs: dict[str, Any], accuracy: dict
         text = ("b=1 " + ", ".join(f"{fmt(one[k]['latency_ms_median'])} ms {k}" for k in backends if k in one)
                 + f"; best {fmt(best[first]['images_per_s'])} img/s {first} at b={best_b}"
                 + "".join(f", {fmt(best[k]['images_per_s'])} img/s {k}" for k in backends[1:] if k in best))
-        rows.append(row(f"forward latency/throughput, {arch} ({res['parameters'] / 1e6:.2f} M params)",
+        name = res["model"]["version"] if arch == "bundle" else arch
+        rows.append(row(f"forward latency/throughput, {name} ({res['parameters'] / 1e6:.2f} M params)",
                         "report (no target)", text, None, limits))
         ratios = one.get(f"speedup_vs_{first}", {})
         if arch in TARGET_ARCHS and "onnx_int8" in ratios:
@@ -222,7 +227,7 @@ def summary_rows(args: argparse.Namespace, archs: dict[str, Any], accuracy: dict
         text = (f"dsc_volume fp32 {fp['dsc_volume']:.4f}, INT8 {q['dsc_volume']:.4f} "
                 f"(drop {accuracy['dsc_volume_drop']:+.4f}); tumour masks fp32 vs INT8 Dice "
                 f"{accuracy['foreground_dice_fp32_vs_int8']:.4f}; {accuracy['patients']} patients")
-        rows.append(row(f"INT8 accuracy cost, {Path(accuracy['bundle']).name} on {accuracy['split']}",
+        rows.append(row(f"INT8 accuracy cost, {accuracy['bundle']['version']} on {accuracy['split']}",
                         f"dsc_volume drop <= {DSC_DROP_TARGET} (issue 14)", text,
                         accuracy["dsc_volume_drop"] <= DSC_DROP_TARGET, "one bundle; calibrated on this split"))
     return rows
@@ -245,12 +250,11 @@ def main() -> None:
     p.add_argument("--val", default=None, metavar="PREPARED",
                    help="prepared directory: its val slices calibrate INT8 (else a small synthetic set), and "
                         "with --bundle its val split measures INT8's dsc_volume cost")
-    p.add_argument("--bundle", default=None, help="trained bundle for the fp32 vs INT8 accuracy check (needs --val)")
+    p.add_argument("--bundle", default=None, help="a trained bundle (e.g. pretrained/lgg) timed beside the archs, "
+                   "at its own input size; with --val, also its fp32 vs INT8 accuracy")
     p.add_argument("--calibration-slices", type=int, default=64)
     add_threads_option(p, "torch and ORT threads (one thread measures the compute on a shared CPU)")
     args = p.parse_args()
-    if args.bundle and not args.val:
-        p.error("--bundle needs --val PREPARED (the split to measure dsc_volume on)")
     import torch
 
     if resolve_threads(args):
@@ -262,8 +266,11 @@ def main() -> None:
         args.calibration = args.val or str(synthetic_prepared(5, 16, args.size)[1])
     load = LoadSampler()
     sizes = [int(s) for s in args.sizes.split(",")]
-    archs = {a: measure_arch(args, a, sizes, load) for a in args.archs.split(",")}
-    accuracy = int8_accuracy(args) if args.bundle else None
+    archs = {a: measure(args, a, random_bundle("latency", a, args.filters, args.size), sizes, load)
+             for a in args.archs.split(",") if a}
+    if args.bundle:  # the bundle itself (e.g. the shipped ensemble), at its own input size and channels
+        archs["bundle"] = measure(args, "bundle", Path(args.bundle), sizes, load)
+    accuracy = int8_accuracy(args) if args.bundle and args.val else None
     if accuracy:
         load.mark("int8 accuracy")
     rows = summary_rows(args, archs, accuracy)

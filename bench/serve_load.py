@@ -8,9 +8,11 @@ reports the median per hop: proxy (client send -> handler start), read (the body
 decode, handle (the model call's own hop: ~0 with the model in the ingress replica), batch wait, model,
 encode, response (handler end -> client has the answer). The bound is the in-process Predictor on the
 same bundle and slice, measured before the server starts and after it stops. The peer
-(bench/fastapi_peer.py: what a user writes instead of Serve) answers the same /v1/segment at the same
-levels: Serve's throughput at concurrency 32 against it, and its p50 at concurrency 1. ``--mixed-volume-
-slices N`` measures slice latency while an N-slice volume runs on the same replica; ``--sweep
+(bench/fastapi_peer.py: what a user writes instead of Serve) runs beside Serve and answers the same
+/v1/segment at the same levels, alternating with it (Serve, peer, Serve, peer: ``--rounds`` each) so a
+drift in the machine's load falls on both: Serve's throughput at concurrency 32 against it, and its p50 at
+concurrency 1, per round and pooled. The record names the bundle as loaded (version, architecture, hash).
+``--mixed-volume-slices N`` measures slice latency while an N-slice volume runs on the same replica; ``--sweep
 8:16,16:32,32:64`` runs Serve again per max_batch_size:max_ongoing_requests at concurrency 1 and 32 (what the
 defaults are to be chosen from). The earlier endpoints' style (the AWS sample's
 ``predictor.predict(x.tolist())``) is a minimal FastAPI app taking ``{"inputs": [[...]]}`` float lists:
@@ -38,6 +40,7 @@ from common import (
     LoadSampler,
     add_model_options,
     add_threads_option,
+    bundle_identity,
     fmt,
     percentile,
     publish,
@@ -141,19 +144,48 @@ async def mixed(base: str, slice_body: bytes, volume_body: bytes) -> dict[str, A
             "slice_max_ms": ms[-1] if ms else None}
 
 
+def one_level(base: str, name: str, body: tuple, conc: int, args: argparse.Namespace, load: LoadSampler,
+              tag: str) -> dict[str, Any]:
+    path, payload, ctype, _ = body
+    n = max(args.requests // args.volume_slices, conc) if "volume" in name else max(args.requests, 2 * conc)
+    res = asyncio.run(load_level(base + path, payload, {"content-type": ctype}, conc, n, args.level_s,
+                                 hops=name.startswith("slice") and tag == "serve"))
+    load.mark(f"{tag} {name} c={conc}")
+    print(f"{tag} {name} c={conc}: {res['requests_per_s']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
+          f"hops {res.get('hops_ms', '')} codes {res['codes']}", flush=True)
+    return res
+
+
 def run_levels(base: str, bodies: dict[str, tuple], args: argparse.Namespace, load: LoadSampler,
                tag: str) -> dict[str, list[dict[str, Any]]]:
+    """Every level of every body once, against one server."""
+    return {name: [one_level(base, name, body, conc, args, load, tag) for conc in body[3]]
+            for name, body in bodies.items()}
+
+
+def alternate(serve_base: str, peer_base: str, bodies: dict[str, tuple], args: argparse.Namespace,
+              load: LoadSampler) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Each level ``args.rounds`` times, Serve then the peer (slices only: the peer has no volume endpoint),
+    so both see the same drift; every run is kept, with its round."""
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in bodies}
-    for name, (path, body, ctype, conc_levels) in bodies.items():
-        for conc in conc_levels:
-            n = (max(args.requests // args.volume_slices, conc) if "volume" in name else max(args.requests, 2 * conc))
-            res = asyncio.run(load_level(base + path, body, {"content-type": ctype}, conc, n, args.level_s,
-                                         hops=name.startswith("slice") and tag == "serve"))
-            results[name].append(res)
-            load.mark(f"{tag} {name} c={conc}")
-            print(f"{tag} {name} c={conc}: {res['requests_per_s']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
-                  f"hops {res.get('hops_ms', '')} codes {res['codes']}", flush=True)
-    return results
+    peer: list[dict[str, Any]] = []
+    for name, body in bodies.items():
+        for conc in body[3]:
+            for rnd in range(args.rounds):
+                results[name].append({**one_level(serve_base, name, body, conc, args, load, "serve"), "round": rnd})
+                if name == "slice_npy":
+                    peer.append({**one_level(peer_base, name, body, conc, args, load, "peer"), "round": rnd})
+    return results, peer
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per concurrency, the rounds' mean throughput and median p50/p95/p99 (the first round's other fields)."""
+    by: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["concurrency"], []).append(r)
+    return {c: {**rs[0], "requests_per_s": float(np.mean([r["requests_per_s"] for r in rs])),
+                **{k: float(np.median([r[k] for r in rs])) for k in ("p50_ms", "p95_ms", "p99_ms")},
+                "rounds": len(rs)} for c, rs in by.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,25 +201,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "slice_png": ("/v1/segment?format=png", encode_png(one), "image/png", [1, 32]),
         "volume_npy": ("/v1/segment/volume?format=npy", encode_npy(vol), "application/x-npy", levels),
     }
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    port, peer_port = free_port(), free_port()
+    base, peer_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
+    pcmd = [sys.executable, str(Path(__file__).with_name("fastapi_peer.py")), "--bundle", str(bundle), "--port",
+            str(peer_port), "--device", args.device, "--threads", str(args.peer_threads)]
     started = time.perf_counter()
     mixed_result = None
     with server(serve_cmd(args, bundle, port, args.max_batch_size, args.max_ongoing_requests), f"{base}/healthz",
                 args.startup_timeout):
         startup = time.perf_counter() - started
         load.mark("serve up")
-        results = run_levels(base, bodies, args, load, "serve")
+        with server(pcmd, f"{peer_base}/healthz", args.startup_timeout):
+            results, peer = alternate(base, peer_base, bodies, args, load)
         if args.mixed_volume_slices:
             long_volume = np.resize(slices, (args.mixed_volume_slices, *slices.shape[1:]))
             mixed_result = asyncio.run(mixed(base, encode_npy(one), encode_npy(long_volume)))
             load.mark("mixed")
             print(f"mixed: {mixed_result}", flush=True)
-    peer_port = free_port()
-    pcmd = [sys.executable, str(Path(__file__).with_name("fastapi_peer.py")), "--bundle", str(bundle), "--port",
-            str(peer_port), "--device", args.device, "--threads", str(args.peer_threads)]
-    with server(pcmd, f"http://127.0.0.1:{peer_port}/healthz", args.startup_timeout):
-        peer = run_levels(f"http://127.0.0.1:{peer_port}", {"slice_npy": bodies["slice_npy"]}, args, load, "peer")
     sweep = []
     for pair in filter(None, args.sweep.split(",")):
         batch, ongoing = (int(v) for v in pair.split(":"))
@@ -201,9 +231,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     after = bound(args, bundle, slices)
     load.mark("bound after")
     json_results = json_endpoint(args, bundle, slices, load)
-    out = summarise(args, before, after, results, json_results, startup, load, peer["slice_npy"])
-    out.update({"mixed": mixed_result, "sweep": sweep, "bundle": str(bundle),
+    out = summarise(args, before, after, results, json_results, startup, load, peer)
+    out.update({"mixed": mixed_result, "sweep": sweep, "model": bundle_identity(bundle),
                 "slices": "real (--prepared val)" if args.prepared else "synthetic"})
+    if args.bundle:  # the random-bundle options did not apply: the model is what was loaded
+        for key in ("arch", "filters", "size"):
+            out["settings"].pop(key, None)
     return out
 
 
@@ -232,20 +265,26 @@ def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[st
     bound_all = (before[f"slices_per_s_threads{default}"] + after[f"slices_per_s_threads{default}"]) / 2
     one_ms = (before["one_slice_p50_ms"] + after["one_slice_p50_ms"]) / 2
     vol_sps = (before["volume_slices_per_s"] + after["volume_slices_per_s"]) / 2
-    by = {name: {r["concurrency"]: r for r in rs} for name, rs in results.items()}
-    for r in results["slice_npy"] + results["slice_png"]:
-        r["share_of_bound"] = r["requests_per_s"] / bound_sps
-    for r in results["volume_npy"]:
+    by = {name: pooled(rs) for name, rs in results.items()}
+    for name in ("slice_npy", "slice_png"):
+        for r in [*results[name], *by[name].values()]:
+            r["share_of_bound"] = r["requests_per_s"] / bound_sps
+    for r in [*results["volume_npy"], *by["volume_npy"].values()]:
         r["slices_per_s"] = r["requests_per_s"] * args.volume_slices
         r["share_of_bound"] = r["slices_per_s"] / vol_sps
     nan = float("nan")
     c32, s1 = by["slice_npy"].get(32, {}), by["slice_npy"].get(1, {})
-    peer_by = {r["concurrency"]: r for r in peer}
+    peer_by = pooled(peer)
     p32, p1 = peer_by.get(32, {}), peer_by.get(1, {})
     share32 = c32.get("share_of_bound", nan)
     overhead = s1.get("p50_ms", nan) - one_ms
     vs_peer32 = c32.get("requests_per_s", nan) / p32.get("requests_per_s", nan) if p32 else nan
     vs_peer1 = s1.get("p50_ms", nan) - p1.get("p50_ms", nan) if p1 else nan
+    # Serve and the peer ran back to back in each round: the round's own ratio is the paired comparison.
+    paired = [{"concurrency": s["concurrency"], "round": s["round"],
+               "throughput_ratio": s["requests_per_s"] / q["requests_per_s"],
+               "p50_difference_ms": s["p50_ms"] - q["p50_ms"]}
+              for s, q in zip(results["slice_npy"], peer, strict=True)]
     j1 = json_results[0]
     ingress = {"optimized": "Serve's proxy actor (throughput-optimized Serve)", "haproxy": "HAProxy",
                "proxy-actor": "Serve's proxy actor (classic settings)"}[args.ingress]
@@ -262,7 +301,8 @@ def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[st
                   "slices_per_s_default_threads": bound_all, "volume_slices_per_s": vol_sps},
         "serve": results,
         "hops_ms_at_1": hops1,
-        "peer": {"fastapi_uvicorn": peer, "throughput_ratio_at_32": vs_peer32, "p50_difference_ms_at_1": vs_peer1},
+        "peer": {"fastapi_uvicorn": peer, "throughput_ratio_at_32": vs_peer32, "p50_difference_ms_at_1": vs_peer1,
+                 "per_round": paired, "order": "per level: Serve then the peer, --rounds times"},
         "json_endpoint": json_results,
         "load": load.summary(),
         "target": {"share_of_bound_at_32_min": 0.8, "p50_overhead_ms_at_1_max": 10.0,
@@ -280,7 +320,10 @@ def summarise(args: argparse.Namespace, before: dict[str, float], after: dict[st
                 + ("behind a handle (--split)" if args.split else "inside the ingress replica")),
             row("Serve vs plain FastAPI + uvicorn peer", "c=32 throughput >= peer; c=1 p50 within 5 ms",
                 f"{fmt(vs_peer32)}x throughput at 32 ({fmt(c32.get('requests_per_s', nan))} vs "
-                f"{fmt(p32.get('requests_per_s', nan))} req/s); p50 at 1 {fmt(vs_peer1)} ms apart",
+                f"{fmt(p32.get('requests_per_s', nan))} req/s; rounds "
+                + ", ".join(f"{fmt(r['throughput_ratio'])}x" for r in paired if r["concurrency"] == 32)
+                + f"); p50 at 1 {fmt(vs_peer1)} ms apart (rounds "
+                + ", ".join(f"{fmt(r['p50_difference_ms'])}" for r in paired if r["concurrency"] == 1) + ")",
                 met["throughput_vs_peer_at_32"] and met["p50_vs_peer_at_1"],
                 f"peer: one process, torch at {args.peer_threads or default} thread(s), no batching"),
             row("JSON-list endpoint (earlier style) vs binary NPY, concurrency 1", "binary smaller and faster",
@@ -300,6 +343,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="slices per level (at least 2x the concurrency)")
     p.add_argument("--volume-slices", type=int, default=8)
     p.add_argument("--level-s", type=float, default=60.0, help="time limit per level")
+    p.add_argument("--rounds", type=int, default=2, help="Serve/peer alternations per level (A B A B)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-ongoing-requests", type=int, default=0, help="0: serve run's default")
