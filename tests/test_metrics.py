@@ -97,3 +97,24 @@ def test_fp_slice_rate_is_minimised_others_maximised():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         segmentation_metrics(_masks(2), _masks(3), np.array(["a", "a"]))
+
+
+def test_per_patient_dice_is_monais_dice_of_each_patients_volume():
+    """The vectorised counts give what MONAI's compute_dice gives on each patient's stacked volume, including
+    its convention for a tumour-free patient predicted empty (1, with ignore_empty=False)."""
+    import torch
+    from monai.metrics import compute_dice
+
+    rng = np.random.default_rng(3)
+    patients = np.repeat(["a", "b", "c", "d"], 6)
+    truth = (rng.random((24, 16, 16)) > 0.8).astype(np.uint8)
+    pred = ((truth > 0) ^ (rng.random((24, 16, 16)) > 0.9)).astype(np.uint8)
+    truth[patients == "d"] = 0
+    pred[patients == "d"] = 0
+    ours = per_patient_dice(pred, truth, patients)
+    for pid in "abcd":
+        rows = patients == pid
+        as_volume = [torch.from_numpy(x[rows].astype(np.float32))[None, None] for x in (pred, truth)]
+        theirs = float(compute_dice(*as_volume, include_background=True, ignore_empty=False))
+        assert ours[pid] == pytest.approx(theirs, abs=1e-6), pid
+    assert ours["d"] == 1.0 and 0.5 < ours["a"] < 1.0
