@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from core.data.arrays import SPLITS, load_split, load_split_info
-from core.data.prepare import DataError, Patient, read_patients, split_patients, write_prepared
+from core.data.prepare import DataError, Patient, read_patients, source_class_names, split_patients, write_prepared
 from core.formats.nifti import load_nifti, mm_affine, read_array, read_nifti
 from core.formats.volume import SEQUENCE_TITLES, SEQUENCES, VolumeError, parse_sequences, slices_grid
 from core.io import atomic_dir, read_json, write_json
@@ -215,9 +215,7 @@ def _source_patients(src: Path, val: float, test: float, seed: int
                                   np.asarray(arrays.masks[r]), np.asarray(arrays.slices[r]))
                           for r in arrays.patient_rows()]
         return out, list(info.get("class_names", ["background", "tumour"]))
-    class_names = ["background", "tumour"]
-    if (src / "classes.json").is_file():
-        class_names = list(read_json(src / "classes.json")["class_names"])
+    class_names = source_class_names(src)
     patients = {p.id: p for p in read_patients(src, len(class_names) - 1)}
     fractions = {pid: float((p.masks.reshape(len(p.masks), -1).max(1) > 0).mean()) for pid, p in patients.items()}
     split = split_patients(fractions, val, test, seed)

@@ -184,12 +184,16 @@ def prepare(
 ) -> dict[str, Any]:
     """Read, validate, split and write; ``out`` is replaced atomically only when everything succeeded."""
     src = Path(src)
-    class_names = ["background", "tumour"]
-    if (src / "classes.json").is_file():
-        class_names = list(read_json(src / "classes.json")["class_names"])
-    classes = len(class_names) - 1
-    patients = {p.id: p for p in read_patients(src, classes, progress)}
+    class_names = source_class_names(src)
+    patients = {p.id: p for p in read_patients(src, len(class_names) - 1, progress)}
     return write_prepared(src, patients, out, class_names, val, test, seed, split_file)
+
+
+def source_class_names(src: Path) -> list[str]:
+    """A Kaggle-layout folder's classes: its ``classes.json`` (multi-class masks), else background and tumour."""
+    if (src / "classes.json").is_file():
+        return list(read_json(src / "classes.json")["class_names"])
+    return ["background", "tumour"]
 
 
 def write_prepared(
