@@ -54,7 +54,6 @@ BACK_FILES, BACK_FILE_BYTES, BACK_TOTAL_BYTES = 8, 16 * MiB, 64 * MiB  # what on
 CARRY = ROOT / "runs" / "gpu-carry"
 TEST_SPLIT = ROOT / "bench" / "results" / "real-lgg-test-split.json"
 STUDY_CONFIG = ROOT / "tune" / "studies" / "lgg-lite16.yaml"
-STUDY_FIXED = {"keep": "last", "patience": 0, "tta": "none", "postprocess": "none"}  # as tune/study.py fixes them
 GPU_SIZE = {"arch": "unet", "filters": 32, "image_size": 256, "epochs": 50, "amp": True}
 SMOKE_SIZE = {"arch": "lite", "filters": 8, "image_size": 64, "epochs": 2, "batch_size": 4, "eval_batch_size": 16}
 SMOKE_BUDGET_S, SMOKE_PATIENTS, SMOKE_FOLDS = 170.0, 4, 2
@@ -126,7 +125,9 @@ def campaign_config(args: argparse.Namespace) -> Any:
     values = yaml.safe_load(Path(args.config).read_text()) or {}
     values.update(SMOKE_SIZE if args.smoke else GPU_SIZE)
     values.update(parse_sets(args.set))
-    values.update(STUDY_FIXED, device=args.device)
+    from core.evaluation.oof import OUT_OF_FOLD_TRAINING
+
+    values.update(OUT_OF_FOLD_TRAINING, device=args.device)
     return TrainConfig.from_dict(values)
 
 
@@ -149,17 +150,6 @@ def check_return_size(cfg: Any, folds: int) -> dict[str, Any]:
 
 
 # ---- one fold, in its own process ------------------------------------------------------------------------
-def fold_data(pool: Any, folds: list[list[str]], k: int, info: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """(train, val, split info) of fold ``k`` exactly as tune.cv.fold_data makes them (which imports Ray):
-    validated on its patients, trained on the others; the split info gives the bundle's split hash."""
-    import numpy as np
-
-    in_fold = np.isin(np.asarray(pool.patients).astype(str), folds[k])
-    train_ids = sorted(p for i, f in enumerate(folds) if i != k for p in f)
-    fold_info = {**info, "patients": {"train": train_ids, "val": list(folds[k]), "test": []}, "fold": k}
-    return pool.select(np.flatnonzero(~in_fold)), pool.select(np.flatnonzero(in_fold)), fold_info
-
-
 def shorten(trainer: Any, epochs: int) -> None:
     """Re-fit the run's warm-up + cosine schedule to ``epochs`` from the step it is at, so the weights it ends
     with are annealed rather than cut mid-schedule; its config, and so its bundle, records the epochs it ran."""
@@ -254,8 +244,7 @@ def train_fold(job: dict[str, Any]) -> dict[str, Any]:
     if cfg.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed 256 px batches: pick the fastest kernels once
     prepared = Path(job["prepared"])
-    train, val, fold_info = fold_data(load_split(prepared, "train"), job["folds"], job["fold"],
-                                      load_split_info(prepared))
+    train, val, fold_info = load_split(prepared, "train").fold(job["folds"], job["fold"], load_split_info(prepared))
     trainer = Trainer(cfg, train, val, fold_info)
     fit_started = time.time()
     trainer.fit(on_epoch=budget_guard(job["stop_at"]))

@@ -65,19 +65,10 @@ def make_folds(pool: SplitArrays, folds: int, seed: int) -> list[list[str]]:
     return fold_patients(share, folds, seed)
 
 
-def fold_data(pool: SplitArrays, folds: list[list[str]], k: int, info: dict[str, Any]):
-    """(train, val, split info) of fold ``k``: validated on its patients, trained on the others."""
-    patients = np.asarray(pool.patients).astype(str)
-    in_fold = np.isin(patients, folds[k])
-    train_ids = sorted(p for i, f in enumerate(folds) if i != k for p in f)
-    fold_info = {**info, "patients": {"train": train_ids, "val": list(folds[k]), "test": []}, "fold": k}
-    return pool.select(np.flatnonzero(~in_fold)), pool.select(np.flatnonzero(in_fold)), fold_info
-
-
 def cv_trial(config: dict[str, Any], pool: SplitArrays, folds: list[list[str]], split_info: dict[str, Any]) -> None:
     """One fold: core's trainer through tune's trial function, on this fold's train and val."""
     config = dict(config)
-    train, val, info = fold_data(pool, folds, int(config.pop("fold")), split_info)
+    train, val, info = pool.fold(folds, int(config.pop("fold")), split_info)
     train_trial(config, train, val, info)
 
 
@@ -147,7 +138,7 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
         k = int(trial["config"]["fold"])
         if trial["checkpoint"] is None:
             raise RuntimeError(f"fold {k} has no checkpoint ({trial['stop_reason']}); rerun to continue it")
-        train, val, fold_info = fold_data(pool, folds, k, info)
+        train, val, fold_info = pool.fold(folds, k, info)
         bundle = run_dir / "folds" / f"fold{k}"
         with trial["checkpoint"].as_directory() as folder:
             results.export_trial(Path(folder), {x: v for x, v in trial["config"].items() if x != "fold"}, bundle,

@@ -44,7 +44,6 @@ from core.io import read_json, write_json
 PROTOCOL = ("test split fixed before any choice and read once; K-fold CV on the rest with fold models kept "
             "at their last epoch; every setting chosen on out-of-fold predictions (the simplest not "
             "significantly worse than the best, paired per patient); intervals by bootstrap over patients")
-STUDY_FIXED = {"keep": "last", "patience": 0, "tta": "none", "postprocess": "none"}
 
 
 def prepared_data(args: argparse.Namespace, out: Path) -> Path:
@@ -78,9 +77,10 @@ def check_test_split(prepared: Path, test_split: Path | None, out: Path) -> dict
 
 def study_config(config_file: Path, sets: dict[str, Any]) -> dict[str, Any]:
     """The fold configuration: the YAML's constants and --set, with the study's fixed settings."""
+    from core.evaluation.oof import OUT_OF_FOLD_TRAINING
     from tune.cv import base_config
 
-    return base_config(config_file, None, {**sets, **STUDY_FIXED})
+    return base_config(config_file, None, {**sets, **OUT_OF_FOLD_TRAINING})
 
 
 def folds_from(directory: Path, pool: SplitArrays) -> tuple[dict[str, Any], list[list[str]], list[Path]]:

@@ -40,6 +40,14 @@ class SplitArrays:
     def patient_rows(self) -> list[np.ndarray]:
         return patient_rows(self.patients, self.slices)
 
+    def fold(self, folds: list[list[str]], k: int, info: dict[str, Any],
+             ) -> tuple[SplitArrays, SplitArrays, dict[str, Any]]:
+        """(train, val, split info) of fold ``k`` of this pool: validated on its patients, trained on the others."""
+        in_fold = np.isin(np.asarray(self.patients).astype(str), folds[k])
+        train_ids = sorted(p for i, f in enumerate(folds) if i != k for p in f)
+        fold_info = {**info, "patients": {"train": train_ids, "val": list(folds[k]), "test": []}, "fold": k}
+        return self.select(np.flatnonzero(~in_fold)), self.select(np.flatnonzero(in_fold)), fold_info
+
 
 def patient_rows(patients: np.ndarray, slices: np.ndarray) -> list[np.ndarray]:
     """Row indices of each patient (patients sorted by id), each patient's slices in order: its volume."""

@@ -15,6 +15,10 @@ import numpy as np
 from core.data.arrays import SplitArrays
 from core.evaluation.choices import with_flair
 
+# What every fold's training fixes, so that no weight, TTA or rule is chosen on the patients it then
+# predicts out of fold: the last epoch's weights, no early stopping, nothing chosen on the fold's val.
+OUT_OF_FOLD_TRAINING = {"keep": "last", "patience": 0, "tta": "none", "postprocess": "none"}
+
 # name -> (volume scope, TTA, pre/post-contrast replaced by FLAIR)
 PASSES: dict[str, tuple[bool, str, bool]] = {
     f"{kind}_{tta}": (kind != "slice", tta, kind == "flair")
