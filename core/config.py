@@ -161,6 +161,13 @@ def _optional(kind: Any) -> tuple[Any, bool]:
     return kind, False
 
 
+def meta(text: str, **more: Any) -> dict[str, Any]:
+    """A field's metadata: its help text, and optionally ``choices``, ``flag`` (another spelling),
+    ``false_flag`` (another spelling of a bool's ``--no-x``), ``argument`` (more ``add_argument`` keywords)
+    and ``from_arg`` (turns the parsed flag into the field's value)."""
+    return {"help": text, **more}
+
+
 def coerce(kind: Any, value: Any, key: str, source: str) -> Any:
     """``value`` as a field of type ``kind`` holds it: strings from the command line or ``key=value``, numpy
     numbers from Optuna and YAML's ``1e-3`` (a string) are converted; anything else is a ConfigError."""
@@ -169,6 +176,11 @@ def coerce(kind: Any, value: Any, key: str, source: str) -> Any:
         return None
     problem = f"{source}: {key}: expected {getattr(kind, '__name__', kind)}{' or None' if nullable else ''}, " \
               f"got {value!r}"
+    container = typing.get_origin(kind)
+    if container in (dict, list):  # structured values (tune's --set pairs) pass as they are
+        if isinstance(value, container):
+            return value
+        raise ConfigError(problem)
     if kind is bool:
         if isinstance(value, bool | numbers.Integral) and value in (0, 1):
             return bool(value)
@@ -209,7 +221,8 @@ def check_choices(obj: Any) -> None:
     for f in fields(obj):
         choices = f.metadata.get("choices")
         if choices and getattr(obj, f.name) not in choices:
-            raise ValueError(f"{f.name}={getattr(obj, f.name)!r} is not one of {', '.join(map(str, choices))}")
+            raise ValueError(f"{f.name}: expected one of {', '.join(map(str, choices))}, "
+                             f"got {getattr(obj, f.name)!r}")
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any], source: str) -> T:
@@ -249,6 +262,10 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
     for f in fields(cls):
         kind, _ = _optional(kinds[f.name])
         help_text = f.metadata.get("help", "")
+        if "argument" in f.metadata:  # spelled its own way (e.g. tune's --set, --quiet)
+            parser.add_argument(flag(f), dest=f.name, help=help_text,
+                                **{"default": f.default, **f.metadata["argument"]})
+            continue
         if _required(f):
             parser.add_argument(flag(f), dest=f.name, required=True, type=_caster(kind), help=help_text)
             continue
@@ -270,7 +287,12 @@ def _caster(kind: Any) -> Any:
 
 def from_args(args: argparse.Namespace, cls: type[T] = TrainConfig) -> T:  # type: ignore[assignment]
     """The dataclass ``cls`` from the options ``add_arguments(parser, cls)`` added."""
-    return from_mapping(cls, {f.name: getattr(args, f.name) for f in fields(cls)}, "command line")
+    values = {f.name: f.metadata.get("from_arg", _same)(getattr(args, f.name)) for f in fields(cls)}
+    return from_mapping(cls, values, "command line")
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:

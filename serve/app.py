@@ -30,7 +30,7 @@ from typing import Any
 from ray import serve
 
 from core.bundle.files import WEIGHTS, listed_files, read_config
-from core.config import BATCH_SIZE, add_arguments, from_args, from_mapping
+from core.config import BATCH_SIZE, add_arguments, from_args, from_mapping, meta
 from core.io import is_remote
 from serve.ingress import Ingress
 from serve.model import SegmentModel
@@ -40,43 +40,39 @@ log = logging.getLogger(__name__)
 APP_NAME = "gliomaseg"
 
 
-def _help(text: str, **more: Any) -> dict[str, Any]:
-    return {"help": text, **more}
-
-
 @dataclass
 class ServeSettings:
     """Everything the replicas need: the `serve run` flags, the ``serve run|deploy`` args dict
     (``key=value``) and, as a dict, the ingress's settings."""
 
-    bundle: str = field(metadata=_help(
+    bundle: str = field(metadata=meta(
         "bundle directory (model.safetensors + config.json) or s3://bucket/prefix (honours AWS_ENDPOINT_URL; each "
         "replica fetches it once per node into a cache and checks its sha256s)"))
-    replicas: str = field(default="1", metadata=_help("model replicas: an integer or 'auto' (autoscaling)"))
-    max_replicas: int = field(default=0, metadata=_help(
+    replicas: str = field(default="1", metadata=meta("model replicas: an integer or 'auto' (autoscaling)"))
+    max_replicas: int = field(default=0, metadata=meta(
         "with --replicas auto: the most replicas; 0 derives it from the cluster's GPUs/CPUs"))
-    max_batch_size: int = field(default=BATCH_SIZE, metadata=_help("most slices per model batch"))
-    batch_wait_ms: float = field(default=0.0, metadata=_help(
+    max_batch_size: int = field(default=BATCH_SIZE, metadata=meta("most slices per model batch"))
+    batch_wait_ms: float = field(default=0.0, metadata=meta(
         "longest wait to fill a batch; 0: a batch is what queued while the last one ran, so a lone request "
         "never waits for company"))
-    max_ongoing_requests: int = field(default=0, metadata=_help(
+    max_ongoing_requests: int = field(default=0, metadata=meta(
         "requests per model replica at once; 0: 2 x --max-batch-size (room to fill the next batch)"))
-    colocate: bool = field(default=True, metadata=_help(
+    colocate: bool = field(default=True, metadata=meta(
         "the model inside the ingress replica (one hop); --split runs it as its own deployment behind the ingress",
         false_flag="--split"))
-    torch_threads: int = field(default=0, metadata=_help(
+    torch_threads: int = field(default=0, metadata=meta(
         "torch threads per CPU replica; 0: its CPUs, at most all cores but one, leaving the proxy a core"))
-    gpus_per_replica: float | None = field(default=None, metadata=_help(
+    gpus_per_replica: float | None = field(default=None, metadata=meta(
         "GPU share per model replica; unset: 0.5 when the Ray cluster has a GPU, else 0"))
-    cpus_per_replica: float = field(default=1.0, metadata=_help("CPUs per model replica"))
-    token_env: str | None = field(default=None, metadata=_help(
+    cpus_per_replica: float = field(default=1.0, metadata=meta("CPUs per model replica"))
+    token_env: str | None = field(default=None, metadata=meta(
         "environment variable holding a required bearer token"))
-    max_body_mb: float = field(default=64.0, metadata=_help("largest request body"))
-    max_slices: int = field(default=512, metadata=_help("most slices in a volume request"))
-    max_pixels: int = field(default=1 << 25, metadata=_help(
+    max_body_mb: float = field(default=64.0, metadata=meta("largest request body"))
+    max_slices: int = field(default=512, metadata=meta("most slices in a volume request"))
+    max_pixels: int = field(default=1 << 25, metadata=meta(
         "most pixels per volume request, after decoding: bounds memory whatever the compression"))
-    min_size: int = field(default=32, metadata=_help("smallest slice side accepted"))
-    max_size: int = field(default=1024, metadata=_help("largest slice side accepted"))
+    min_size: int = field(default=32, metadata=meta("smallest slice side accepted"))
+    max_size: int = field(default=1024, metadata=meta("largest slice side accepted"))
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> ServeSettings:
@@ -115,16 +111,16 @@ class ServeSettings:
 class LaunchOptions:
     """What `serve run` needs beyond the replicas' settings: where Ray and Serve's proxy come up."""
 
-    host: str = field(default="127.0.0.1", metadata=_help("bind address (default loopback only)"))
-    port: int = field(default=8000, metadata=_help("HTTP port"))
-    address: str | None = field(default=None, metadata=_help("Ray cluster address (default: local or RAY_ADDRESS)"))
-    haproxy: bool = field(default=False, metadata=_help(
+    host: str = field(default="127.0.0.1", metadata=meta("bind address (default loopback only)"))
+    port: int = field(default=8000, metadata=meta("HTTP port"))
+    address: str | None = field(default=None, metadata=meta("Ray cluster address (default: local or RAY_ADDRESS)"))
+    haproxy: bool = field(default=False, metadata=meta(
         "HAProxy in front of the replicas' own HTTP servers instead of Serve's proxy actor, when serve run starts "
         "Ray itself (binds the replicas' ports and HAProxy's stats 8404 and metrics 9101 on all interfaces, "
         "whatever --host says: see serve/startup.py)"))
-    dashboard: bool = field(default=False, metadata=_help(
+    dashboard: bool = field(default=False, metadata=meta(
         "also start Ray's dashboard when serve run starts Ray itself (costs CPU at start-up)"))
-    start_timeout: float = field(default=DEFAULT_START_TIMEOUT_S, metadata=_help(
+    start_timeout: float = field(default=DEFAULT_START_TIMEOUT_S, metadata=meta(
         "seconds for Serve and the model to come up before giving up with a message saying what did not"))
 
 
