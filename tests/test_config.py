@@ -118,6 +118,17 @@ def test_inference_batch_size_is_one_default() -> None:
     assert defaults == [BATCH_SIZE] * len(defaults)
 
 
+def test_the_replica_is_told_its_derived_request_limit() -> None:
+    """The ingress reports the limit ServeSettings derives (2 x the batch) rather than deriving it again."""
+    from serve.app import build_app
+
+    for settings, limit in ((ServeSettings(bundle="b", max_batch_size=8), 16),
+                            (ServeSettings(bundle="b", max_batch_size=8, max_ongoing_requests=24), 24)):
+        deployment = build_app(settings)._bound_deployment
+        assert deployment.max_ongoing_requests == limit
+        assert deployment.init_args[1]["max_ongoing_requests"] == limit  # the ingress's settings dict
+
+
 # Each dict source: how it is called with one bad key, and the source its messages start with.
 SOURCES = {
     "train": (lambda bad: TrainConfig.from_dict(bad), "training options", "filters"),

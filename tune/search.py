@@ -116,33 +116,14 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     import ray
 
     opts.validate()
-    storage = RunStorage.open(opts.name, opts.storage)
-    if opts.resume:
-        if not storage.exists():
-            raise FileNotFoundError(f"{storage.uri}: no run to resume")
-        storage.pull(STUDY_DB, "run.json")
-    elif storage.exists():
-        raise FileExistsError(f"{storage.uri}: already holds a run; pass --resume to continue it, or another --name")
-    storage.local.mkdir(parents=True, exist_ok=True)
-
+    storage = _open_storage(opts)
     data = Path(opts.data).resolve()
     info = load_split_info(data)
     # Loaded into memory (not memory-mapped): the object store gets one real copy per node.
     train, val = load_split(data, "train", mmap=False), load_split(data, "val", mmap=False)
-
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
-    cluster = ray.cluster_resources()
-    gpus = opts.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if cluster.get("GPU", 0) > 0 else 0.0
-    if gpus > cluster.get("GPU", 0):
-        raise ValueError(f"--gpus-per-trial {gpus}: the Ray cluster has {cluster.get('GPU', 0)} GPU(s)")
-    slots = cluster.get("CPU", 1) // max(opts.cpus_per_trial, 1e-3)
-    if gpus > 0:
-        slots = min(slots, cluster["GPU"] // gpus)
-    slots = int(max(1, min(slots, opts.max_concurrent or slots)))
-
+    gpus, slots = _trial_resources(opts)
     wandb = None
     if opts.wandb_project:
         from tune.wandb_logging import wandb_settings
@@ -152,42 +133,10 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         tune.with_parameters(train_trial, train=train, val=val, split_info=info, wandb=wandb),
         {"cpu": opts.cpus_per_trial, "gpu": gpus},
     )
-
     if opts.resume:
-        # Metric, mode and scheduler are the run's own (run.json, and Ray's restored state), not opts'.
-        run_info = read_json(storage.local / "run.json")
-        if run_info.get("split_hash") != split_hash(info):
-            log.warning("%s: resuming on a different data split than the run started with", data)
-        for name, action in storage.repair_torn_snapshots().items():
-            log.warning("Ray snapshot %s was cut short by the interruption: %s", name, action)
-        tuner = tune.Tuner.restore(
-            storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
-            storage_filesystem=storage.fs,
-        )
+        tuner, run_info = _restored_tuner(storage, trainable, data, info)
     else:
-        space = load_space(opts.config, opts.fixed)
-        mode, key = ("min" if opts.metric in MINIMISED else "max"), objective_key(opts.metric)
-        constants = {"seed": opts.seed, **space.constants, "epochs": opts.max_epochs, "metric": opts.metric}
-        run_info = {
-            "name": opts.name, "storage": storage.uri, "data": str(data), "split_hash": split_hash(info),
-            "metric": opts.metric, "mode": mode, "objective": key, "searched": list(space.searched),
-            "space": space.describe(), "constants": constants, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
-            "scheduler": opts.scheduler, "gpus_per_trial": gpus, "status": "running",
-        }
-        write_json(storage.local / "run.json", run_info)
-        storage.push("run.json")
-        tuner = tune.Tuner(
-            trainable,
-            param_space=constants,
-            tune_config=tune.TuneConfig(
-                metric=key, mode=mode, num_samples=opts.num_samples, scheduler=_scheduler(opts),
-                search_alg=_searcher(opts, space, storage, key, mode), max_concurrent_trials=opts.max_concurrent,
-                # A finished trial's worker (torch imported, data fetched) takes the next trial.
-                reuse_actors=True, trial_dirname_creator=trial_dirname,
-            ),
-            run_config=_run_config(opts, storage, mode),
-        )
+        tuner, run_info = _new_tuner(opts, storage, trainable, data, info, gpus)
     with tune_env(slots):
         grid = tuner.fit()
     run_info = finish(storage, grid, run_info, train, val, info)
@@ -199,6 +148,80 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         else:
             run_info["ensemble"] = build_run_ensemble(storage.local, opts.ensemble, data=data)
     return run_info
+
+
+def _open_storage(opts: SearchOptions) -> RunStorage:
+    """The run's storage: an existing run only with --resume (its study and run.json pulled), else a new one."""
+    storage = RunStorage.open(opts.name, opts.storage)
+    if opts.resume:
+        if not storage.exists():
+            raise FileNotFoundError(f"{storage.uri}: no run to resume")
+        storage.pull(STUDY_DB, "run.json")
+    elif storage.exists():
+        raise FileExistsError(f"{storage.uri}: already holds a run; pass --resume to continue it, or another --name")
+    storage.local.mkdir(parents=True, exist_ok=True)
+    return storage
+
+
+def _trial_resources(opts: SearchOptions) -> tuple[float, int]:
+    """(GPUs per trial, trials that fit at once) on the running Ray cluster."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if cluster.get("GPU", 0) > 0 else 0.0
+    if gpus > cluster.get("GPU", 0):
+        raise ValueError(f"--gpus-per-trial {gpus}: the Ray cluster has {cluster.get('GPU', 0)} GPU(s)")
+    slots = cluster.get("CPU", 1) // max(opts.cpus_per_trial, 1e-3)
+    if gpus > 0:
+        slots = min(slots, cluster["GPU"] // gpus)
+    return gpus, int(max(1, min(slots, opts.max_concurrent or slots)))
+
+
+def _restored_tuner(storage: RunStorage, trainable: Any, data: Path, info: dict[str, Any]
+                    ) -> tuple[tune.Tuner, dict[str, Any]]:
+    """The interrupted run's Tuner; metric, mode and scheduler are the run's own (run.json, and Ray's restored
+    state), not the options'."""
+    run_info = read_json(storage.local / "run.json")
+    if run_info.get("split_hash") != split_hash(info):
+        log.warning("%s: resuming on a different data split than the run started with", data)
+    for name, action in storage.repair_torn_snapshots().items():
+        log.warning("Ray snapshot %s was cut short by the interruption: %s", name, action)
+    tuner = tune.Tuner.restore(
+        storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+        storage_filesystem=storage.fs,
+    )
+    return tuner, run_info
+
+
+def _new_tuner(opts: SearchOptions, storage: RunStorage, trainable: Any, data: Path, info: dict[str, Any],
+               gpus: float) -> tuple[tune.Tuner, dict[str, Any]]:
+    """A new run's Tuner over its search space, and its run.json (written and pushed before any trial)."""
+    space = load_space(opts.config, opts.fixed)
+    mode, key = ("min" if opts.metric in MINIMISED else "max"), objective_key(opts.metric)
+    constants = {"seed": opts.seed, **space.constants, "epochs": opts.max_epochs, "metric": opts.metric}
+    run_info = {
+        "name": opts.name, "storage": storage.uri, "data": str(data), "split_hash": split_hash(info),
+        "metric": opts.metric, "mode": mode, "objective": key, "searched": list(space.searched),
+        "space": space.describe(), "constants": constants, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "scheduler": opts.scheduler, "gpus_per_trial": gpus, "status": "running",
+    }
+    write_json(storage.local / "run.json", run_info)
+    storage.push("run.json")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=constants,
+        tune_config=tune.TuneConfig(
+            metric=key, mode=mode, num_samples=opts.num_samples, scheduler=_scheduler(opts),
+            search_alg=_searcher(opts, space, storage, key, mode), max_concurrent_trials=opts.max_concurrent,
+            # A finished trial's worker (torch imported, data fetched) takes the next trial.
+            reuse_actors=True, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=_run_config(opts, storage, mode),
+    )
+    return tuner, run_info
 
 
 @contextlib.contextmanager
