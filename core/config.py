@@ -184,6 +184,8 @@ def coerce(kind: Any, value: Any, key: str, source: str) -> Any:
     if kind is bool:
         if isinstance(value, bool | numbers.Integral) and value in (0, 1):
             return bool(value)
+        if getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy's bool
+            return bool(value)
         text = str(value).strip().lower() if isinstance(value, str) else None
         if text in _TRUE or text in _FALSE:
             return text in _TRUE
@@ -192,7 +194,12 @@ def coerce(kind: Any, value: Any, key: str, source: str) -> Any:
         raise ConfigError(problem)  # True is an int to Python, never a filter count
     if kind is int:
         try:
-            number = float(value) if isinstance(value, str) else value
+            if isinstance(value, str):
+                return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            number = float(value) if isinstance(value, str) else value  # "1e3", 16.0
             if isinstance(number, numbers.Real) and float(number).is_integer():
                 return int(number)
         except (TypeError, ValueError, OverflowError):

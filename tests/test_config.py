@@ -25,6 +25,7 @@ from core.config import (
 )
 from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
+from tune.cv import CVOptions
 from tune.search import SearchOptions
 from tune.space import parse_space
 
@@ -55,6 +56,12 @@ def _tune_run() -> argparse.ArgumentParser:
     return _command(register)
 
 
+def _tune_cv() -> argparse.ArgumentParser:
+    from tune.cv import register
+
+    return _command(register)
+
+
 def _predictor() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_predictor_arguments(parser)
@@ -66,6 +73,7 @@ JOBS = {
     "core train": (_train, (TrainRun, TrainConfig), ["--data", "d", "--out", "o"]),
     "serve run": (_serve_run, (ServeSettings, LaunchOptions), ["--bundle", "b"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
+    "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
     "core evaluate/predict": (_predictor, (PredictorOptions,), ["--bundle", "b"]),
 }
 
@@ -100,6 +108,8 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
                                         "--quiet", "--gpus-per-trial", "0.5"])
     opts = from_args(tune_args, SearchOptions)
     assert opts.fixed == {"arch": "lite", "lr": 1e-3} and opts.verbose == 0 and opts.gpus_per_trial == 0.5
+    cv = from_args(_tune_cv().parse_args(["--data", "d", "--from", "runs/x", "--set", "lr=1e-3", "--half"]), CVOptions)
+    assert (cv.from_run, cv.fixed, cv.half, cv.storage) == (Path("runs/x"), {"lr": 1e-3}, True, Path("runs"))
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):

@@ -57,6 +57,13 @@ def _number(value: Any) -> Any:
     return value
 
 
+def sets_field(text: str) -> Any:
+    """The ``--set KEY=VALUE`` option (repeatable; YAML values, ``parse_sets``) as a dict field."""
+    return field(default_factory=dict, metadata=meta(
+        text, flag="--set", argument={"action": "append", "default": [], "metavar": "KEY=VALUE"},
+        from_arg=parse_sets))
+
+
 @dataclass
 class SearchOptions:
     """The `tune run` options (also the library entry point: ``run_search(SearchOptions(...))``)."""
@@ -81,9 +88,8 @@ class SearchOptions:
     wandb_project: str | None = field(default=None, metadata=meta(
         "log trials to Weights & Biases (offline without WANDB_API_KEY)"))
     seed: int = field(default=0, metadata=meta("seeds the sampler and every trial"))
-    fixed: dict[str, Any] = field(default_factory=dict, metadata=meta(
-        "fix or override one space key (YAML value: constant, list, {loguniform: [a, b]}); repeatable",
-        flag="--set", argument={"action": "append", "default": [], "metavar": "KEY=VALUE"}, from_arg=parse_sets))
+    fixed: dict[str, Any] = sets_field(
+        "fix or override one space key (YAML value: constant, list, {loguniform: [a, b]}); repeatable")
     max_failures: int = field(default=2, metadata=meta("retries per trial, from its last checkpoint"))
     verbose: int = field(default=1, metadata=meta(
         "no progress table", flag="--quiet", argument={"action": "store_const", "const": 0}))
