@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from core.config import METRICS, add_arguments, from_args, meta
+from core.config import METRICS, TrainConfig, add_arguments, from_args, meta
 from core.data.arrays import load_split, load_split_info, split_hash
 from core.evaluation.metrics import MINIMISED
 from core.io import read_json, write_json
@@ -73,7 +73,7 @@ class SearchOptions:
     config: Path | None = field(default=None, metadata=meta(
         "search-space YAML; its keys replace the default space"))
     num_samples: int = field(default=100, metadata=meta("trials"))
-    max_epochs: int = field(default=50, metadata=meta("epochs per trial"))
+    max_epochs: int = field(default=TrainConfig.epochs, metadata=meta("epochs per trial"))
     search: str = field(default="tpe", metadata=meta("sampler", choices=("tpe", "random")))
     scheduler: str = field(default="asha", metadata=meta("trial scheduler", choices=("asha", "median", "none")))
     grace_period: int = field(default=5, metadata=meta("epochs before the scheduler may stop a trial"))
@@ -82,7 +82,7 @@ class SearchOptions:
     gpus_per_trial: float | None = field(default=None, metadata=meta(
         "GPU share per trial; unset: 0.25 where the cluster has GPUs, else 0"))
     max_concurrent: int | None = field(default=None, metadata=meta("most trials at once (unset: as resources allow)"))
-    metric: str = field(default="dsc_volume", metadata=meta("the objective", choices=METRICS))
+    metric: str = field(default=TrainConfig.metric, metadata=meta("the objective", choices=METRICS))
     storage: str | None = field(default=None, metadata=meta("directory or s3://bucket/prefix (unset: runs)"))
     resume: bool = field(default=False, metadata=meta("continue an interrupted run"))
     wandb_project: str | None = field(default=None, metadata=meta(
