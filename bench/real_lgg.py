@@ -261,7 +261,7 @@ def export(bundle: Path, target: Path, card: str) -> None:
     (target / "MODEL_CARD.md").write_text(card)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, required=True, help="restored Kaggle layout (.../kaggle_3m)")
     p.add_argument("--work", type=Path, default=ROOT / "runs", help="prepared data and runs go here")
@@ -298,12 +298,11 @@ def main() -> int:
     p.add_argument("--export", type=Path, help="write the shipped bundle (fp16) + MODEL_CARD.md here")
     p.add_argument("--result", default="real-lgg",
                    help="bench/results/RESULT-<device>.json (a study that ships nothing yet keeps its own name)")
-    args = p.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / f"{args.name}.log"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    return p.parse_args()
 
+
+def prepare(args: argparse.Namespace, log: Path) -> tuple[Path, dict[str, Any]]:
+    """The prepared data with the recorded split (prepared once; refused if its split is another)."""
     prepared = args.work / "lgg-prepared"
     if not (prepared / "split.json").is_file():
         step(["-m", "core", "data", "prepare", "--src", str(args.src), "--out", str(prepared),
@@ -311,19 +310,15 @@ def main() -> int:
     info = load_split_info(prepared)
     if split_hash(info) != split_hash(read_json(SPLIT)):
         raise SystemExit(f"{prepared}: not the recorded split ({SPLIT})")
+    return prepared, info
 
+
+def candidates_of(args: argparse.Namespace, prepared: Path, run: dict[str, Any], winner: dict[str, Any],
+                  log: Path) -> dict[str, Any]:
+    """Every bundle that may ship (the search's best, the final run, its fine-tune, the ensemble, the CV's
+    fold ensemble), each run or resumed here, with the runs that made them."""
     run_dir = args.work / args.name
-    if args.search_record and not (run_dir / "run.json").is_file():
-        run, trials = recorded_search(args.search_record)
-    else:
-        run = search(args, prepared, log)
-        trials = trial_records(run_dir)
-    trial_epochs = sum(t["epochs_run"] for t in trials)
-    search_seconds = sum(sum(t["epoch_seconds"]) for t in trials)
-    variant = parse_sets(args.set)
-    winner = {**run["best_trial"]["config"], **variant}
     final_dir = final_run(args, prepared, winner, log)
-
     candidates = []
     if (run_dir / "best" / "config.json").is_file():  # not when the search is only a record
         candidates.append({**bundle_summary(run_dir / "best"), "source": f"the search's best trial "
@@ -346,7 +341,16 @@ def main() -> int:
     if cv and cv.get("pool") == "train":  # no fold saw a val patient: the fold ensemble may compete there
         candidates.append({**bundle_summary(Path(cv["ensemble"])),
                            "source": f"the {args.cv_folds}-fold CV's fold ensemble (nnU-Net's way)"})
-    shipped = max(candidates, key=lambda c: c["val"]["dsc_volume"])
+    return {"candidates": candidates, "final": final, "finetune": finetuned, "ensemble": ensembled, "cv": cv}
+
+
+def study_results(args: argparse.Namespace, prepared: Path, info: dict[str, Any], run: dict[str, Any],
+                  trials: list[dict[str, Any]], made: dict[str, Any], shipped: dict[str, Any],
+                  log: Path) -> dict[str, Any]:
+    """The study's record: the split, the search, every candidate, the shipped one's checks, the compute."""
+    final, finetuned, cv = made["final"], made["finetune"], made["cv"]
+    trial_epochs = sum(t["epochs_run"] for t in trials)
+    search_seconds = sum(sum(t["epoch_seconds"]) for t in trials)
     robustness = missing_sequence_check(shipped["bundle"], prepared)
     cores = machine_info().get("cpu_count") or os.cpu_count() or 1
     train_seconds = sum(sum(r["epoch_seconds"]) for r in (final, finetuned) if r)
@@ -366,8 +370,8 @@ def main() -> int:
         "finetune": finetuned,
         "shipped_paths": one_slice_at_a_time(shipped["bundle"], prepared),
         "shipped": {k: shipped[k] for k in ("source", "config", "val", "tta", "postprocess") if k in shipped},
-        "candidates": [{k: c[k] for k in ("source", "val", "val_raw", "tta") if k in c} for c in candidates],
-        "ensemble": ensembled,
+        "candidates": [{k: c[k] for k in ("source", "val", "val_raw", "tta") if k in c} for c in made["candidates"]],
+        "ensemble": made["ensemble"],
         "cv": cv and {k: cv[k] for k in ("folds", "summary", "config", "note", "pool", "ensemble_val") if k in cv},
         "missing_sequences": {**{k: v for k, v in robustness.items() if k not in ("intact", "pre_post_as_flair")},
                               **{k: {m: robustness[k][m] for m in ("dsc_volume", "dsc_volume_min")}
@@ -381,10 +385,31 @@ def main() -> int:
         results["final_note"] = (f"`core train` of the winner for up to {args.final_epochs} epochs "
                                  f"({len(final['epoch_seconds'])} run, "
                                  f"{sum(final['epoch_seconds']) / 3600:.2f} h wall)")
+    return results
+
+
+def main() -> int:
+    args = parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.work / f"{args.name}.log"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    prepared, info = prepare(args, log)
+    run_dir = args.work / args.name
+    if args.search_record and not (run_dir / "run.json").is_file():
+        run, trials = recorded_search(args.search_record)
+    else:
+        run = search(args, prepared, log)
+        trials = trial_records(run_dir)
+    variant = parse_sets(args.set)
+    winner = {**run["best_trial"]["config"], **variant}
+    made = candidates_of(args, prepared, run, winner, log)
+    shipped = max(made["candidates"], key=lambda c: c["val"]["dsc_volume"])
+    results = study_results(args, prepared, info, run, trials, made, shipped, log)
     if variant:
         results["variant"] = variant
     if args.versus:
-        results["versus"] = versus(args.versus, cv)
+        results["versus"] = versus(args.versus, made["cv"])
     if args.export and args.versus and not results["versus"]["beaten"]:
         print(f"not exported: the CV does not beat {args.versus}'s ({results['versus']['theirs']['dsc_volume']})")
     elif args.export:
@@ -394,7 +419,6 @@ def main() -> int:
     write_json(args.work / f"{args.name}-study.json", results)  # the same, beside the runs
     print(f"shipped {shipped['source']}: val dsc_volume {shipped['val']['dsc_volume']:.4f}; wrote {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,7 +87,11 @@ def make_step(args: argparse.Namespace, device: Any) -> Callable[[Any, Any], Non
     return step
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def pipelines_of(args: argparse.Namespace, device: Any, crop: int
+                 ) -> tuple[dict[str, Callable[[], tuple[Any, Any]]], dict[str, Any]]:
+    """The three ways to feed a step, each giving one (images, masks) batch on the device: gliomaseg's (device
+    cache + batched on-device augmentation), the study's (MONAI CacheDataset + DataLoader workers) and the
+    model-only bound (one fixed batch); with their set-up costs."""
     import torch
 
     from core.data.arrays import load_split, load_split_info
@@ -95,16 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from core.training.augment import AugmentSettings, augment_batch
     from core.training.loader import DeviceDataset
 
-    load = LoadSampler()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tiffs, prepared = synthetic_prepared(args.patients, args.slices, args.size, args.seed)
     info = load_split_info(prepared)
-    # The study cropped 224 of 256; on smaller slices the crop keeps that ratio (rounded to 16 px).
-    crop = args.crop or max(32, round(args.size * 224 / 256 / 16) * 16)
-    step = make_step(args, device)
-
     t0 = time.perf_counter()
     data = DeviceDataset(load_split(prepared, "train"), device)
     sync(device)
@@ -137,7 +133,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def bound() -> tuple[Any, Any]:
         return fixed
 
-    pipelines: dict[str, Callable[[], tuple[Any, Any]]] = {"gliomaseg": ours, "study": study, "model_only": bound}
+    setup = {"device_copy_s": device_copy_s, "cache_dataset_build_s": cache_s,
+             "train_slices": len(data), "study_items": n_items}
+    return {"gliomaseg": ours, "study": study, "model_only": bound}, setup
+
+
+def time_steps(args: argparse.Namespace, device: Any, step: Callable[..., Any],
+               pipelines: dict[str, Callable[[], tuple[Any, Any]]], load: LoadSampler
+               ) -> dict[str, list[tuple[float, float]]]:
+    """(data seconds, model seconds) per step of each pipeline, after a warm-up, in rounds whose order
+    rotates so that no pipeline always goes first."""
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in pipelines}
     for get in pipelines.values():  # warm-up: worker start, first-call allocations
         for _ in range(args.warmup):
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load.mark("after warm-up")
     names = list(pipelines)
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate the order so no pipeline always goes first
+        for name in names[r % 3:] + names[:r % 3]:
             get = pipelines[name]
             for _ in range(args.steps):
                 t0 = time.perf_counter()
@@ -157,7 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sync(device)
                 times[name].append((t1 - t0, time.perf_counter() - t1))
         load.mark(f"round {r + 1}")
+    return times
 
+
+def figures_of(args: argparse.Namespace, times: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """Throughput and data share per pipeline, and gliomaseg's speed-up over the study within each round."""
     figures: dict[str, Any] = {}
     for name, pairs in times.items():
         step_s = [d + m for d, m in pairs]
@@ -172,7 +181,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bound_step = figures["model_only"]["median_step_s"]
     for name in ("gliomaseg", "study"):
         figures[name]["data_share_vs_bound"] = max(0.0, 1 - bound_step / figures[name]["median_step_s"])
-    speedup = figures["gliomaseg"]["samples_per_s"] / figures["study"]["samples_per_s"]
     per_round = []  # the ratio within each round, whose pipelines ran minutes apart at most
     for r in range(args.rounds):
         cut = slice(r * args.steps, (r + 1) * args.steps)
@@ -180,6 +188,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         study_s = sum(d + m for d, m in times["study"][cut])
         per_round.append(study_s / ours_s)
     figures["speedup_per_round"] = per_round
+    return figures
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    load = LoadSampler()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # The study cropped 224 of 256; on smaller slices the crop keeps that ratio (rounded to 16 px).
+    crop = args.crop or max(32, round(args.size * 224 / 256 / 16) * 16)
+    step = make_step(args, device)
+    pipelines, setup = pipelines_of(args, device, crop)
+    figures = figures_of(args, time_steps(args, device, step, pipelines, load))
+    per_round = figures["speedup_per_round"]
+    speedup = figures["gliomaseg"]["samples_per_s"] / figures["study"]["samples_per_s"]
     share = figures["gliomaseg"]["data_share_timed"]
     on_gpu = device.type == "cuda"
     limits = ("CPU: the model step (conv forward/backward on 2 loaded cores) dominates every pipeline, and "
@@ -187,10 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "GPU: see figures")
     settings_out = dict(vars(args))
     settings_out.update(crop=crop, crop_note=f"the study's 224 of 256 scaled to {crop} of {args.size}",
-                        train_slices=len(data), study_items=n_items)
+                        train_slices=setup.pop("train_slices"), study_items=setup.pop("study_items"))
     return {
         "settings": settings_out,
-        "setup": {"device_copy_s": device_copy_s, "cache_dataset_build_s": cache_s},
+        "setup": setup,
         "figures": figures,
         "speedup_gliomaseg_over_study": speedup,
         "load": load.summary(),

@@ -1,20 +1,29 @@
 """One configuration object that flows from the command line into a trial and into the bundle.
 
 Field names are the `python -m core train` option names (``--batch-size`` <-> ``batch_size``), and the
-keys of a tune search-space YAML, so a value means the same thing everywhere it appears.
+keys of a tune search-space YAML, so a value means the same thing everywhere it appears. The parser
+below (``from_mapping``, ``add_arguments``) also builds the other jobs' settings dataclasses (serve's,
+tune's), so every entry point coerces and reports a bad key one way.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 ARCHS = ("unet", "attention_unet", "segresnet", "swin_unetr", "lite")
 LOSSES = ("dicefocal", "dicece")
 METRICS = ("dsc_volume", "dice_tumour", "dice_all", "iou", "fp_slice_rate")
 SCOPES = ("slice", "patient")  # per-slice or per-volume preprocessing (core.data.preprocessing)
+BATCH_SIZE = 32  # slices per forward pass at inference: the Predictor's, serve's and serve batch's default
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,24 +103,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; unknown keys are an error that names them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
-        cfg.validate()
-        return cfg
+    def from_dict(cls, values: dict[str, Any], source: str = "training options") -> TrainConfig:
+        """Build from a dict (a YAML space, a trial's config, a bundle's hyperparameters); missing keys take
+        their defaults, unknown or mistyped ones are a ConfigError (see ``from_mapping``)."""
+        return from_mapping(cls, values, source)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def validate(self) -> None:
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        check_choices(self)
         positive = ("filters", "batch_size", "epochs", "lr", "eval_batch_size", "workers")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -128,42 +129,185 @@ class TrainConfig:
                              f"{self.oversample} + {self.hard_negatives}")
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Cast YAML/CLI values to the field's type (e.g. Optuna gives numpy floats, YAML gives '1e-3')."""
-    kind = {f.name: f.type for f in fields(cls)}[name]
-    if kind in ("bool", bool):
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    if kind in ("int", int):
-        return int(value)
-    if kind in ("float", float):
-        return float(value)
-    return str(value)
+@dataclass
+class PredictorOptions:
+    """What ``Predictor.from_args`` reads: the ``core evaluate`` and ``core predict`` options."""
+
+    # A string, not a Path: Path("s3://b/p") would collapse the "//" and lose the scheme.
+    bundle: str = field(metadata={"help": "bundle directory (e.g. RUN/best) or s3://bucket/prefix (fetched once "
+                                          "per node, checked)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    batch_size: int = field(default=BATCH_SIZE, metadata={"help": "slices per forward pass"})
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """Add one ``--option`` per config field, defaulting to the dataclass defaults."""
+# ---- one parser for every config dataclass --------------------------------------------------------------
+# Each job's settings are a dataclass whose fields carry their default, and in ``metadata`` their help text,
+# choices and (rarely) a flag spelling. Dicts (YAML, `serve run key=value`, deploy configs, bundles' and
+# trials' configs) go through ``from_mapping``, command lines through ``add_arguments``/``from_args``: one
+# coercion, one error format, one place for each default.
+class ConfigError(ValueError):
+    """A config value that cannot be used: ``<source>: <problem naming the key>``."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def field_types(cls: type) -> dict[str, type]:
+    """Each field's type, resolved (the annotations are strings under ``from __future__ import annotations``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, whether None is allowed)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (types.UnionType, typing.Union) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return (inner[0] if len(inner) == 1 else kind), True
+    return kind, False
+
+
+def meta(text: str, **more: Any) -> dict[str, Any]:
+    """A field's metadata: its help text, and optionally ``choices``, ``flag`` (another spelling),
+    ``false_flag`` (another spelling of a bool's ``--no-x``), ``argument`` (more ``add_argument`` keywords)
+    and ``from_arg`` (turns the parsed flag into the field's value)."""
+    return {"help": text, **more}
+
+
+def coerce(kind: Any, value: Any, key: str, source: str) -> Any:
+    """``value`` as a field of type ``kind`` holds it: strings from the command line or ``key=value``, numpy
+    numbers from Optuna and YAML's ``1e-3`` (a string) are converted; anything else is a ConfigError."""
+    kind, nullable = _optional(kind)
+    if value is None and nullable:
+        return None
+    problem = f"{source}: {key}: expected {getattr(kind, '__name__', kind)}{' or None' if nullable else ''}, " \
+              f"got {value!r}"
+    container = typing.get_origin(kind)
+    if container in (dict, list):  # structured values (tune's --set pairs) pass as they are
+        if isinstance(value, container):
+            return value
+        raise ConfigError(problem)
+    if kind is bool:
+        if isinstance(value, bool | numbers.Integral) and value in (0, 1):
+            return bool(value)
+        if getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy's bool
+            return bool(value)
+        text = str(value).strip().lower() if isinstance(value, str) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(problem)
+    if isinstance(value, bool) and kind in (int, float):
+        raise ConfigError(problem)  # True is an int to Python, never a filter count
+    if kind is int:
+        try:
+            if isinstance(value, str):
+                return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            number = float(value) if isinstance(value, str) else value  # "1e3", 16.0
+            if isinstance(number, numbers.Real) and float(number).is_integer():
+                return int(number)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        raise ConfigError(problem)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(problem) from None
+    if isinstance(value, dict | list | tuple | set) or value is None:
+        raise ConfigError(problem)
+    return Path(str(value)) if kind is Path else str(value)
+
+
+def check_keys(cls: type, keys: Iterable[str], source: str) -> None:
+    """Unknown keys are a ConfigError naming them and the known ones."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def check_choices(obj: Any) -> None:
+    """Each field whose metadata lists ``choices`` holds one of them."""
+    for f in fields(obj):
+        choices = f.metadata.get("choices")
+        if choices and getattr(obj, f.name) not in choices:
+            raise ValueError(f"{f.name}: expected one of {', '.join(map(str, choices))}, "
+                             f"got {getattr(obj, f.name)!r}")
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any], source: str) -> T:
+    """An instance of the dataclass ``cls`` from ``values``: unknown keys, missing required ones, values of
+    the wrong type and values its ``validate()`` refuses are each a ConfigError starting with ``source``."""
+    check_keys(cls, values, source)
+    kinds = field_types(cls)
+    missing = sorted(f.name for f in fields(cls) if _required(f) and f.name not in values)
+    if missing:
+        raise ConfigError(f"{source}: missing option(s) {', '.join(missing)}")
+    obj = cls(**{k: coerce(kinds[k], v, k, source) for k, v in values.items()})
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    return obj
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The command-line spelling of a field: ``--batch-size`` for ``batch_size`` unless metadata says."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type = TrainConfig) -> None:
+    """One option per field of the dataclass ``cls``, with its default, type, choices and help; a bool is
+    ``--x/--no-x`` (metadata ``false_flag`` adds another spelling of ``--no-x``); a field with no default is
+    a required option."""
+    kinds = field_types(cls)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        kind, _ = _optional(kinds[f.name])
+        help_text = f.metadata.get("help", "")
+        if "argument" in f.metadata:  # spelled its own way (e.g. tune's --set, --quiet)
+            parser.add_argument(flag(f), dest=f.name, help=help_text,
+                                **{"default": f.default, **f.metadata["argument"]})
+            continue
+        if _required(f):
+            parser.add_argument(flag(f), dest=f.name, required=True, type=_caster(kind), help=help_text)
+            continue
+        help_text += f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+            if "false_flag" in f.metadata:
+                parser.add_argument(f.metadata["false_flag"], dest=f.name, action="store_false",
+                                    help=f"the same as --no-{flag(f)[2:]}")
         else:
-            caster = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(
-                flag, type=caster, default=f.default, choices=f.metadata.get("choices"), help=help_text
-            )
+            parser.add_argument(flag(f), dest=f.name, type=_caster(kind), default=f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
 
 
-def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> TrainConfig:
-    return cls.from_dict({f.name: getattr(args, f.name) for f in fields(cls)})
+def _caster(kind: Any) -> Any:
+    return kind if kind in (int, float, Path) else str
+
+
+def from_args(args: argparse.Namespace, cls: type[T] = TrainConfig) -> T:  # type: ignore[assignment]
+    """The dataclass ``cls`` from the options ``add_arguments(parser, cls)`` added."""
+    values = {f.name: f.metadata.get("from_arg", _same)(getattr(args, f.name)) for f in fields(cls)}
+    return from_mapping(cls, values, "command line")
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """--bundle, --device, --batch-size: what Predictor.from_args reads (core evaluate and core predict)."""
-    # A string, not a Path: Path("s3://b/p") would collapse the "//" and lose the scheme.
-    parser.add_argument("--bundle", required=True, type=str,
-                        help="bundle directory (e.g. RUN/best) or s3://bucket/prefix (fetched once per node, checked)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    add_arguments(parser, PredictorOptions)

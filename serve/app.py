@@ -23,13 +23,14 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from core.bundle.files import WEIGHTS, listed_files, read_config
+from core.config import BATCH_SIZE, add_arguments, from_args, from_mapping, meta
 from core.io import is_remote
 from serve.ingress import Ingress
 from serve.model import SegmentModel
@@ -41,54 +42,50 @@ APP_NAME = "gliomaseg"
 
 @dataclass
 class ServeSettings:
-    """Everything the application needs; built from CLI flags or a ``serve deploy`` args dict."""
+    """Everything the replicas need: the `serve run` flags, the ``serve run|deploy`` args dict
+    (``key=value``) and, as a dict, the ingress's settings."""
 
-    bundle: str
-    replicas: str = "1"  # an integer, or "auto" for autoscaling
-    max_replicas: int = 0  # with "auto": 0 derives it from the cluster's GPUs/CPUs
-    max_batch_size: int = 32
-    # 0: a batch is what queued while the last one ran; a lone request never waits for company.
-    batch_wait_ms: float = 0.0
-    max_ongoing_requests: int = 0  # per replica; 0 = 2 x max_batch_size (room to fill the next batch)
-    colocate: bool = True  # the model inside the ingress replica (one hop); False: its own deployment
-    torch_threads: int = 0  # per replica on CPU; 0 = its CPUs, at most all cores but one (see serve.model)
-    gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 1.0
-    token_env: str | None = None
-    max_body_mb: float = 64.0
-    max_slices: int = 512
-    max_pixels: int = 1 << 25  # per volume request, after decoding: bounds memory whatever the compression
-    min_size: int = 32
-    max_size: int = 1024
+    bundle: str = field(metadata=meta(
+        "bundle directory (model.safetensors + config.json) or s3://bucket/prefix (honours AWS_ENDPOINT_URL; each "
+        "replica fetches it once per node into a cache and checks its sha256s)"))
+    replicas: str = field(default="1", metadata=meta("model replicas: an integer or 'auto' (autoscaling)"))
+    max_replicas: int = field(default=0, metadata=meta(
+        "with --replicas auto: the most replicas; 0 derives it from the cluster's GPUs/CPUs"))
+    max_batch_size: int = field(default=BATCH_SIZE, metadata=meta("most slices per model batch"))
+    batch_wait_ms: float = field(default=0.0, metadata=meta(
+        "longest wait to fill a batch; 0: a batch is what queued while the last one ran, so a lone request "
+        "never waits for company"))
+    max_ongoing_requests: int = field(default=0, metadata=meta(
+        "requests per model replica at once; 0: 2 x --max-batch-size (room to fill the next batch)"))
+    colocate: bool = field(default=True, metadata=meta(
+        "the model inside the ingress replica (one hop); --split runs it as its own deployment behind the ingress",
+        false_flag="--split"))
+    torch_threads: int = field(default=0, metadata=meta(
+        "torch threads per CPU replica; 0: its CPUs, at most all cores but one, leaving the proxy a core"))
+    gpus_per_replica: float | None = field(default=None, metadata=meta(
+        "GPU share per model replica; unset: 0.5 when the Ray cluster has a GPU, else 0"))
+    cpus_per_replica: float = field(default=1.0, metadata=meta("CPUs per model replica"))
+    token_env: str | None = field(default=None, metadata=meta(
+        "environment variable holding a required bearer token"))
+    max_body_mb: float = field(default=64.0, metadata=meta("largest request body"))
+    max_slices: int = field(default=512, metadata=meta("most slices in a volume request"))
+    max_pixels: int = field(default=1 << 25, metadata=meta(
+        "most pixels per volume request, after decoding: bounds memory whatever the compression"))
+    min_size: int = field(default=32, metadata=meta("smallest slice side accepted"))
+    max_size: int = field(default=1024, metadata=meta("largest slice side accepted"))
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> ServeSettings:
-        """Coerce strings (``serve run ... key=value``) to the field types; unknown keys are an error."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(args) - set(known)
-        if unknown:
-            raise ValueError(f"unknown serve settings {sorted(unknown)}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for key, value in args.items():
-            kind = str(known[key].type)
-            if value is None or kind.startswith("str"):
-                values[key] = None if value is None else str(value)
-            elif kind == "int":
-                values[key] = int(value)
-            elif kind == "float":
-                values[key] = float(value)
-            elif kind == "bool":
-                values[key] = value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        """From ``serve run ... key=value`` or a deploy config's args: strings are coerced to the field
+        types; unknown or mistyped keys are a core.config.ConfigError."""
+        return from_mapping(cls, args, "serve settings")
 
     def validate(self) -> None:
         if self.replicas != "auto" and (not str(self.replicas).isdigit() or int(self.replicas) < 1):
             raise ValueError(f"replicas must be a positive integer or 'auto', got {self.replicas!r}")
         if not 1 <= self.max_batch_size <= 1024:
             raise ValueError(f"max_batch_size must be in 1..1024, got {self.max_batch_size}")
-        if self.batch_wait_ms < 0 or self.gpus_per_replica < 0 or self.max_body_mb <= 0:
+        if self.batch_wait_ms < 0 or (self.gpus_per_replica or 0) < 0 or self.max_body_mb <= 0:
             raise ValueError("batch_wait_ms and gpus_per_replica must be >= 0 and max_body_mb > 0")
         if self.max_ongoing_requests < 0 or self.torch_threads < 0:
             raise ValueError("max_ongoing_requests and torch_threads must be >= 0 (0: derived)")
@@ -110,6 +107,23 @@ class ServeSettings:
         }
 
 
+@dataclass
+class LaunchOptions:
+    """What `serve run` needs beyond the replicas' settings: where Ray and Serve's proxy come up."""
+
+    host: str = field(default="127.0.0.1", metadata=meta("bind address (default loopback only)"))
+    port: int = field(default=8000, metadata=meta("HTTP port"))
+    address: str | None = field(default=None, metadata=meta("Ray cluster address (default: local or RAY_ADDRESS)"))
+    haproxy: bool = field(default=False, metadata=meta(
+        "HAProxy in front of the replicas' own HTTP servers instead of Serve's proxy actor, when serve run starts "
+        "Ray itself (binds the replicas' ports and HAProxy's stats 8404 and metrics 9101 on all interfaces, "
+        "whatever --host says: see serve/startup.py)"))
+    dashboard: bool = field(default=False, metadata=meta(
+        "also start Ray's dashboard when serve run starts Ray itself (costs CPU at start-up)"))
+    start_timeout: float = field(default=DEFAULT_START_TIMEOUT_S, metadata=meta(
+        "seconds for Serve and the model to come up before giving up with a message saying what did not"))
+
+
 def _token_digest(settings: ServeSettings) -> str | None:
     """SHA-256 of the bearer token, so the secret itself never lands in the Serve config."""
     if not settings.token_env:
@@ -122,7 +136,7 @@ def build_app(settings: ServeSettings) -> serve.Application:
     """Bind the deployments for ``settings`` (nothing starts until serve.run)."""
     settings.validate()
     actor = {"num_cpus": settings.cpus_per_replica}
-    if settings.gpus_per_replica > 0:
+    if settings.gpus_per_replica:  # None (not resolved against a cluster, e.g. `serve build`): no GPU
         actor["num_gpus"] = settings.gpus_per_replica
     scale: dict[str, Any] = (
         {"autoscaling_config": settings.autoscaling()} if settings.replicas == "auto"
@@ -132,13 +146,14 @@ def build_app(settings: ServeSettings) -> serve.Application:
         "bundle": _bundle_location(settings.bundle),
         # "auto", not "cuda": a replica given a GPU share where CUDA is absent serves on the CPU with a
         # warning (core.runtime.resolve_device) instead of failing every restart.
-        "device": "auto" if settings.gpus_per_replica > 0 else "cpu",
+        "device": "auto" if settings.gpus_per_replica else "cpu",
         "max_batch_size": settings.max_batch_size,
         "batch_wait_s": settings.batch_wait_ms / 1000.0,
         "threads": settings.torch_threads,
         "cpus": settings.cpus_per_replica,
     }
-    ingress_settings = {**asdict(settings), "token_sha256": _token_digest(settings)}
+    ingress_settings = {**asdict(settings), "max_ongoing_requests": settings.ongoing(),
+                        "token_sha256": _token_digest(settings)}
     if settings.colocate:
         # One deployment named for what it holds: the model's replica, answering HTTP itself.
         return Ingress.options(
@@ -178,7 +193,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     settings = ServeSettings.from_dict(dict(args))
     check_bundle(settings.bundle)
     if ray.is_initialized():  # `serve run`/`serve deploy` build inside the cluster; `serve build` does not
-        resolve_resources(settings, settings.gpus_per_replica if "gpus_per_replica" in args else None)
+        resolve_resources(settings)
     return build_app(settings)
 
 
@@ -189,12 +204,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def resolve_resources(settings: ServeSettings, gpus_per_replica: float | None) -> ServeSettings:
-    """Fill GPU share and autoscaling ceiling from the running cluster (call after ray.init)."""
+def resolve_resources(settings: ServeSettings, gpus_per_replica: float | None = None) -> ServeSettings:
+    """Fill GPU share (``gpus_per_replica``, else the settings', else derived) and autoscaling ceiling from the
+    running cluster (call after ray.init)."""
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    if gpus_per_replica is None:
+        gpus_per_replica = settings.gpus_per_replica
     if gpus_per_replica is None:
         gpus_per_replica = 0.5 if gpus > 0 else 0.0
     if gpus_per_replica > 0 and gpus == 0:
@@ -206,8 +224,8 @@ def resolve_resources(settings: ServeSettings, gpus_per_replica: float | None) -
     return settings
 
 
-def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
-          route_prefix: str = "/", timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
+def start(settings: ServeSettings, host: str = LaunchOptions.host, port: int = LaunchOptions.port,
+          name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = LaunchOptions.start_timeout) -> str:
     """Start Serve's HTTP proxy (if not yet running) and deploy the app; returns its base URL.
 
     Bounded by ``timeout_s``: ServeStartError names what did not come up (see serve.startup).
@@ -218,22 +236,17 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, na
 def _cmd_run(args: argparse.Namespace) -> int:
     import ray
 
-    check_bundle(args.bundle)
-    if args.token_env and not os.environ.get(args.token_env):
-        raise ValueError(f"--token-env {args.token_env}: that environment variable is empty or unset")
-    settings = ServeSettings(
-        bundle=args.bundle, replicas=args.replicas, max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms, token_env=args.token_env, max_body_mb=args.max_body_mb,
-        max_ongoing_requests=args.max_ongoing_requests, colocate=not args.split, torch_threads=args.torch_threads,
-    )
-    settings.validate()
+    settings, launch = from_args(args, ServeSettings), from_args(args, LaunchOptions)
+    check_bundle(settings.bundle)
+    if settings.token_env and not os.environ.get(settings.token_env):
+        raise ValueError(f"--token-env {settings.token_env}: that environment variable is empty or unset")
     started_ray = not ray.is_initialized()
     if started_ray:
-        apply_env_defaults(haproxy=args.haproxy)  # before Ray starts: its processes read them at start-up
+        apply_env_defaults(haproxy=launch.haproxy)  # before Ray starts: its processes read them at start-up
         try:
             # No dashboard unless asked: its head starts ~10 Python processes, and on a machine whose cores
             # are busy they starve the node's own agents, which the raylet gives only seconds to start.
-            init_local_ray(args.address, args.dashboard)
+            init_local_ray(launch.address, launch.dashboard)
         except Exception as exc:  # Ray raises a bare Exception when its node does not come up
             print(f"error: serve run: Ray did not start ({type(exc).__name__}: {exc}); its logs are in "
                   "/tmp/ray/session_latest/logs (raylet.out, gcs_server.out)", file=sys.stderr, flush=True)
@@ -242,14 +255,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        resolve_resources(settings, args.gpus_per_replica)
+        resolve_resources(settings)
         try:
-            url = start(settings, args.host, args.port, timeout_s=args.start_timeout)
+            url = start(settings, launch.host, launch.port, timeout_s=launch.start_timeout)
         except ServeStartError as exc:
-            print(f"error: serve run did not come up (start timeout {args.start_timeout:g} s): {exc}",
+            print(f"error: serve run did not come up (start timeout {launch.start_timeout:g} s): {exc}",
                   file=sys.stderr, flush=True)
             return 1
-        print(f"serving {args.bundle} at {url}/ (Ctrl-C to stop)", flush=True)
+        print(f"serving {settings.bundle} at {url}/ (Ctrl-C to stop)", flush=True)
         stop.wait()
     finally:
         print("shutting down", flush=True)
@@ -261,34 +274,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="serve a bundle over HTTP with Ray Serve (blocks until Ctrl-C/SIGTERM)")
-    p.add_argument("--bundle", required=True, type=str,
-                   help="bundle directory (model.safetensors + config.json) or s3://bucket/prefix (honours "
-                   "AWS_ENDPOINT_URL; each replica fetches it once per node into a cache and checks its sha256s)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", default="1", help="model replicas: an integer or 'auto' (autoscaling)")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=0.0,
-                   help="longest wait to fill a batch (default 0: a batch is what queued while the last one ran)")
-    p.add_argument("--max-ongoing-requests", type=int, default=0,
-                   help="requests per model replica at once (default 0: 2 x --max-batch-size)")
-    p.add_argument("--split", action="store_true",
-                   help="run the model as its own deployment behind the ingress (default: inside the ingress "
-                   "replica, one hop fewer)")
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch threads per CPU replica (default 0: its CPUs, leaving the proxy a core)")
-    p.add_argument("--gpus-per-replica", type=float, default=None,
-                   help="GPU share per model replica (default 0.5 when the cluster has a GPU, else 0)")
-    p.add_argument("--token-env", default=None, help="environment variable holding a required bearer token")
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
-    p.add_argument("--haproxy", action="store_true",
-                   help="HAProxy in front of the replicas' own HTTP servers instead of Serve's proxy actor, when "
-                   "serve run starts Ray itself (binds the replicas' ports and HAProxy's stats 8404 and metrics "
-                   "9101 on all interfaces, whatever --host says: see serve/startup.py)")
-    p.add_argument("--dashboard", action="store_true",
-                   help="also start Ray's dashboard when serve run starts Ray itself (costs CPU at start-up)")
-    p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
-                   help="seconds for Serve and the model to come up before giving up with a message saying "
-                   f"what did not (default {DEFAULT_START_TIMEOUT_S:.0f})")
+    add_arguments(p, ServeSettings)  # every option is a field of one of the two, and every field an option
+    add_arguments(p, LaunchOptions)
     p.set_defaults(func=_cmd_run)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from core.config import BATCH_SIZE
 from core.inference.slices import SlicePredictor
 
 FORMAT = "gliomaseg-onnx/2"  # /2: the graph takes standardised input (/1 took pixel values 0..255)
@@ -30,7 +31,7 @@ class OnnxPredictor(SlicePredictor):
         self,
         path: str | os.PathLike,
         providers: Sequence[str] | None = None,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
         threads: int | None = None,
     ) -> None:
         import onnxruntime as ort

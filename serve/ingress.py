@@ -273,7 +273,7 @@ class Ingress:
         return JSONResponse({
             **{k: config.get(k) for k in keys}, "metrics": info["metrics"], "device": info["device"],
             "serving": {"max_batch_size": s["max_batch_size"], "batch_wait_ms": s["batch_wait_ms"],
-                        "max_ongoing_requests": s.get("max_ongoing_requests") or 2 * s["max_batch_size"],
+                        "max_ongoing_requests": s["max_ongoing_requests"],  # ServeSettings.ongoing()
                         "colocate": bool(s.get("colocate")),
                         "replicas": s["replicas"], "max_body_mb": s["max_body_mb"], "max_slices": s["max_slices"],
                         "max_pixels": s["max_pixels"],

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from core.config import BATCH_SIZE
 from core.inference.slices import Segmentation
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class SegmentModelCore:
                 self._fatal = str(exc)  # a broken device will not heal: fail the health check
             raise
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)  # set per replica in __init__
     async def _segment_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int, float, float]]:
         """One HxWx3 slice per caller -> (mask, batch size, batch start, model seconds)."""
         started = time.perf_counter()

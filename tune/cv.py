@@ -22,6 +22,7 @@ import logging
 import os
 import statistics
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import yaml
 from ray import tune
 
-from core.config import TrainConfig
+from core.config import TrainConfig, add_arguments, from_args, meta
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.prepare import fold_patients
 from core.evaluation.evaluate import predict_split
@@ -39,7 +40,7 @@ from core.io import read_json, write_json
 from core.training.ensemble import build_ensemble_bundle
 from tune import results
 from tune.objective import objective_key
-from tune.search import parse_sets, tune_env
+from tune.search import sets_field, tune_env
 from tune.trainable import train_trial
 
 log = logging.getLogger(__name__)
@@ -177,34 +178,43 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
     return out
 
 
+@dataclass
+class CVOptions:
+    """The `tune cv` options."""
+
+    data: Path = field(metadata=meta("prepared directory (train + val are pooled)"))
+    folds: int = field(default=5, metadata=meta("folds (one trial each)"))
+    config: Path | None = field(default=None, metadata=meta("YAML of core train options (constants)"))
+    from_run: Path | None = field(default=None, metadata=meta(
+        "a tune run directory: its best trial's config", flag="--from"))
+    fixed: dict[str, Any] = sets_field("override one core train option (YAML value); repeatable")
+    epochs: int | None = field(default=None, metadata=meta("epochs per fold (unset: the configuration's)"))
+    name: str = field(default="cv", metadata=meta("writes STORAGE/NAME"))
+    storage: Path = field(default=Path("runs"), metadata=meta("where runs go"))
+    folds_file: Path | None = field(default=None, metadata=meta("reuse the folds of a folds.json"))
+    cpus_per_trial: float = field(default=1.0, metadata=meta("CPUs per fold"))
+    gpus_per_trial: float = field(default=0.0, metadata=meta("GPU share per fold"))
+    seed: int = field(default=0, metadata=meta("seeds the fold assignment"))
+    half: bool = field(default=False, metadata=meta("fp16 weights in the fold ensemble"))
+    pool: str = field(default="train+val", metadata=meta(
+        "patients the folds cover; train keeps val out, to compare the fold ensemble on it", choices=POOLS))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="patient-level K-fold cross-validation of one configuration",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="prepared directory (train + val are pooled)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--config", type=Path, help="YAML of core train options (constants)")
-    p.add_argument("--from", dest="from_run", type=Path, help="a tune run directory: its best trial's config")
-    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--epochs", type=int, help="epochs per fold (default: the configuration's)")
-    p.add_argument("--name", default="cv", help="writes STORAGE/NAME (default runs/cv)")
-    p.add_argument("--storage", type=Path, default=Path("runs"))
-    p.add_argument("--folds-file", type=Path, help="reuse the folds of a folds.json")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0, help="seeds the fold assignment")
-    p.add_argument("--half", action="store_true", help="fp16 weights in the fold ensemble")
-    p.add_argument("--pool", choices=POOLS, default="train+val",
-                   help="patients the folds cover; train keeps val out, to compare the fold ensemble on it")
+    add_arguments(p, CVOptions)
     p.set_defaults(func=cv_command)
 
 
 def cv_command(args: argparse.Namespace) -> int:
-    fixed = parse_sets(args.fixed)
-    if args.epochs:
-        fixed["epochs"] = args.epochs
-    config = base_config(args.config, args.from_run, fixed)
-    out = run_cv(args.data, args.name, args.folds, config, args.storage, args.folds_file, args.cpus_per_trial,
-                 args.gpus_per_trial, args.seed, args.half, args.pool)
+    opts = from_args(args, CVOptions)
+    fixed = dict(opts.fixed)
+    if opts.epochs:
+        fixed["epochs"] = opts.epochs
+    config = base_config(opts.config, opts.from_run, fixed)
+    out = run_cv(opts.data, opts.name, opts.folds, config, opts.storage, opts.folds_file, opts.cpus_per_trial,
+                 opts.gpus_per_trial, opts.seed, opts.half, opts.pool)
     for row in out["folds"]:
         m = row["val"]
         print(f"fold {row['fold']} ({row['patients']} patients): dsc_volume {m['dsc_volume']:.4f} "
@@ -212,7 +222,7 @@ def cv_command(args: argparse.Namespace) -> int:
     s = out["summary"]
     print("mean +- sd: " + ", ".join(f"{k} {s[k]['mean']:.4f} +- {s[k]['sd']:.4f}"
                                     for k in ("dsc_volume", "dice_tumour", "fp_slice_rate")))
-    print(f"fold ensemble: {out['ensemble']}; folds: {args.storage / args.name / 'folds.json'}")
+    print(f"fold ensemble: {out['ensemble']}; folds: {opts.storage / opts.name / 'folds.json'}")
     if "ensemble_val" in out:
         print(f"fold ensemble on val: dsc_volume {out['ensemble_val'].get('dsc_volume', float('nan')):.4f}")
     return 0

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from core.config import METRICS
+from core.config import METRICS, TrainConfig, add_arguments, from_args, meta
 from core.data.arrays import load_split, load_split_info, split_hash
 from core.evaluation.metrics import MINIMISED
 from core.io import read_json, write_json
@@ -36,31 +36,66 @@ from tune.trainable import train_trial
 log = logging.getLogger(__name__)
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are YAML (so 1e-3, true, [a, b], {uniform: [a, b]} work)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        out[key.strip().replace("-", "_")] = _number(yaml.safe_load(value))
+    return out
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a flag value that looks like a number is one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def sets_field(text: str) -> Any:
+    """The ``--set KEY=VALUE`` option (repeatable; YAML values, ``parse_sets``) as a dict field."""
+    return field(default_factory=dict, metadata=meta(
+        text, flag="--set", argument={"action": "append", "default": [], "metavar": "KEY=VALUE"},
+        from_arg=parse_sets))
+
+
 @dataclass
 class SearchOptions:
     """The `tune run` options (also the library entry point: ``run_search(SearchOptions(...))``)."""
 
-    data: Path
-    name: str
-    config: Path | None = None
-    num_samples: int = 100
-    max_epochs: int = 50
-    search: str = "tpe"
-    scheduler: str = "asha"
-    grace_period: int = 5
-    reduction_factor: int = 3
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # None: 0.25 where the cluster has GPUs, else 0
-    max_concurrent: int | None = None
-    metric: str = "dsc_volume"
-    storage: str | None = None
-    resume: bool = False
-    wandb_project: str | None = None
-    seed: int = 0
-    fixed: dict[str, Any] = field(default_factory=dict)  # --set key=value: constants in every trial
-    max_failures: int = 2
-    verbose: int = 1
-    ensemble: int = 0  # > 1: also build the ensemble of the K best trials (tune ensemble)
+    data: Path = field(metadata=meta("prepared directory"))
+    name: str = field(metadata=meta("run name: writes runs/NAME (or STORAGE/NAME)"))
+    config: Path | None = field(default=None, metadata=meta(
+        "search-space YAML; its keys replace the default space"))
+    num_samples: int = field(default=100, metadata=meta("trials"))
+    max_epochs: int = field(default=TrainConfig.epochs, metadata=meta("epochs per trial"))
+    search: str = field(default="tpe", metadata=meta("sampler", choices=("tpe", "random")))
+    scheduler: str = field(default="asha", metadata=meta("trial scheduler", choices=("asha", "median", "none")))
+    grace_period: int = field(default=5, metadata=meta("epochs before the scheduler may stop a trial"))
+    reduction_factor: int = field(default=3, metadata=meta("ASHA's reduction factor"))
+    cpus_per_trial: float = field(default=1.0, metadata=meta("CPUs per trial"))
+    gpus_per_trial: float | None = field(default=None, metadata=meta(
+        "GPU share per trial; unset: 0.25 where the cluster has GPUs, else 0"))
+    max_concurrent: int | None = field(default=None, metadata=meta("most trials at once (unset: as resources allow)"))
+    metric: str = field(default=TrainConfig.metric, metadata=meta("the objective", choices=METRICS))
+    storage: str | None = field(default=None, metadata=meta("directory or s3://bucket/prefix (unset: runs)"))
+    resume: bool = field(default=False, metadata=meta("continue an interrupted run"))
+    wandb_project: str | None = field(default=None, metadata=meta(
+        "log trials to Weights & Biases (offline without WANDB_API_KEY)"))
+    seed: int = field(default=0, metadata=meta("seeds the sampler and every trial"))
+    fixed: dict[str, Any] = sets_field(
+        "fix or override one space key (YAML value: constant, list, {loguniform: [a, b]}); repeatable")
+    max_failures: int = field(default=2, metadata=meta("retries per trial, from its last checkpoint"))
+    verbose: int = field(default=1, metadata=meta(
+        "no progress table", flag="--quiet", argument={"action": "store_const", "const": 0}))
+    ensemble: int = field(default=0, metadata=meta(
+        "also build the ensemble of the K best trials in NAME/ensemble (tune ensemble)",
+        argument={"metavar": "K"}))
 
     def validate(self) -> None:
         if self.search not in ("tpe", "random"):
@@ -87,33 +122,14 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     import ray
 
     opts.validate()
-    storage = RunStorage.open(opts.name, opts.storage)
-    if opts.resume:
-        if not storage.exists():
-            raise FileNotFoundError(f"{storage.uri}: no run to resume")
-        storage.pull(STUDY_DB, "run.json")
-    elif storage.exists():
-        raise FileExistsError(f"{storage.uri}: already holds a run; pass --resume to continue it, or another --name")
-    storage.local.mkdir(parents=True, exist_ok=True)
-
+    storage = _open_storage(opts)
     data = Path(opts.data).resolve()
     info = load_split_info(data)
     # Loaded into memory (not memory-mapped): the object store gets one real copy per node.
     train, val = load_split(data, "train", mmap=False), load_split(data, "val", mmap=False)
-
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
-    cluster = ray.cluster_resources()
-    gpus = opts.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if cluster.get("GPU", 0) > 0 else 0.0
-    if gpus > cluster.get("GPU", 0):
-        raise ValueError(f"--gpus-per-trial {gpus}: the Ray cluster has {cluster.get('GPU', 0)} GPU(s)")
-    slots = cluster.get("CPU", 1) // max(opts.cpus_per_trial, 1e-3)
-    if gpus > 0:
-        slots = min(slots, cluster["GPU"] // gpus)
-    slots = int(max(1, min(slots, opts.max_concurrent or slots)))
-
+    gpus, slots = _trial_resources(opts)
     wandb = None
     if opts.wandb_project:
         from tune.wandb_logging import wandb_settings
@@ -123,42 +139,10 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         tune.with_parameters(train_trial, train=train, val=val, split_info=info, wandb=wandb),
         {"cpu": opts.cpus_per_trial, "gpu": gpus},
     )
-
     if opts.resume:
-        # Metric, mode and scheduler are the run's own (run.json, and Ray's restored state), not opts'.
-        run_info = read_json(storage.local / "run.json")
-        if run_info.get("split_hash") != split_hash(info):
-            log.warning("%s: resuming on a different data split than the run started with", data)
-        for name, action in storage.repair_torn_snapshots().items():
-            log.warning("Ray snapshot %s was cut short by the interruption: %s", name, action)
-        tuner = tune.Tuner.restore(
-            storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
-            storage_filesystem=storage.fs,
-        )
+        tuner, run_info = _restored_tuner(storage, trainable, data, info)
     else:
-        space = load_space(opts.config, opts.fixed)
-        mode, key = ("min" if opts.metric in MINIMISED else "max"), objective_key(opts.metric)
-        constants = {"seed": opts.seed, **space.constants, "epochs": opts.max_epochs, "metric": opts.metric}
-        run_info = {
-            "name": opts.name, "storage": storage.uri, "data": str(data), "split_hash": split_hash(info),
-            "metric": opts.metric, "mode": mode, "objective": key, "searched": list(space.searched),
-            "space": space.describe(), "constants": constants, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
-            "scheduler": opts.scheduler, "gpus_per_trial": gpus, "status": "running",
-        }
-        write_json(storage.local / "run.json", run_info)
-        storage.push("run.json")
-        tuner = tune.Tuner(
-            trainable,
-            param_space=constants,
-            tune_config=tune.TuneConfig(
-                metric=key, mode=mode, num_samples=opts.num_samples, scheduler=_scheduler(opts),
-                search_alg=_searcher(opts, space, storage, key, mode), max_concurrent_trials=opts.max_concurrent,
-                # A finished trial's worker (torch imported, data fetched) takes the next trial.
-                reuse_actors=True, trial_dirname_creator=trial_dirname,
-            ),
-            run_config=_run_config(opts, storage, mode),
-        )
+        tuner, run_info = _new_tuner(opts, storage, trainable, data, info, gpus)
     with tune_env(slots):
         grid = tuner.fit()
     run_info = finish(storage, grid, run_info, train, val, info)
@@ -170,6 +154,80 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         else:
             run_info["ensemble"] = build_run_ensemble(storage.local, opts.ensemble, data=data)
     return run_info
+
+
+def _open_storage(opts: SearchOptions) -> RunStorage:
+    """The run's storage: an existing run only with --resume (its study and run.json pulled), else a new one."""
+    storage = RunStorage.open(opts.name, opts.storage)
+    if opts.resume:
+        if not storage.exists():
+            raise FileNotFoundError(f"{storage.uri}: no run to resume")
+        storage.pull(STUDY_DB, "run.json")
+    elif storage.exists():
+        raise FileExistsError(f"{storage.uri}: already holds a run; pass --resume to continue it, or another --name")
+    storage.local.mkdir(parents=True, exist_ok=True)
+    return storage
+
+
+def _trial_resources(opts: SearchOptions) -> tuple[float, int]:
+    """(GPUs per trial, trials that fit at once) on the running Ray cluster."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if cluster.get("GPU", 0) > 0 else 0.0
+    if gpus > cluster.get("GPU", 0):
+        raise ValueError(f"--gpus-per-trial {gpus}: the Ray cluster has {cluster.get('GPU', 0)} GPU(s)")
+    slots = cluster.get("CPU", 1) // max(opts.cpus_per_trial, 1e-3)
+    if gpus > 0:
+        slots = min(slots, cluster["GPU"] // gpus)
+    return gpus, int(max(1, min(slots, opts.max_concurrent or slots)))
+
+
+def _restored_tuner(storage: RunStorage, trainable: Any, data: Path, info: dict[str, Any]
+                    ) -> tuple[tune.Tuner, dict[str, Any]]:
+    """The interrupted run's Tuner; metric, mode and scheduler are the run's own (run.json, and Ray's restored
+    state), not the options'."""
+    run_info = read_json(storage.local / "run.json")
+    if run_info.get("split_hash") != split_hash(info):
+        log.warning("%s: resuming on a different data split than the run started with", data)
+    for name, action in storage.repair_torn_snapshots().items():
+        log.warning("Ray snapshot %s was cut short by the interruption: %s", name, action)
+    tuner = tune.Tuner.restore(
+        storage.experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+        storage_filesystem=storage.fs,
+    )
+    return tuner, run_info
+
+
+def _new_tuner(opts: SearchOptions, storage: RunStorage, trainable: Any, data: Path, info: dict[str, Any],
+               gpus: float) -> tuple[tune.Tuner, dict[str, Any]]:
+    """A new run's Tuner over its search space, and its run.json (written and pushed before any trial)."""
+    space = load_space(opts.config, opts.fixed)
+    mode, key = ("min" if opts.metric in MINIMISED else "max"), objective_key(opts.metric)
+    constants = {"seed": opts.seed, **space.constants, "epochs": opts.max_epochs, "metric": opts.metric}
+    run_info = {
+        "name": opts.name, "storage": storage.uri, "data": str(data), "split_hash": split_hash(info),
+        "metric": opts.metric, "mode": mode, "objective": key, "searched": list(space.searched),
+        "space": space.describe(), "constants": constants, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "scheduler": opts.scheduler, "gpus_per_trial": gpus, "status": "running",
+    }
+    write_json(storage.local / "run.json", run_info)
+    storage.push("run.json")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=constants,
+        tune_config=tune.TuneConfig(
+            metric=key, mode=mode, num_samples=opts.num_samples, scheduler=_scheduler(opts),
+            search_alg=_searcher(opts, space, storage, key, mode), max_concurrent_trials=opts.max_concurrent,
+            # A finished trial's worker (torch imported, data fetched) takes the next trial.
+            reuse_actors=True, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=_run_config(opts, storage, mode),
+    )
+    return tuner, run_info
 
 
 @contextlib.contextmanager
@@ -338,68 +396,17 @@ def finish(
 
 
 # ---- command line ------------------------------------------------------------------------------------
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs; values are YAML (so 1e-3, true, [a, b], {uniform: [a, b]} work)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        out[key.strip().replace("-", "_")] = _number(yaml.safe_load(value))
-    return out
-
-
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads 1e-3 (no dot) as a string; a flag value that looks like a number is one."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="hyperparameter search with Ray Tune (Optuna TPE + ASHA)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, type=Path, help="prepared directory")
-    p.add_argument("--name", required=True, help="run name: writes runs/NAME (or STORAGE/NAME)")
-    p.add_argument("--config", type=Path, help="search-space YAML; its keys replace the default space")
-    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
-                   help="fix or override one space key (YAML value: constant, list, {loguniform: [a, b]}); repeatable")
-    p.add_argument("--num-samples", type=int, default=100)
-    p.add_argument("--max-epochs", type=int, default=50)
-    p.add_argument("--search", choices=("tpe", "random"), default="tpe")
-    p.add_argument("--scheduler", choices=("asha", "median", "none"), default="asha")
-    p.add_argument("--grace-period", type=int, default=5, help="epochs before the scheduler may stop a trial")
-    p.add_argument("--reduction-factor", type=int, default=3)
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="default 0.25 with GPUs, else 0")
-    p.add_argument("--max-concurrent", type=int, default=None)
-    p.add_argument("--metric", choices=METRICS, default="dsc_volume")
-    p.add_argument("--storage", help="directory or s3://bucket/prefix (default: runs)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--max-failures", type=int, default=2, help="retries per trial, from its last checkpoint")
-    p.add_argument("--wandb-project", help="log trials to Weights & Biases (offline without WANDB_API_KEY)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
-    p.add_argument("--quiet", action="store_true", help="no progress table")
-    p.add_argument("--ensemble", type=int, default=0, metavar="K",
-                   help="also build the ensemble of the K best trials in NAME/ensemble (tune ensemble)")
+    add_arguments(p, SearchOptions)
     p.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    opts = SearchOptions(
-        data=args.data, name=args.name, config=args.config, num_samples=args.num_samples,
-        max_epochs=args.max_epochs, search=args.search, scheduler=args.scheduler,
-        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        max_concurrent=args.max_concurrent, metric=args.metric, storage=args.storage, resume=args.resume,
-        wandb_project=args.wandb_project, seed=args.seed, fixed=parse_sets(args.fixed),
-        max_failures=args.max_failures, verbose=0 if args.quiet else 1, ensemble=args.ensemble,
-    )
+    opts = from_args(args, SearchOptions)
     info = run_search(opts)
     best = info.get("best_trial")
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(info.get("stop_reasons", {}).items()))

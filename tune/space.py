@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna.distributions as od
 import yaml
 
-from core.config import TrainConfig
+from core.config import ConfigError, TrainConfig, check_keys, field_types
 
 # The earlier study's space (dropout, lr, batch size, filters) plus architecture and loss weighting.
 # lambda_dice stays 1 and lambda_focal varies, so the search is over their ratio (the scale is lr's job).
@@ -70,44 +70,37 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def parse_space(spec: dict[str, Any], source: str = "search space") -> Space:
-    """Validate ``spec`` against TrainConfig; every error names the key (and the file)."""
-    known = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(spec) - set(known))
-    if unknown:
-        raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    """Validate ``spec`` against TrainConfig; every error is a ConfigError naming the key (and the file)."""
+    check_keys(TrainConfig, spec, source)
+    kinds = field_types(TrainConfig)
     for key, why in RESERVED.items():
         if key in spec:
-            raise ValueError(f"{source}: {key!r} cannot be searched or fixed in a space; it is set by {why}")
+            raise ConfigError(f"{source}: {key}: cannot be searched or fixed in a space; it is set by {why}")
     searched: dict[str, od.BaseDistribution] = {}
     constants: dict[str, Any] = {}
     for key, value in spec.items():
         where = f"{source}: {key}"
         if isinstance(value, list):
             if not value:
-                raise ValueError(f"{where}: an empty list has nothing to choose from")
-            choices = [_checked(key, v, where) for v in value]
+                raise ConfigError(f"{where}: an empty list has nothing to choose from")
+            choices = [_checked(key, v, source) for v in value]
             if len(set(choices)) == 1:
                 constants[key] = choices[0]  # one choice is a constant (Optuna would record a 1-way param)
             else:
                 searched[key] = od.CategoricalDistribution(list(dict.fromkeys(choices)))
         elif isinstance(value, dict):
-            searched[key] = _range(key, value, known[key].type, where)
+            searched[key] = _range(key, value, kinds[key], source)
         else:
-            constants[key] = _checked(key, value, where)
-    # The combination of constants must itself be a valid config (e.g. loss names).
-    TrainConfig.from_dict(constants)
+            constants[key] = _checked(key, value, source)
+    # The combination of constants must itself be a valid config (e.g. oversample + hard_negatives).
+    TrainConfig.from_dict(constants, source)
     return Space(searched, constants)
 
 
-def _checked(key: str, value: Any, where: str) -> Any:
-    """One value as TrainConfig would hold it, validated by TrainConfig itself."""
-    if isinstance(value, (dict, list)) or value is None:
-        raise ValueError(f"{where}: {value!r} is not a plain value")
-    try:
-        value = getattr(TrainConfig.from_dict({key: value}), key)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{where}: {exc}") from exc
-    return _bundle_path(value, where) if key == "init" and value else value
+def _checked(key: str, value: Any, source: str) -> Any:
+    """One value as TrainConfig would hold it, coerced and validated by TrainConfig itself."""
+    value = getattr(TrainConfig.from_dict({key: value}, source), key)
+    return _bundle_path(value, f"{source}: {key}") if key == "init" and value else value
 
 
 def _bundle_path(value: str, where: str) -> str:
@@ -117,37 +110,38 @@ def _bundle_path(value: str, where: str) -> str:
         return value
     path = Path(value).resolve()
     if not (path / "config.json").is_file():
-        raise ValueError(f"{where}: {value} is not a bundle (no config.json there)")
+        raise ConfigError(f"{where}: {value} is not a bundle (no config.json there)")
     return str(path)
 
 
-def _range(key: str, value: dict[str, Any], kind: Any, where: str) -> od.BaseDistribution:
+def _range(key: str, value: dict[str, Any], kind: Any, source: str) -> od.BaseDistribution:
+    where = f"{source}: {key}"
     if len(value) != 1 or next(iter(value)) not in FORMS:
-        raise ValueError(f"{where}: expected one of {{{', '.join(f + ': [a, b]' for f in FORMS)}}}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {{{', '.join(f + ': [a, b]' for f in FORMS)}}}, got {value!r}")
     form, bounds = next(iter(value.items()))
     if not (isinstance(bounds, list) and len(bounds) == 2):
-        raise ValueError(f"{where}: {form} needs [low, high], got {bounds!r}")
+        raise ConfigError(f"{where}: {form} needs [low, high], got {bounds!r}")
     try:
         low, high = (float(b) for b in bounds)  # YAML reads 1e-3 (no dot) as a string
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {form} bounds must be numbers, got {bounds!r}") from exc
+        raise ConfigError(f"{where}: {form} bounds must be numbers, got {bounds!r}") from exc
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-        raise ValueError(f"{where}: {form} needs low < high, got {bounds!r}")
-    is_int = kind in ("int", int)
+        raise ConfigError(f"{where}: {form} needs low < high, got {bounds!r}")
+    is_int = kind is int
     if form == "int" or is_int:
         if form != "int":
-            raise ValueError(f"{where}: an integer option takes a list or {{int: [a, b]}}, not {form}")
+            raise ConfigError(f"{where}: an integer option takes a list or {{int: [a, b]}}, not {form}")
         if not (low.is_integer() and high.is_integer()):
-            raise ValueError(f"{where}: int bounds must be integers, got {bounds!r}")
+            raise ConfigError(f"{where}: int bounds must be integers, got {bounds!r}")
         dist: od.BaseDistribution = od.IntDistribution(int(low), int(high))
     else:
-        if kind not in ("float", float):
-            raise ValueError(f"{where}: {key} is not numeric; use a list of choices")
+        if kind is not float:
+            raise ConfigError(f"{where}: {key} is not numeric; use a list of choices")
         if form == "loguniform" and low <= 0:
-            raise ValueError(f"{where}: loguniform needs low > 0, got {bounds!r}")
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {bounds!r}")
         dist = od.FloatDistribution(low, high, log=form == "loguniform")
     for probe in (low, high):  # the bounds themselves must be legal values (e.g. dropout < 1)
-        _checked(key, int(probe) if is_int else probe, where)
+        _checked(key, int(probe) if is_int else probe, source)
     return dist
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from core.bundle import Bundle, load_bundle
+from core.config import BATCH_SIZE
 from core.inference.resize import crop_resize, normalise, uncrop_resize
 from core.inference.slices import Images, SlicePredictor, as_slices
 from core.runtime import autocast, resolve_device
@@ -24,13 +25,13 @@ __all__ = ["Images", "Predictor", "as_slices"]
 class Predictor(SlicePredictor):
     """Batched PyTorch inference for one bundle. Thread-compatible, not thread-safe: one per replica."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "auto", batch_size: int = 32) -> None:
+    def __init__(self, bundle: Bundle, device: str | torch.device = "auto", batch_size: int = BATCH_SIZE) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = bundle.model.to(self.device).eval()
         self._configure(bundle.config, bundle.metrics, batch_size)
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> Predictor:
+    def from_bundle(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = BATCH_SIZE) -> Predictor:
         """From a bundle directory or ``s3://bucket/prefix`` (see core.bundle.files)."""
         dev = resolve_device(device)
         return cls(load_bundle(path, dev), dev, batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,16 +18,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainRun:
+    """Where a `core train` run reads and writes; the hyperparameters are its TrainConfig."""
+
+    data: Path = field(metadata={"help": "prepared directory (python -m core data prepare)"})
+    out: Path = field(metadata={"help": "run directory"})
+    resume: bool = field(default=False, metadata={"help": "continue from RUN/checkpoint"})
+    name: str = field(default="gliomaseg", metadata={"help": "bundle name"})
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train one model on a prepared directory",
         description="Train one model; writes RUN/metrics.csv per epoch, RUN/checkpoint/, RUN/best/ (bundle).",
     )
-    p.add_argument("--data", required=True, type=Path, help="prepared directory (python -m core data prepare)")
-    p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
-    p.add_argument("--name", default="gliomaseg", help="bundle name (default: gliomaseg)")
-    add_arguments(p)
+    add_arguments(p, TrainRun)
+    add_arguments(p, TrainConfig)
     p.set_defaults(func=train_command)
 
 

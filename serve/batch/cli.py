@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from core.config import BATCH_SIZE
 from core.inference.jobs import add_scan_arguments, scan_options
 from serve.batch.run import BatchOptions, run_batch
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPU share per actor (default 1 when the cluster has a GPU, else 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="slices per forward pass")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
     add_scan_arguments(p)  # as core predict reads scans
     p.set_defaults(func=_cmd_batch)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from core.bundle.files import read_config
+from core.config import BATCH_SIZE
 from serve.batch import report
 from serve.batch.plan import plan
 from serve.batch.stages import Segmenter, read_patient, write_patient
@@ -31,7 +32,7 @@ class BatchOptions:
     workers: int | None = None  # default: one per GPU share, else (CPUs - 1) / cpus_per_worker
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
-    batch_size: int = 32
+    batch_size: int = BATCH_SIZE
     progress: bool = True  # Ray Data's progress bars
     address: str | None = None  # Ray to start or join when none is running (None: local or RAY_ADDRESS)
     sequences: list[str] | None = None  # NIfTI channel names (core predict --sequences); None: dataset.json/default

@@ -1,0 +1,199 @@
+"""One typed config per job: each command line is built from its dataclasses (every field a flag, every flag
+a field, the field's default the flag's), every dict source coerces one way, and a bad key reads the same
+wherever it comes from."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import (
+    BATCH_SIZE,
+    ConfigError,
+    PredictorOptions,
+    TrainConfig,
+    add_predictor_arguments,
+    from_args,
+    from_mapping,
+)
+from core.training.cli import TrainRun
+from serve.app import LaunchOptions, ServeSettings
+from tune.cv import CVOptions
+from tune.search import SearchOptions
+from tune.space import parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(register) -> argparse.ArgumentParser:
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    return next(iter(sub.choices.values()))
+
+
+def _train() -> argparse.ArgumentParser:
+    from core.training.cli import register
+
+    return _command(register)
+
+
+def _serve_run() -> argparse.ArgumentParser:
+    from serve.app import register
+
+    return _command(register)
+
+
+def _tune_run() -> argparse.ArgumentParser:
+    from tune.search import register
+
+    return _command(register)
+
+
+def _tune_cv() -> argparse.ArgumentParser:
+    from tune.cv import register
+
+    return _command(register)
+
+
+def _predictor() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_predictor_arguments(parser)
+    return parser
+
+
+# Each job's command line, the dataclasses it is built from, and the least a user must type.
+JOBS = {
+    "core train": (_train, (TrainRun, TrainConfig), ["--data", "d", "--out", "o"]),
+    "serve run": (_serve_run, (ServeSettings, LaunchOptions), ["--bundle", "b"]),
+    "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
+    "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
+    "core evaluate/predict": (_predictor, (PredictorOptions,), ["--bundle", "b"]),
+}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_every_field_has_a_flag_and_every_flag_a_field(job: str) -> None:
+    make, models, _ = JOBS[job]
+    dests = {a.dest for a in make()._actions if a.dest != "help"}
+    names = {f.name for model in models for f in fields(model)}
+    assert dests == names, f"{job}: flags without a field {sorted(dests - names)}, fields without a flag " \
+                           f"{sorted(names - dests)}"
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_a_flag_left_out_takes_the_fields_default(job: str) -> None:
+    make, models, required = JOBS[job]
+    args = make().parse_args(required)
+    for model in models:
+        given = {f.name: getattr(from_args(args, model), f.name) for f in fields(model)}
+        for f in fields(model):
+            if f.default is not MISSING:
+                assert given[f.name] == f.default, f"{job}: --{f.name} defaults to {given[f.name]!r}"
+            elif f.default_factory is not MISSING:
+                assert given[f.name] == f.default_factory()
+
+
+def test_flags_spelled_their_own_way_reach_their_fields() -> None:
+    serve_args = _serve_run().parse_args(["--bundle", "b", "--split", "--max-batch-size", "8"])
+    assert from_args(serve_args, ServeSettings).colocate is False
+    assert from_args(serve_args, ServeSettings).ongoing() == 16
+    tune_args = _tune_run().parse_args(["--data", "d", "--name", "n", "--set", "arch=lite", "--set", "lr=1e-3",
+                                        "--quiet", "--gpus-per-trial", "0.5"])
+    opts = from_args(tune_args, SearchOptions)
+    assert opts.fixed == {"arch": "lite", "lr": 1e-3} and opts.verbose == 0 and opts.gpus_per_trial == 0.5
+    cv = from_args(_tune_cv().parse_args(["--data", "d", "--from", "runs/x", "--set", "lr=1e-3", "--half"]), CVOptions)
+    assert (cv.from_run, cv.fixed, cv.half, cv.storage) == (Path("runs/x"), {"lr": 1e-3}, True, Path("runs"))
+    train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
+    assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
+    with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):
+        from_mapping(SearchOptions, {"data": "d", "name": "n", "search": "grid"}, "tune options")
+
+
+def test_inference_batch_size_is_one_default() -> None:
+    from core.inference.predictor import Predictor
+    from serve.batch.run import BatchOptions
+    from serve.edge import OnnxPredictor
+
+    defaults = [inspect.signature(Predictor.__init__).parameters["batch_size"].default,
+                inspect.signature(Predictor.from_bundle).parameters["batch_size"].default,
+                inspect.signature(OnnxPredictor.__init__).parameters["batch_size"].default,
+                BatchOptions.batch_size, ServeSettings.max_batch_size, PredictorOptions.batch_size]
+    assert defaults == [BATCH_SIZE] * len(defaults)
+
+
+def test_the_replica_is_told_its_derived_request_limit() -> None:
+    """The ingress reports the limit ServeSettings derives (2 x the batch) rather than deriving it again."""
+    from serve.app import build_app
+
+    for settings, limit in ((ServeSettings(bundle="b", max_batch_size=8), 16),
+                            (ServeSettings(bundle="b", max_batch_size=8, max_ongoing_requests=24), 24)):
+        deployment = build_app(settings)._bound_deployment
+        assert deployment.max_ongoing_requests == limit
+        assert deployment.init_args[1]["max_ongoing_requests"] == limit  # the ingress's settings dict
+
+
+# Each dict source: how it is called with one bad key, and the source its messages start with.
+SOURCES = {
+    "train": (lambda bad: TrainConfig.from_dict(bad), "training options", "filters"),
+    "serve": (lambda bad: ServeSettings.from_dict({"bundle": "b", **bad}), "serve settings", "max_batch_size"),
+    "space": (lambda bad: parse_space(bad, "space.yaml"), "space.yaml", "filters"),
+    "tune": (lambda bad: from_mapping(SearchOptions, {"data": "d", "name": "n", **bad}, "tune options"),
+             "tune options", "num_samples"),
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_an_unknown_key_reads_the_same_everywhere(source: str) -> None:
+    build, prefix, _ = SOURCES[source]
+    with pytest.raises(ConfigError) as info:
+        build({"colour": "red"})
+    assert re.fullmatch(rf"{re.escape(prefix)}: unknown option\(s\) colour; known: [a-z_, ]+", str(info.value))
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_a_mistyped_value_names_the_key_and_the_type(source: str) -> None:
+    build, prefix, int_key = SOURCES[source]
+    with pytest.raises(ConfigError) as info:
+        build({int_key: "many"})
+    assert str(info.value) == f"{prefix}: {int_key}: expected int, got 'many'"
+
+
+def test_values_from_text_numpy_and_yaml_are_coerced_by_the_field_type() -> None:
+    cfg = TrainConfig.from_dict({"lr": "1e-3", "filters": np.int64(16), "dropout": np.float32(0.25),
+                                 "batch_size": 8.0, "augment": "no", "amp": 0, "arch": "lite"})
+    assert (cfg.lr, cfg.filters, cfg.dropout, cfg.batch_size, cfg.augment, cfg.amp) == (1e-3, 16, 0.25, 8, False,
+                                                                                       False)
+    assert type(cfg.filters) is int and type(cfg.lr) is float
+    for bad in ({"filters": 3.5}, {"filters": True}, {"augment": "maybe"}, {"arch": ["unet"]}):
+        with pytest.raises(ConfigError, match=rf"^training options: {next(iter(bad))}: expected"):
+            TrainConfig.from_dict(bad)
+    settings = ServeSettings.from_dict({"bundle": "b", "replicas": 3, "gpus_per_replica": "0.25", "token_env": None,
+                                        "colocate": "false", "max_ongoing_requests": "24"})
+    assert (settings.replicas, settings.gpus_per_replica, settings.token_env, settings.colocate) == ("3", 0.25, None,
+                                                                                                    False)
+    assert settings.ongoing() == 24
+    with pytest.raises(ConfigError, match="^serve settings: missing option"):
+        ServeSettings.from_dict({})
+    with pytest.raises(ConfigError, match="^training options: arch: expected one of unet"):
+        TrainConfig.from_dict({"arch": "resnet9000"})
+    with pytest.raises(ConfigError, match=r"^serve settings: replicas must be a positive integer"):
+        ServeSettings.from_dict({"bundle": "b", "replicas": "0"})
+
+
+def test_written_bundles_hyperparameters_read_back_unchanged() -> None:
+    """The bundle format outlives the code: each member's recorded hyperparameters are a valid TrainConfig
+    that writes back the same values."""
+    config = json.loads((ROOT / "pretrained/lgg/config.json").read_text())
+    members = config["hyperparameters"]["members"]
+    assert members
+    for recorded in members:
+        again = TrainConfig.from_dict(recorded).to_dict()
+        assert {k: again[k] for k in recorded} == recorded
+        assert all(type(again[k]) is type(v) for k, v in recorded.items())
