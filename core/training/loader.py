@@ -48,8 +48,11 @@ class DeviceDataset:
         stats, boxes = self._plan(images, arrays)
         self.stats = torch.from_numpy(stats).to(self.device)
         self.boxes = boxes  # host (N,4) or None: probabilities go back through them
-        # One host-to-device copy per split for the whole run.
-        self.images = torch.from_numpy(np.array(images, copy=True)).to(self.device)
+        # One host-to-device copy per split for the whole run. An array made here (2.5D channels, FLAIR
+        # copies) is handed over as it is; the split's own (often a read-only memmap) is copied first.
+        owned = not np.may_share_memory(images, arrays.images) and images.flags.writeable
+        self.images = torch.from_numpy(images if owned else np.array(images, copy=True)).to(self.device)
+        del images
         self.masks = torch.from_numpy(np.array(masks, copy=True)).to(self.device)
         if boxes is not None:
             self.images, self.masks = self._crop(size or self.native_size, chunk)
