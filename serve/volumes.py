@@ -14,13 +14,15 @@ become the JSON error response).
 
 A scan body may be named (``Content-Disposition: attachment; filename="patient_t1.nii.gz"``): the name
 becomes the answer's file names and, for a 3D NIfTI, says its sequence as a file name does for `core
-predict`; ``sequences=flair,t1,...`` names a NIfTI's channels as ``--sequences`` does.
+predict`; ``sequences=flair,t1,...`` names a NIfTI's channels as ``--sequences`` does. ``spacing=z,y,x`` (mm)
+gives a slice stack its geometry (core.inference.spacing); without it the answer says which it assumed.
+Binary answers carry the JSON answer's ``notes`` in ``X-Notes``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +43,7 @@ from core.formats.media import (
 if TYPE_CHECKING:
     from core.formats.volume import Limits, Volume
     from core.inference.results import VolumeResult
+    from core.inference.spacing import VoxelSpacing
 
 # What this endpoint answers a volume with; png only with overlay=true (an animation of the overlays).
 VOLUME_FORMATS = ("nifti", "dicom-seg", "tiff", "npy", "json")
@@ -156,6 +159,19 @@ def read_scan(data: bytes, limits: Limits, max_slices: int, min_size: int, max_s
     if min(h, w) < min_size:
         raise codecs.DecodeError(422, "invalid_input", f"axial slices of {h}x{w}; at least {min_size} a side")
     return volume
+
+
+def answer_headers(body: dict[str, Any], spacing: VoxelSpacing) -> dict[str, str]:
+    """The figures a client reads without parsing the body: the spacing used (``X-Spacing-Assumed`` where it
+    was assumed), the tumour volume in mL where the spacing is known, the quality and the review flag."""
+    out = spacing.headers()
+    if body["volume_ml"] is not None:
+        out["X-Tumour-Volume-mL"] = f"{body['volume_ml']:.4f}"
+    if body["quality"] is not None:
+        out["X-Quality"] = f"{body['quality']:.4f}"
+    if body["review"] is not None:
+        out["X-Review"] = "true" if body["review"] else "false"
+    return out
 
 
 def check_sequence(sequence: str) -> None:

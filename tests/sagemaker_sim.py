@@ -44,7 +44,7 @@ service = DefaultHandlerService(Transformer())
 service.initialize(ctx)
 results = []
 for i, req in enumerate(spec):
-    headers = {"Content-Type": req["content_type"]}
+    headers = {"Content-Type": req["content_type"], **req.get("headers", {})}  # e.g. the custom attributes
     if req.get("accept"):
         headers["Accept"] = req["accept"]
     ctx.request_processor = [RequestProcessor(headers)]

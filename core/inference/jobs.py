@@ -121,6 +121,7 @@ class ScanOptions:
     series: dict[str, str] | None = None
     rescale: str = "auto"
     limits: Limits | None = None  # None: core.formats.volume.Limits()
+    spacing: tuple[float, float, float] | None = None  # a slice stack's (slice, row, column) mm; None: assumed
 
 
 def parse_series(values: list[str] | None) -> dict[str, str] | None:
@@ -147,9 +148,20 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescale", default="auto", choices=("auto", "percentile", "none"),
                         help="scan intensities to uint8: percentiles 0.5..99.5 of the nonzero voxels; auto keeps "
                         "8-bit scans as they are")
+    add_spacing_argument(parser)
+
+
+def add_spacing_argument(parser: argparse.ArgumentParser) -> None:
+    """--spacing z,y,x: a slice stack's voxel size (core.inference.spacing), for its mm rules and its mL."""
+    parser.add_argument("--spacing", metavar="Z,Y,X", help="slice stacks (TIFF/PNG/NPY): slice, row and column "
+                        "spacing in mm, for the post-processing's mm3/mm2 rules and the volume in mL (default: the "
+                        "Kaggle grid's 5,0.9375,0.9375 is assumed, no mL given, and the answer says so); a scan's "
+                        "comes from its header")
 
 
 def scan_options(args: argparse.Namespace) -> ScanOptions:
     """The ScanOptions of ``add_scan_arguments``' options."""
+    from core.inference.spacing import parse_spacing
+
     return ScanOptions(sequences=args.sequences.split(",") if args.sequences else None,
-                       series=parse_series(args.series), rescale=args.rescale)
+                       series=parse_series(args.series), rescale=args.rescale, spacing=parse_spacing(args.spacing))

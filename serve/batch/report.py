@@ -10,7 +10,7 @@ from typing import Any
 
 # Slice means are weighted by the slices they average over when patients are combined.
 WEIGHTS = {"dice_tumour": "truth_tumour_slices", "dice_all": "slices", "fp_slice_rate": "truth_empty_slices"}
-# volume_ml: the tumour volume from a scan's voxel spacing (blank for slices, whose pixels have no size)
+# volume_ml: the tumour volume from the voxel spacing: a scan's, or --spacing for slices (blank without one)
 # quality: 0-1, higher = more trustworthy; review: true where it is below the bundle's cut (core.inference.quality)
 CSV_COLUMNS = ["patient", "status", "slices", "tumour_slices", "tumour_voxels", "largest_slice_area", "volume_ml",
                "quality", "review"]

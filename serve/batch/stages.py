@@ -21,6 +21,7 @@ from core.formats.decoders import decode, stack_volume
 from core.formats.encoders import encode_tiff, mask_scale
 from core.formats.media import EXTENSIONS, DecodeError
 from core.inference.results import result_json
+from core.inference.spacing import scan_spacing, stack_spacing
 from serve.batch import scans
 from serve.batch.store import Store
 
@@ -66,6 +67,7 @@ def _read_scan(job: dict[str, Any], src: Store, options: dict[str, Any]) -> dict
     meta.update(error="", bad_files=[], has_truth=False)
     try:
         volume = scans.read_scan(job, src, options)
+        scan_spacing(volume, options.get("spacing"))  # a --spacing that contradicts the header is refused
         meta.update(geometry=scans.pack(volume), spacing=[float(v) for v in volume.spacing])
     except Exception as exc:  # VolumeError names the problem; S3 and OS errors name the file
         named = scans.named_files(job, src)
@@ -81,6 +83,8 @@ def read_patient(row: dict[str, Any], src: Store, classes: int, scan_options: di
     if job["kind"] != "slices":
         return _read_scan(job, src, scan_options or {})
     meta = {k: job[k] for k in ("patient", "name", "id", "outputs", "kind")}
+    given = (scan_options or {}).get("spacing")  # the slices' (slice, row, column) mm; None: assumed
+    meta.update(spacing=list(stack_spacing(given).mm), spacing_given=given is not None)
     if job.get("error"):  # slices the plan could not order (core.formats.cases.slice_order): its message
         meta.update(error=job["error"], bad_files=[src.where(job["patient"])], has_truth=False)
         return _empty(meta)
@@ -188,10 +192,13 @@ def write_patient(row: dict[str, Any], out: Store, class_names: list[str], model
         if meta.get("kind", "slices") != "slices":
             result = scans.scan_result(meta["geometry"], masks, class_names, answer.quality, answer.review)
             files = scans.scan_files(result, model[0] or "gliomaseg", model[1] or "unknown")
-        else:
+        spacing = None
+        if result is None:  # slices: at the spacing given, else the assumed one, as every path says it
             scale = mask_scale(class_names)
             files = {f: encode_tiff(m, scale) for f, m in zip(record["masks"], masks, strict=True)}
-        record.update(result_json(masks, model[1] or "unknown", class_names, scan=result, answer=answer, rle=False))
+            spacing = stack_spacing(meta["spacing"] if meta.get("spacing_given") else None)
+        record.update(result_json(masks, model[1] or "unknown", class_names, scan=result, answer=answer, rle=False,
+                                  spacing=spacing))
         out.write_patient(meta["name"], files, record)
     except Exception as exc:  # a full disk or a refused S3 write fails this patient, not the cohort
         return {"record": json.dumps({**record, "status": "failed",

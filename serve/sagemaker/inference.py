@@ -23,6 +23,12 @@ inferior. A 3D NIfTI body is FLAIR; an S3 object's file name may say its sequenc
 ``preprocessing_note`` in JSON, and for every answer the ``X-Amzn-SageMaker-Custom-Attributes`` header (the
 invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses carrying
 the message.
+
+What Serve takes as query parameters comes as the invocation's CustomAttributes (``spacing=5,0.94,0.94;
+sequences=flair,t1``) or, for an S3 request, as JSON fields (``"spacing": [5, 0.94, 0.94]``): a slice stack's
+spacing in mm (core.inference.spacing; without one the answer says which it assumed, ``spacing_assumed=`` in
+the response's custom attributes), a NIfTI's sequence names. A binary answer's notes (what the JSON answer
+says in ``notes``) come back in the response's custom attributes as ``notes=[...]``.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ from gliomaseg_core.formats.media import (
     refusal,
 )
 from gliomaseg_core.inference.predictor import Predictor
-from gliomaseg_core.inference.results import result_json
+from gliomaseg_core.inference.results import answer_notes, result_json
+from gliomaseg_core.inference.spacing import parse_spacing, scan_spacing, stack_spacing
 from gliomaseg_core.io import s3_client
 
 try:
@@ -81,6 +88,30 @@ MAX_S3_BYTES = int(os.environ.get("GLIOMASEG_MAX_S3_BYTES", 512 << 20))
 # A scan: three sequences of the slice pixel limit, checked from its headers before decompressing.
 MAX_VOXELS = int(os.environ.get("GLIOMASEG_MAX_VOXELS", 3 * LIMITS["max_pixels"]))
 S3_FORMATS = ("png", "tiff", "npy", "nifti", "dicom-seg")
+ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"  # the invocation's CustomAttributes, as the container sees them
+MAX_ATTRIBUTES = 1024  # characters SageMaker passes back in the response's custom attributes
+
+
+@dataclass
+class Options:
+    """How to read a request's input, from its custom attributes (``spacing=5,1,1; sequences=flair,t1``) or
+    its JSON fields: a slice stack's spacing (core.inference.spacing), a NIfTI's sequence names."""
+
+    spacing: tuple[float, float, float] | None = None
+    sequences: list[str] | None = None
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> Options:
+        try:
+            spacing = parse_spacing(values.get("spacing"))
+        except codecs.DecodeError as exc:
+            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+        sequences = values.get("sequences")
+        if isinstance(sequences, str):
+            sequences = [n.strip() for n in sequences.split(",")] if sequences.strip() else None
+        if sequences is not None and not (isinstance(sequences, list) and all(isinstance(n, str) for n in sequences)):
+            raise RequestError(400, f"bad_request: sequences={sequences!r}; give names such as flair,t1,t1gd")
+        return cls(spacing, sequences)
 
 
 @dataclass
@@ -91,6 +122,7 @@ class Request:
     output_prefix: str | None = None
     output_format: str | None = None
     scan: Any = None  # a gliomaseg_core.formats.volume.Volume for NIfTI/DICOM input
+    options: Options = field(default_factory=Options)
 
 
 @dataclass
@@ -103,6 +135,7 @@ class Prediction:
     result: Any = None  # gliomaseg_core.inference.results.VolumeResult for a scan: its grid, mL, NIfTI, SEG
     model_name: str = "gliomaseg"  # a DICOM SEG names the algorithm that made it
     answer: Any = None  # the predictor's volume answer (its quality and review), for a volume
+    spacing: Any = None  # the VoxelSpacing a volume was post-processed at (given, the scan's, or assumed)
 
     @property
     def kind(self) -> str:
@@ -118,55 +151,106 @@ def model_fn(model_dir: str) -> Predictor:
     return predictor
 
 
-def input_fn(body: bytes | str, content_type: str | None) -> Request:
+def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -> Request:
+    """The request's input; ``context`` (the toolkit passes it) carries the invocation's custom attributes."""
     media, params = _parse_type(content_type)
     if media == JSON:
         return _json_request(body)
+    options = Options.parse(custom_attributes(context))
     if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
         body = body.encode("utf-8")
     body = bytes(body)
     if _is_scan(media, body):
-        scan = _read_scan(body)
-        return Request(scan.images, True, scan=scan)
+        scan = _read_scan(body, options=options)
+        return Request(scan.images, True, scan=scan, options=options)
     images = _decode(body, content_type.split(";", 1)[0] if content_type else None)
-    return Request(images, _volume(params.get("volume"), len(images)))
+    return Request(images, _volume(params.get("volume"), len(images)), options=options)
+
+
+def custom_attributes(context: Any) -> dict[str, str]:
+    """The invocation's CustomAttributes (``key=value; key=value``, keys lower-cased); {} without any."""
+    try:
+        properties = dict(context.request_processor[0].get_request_properties())
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return {}
+    raw = next((v for k, v in properties.items() if str(k).lower() == ATTRIBUTES), "") or ""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes | bytearray) else str(raw)
+    out = {}
+    for item in text.split(";"):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            out[key.strip().lower()] = value.strip()
+    return out
 
 
 def predict_fn(data: Request, model: Predictor) -> Prediction:
+    given = data.options.spacing
     if data.scan is not None:  # what `core predict` does with the same file
         from gliomaseg_core.inference.results import segment_volume
 
         try:
+            spacing = scan_spacing(data.scan, given)
             result = segment_volume(model, data.scan)
+        except codecs.DecodeError as exc:
+            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
         except ValueError as exc:
             raise RequestError(422, f"invalid_input: {exc}") from exc
         return Prediction(result.masks, data, model.version, result.class_names, result=result,
-                          model_name=str(model.config.get("name") or "gliomaseg"))
+                          model_name=str(model.config.get("name") or "gliomaseg"), spacing=spacing)
+    spacing = stack_spacing(given)
     try:  # several slices as one patient give the volume answer (with its quality), as a scan does
-        answer = model.segment(data.images) if data.volume else None
-        masks = answer.masks if answer is not None else model.predict(data.images)
+        answer = model.segment(data.images, spacing=spacing.mm) if data.volume else None
+        masks = answer.masks if answer is not None else model.predict(data.images, spacing=given)
     except ValueError as exc:  # input the predictor refuses (shape/dtype): the client's to fix
         raise RequestError(422, f"invalid_input: {exc}") from exc
     names = list(model.config.get("class_names", []))
     note = None if data.volume else single_slice_note(model.config, "send all the patient's slices in one body")
-    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note, answer=answer)
+    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note, answer=answer,
+                      spacing=spacing if data.volume else None)
 
 
 def output_fn(prediction: Prediction, accept: str | None, context: Any = None) -> tuple[bytes, str]:
     """The answer in the negotiated format; ``context`` (the toolkit passes it) carries the single-slice note
     of a per-patient bundle as the invocation's custom attributes, as Serve's Warning header does."""
-    if prediction.preprocessing_note and hasattr(context, "set_response_header"):
-        context.set_response_header(0, SCOPE_HEADER, f"preprocessing_scope=slice; {prediction.preprocessing_note}")
     if prediction.request.s3_uri:
+        _set_attributes(context, response_attributes(prediction, binary=False))
         return _write_s3(prediction), JSON
     try:
         fmt = choose_format(preferences(accept or JSON, OFFERED), prediction.kind, "json", OFFERED,
                             len(prediction.masks))
     except codecs.DecodeError as exc:
         raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+    _set_attributes(context, response_attributes(prediction, binary=fmt != "json"))
     if fmt == "json":
         return json.dumps(_summary(prediction, rle=True)).encode(), JSON
     return _encode(prediction, FORMAT_MEDIA[fmt]), FORMAT_MEDIA[fmt]
+
+
+def response_attributes(prediction: Prediction, binary: bool) -> str:
+    """The answer's custom attributes (the one header SageMaker hands back): a per-patient bundle's slice scope,
+    the spacing used (``spacing_assumed=`` where assumed), the volume in mL where known, and for a binary answer
+    its notes as a JSON list (``notes=[...]``, cut to SageMaker's 1024 characters)."""
+    parts = []
+    if prediction.preprocessing_note:
+        parts.append(f"preprocessing_scope=slice; {prediction.preprocessing_note}")
+    spacing = prediction.spacing
+    if spacing is not None:
+        parts.append(f"spacing_mm={spacing.text()}" if spacing.known else f"spacing_assumed={spacing.text()}")
+        if spacing.known and prediction.kind == SLICES:
+            parts.append(f"volume_ml={float(np.count_nonzero(prediction.masks)) * spacing.voxel_ml:.4f}")
+        elif prediction.result is not None:
+            parts.append(f"volume_ml={prediction.result.volume_ml:.4f}")
+    notes = answer_notes(prediction.result, spacing)
+    if binary and notes:
+        room = MAX_ATTRIBUTES - len("; ".join(parts)) - len("; notes=")
+        text = json.dumps(notes, ensure_ascii=True)
+        parts.append("notes=" + (text if len(text) <= room else text[: max(room - 4, 0)] + '..."]'))
+    return "; ".join(parts)
+
+
+def _set_attributes(context: Any, attributes: str) -> None:
+    if attributes and hasattr(context, "set_response_header"):
+        context.set_response_header(0, SCOPE_HEADER, attributes)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -212,7 +296,7 @@ def _is_scan(media: str, body: bytes) -> bool:
     return sniff_volume(body) is not None
 
 
-def _read_scan(data: bytes, name: str | None = None) -> Any:
+def _read_scan(data: bytes, name: str | None = None, options: Options | None = None) -> Any:
     """A scan's bytes -> a canonical Volume within the limits (VolumeError is a DecodeError: its status);
     ``name`` (an S3 key's file name) may say a 3D NIfTI's sequence, as a file name does for `core predict`."""
     from dataclasses import replace
@@ -222,7 +306,7 @@ def _read_scan(data: bytes, name: str | None = None) -> Any:
 
     limits = replace(Limits(), max_voxels=MAX_VOXELS, max_bytes=min(Limits().max_bytes, 8 * MAX_VOXELS))
     try:
-        scan = load_volume(data, limits=limits, name=name)
+        scan = load_volume(data, limits=limits, name=name, sequences=(options or Options()).sequences)
     except codecs.DecodeError as exc:
         raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
     n, h, w = scan.images.shape[:3]
@@ -261,7 +345,7 @@ def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
     """core's result schema: the JSON Serve answers for the same body."""
     return result_json(prediction.masks, prediction.model_version, prediction.class_names, scan=prediction.result,
                        answer=prediction.answer, volume=prediction.request.volume,
-                       note=prediction.preprocessing_note, rle=rle)
+                       note=prediction.preprocessing_note, rle=rle, spacing=prediction.spacing)
 
 
 # ----------------------------------------------------------------------------------------------- S3
@@ -298,6 +382,7 @@ def _json_request(body: bytes | str) -> Request:
     fmt = spec.get("format")
     if fmt not in (None, *S3_FORMATS):
         raise RequestError(400, f"bad_request: format {fmt!r}; use {', '.join(S3_FORMATS)}")
+    options = Options.parse(spec)
     client = s3_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
@@ -312,15 +397,15 @@ def _json_request(body: bytes | str) -> Request:
     if declared in SCAN_TYPES or (not declared and key.lower().endswith(SCAN_SUFFIXES)) or _is_scan(declared, data):
         base = posixpath.basename(key)
         scan = _read_scan(data, next((base[: -len(e)] for e in SCAN_SUFFIXES[::-1] if base.lower().endswith(e)),
-                                     posixpath.splitext(base)[0]))
+                                     posixpath.splitext(base)[0]), options)
         if fmt not in (None, "nifti", "dicom-seg", "npy", "tiff"):
             raise RequestError(400, f"bad_request: format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
-        return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan)
+        return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan, options=options)
     if fmt in ("nifti", "dicom-seg"):
         raise RequestError(400, f"bad_request: format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
     ext = posixpath.splitext(key)[1].lower()
     images = _decode(data, declared or codecs.EXTENSIONS.get(ext, ""))
-    return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt)
+    return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt, options=options)
 
 
 def _write_s3(prediction: Prediction) -> bytes:

@@ -1,0 +1,264 @@
+"""What a client says about its scan, the same on every path: a slice stack's spacing (``spacing=z,y,x``,
+``--spacing``, a SageMaker custom attribute or JSON field). Each is checked through the HTTP API, the
+SageMaker handlers in a fresh process, and the CLIs (`core predict`, `serve predict`, `serve batch`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from bundle_factory import make_random_bundle, sample_images
+from sagemaker_sim import run_container
+
+from core.cli import dispatch
+from core.formats import codecs
+from core.inference.predictor import Predictor
+from core.inference.results import result_json
+from core.inference.spacing import parse_spacing, scan_spacing, stack_spacing
+
+FINE = (1.0, 0.5, 0.5)  # a 1 mm, 0.5 mm in-plane stack: 1/17 of a Kaggle voxel's volume
+FINE_TEXT = "1,0.5,0.5"
+KAGGLE_TEXT = "5,0.9375,0.9375"
+# 40 mm3: on the Kaggle grid (4.4 mm3 a voxel) the network's small components stay, at FINE (0.25 mm3) they go
+RULES = {"min_volume_mm3": 40.0}
+NPY = codecs.NPY
+ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("options") / "bundle", postprocess=RULES)
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle) -> Predictor:
+    return Predictor.from_bundle(bundle, "cpu")
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return sample_images(12, seed=7)
+
+
+@pytest.fixture(scope="module")
+def expected(predictor, images) -> dict[str, np.ndarray]:
+    """The Predictor's masks at the fine spacing and at the assumed (Kaggle) one: different, so a path that
+    ignores the spacing shows."""
+    out = {"fine": predictor.segment(images, spacing=FINE).masks, "assumed": predictor.segment(images).masks}
+    assert out["fine"].sum() > 0 and not np.array_equal(out["fine"], out["assumed"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, bundle):
+    from serve_support import serving
+
+    from serve.app import ServeSettings
+
+    with serving({"/": ServeSettings(bundle=str(bundle), max_slices=32)}) as urls:
+        yield urls["/"]
+
+
+def _post(url: str, body: bytes, kind: str, **params) -> httpx.Response:
+    return httpx.post(f"{url}/v1/segment/volume", content=body, headers={"Content-Type": kind}, params=params,
+                      timeout=120)
+
+
+def _npy(r: httpx.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+
+# ------------------------------------------------------------------------------------------------ core
+
+
+def test_spacing_is_parsed_once_and_refused_clearly() -> None:
+    assert parse_spacing(" 1, 0.5,0.5") == FINE and parse_spacing([1, 0.5, 0.5]) == FINE
+    assert parse_spacing(None) is None and parse_spacing("") is None
+    for bad in ("1,2", "a,b,c", "0,1,1", "-1,1,1", "1,1,nan", "1,1,500", [1, 2]):
+        with pytest.raises(codecs.DecodeError) as err:
+            parse_spacing(bad)
+        assert err.value.status == 400 and err.value.error == "bad_spacing" and "z,y,x" in err.value.detail
+    assumed, given = stack_spacing(None), stack_spacing(FINE)
+    assert not assumed.known and assumed.text() == KAGGLE_TEXT and "assumed" in assumed.note()
+    assert assumed.headers() == {"X-Spacing-mm": KAGGLE_TEXT, "X-Spacing-Assumed": KAGGLE_TEXT}
+    assert given.known and given.note() is None and given.headers() == {"X-Spacing-mm": FINE_TEXT}
+
+
+def test_result_json_gives_ml_only_where_the_spacing_is_known() -> None:
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[1, :2, :3] = 1
+    names = ["background", "tumour"]
+    known = result_json(masks, "v", names, spacing=stack_spacing(FINE))
+    assert known["volume_ml"] == pytest.approx(6 * 0.25 / 1000) and known["spacing_mm"] == list(FINE)
+    assert known["class_ml"] == {"tumour": pytest.approx(6 * 0.25 / 1000)} and known["notes"] == []
+    assumed = result_json(masks, "v", names, spacing=stack_spacing(None))
+    assert assumed["volume_ml"] is None and assumed["spacing_mm"] is None and assumed["voxel_ml"] is None
+    assert len(assumed["notes"]) == 1 and KAGGLE_TEXT in assumed["notes"][0]
+
+
+def test_a_scan_keeps_its_header_spacing(tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    from core.formats.load import load_volume
+
+    volume = load_volume(nifti_scan(sample_images(4), tmp_path / "case.nii.gz"), sequences=["pre", "flair", "post"])
+    assert scan_spacing(volume).mm == pytest.approx((3.0, 0.9, 0.8)) and scan_spacing(volume).known
+    assert scan_spacing(volume, (3.0, 0.9, 0.8)).source == "scan"
+    with pytest.raises(codecs.DecodeError) as err:
+        scan_spacing(volume, FINE)
+    assert err.value.status == 422 and err.value.error == "spacing_conflict" and "3,0.9,0.8" in err.value.detail
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+
+
+def test_slice_stack_spacing_over_http(url, images, expected, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    body = codecs.encode_npy(images)
+    r = _post(url, body, NPY, format="npy", spacing=FINE_TEXT)
+    np.testing.assert_array_equal(_npy(r), expected["fine"])  # the mm3 rule at the real spacing
+    assert r.headers["X-Spacing-mm"] == FINE_TEXT and "X-Spacing-Assumed" not in r.headers
+    assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(expected["fine"].sum() * 0.25e-3, abs=1e-4)
+    r = _post(url, body, NPY, format="npy")
+    np.testing.assert_array_equal(_npy(r), expected["assumed"])
+    assert r.headers["X-Spacing-Assumed"] == KAGGLE_TEXT and "X-Tumour-Volume-mL" not in r.headers
+    assert any("assumed" in n for n in json.loads(r.headers["X-Notes"]))  # the binary answer says it too
+    told = _post(url, body, NPY, format="json", spacing=FINE_TEXT).json()
+    assert told["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3) and told["notes"] == []
+    assert told["spacing_mm"] == list(FINE)
+    untold = _post(url, body, NPY, format="json").json()
+    assert untold["volume_ml"] is None and any(KAGGLE_TEXT in n for n in untold["notes"])
+    r = _post(url, body, NPY, spacing="1,2")
+    assert r.status_code == 400 and r.json()["error"] == "bad_spacing", r.text
+    scan = nifti_scan(images, tmp_path / "case.nii.gz").read_bytes()
+    r = _post(url, scan, "application/gzip", sequences="pre,flair,post", spacing=FINE_TEXT)
+    assert r.status_code == 422 and r.json()["error"] == "spacing_conflict", r.text
+    r = _post(url, scan, "application/gzip", sequences="pre,flair,post", spacing="3,0.9,0.8", format="json")
+    assert r.status_code == 200 and r.headers["X-Spacing-mm"] == "3,0.9,0.8", r.text
+
+
+# ------------------------------------------------------------------------------------------- SageMaker
+
+
+def run_handlers(bundle: Path, cases: dict[str, tuple], tmp_path: Path, env: dict[str, str] | None = None
+                 ) -> dict[str, tuple[dict, bytes]]:
+    """The archive's handlers in a fresh process on each (body, content type, accept, headers); name ->
+    (status, content type, response headers; the body)."""
+    from serve.sagemaker.export import build_archive
+
+    archive = build_archive(bundle, tmp_path / "model.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "opt_ml_model", filter="data")
+    spec = []
+    for name, (body, kind, accept, headers) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        spec.append({"body": str(tmp_path / name), "content_type": kind, "accept": accept, "headers": headers})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = run_container(tmp_path / "opt_ml_model", tmp_path / "spec.json", tmp_path, env or {})
+    results = json.loads(out.split("RESULTS", 1)[1])
+    return {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=False)}
+
+
+def test_slice_stack_spacing_through_sagemaker(bundle, images, expected, aws, tmp_path) -> None:
+    import boto3
+    from sagemaker_sim import BUCKET
+
+    body = codecs.encode_npy(images)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="stacks/p.npy", Body=body)
+    fine = {ATTRIBUTES: f"spacing={FINE_TEXT}"}
+    s3 = {"s3_uri": f"s3://{BUCKET}/stacks/p.npy", "format": "npy", "spacing": list(FINE)}
+    res = run_handlers(bundle, {
+        "fine": (body, NPY, NPY, fine), "assumed": (body, NPY, NPY, {}),
+        "fine_json": (body, NPY, codecs.JSON, fine), "assumed_json": (body, NPY, codecs.JSON, {}),
+        "s3": (json.dumps(s3).encode(), codecs.JSON, codecs.JSON, {}),
+        "bad": (body, NPY, NPY, {ATTRIBUTES: "spacing=1,2"}),
+    }, tmp_path, aws["env"])
+    r, out = res["fine"]
+    assert r["status"] == 200, out[:300]
+    np.testing.assert_array_equal(np.load(io.BytesIO(out)), expected["fine"])
+    attributes = r["headers"][ATTRIBUTES]
+    assert f"spacing_mm={FINE_TEXT}" in attributes and "volume_ml=" in attributes and "notes=" not in attributes
+    r, out = res["assumed"]
+    np.testing.assert_array_equal(np.load(io.BytesIO(out)), expected["assumed"])
+    attributes = r["headers"][ATTRIBUTES]
+    assert f"spacing_assumed={KAGGLE_TEXT}" in attributes and "volume_ml" not in attributes
+    assert "assumed" in json.loads(attributes.split("notes=", 1)[1])[0]
+    told = json.loads(res["fine_json"][1])
+    assert told["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3) and told["notes"] == []
+    untold = json.loads(res["assumed_json"][1])
+    assert untold["volume_ml"] is None and any(KAGGLE_TEXT in n for n in untold["notes"])
+    from_s3 = json.loads(res["s3"][1])
+    assert from_s3["volume_ml"] == pytest.approx(told["volume_ml"]) and from_s3["spacing_mm"] == list(FINE)
+    r, out = res["bad"]
+    assert r["status"] == 400 and b"bad_spacing" in out, out[:300]
+
+
+# ------------------------------------------------------------------------------------------------ CLIs
+
+
+def _patient_folder(images: np.ndarray, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for k, image in enumerate(images):
+        tifffile.imwrite(folder / f"p_{k + 1}.tif", image)
+    return folder
+
+
+def test_core_predict_spacing(bundle, images, expected, tmp_path) -> None:
+    folder = _patient_folder(images, tmp_path / "p")
+    base = ["predict", "--bundle", str(bundle), "--device", "cpu", str(folder)]
+    assert dispatch("core", "", ["core.inference.cli"], [*base, "--out", str(tmp_path / "fine"),
+                                                         "--spacing", FINE_TEXT]) == 0
+    assert dispatch("core", "", ["core.inference.cli"], [*base, "--out", str(tmp_path / "assumed")]) == 0
+    for name, ml in (("fine", expected["fine"].sum() * 0.25e-3), ("assumed", None)):
+        summary = json.loads((tmp_path / name / "p_volume.json").read_text())
+        rows = list(csv.DictReader(io.StringIO((tmp_path / name / "predictions.csv").read_text())))
+        assert summary["tumour_pixels"] == int(expected[name].sum())
+        if ml is None:
+            assert summary["volume_ml"] is None and "assumed" in summary["notes"][0]
+            assert all(r["volume_ml"] == "" and "assumed" in r["notes"] for r in rows)
+        else:
+            assert summary["volume_ml"] == pytest.approx(ml) and summary["notes"] == []
+            assert sum(float(r["volume_ml"]) for r in rows) == pytest.approx(ml, abs=1e-5)
+    assert dispatch("core", "", ["core.inference.cli"], [*base, "--out", str(tmp_path / "x"), "--spacing", "1"]) == 2
+
+
+def test_serve_predict_spacing(url, images, expected, tmp_path) -> None:
+    folder = _patient_folder(images, tmp_path / "p")
+    for name, extra in (("fine", ["--spacing", FINE_TEXT]), ("assumed", [])):
+        argv = ["predict", "--url", url, str(folder), "--out", str(tmp_path / name), *extra]
+        assert dispatch("python -m serve", "", ["serve.client"], argv) == 0
+        said = json.loads((tmp_path / name / "p.json").read_text())
+        assert said["tumour_pixels"] == int(expected[name].sum())
+        if name == "fine":
+            assert said["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3, abs=1e-4)
+            assert said["spacing_mm"] == list(FINE) and said["notes"] == []
+        else:
+            assert said["volume_ml"] is None and said["spacing_assumed"] and "assumed" in said["notes"][0]
+
+
+def test_serve_batch_spacing(ray_session, bundle, images, expected, tmp_path) -> None:
+    from serve.batch.run import BatchOptions, run_batch
+
+    _patient_folder(images, tmp_path / "cohort" / "p")
+    for name, spacing in (("fine", FINE), ("assumed", None)):
+        out = tmp_path / name
+        summary = run_batch(BatchOptions(bundle=str(bundle), src=str(tmp_path / "cohort"), out=str(out), workers=1,
+                                         batch_size=8, progress=False, spacing=spacing))
+        assert summary["segmented"] == ["p"], summary
+        record = json.loads((out / "p" / "patient.json").read_text())
+        row = next(csv.DictReader(io.StringIO((out / "patients.csv").read_text())))
+        assert record["tumour_pixels"] == int(expected[name].sum())
+        if spacing:
+            assert record["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3)
+            assert float(row["volume_ml"]) == pytest.approx(record["volume_ml"])
+        else:
+            assert record["volume_ml"] is None and row["volume_ml"] == "" and "assumed" in record["notes"][0]
