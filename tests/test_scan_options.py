@@ -1,6 +1,8 @@
 """What a client says about its scan, the same on every path: a slice stack's spacing (``spacing=z,y,x``,
-``--spacing``, a SageMaker custom attribute or JSON field). Each is checked through the HTTP API, the
-SageMaker handlers in a fresh process, and the CLIs (`core predict`, `serve predict`, `serve batch`)."""
+``--spacing``, a SageMaker custom attribute or JSON field) and a NIfTI's sequence names (``sequences=``, a
+dataset.json or the file name; never guessed), with the answer's notes beside binary answers (NIfTI, DICOM
+SEG). Each is checked through the HTTP API, the SageMaker handlers in a fresh process, and the CLIs
+(`core predict`, `serve predict`, `serve batch`)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 import tifffile
 from bundle_factory import make_random_bundle, sample_images
 from sagemaker_sim import run_container
+from volume_support import strip_attributes
 
 from core.cli import dispatch
 from core.formats import codecs
@@ -262,3 +265,106 @@ def test_serve_batch_spacing(ray_session, bundle, images, expected, tmp_path) ->
             assert float(row["volume_ml"]) == pytest.approx(record["volume_ml"])
         else:
             assert record["volume_ml"] is None and row["volume_ml"] == "" and "assumed" in record["notes"][0]
+
+
+# ------------------------------------------------------------------------------- unnamed sequences (item 6)
+
+NAMED = "case_t1_flair_t1ce"  # a 4D NIfTI whose file name names its three channels in order
+
+
+def _unnamed_refused(error: str, detail: str) -> None:
+    assert error == "unnamed_sequences" and "sequences=" in detail and "dataset.json" in detail, detail
+    assert "file name" in detail and "3 channels" in detail
+
+
+def test_unnamed_sequences_over_http(url, images, tmp_path) -> None:
+    from scan_support import dicom_study, nifti_scan, zip_folder
+
+    scan = nifti_scan(images, tmp_path / "case.nii.gz").read_bytes()
+    r = _post(url, scan, "application/gzip")
+    assert r.status_code == 422, r.text
+    _unnamed_refused(r.json()["error"], r.json()["detail"])
+    named = httpx.post(f"{url}/v1/segment/volume", content=scan, params={"format": "json"}, timeout=120,
+                       headers={"Content-Type": "application/gzip",
+                                "Content-Disposition": f'attachment; filename="{NAMED}.nii.gz"'}).json()
+    told = _post(url, scan, "application/gzip", sequences="pre,flair,post", format="json").json()
+    assert named["masks_rle"] == told["masks_rle"] and named["tumour_pixels"] > 0
+    assert any("the file name" in n for n in named["notes"]) and any("given sequence" in n for n in told["notes"])
+    r = _post(url, scan, "application/gzip", sequences="pre,flair,post", format="nifti")
+    assert r.status_code == 200 and json.loads(r.headers["X-Notes"]) == told["notes"], r.text
+    dicom_study(images, tmp_path / "study")
+    strip_attributes(tmp_path / "study", ("PatientSex",))  # anonymised: the answer notes it
+    study = zip_folder(tmp_path / "study")
+    answer = _post(url, study, "application/zip", format="json").json()
+    for fmt in ("dicom-seg", "nifti"):  # the notes of the JSON answer beside each binary one
+        r = _post(url, study, "application/zip", format=fmt)
+        assert r.status_code == 200 and json.loads(r.headers["X-Notes"]) == answer["notes"], r.text
+    assert answer["notes"] == answer["scan"]["notes"] and answer["notes"]
+
+
+def test_unnamed_sequences_through_sagemaker(bundle, images, aws, tmp_path) -> None:
+    import boto3
+    from sagemaker_sim import BUCKET
+    from scan_support import dicom_study, nifti_scan, zip_folder
+
+    scan = nifti_scan(images, tmp_path / "case.nii.gz").read_bytes()
+    dicom_study(images, tmp_path / "study")
+    strip_attributes(tmp_path / "study", ("PatientSex",))  # anonymised: the answer notes it
+    study = zip_folder(tmp_path / "study")
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="scans/case.nii.gz", Body=scan)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=f"scans/{NAMED}.nii.gz", Body=scan)
+    named = {ATTRIBUTES: "sequences=pre,flair,post"}
+    gz, js = "application/gzip", codecs.JSON
+    res = run_handlers(bundle, {
+        "unnamed": (scan, gz, js, {}), "named_json": (scan, gz, js, named), "named_nifti": (scan, gz, gz, named),
+        "s3_unnamed": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/case.nii.gz"}).encode(), js, js, {}),
+        "s3_file_name": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/{NAMED}.nii.gz"}).encode(), js, js, {}),
+        "dicom_json": (study, "application/zip", js, {}),
+        "dicom_seg": (study, "application/zip", "application/dicom", {}),
+    }, tmp_path, aws["env"])
+    for name in ("unnamed", "s3_unnamed"):
+        r, out = res[name]
+        assert r["status"] == 422, out[:300]
+        error, _, detail = out.decode().split("\n", 1)[0].partition(": ")
+        _unnamed_refused(error, detail)
+    for json_case, binary_case in (("named_json", "named_nifti"), ("dicom_json", "dicom_seg")):
+        r, out = res[binary_case]
+        assert r["status"] == 200, out[:300]
+        notes = json.loads(res[json_case][1])["notes"]
+        assert notes and json.loads(r["headers"][ATTRIBUTES].split("notes=", 1)[1]) == notes
+    assert any("the file name" in n for n in json.loads(res["s3_file_name"][1])["notes"])
+
+
+def test_unnamed_sequences_in_the_clis(url, bundle, images, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    scans = tmp_path / "in"
+    scans.mkdir()
+    nifti_scan(images, scans / "case.nii.gz")
+    core = ["predict", "--bundle", str(bundle), "--device", "cpu", str(scans / "case.nii.gz")]
+    assert dispatch("core", "", ["core.inference.cli"], [*core, "--out", str(tmp_path / "refused")]) == 2
+    assert dispatch("core", "", ["core.inference.cli"], [*core, "--out", str(tmp_path / "core"),
+                                                         "--sequences", "pre,flair,post"]) == 0
+    side = json.loads((tmp_path / "core" / "case_volume.json").read_text())  # the notes beside the NIfTI mask
+    assert any("given sequence names" in n for n in side["notes"])
+    assert (tmp_path / "core" / "case_mask.nii.gz").is_file()
+    argv = ["predict", "--url", url, str(scans / "case.nii.gz"), "--out", str(tmp_path / "serve")]
+    assert dispatch("python -m serve", "", ["serve.client"], argv) == 1
+    assert "unnamed_sequences" in json.loads((tmp_path / "serve" / "summary.json").read_text())[0]["error"]
+    assert dispatch("python -m serve", "", ["serve.client"], [*argv, "--sequences", "pre,flair,post"]) == 0
+    served = json.loads((tmp_path / "serve" / "case.json").read_text())
+    assert served["tumour_pixels"] == side["tumour_pixels"] and len(served["notes"]) == len(side["notes"])
+    assert any("given sequence names" in n for n in served["notes"])  # the side file beside the NIfTI mask
+
+
+def test_unnamed_sequences_in_serve_batch(ray_session, bundle, images, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    from serve.batch.run import BatchOptions, run_batch
+
+    (tmp_path / "cohort").mkdir()
+    nifti_scan(images, tmp_path / "cohort" / "case.nii.gz")
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=str(tmp_path / "cohort"), out=str(tmp_path / "out"),
+                                     workers=1, batch_size=8, progress=False))
+    assert [f["patient"] for f in summary["failed"]] == ["case"]
+    assert "unnamed_sequences" in summary["failed"][0]["error"]

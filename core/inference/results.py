@@ -133,7 +133,7 @@ def answer_notes(scan: VolumeResult | None, spacing: VoxelSpacing | None = None)
 
 
 def notes_header(notes: Sequence[str]) -> dict[str, str]:
-    """``X-Notes``: the notes as a JSON list in ASCII (a header is one Latin-1 line); none without notes."""
+    """``X-Notes``: the notes as a JSON list in ASCII (a header is one Latin-1 line), ``[]`` when there are none."""
     import json
 
-    return {"X-Notes": json.dumps(list(notes), ensure_ascii=True)} if notes else {}
+    return {"X-Notes": json.dumps(list(notes), ensure_ascii=True)}
