@@ -37,7 +37,7 @@ import numpy as np
 
 from core.formats import codecs
 from core.formats.cases import slice_order
-from core.inference.jobs import add_spacing_argument
+from core.inference.jobs import add_spacing_argument, parse_series
 from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}
@@ -237,6 +237,7 @@ async def _scan_http(client: Any, job: Job, out: Path, auth: dict[str, str], par
     """A scan as it is: its JSON answer, then its NIfTI mask, then (DICOM) its SEG; one request each."""
     body, ctype, filename = await asyncio.to_thread(scan_body, job)
     headers = {**auth, "Content-Type": ctype, "Content-Disposition": f'attachment; filename="{filename}"'}
+    params = {k: v for k, v in params.items() if k != "series" or is_dicom_job(job)}  # --series: DICOM only
     answers: dict[str, Any] = {}
     for fmt in ("json", "nifti", "dicom-seg"):
         if fmt == "dicom-seg" and answers["json"].get("input") != "dicom":
@@ -252,13 +253,20 @@ async def _scan_http(client: Any, job: Job, out: Path, auth: dict[str, str], par
     job.result["model_version"] = answers["json"].get("model_version")
 
 
-def query(sequences: list[str] | None = None, spacing: tuple[float, float, float] | None = None
-          ) -> dict[str, str]:
-    """The volume endpoint's query parameters for the CLI's options (``sequences=``, ``spacing=``)."""
+def query(sequences: list[str] | None = None, spacing: tuple[float, float, float] | None = None,
+          series: dict[str, str] | None = None) -> dict[str, str]:
+    """The volume endpoint's query parameters for the CLI's options (``sequences=``, ``spacing=``, ``series=``)."""
     params = {"sequences": ",".join(sequences)} if sequences else {}
     if spacing is not None:
         params["spacing"] = ",".join(repr(float(v)) for v in spacing)
+    if series:
+        params["series"] = ",".join(f"{k}={v}" for k, v in series.items())
     return params
+
+
+def is_dicom_job(job: Job) -> bool:
+    """A DICOM study (a folder, a zip, a .dcm): the only input ``series=`` applies to."""
+    return job.kind == DICOM_FOLDER or scan_type(job.source) in (SCAN_TYPES[".zip"], SCAN_TYPES[".dcm"])
 
 
 async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, concurrency: int,
@@ -306,7 +314,8 @@ def _scan_onnx(predictor: Any, job: Job, out: Path, options: dict[str, Any]) -> 
     from core.inference.spacing import scan_spacing
 
     body, _, filename = scan_body(job)
-    volume = load_volume(body, sequences=options.get("sequences"), name=_stem(Path(filename)))
+    volume = load_volume(body, sequences=options.get("sequences"), name=_stem(Path(filename)),
+                         series=options.get("series") if is_dicom_job(job) else None)
     scan_spacing(volume, options.get("spacing"))  # a --spacing that contradicts the header is refused
     result = segment_volume(predictor, volume)
     answer = result_json(result.masks, predictor.version, result.class_names, scan=result)  # the server's JSON
@@ -337,20 +346,22 @@ def _run_onnx(jobs: list[Job], out: Path, model: str, options: dict[str, Any]) -
 
 def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = None, token: str | None = None,
                   concurrency: int = 8, onnx: str | None = None, timeout_s: float = 300.0,
-                  sequences: list[str] | None = None, spacing: tuple[float, float, float] | None = None
-                  ) -> list[dict[str, Any]]:
+                  sequences: list[str] | None = None, spacing: tuple[float, float, float] | None = None,
+                  series: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Segment every input, write outputs and ``summary.json`` under ``out``; returns the summary.
     ``sequences`` names each NIfTI scan's channels (as `core predict --sequences`), ``spacing`` is a slice
-    stack's (slice, row, column) mm (as `core predict --spacing`)."""
+    stack's (slice, row, column) mm (as `core predict --spacing`), ``series`` a DICOM study's series
+    (as `core predict --series`)."""
     if (url is None) == (onnx is None):
         raise ValueError("give exactly one of --url (a gliomaseg server) or --onnx (a local ONNX model)")
     jobs = collect(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if onnx:
-        _run_onnx(jobs, out, onnx, {"sequences": sequences, "spacing": spacing})
+        _run_onnx(jobs, out, onnx, {"sequences": sequences, "spacing": spacing, "series": series})
     else:
-        asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s, query(sequences, spacing)))
+        params = query(sequences, spacing, series)
+        asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s, params))
     summary = [j.result for j in jobs]
     write_json(out / "summary.json", summary)
     return summary
@@ -362,7 +373,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     summary = predict_paths(args.inputs, args.out, url=args.url, token=args.token, concurrency=args.concurrency,
                             onnx=args.onnx, sequences=args.sequences.split(",") if args.sequences else None,
-                            spacing=parse_spacing(args.spacing))
+                            spacing=parse_spacing(args.spacing), series=parse_series(args.series))
     failed = [s for s in summary if "error" in s]
     for s in summary:
         what = s.get("error") or f"{s['slices']} slice(s), {s['tumour_pixels']} tumour px"
@@ -385,5 +396,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", default=None, help="run this ONNX model locally instead of calling a server")
     p.add_argument("--sequences", help="NIfTI scans: each channel's sequence in order, e.g. flair,t1,t1gd,t2 "
                    "('-' skips one), as for `core predict`")
+    p.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM studies: which series is which "
+                   "sequence by SeriesNumber, description or UID (repeatable; a number or UID alone is the FLAIR "
+                   "series), as for `core predict`")
     add_spacing_argument(p)
     p.set_defaults(func=_cmd_predict)

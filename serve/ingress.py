@@ -35,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.preprocessing import single_slice_note
 from core.formats import codecs
+from core.formats.media import check_series
+from core.inference.jobs import parse_series
 from core.inference.results import VolumeResult, notes_header, result_json
 from core.inference.spacing import VoxelSpacing, parse_spacing, scan_spacing, stack_spacing
 from serve import volumes
@@ -325,13 +327,13 @@ class Ingress:
     @api.post("/v1/segment/volume")
     async def segment_volume(self, request: Request, format: str | None = None, overlay: bool = False,
                              sequence: str = "rgb", layers: str = "", sequences: str | None = None,
-                             spacing: str | None = None) -> Response:
+                             spacing: str | None = None, series: str | None = None) -> Response:
         # Everything that can be refused without the body is refused first: auth, format, Accept, type, spacing.
         self._authorise(request)
         wanted = volumes.requested(format, request.headers.get("accept"), overlay)
         shown = volumes.parse_layers(layers)
         volumes.check_sequence(sequence)
-        given = parse_spacing(spacing)
+        given, picked = parse_spacing(spacing), parse_series(series)
         content_type = request.headers.get("content-type", "")
         declared = volumes.declared_kind(content_type)
         if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
@@ -339,6 +341,7 @@ class Ingress:
         data = await self._body(request)
         kind = volumes.body_kind(declared, data)
         fmt = volumes.output_format(wanted, kind, overlay)
+        check_series(kind, picked)
         s = self.settings
         scan = None
         if kind == volumes.SLICES:
@@ -349,7 +352,7 @@ class Ingress:
             scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
                                            s["max_slices"], s["min_size"], s["max_size"],
                                            volumes.sequence_names(sequences),
-                                           volumes.scan_name(request.headers.get("content-disposition")))
+                                           volumes.scan_name(request.headers.get("content-disposition")), picked)
             images = scan.images
         del data
         # One spacing rule (core.inference.spacing): the scan's, or the stack's given or assumed one.

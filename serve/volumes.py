@@ -16,7 +16,8 @@ A scan body may be named (``Content-Disposition: attachment; filename="patient_t
 becomes the answer's file names and, for a 3D NIfTI, says its sequence as a file name does for `core
 predict`; ``sequences=flair,t1,...`` names a NIfTI's channels as ``--sequences`` does. ``spacing=z,y,x`` (mm)
 gives a slice stack its geometry (core.inference.spacing); without it the answer says which it assumed.
-Binary answers carry the JSON answer's ``notes`` in ``X-Notes``.
+Binary answers carry the JSON answer's ``notes`` in ``X-Notes``. ``series=`` (a SeriesNumber or
+SeriesInstanceUID for the FLAIR series, or ``flair=3,pre=1``) picks a DICOM study's series as ``--series`` does.
 """
 
 from __future__ import annotations
@@ -146,11 +147,13 @@ def sequence_names(sequences: str | None) -> list[str] | None:
 
 
 def read_scan(data: bytes, limits: Limits, max_slices: int, min_size: int, max_size: int,
-              sequences: list[str] | None = None, name: str | None = None) -> Volume:
-    """A scan body -> a canonical Volume, within the request limits (VolumeError otherwise)."""
+              sequences: list[str] | None = None, name: str | None = None,
+              series: dict[str, str] | None = None) -> Volume:
+    """A scan body -> a canonical Volume, within the request limits (VolumeError otherwise); ``series`` picks
+    a DICOM study's series (core.inference.jobs.parse_series)."""
     from core.formats.load import load_volume
 
-    volume = load_volume(data, limits=limits, sequences=sequences, name=name)
+    volume = load_volume(data, limits=limits, sequences=sequences, name=name, series=series)
     n, h, w = volume.images.shape[:3]
     if n > max_slices:
         raise codecs.DecodeError(413, "too_large", f"{n} axial slices; at most {max_slices} per request")

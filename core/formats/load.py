@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.formats.cases import is_nifti_name
 from core.formats.dicom import is_dicom_bytes, is_zip_bytes, looks_like_dicom_dir, read_dicom
+from core.formats.media import check_series
 from core.formats.nifti import is_nifti_bytes, read_nifti
 from core.formats.volume import Limits, UnreadableVolume, Volume
 
@@ -72,6 +73,7 @@ def load_volume(
             raise FileNotFoundError(f"{source}: no such file or directory")
         where = "request body" if isinstance(source, bytes) else str(source)
         raise UnreadableVolume(f"{where}: neither NIfTI (.nii, .nii.gz) nor DICOM (a folder, a zip or a .dcm file)")
+    check_series(kind, series)
     if kind == "nifti":
         return read_nifti(source, sequences=sequences, name=name, limits=limits, rescale=rescale)
     return read_dicom(source, series=series, name=name, limits=limits, rescale=rescale)

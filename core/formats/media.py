@@ -56,6 +56,13 @@ class DecodeError(ValueError):
         return {"error": self.error, "detail": self.detail}
 
 
+def check_series(kind: str, series: object) -> None:
+    """``series=`` picks DICOM series: given with a NIfTI or a slice stack it is a 400 ``bad_series``, not ignored."""
+    if series and kind != DICOM:
+        what = "a NIfTI scan (name its channels with sequences=)" if kind == NIFTI else "a slice stack"
+        raise DecodeError(400, "bad_series", f"series= picks a DICOM series; the input is {what}")
+
+
 def base_type(media: str | None) -> str:
     """``Image/TIFF; q=1`` -> ``image/tiff``."""
     return (media or "").split(";", 1)[0].strip().lower()

@@ -25,9 +25,10 @@ invocation's CustomAttributes). Bad requests raise errors the container turns in
 the message.
 
 What Serve takes as query parameters comes as the invocation's CustomAttributes (``spacing=5,0.94,0.94;
-sequences=flair,t1``) or, for an S3 request, as JSON fields (``"spacing": [5, 0.94, 0.94]``): a slice stack's
-spacing in mm (core.inference.spacing; without one the answer says which it assumed, ``spacing_assumed=`` in
-the response's custom attributes), a NIfTI's sequence names. A binary answer's notes (what the JSON answer
+sequences=flair,t1; series=3``) or, for an S3 request, as JSON fields (``"spacing": [5, 0.94, 0.94]``): a slice
+stack's spacing in mm (core.inference.spacing; without one the answer says which it assumed,
+``spacing_assumed=`` in the response's custom attributes), a NIfTI's sequence names, a DICOM study's series
+(a SeriesNumber or SeriesInstanceUID for FLAIR, or ``flair=3,pre=1``). A binary answer's notes (what the JSON answer
 says in ``notes``) come back in the response's custom attributes as ``notes=[...]``.
 """
 
@@ -52,10 +53,12 @@ from gliomaseg_core.formats.media import (
     SCAN_TYPES,
     SLICES,
     TIFF,
+    check_series,
     choose_format,
     preferences,
     refusal,
 )
+from gliomaseg_core.inference.jobs import parse_series
 from gliomaseg_core.inference.predictor import Predictor
 from gliomaseg_core.inference.results import answer_notes, result_json
 from gliomaseg_core.inference.spacing import parse_spacing, scan_spacing, stack_spacing
@@ -99,11 +102,15 @@ class Options:
 
     spacing: tuple[float, float, float] | None = None
     sequences: list[str] | None = None
+    series: dict[str, str] | None = None  # a DICOM study's series (core.inference.jobs.parse_series)
 
     @classmethod
     def parse(cls, values: dict[str, Any]) -> Options:
+        picked = values.get("series")
         try:
             spacing = parse_spacing(values.get("spacing"))
+            series = ({str(k): str(v) for k, v in picked.items()} if isinstance(picked, dict)
+                      else parse_series(None if picked is None else str(picked)))
         except codecs.DecodeError as exc:
             raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
         sequences = values.get("sequences")
@@ -111,7 +118,7 @@ class Options:
             sequences = [n.strip() for n in sequences.split(",")] if sequences.strip() else None
         if sequences is not None and not (isinstance(sequences, list) and all(isinstance(n, str) for n in sequences)):
             raise RequestError(400, f"bad_request: sequences={sequences!r}; give names such as flair,t1,t1gd")
-        return cls(spacing, sequences)
+        return cls(spacing, sequences, series)
 
 
 @dataclass
@@ -163,6 +170,7 @@ def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -
     if _is_scan(media, body):
         scan = _read_scan(body, options=options)
         return Request(scan.images, True, scan=scan, options=options)
+    _check_series(SLICES, options)
     images = _decode(body, content_type.split(";", 1)[0] if content_type else None)
     return Request(images, _volume(params.get("volume"), len(images)), options=options)
 
@@ -306,7 +314,8 @@ def _read_scan(data: bytes, name: str | None = None, options: Options | None = N
 
     limits = replace(Limits(), max_voxels=MAX_VOXELS, max_bytes=min(Limits().max_bytes, 8 * MAX_VOXELS))
     try:
-        scan = load_volume(data, limits=limits, name=name, sequences=(options or Options()).sequences)
+        options = options or Options()
+        scan = load_volume(data, limits=limits, name=name, sequences=options.sequences, series=options.series)
     except codecs.DecodeError as exc:
         raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
     n, h, w = scan.images.shape[:3]
@@ -314,6 +323,13 @@ def _read_scan(data: bytes, name: str | None = None, options: Options | None = N
         raise RequestError(413, f"too_large: {n} axial slices of {h}x{w}; at most {LIMITS['max_pages']} of "
                                 f"{LIMITS['max_size']} a side")
     return scan
+
+
+def _check_series(kind: str, options: Options) -> None:
+    try:
+        check_series(kind, options.series)
+    except codecs.DecodeError as exc:
+        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
 
 
 def _check_scan_output(prediction: Prediction, fmt: str) -> None:
@@ -403,6 +419,7 @@ def _json_request(body: bytes | str) -> Request:
         return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan, options=options)
     if fmt in ("nifti", "dicom-seg"):
         raise RequestError(400, f"bad_request: format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
+    _check_series(SLICES, options)
     ext = posixpath.splitext(key)[1].lower()
     images = _decode(data, declared or codecs.EXTENSIONS.get(ext, ""))
     return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt, options=options)
