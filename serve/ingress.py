@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.preprocessing import single_slice_note
 from core.formats import codecs
-from core.formats.media import check_series
+from core.formats.media import body_kind, check_series, declared_kind, error_answer
 from core.inference.jobs import parse_series
 from core.inference.results import VolumeResult, notes_header, result_json
 from core.inference.spacing import VoxelSpacing, parse_spacing, scan_spacing, stack_spacing
@@ -93,10 +93,15 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.error, exc.detail, exc.headers)
 
 
-@api.exception_handler(codecs.DecodeError)
-async def _decode_error(request: Request, exc: codecs.DecodeError) -> JSONResponse:
+@api.exception_handler(ValueError)
+async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
+    """A refused body or answer (DecodeError), or input the predictor or an encoder refused: core's one mapping
+    (core.formats.media.error_answer), as SageMaker answers it."""
     await drain(request)
-    return _error(exc.status, exc.error, exc.detail)
+    status, body = error_answer(exc)
+    if status >= 500:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(body, status_code=status)
 
 
 @api.exception_handler(RequestValidationError)
@@ -335,11 +340,11 @@ class Ingress:
         volumes.check_sequence(sequence)
         given, picked = parse_spacing(spacing), parse_series(series)
         content_type = request.headers.get("content-type", "")
-        declared = volumes.declared_kind(content_type)
+        declared = declared_kind(content_type)
         if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
             volumes.output_format(wanted, declared, overlay)
         data = await self._body(request)
-        kind = volumes.body_kind(declared, data)
+        kind = body_kind(declared, data)
         fmt = volumes.output_format(wanted, kind, overlay)
         check_series(kind, picked)
         s = self.settings

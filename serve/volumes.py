@@ -29,14 +29,10 @@ import numpy as np
 
 from core.formats import codecs
 from core.formats.media import (
-    DICOM,
     DICOM_MEDIA,
     FORMATS,
-    NIFTI,
     NIFTI_MEDIA,
-    SCAN_TYPES,
     SLICES,
-    base_type,
     choose_format,
     preferences,
 )
@@ -52,41 +48,6 @@ SEQUENCE_VIEWS = ("rgb", "pre", "flair", "post")  # rgb: the three blended, as t
 _FILENAME = re.compile(r"""filename\*?\s*=\s*(?:[\w-]+'[\w-]*')?"?([^";]+)"?""", re.IGNORECASE)
 SCAN_EXTENSIONS = (".nii.gz", ".nii", ".zip", ".dcm", ".gz")
 MASK_ALPHA = 0.45  # as codecs.overlay, so a page compositing the layers shows what overlay=true burns in
-ACCEPTED = ("image/tiff, application/x-npy, image/png (slice stacks); application/gzip or application/x-nifti "
-            "(NIfTI), application/zip or application/dicom+zip (a zipped DICOM study), application/dicom")
-
-
-def declared_kind(content_type: str | None) -> str | None:
-    """NIFTI, DICOM or SLICES from the Content-Type; None when generic (sniff the bytes); 415 otherwise.
-    Called before the body is read, so an unusable type costs no upload."""
-    base = base_type(content_type)
-    if base in SCAN_TYPES:
-        return SCAN_TYPES[base]
-    if base in codecs.MEDIA_ALIASES:
-        return SLICES
-    if base in codecs.SNIFFED:
-        return None
-    raise codecs.DecodeError(415, "unsupported_media_type", f"{base!r} is not supported; send {ACCEPTED}")
-
-
-def body_kind(declared: str | None, data: bytes) -> str:
-    """What the body holds: its bytes decide for a generic or scan type (a .nii.gz sent as
-    application/zip is still NIfTI); a slice type is decoded as declared (codecs checks its bytes)."""
-    from core.formats.load import sniff_volume  # here: nibabel/pydicom load only when a volume comes
-
-    if not data:
-        raise codecs.DecodeError(400, "undecodable", "empty request body")
-    if declared == SLICES:
-        return SLICES
-    sniffed = sniff_volume(data)
-    if sniffed:
-        return sniffed
-    if declared is None and codecs.sniff(data):
-        return SLICES
-    said = "a NIfTI" if declared == NIFTI else "a zipped DICOM study" if declared == DICOM else "an image"
-    raise codecs.DecodeError(400 if declared else 415, "undecodable" if declared else "unsupported_media_type",
-                             f"the body should be {said} but its bytes are none of NIfTI (.nii, .nii.gz), a zip "
-                             f"of DICOM files, DICOM, TIFF, PNG or .npy; send {ACCEPTED}")
 
 
 def offered(overlay: bool) -> tuple[str, ...]:
@@ -151,17 +112,10 @@ def read_scan(data: bytes, limits: Limits, max_slices: int, min_size: int, max_s
               series: dict[str, str] | None = None) -> Volume:
     """A scan body -> a canonical Volume, within the request limits (VolumeError otherwise); ``series`` picks
     a DICOM study's series (core.inference.jobs.parse_series)."""
-    from core.formats.load import load_volume
+    from core.formats.load import check_request_size, load_volume
 
     volume = load_volume(data, limits=limits, sequences=sequences, name=name, series=series)
-    n, h, w = volume.images.shape[:3]
-    if n > max_slices:
-        raise codecs.DecodeError(413, "too_large", f"{n} axial slices; at most {max_slices} per request")
-    if max(h, w) > max_size:
-        raise codecs.DecodeError(413, "too_large", f"axial slices of {h}x{w}; at most {max_size} a side")
-    if min(h, w) < min_size:
-        raise codecs.DecodeError(422, "invalid_input", f"axial slices of {h}x{w}; at least {min_size} a side")
-    return volume
+    return check_request_size(volume, max_slices, min_size, max_size)
 
 
 def answer_headers(body: dict[str, Any], spacing: VoxelSpacing) -> dict[str, str]:

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 from bundle_factory import make_random_bundle, sample_images
-from sagemaker_sim import run_container
+from sagemaker_sim import ATTRIBUTES, run_handlers
 from volume_support import strip_attributes
 
 from core.cli import dispatch
@@ -33,7 +32,6 @@ KAGGLE_TEXT = "5,0.9375,0.9375"
 # 40 mm3: on the Kaggle grid (4.4 mm3 a voxel) the network's small components stay, at FINE (0.25 mm3) they go
 RULES = {"min_volume_mm3": 40.0}
 NPY = codecs.NPY
-ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 
 
 @pytest.fixture(scope="module")
@@ -151,25 +149,6 @@ def test_slice_stack_spacing_over_http(url, images, expected, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- SageMaker
-
-
-def run_handlers(bundle: Path, cases: dict[str, tuple], tmp_path: Path, env: dict[str, str] | None = None
-                 ) -> dict[str, tuple[dict, bytes]]:
-    """The archive's handlers in a fresh process on each (body, content type, accept, headers); name ->
-    (status, content type, response headers; the body)."""
-    from serve.sagemaker.export import build_archive
-
-    archive = build_archive(bundle, tmp_path / "model.tar.gz")
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "opt_ml_model", filter="data")
-    spec = []
-    for name, (body, kind, accept, headers) in cases.items():
-        (tmp_path / name).write_bytes(body)
-        spec.append({"body": str(tmp_path / name), "content_type": kind, "accept": accept, "headers": headers})
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out = run_container(tmp_path / "opt_ml_model", tmp_path / "spec.json", tmp_path, env or {})
-    results = json.loads(out.split("RESULTS", 1)[1])
-    return {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=False)}
 
 
 def test_slice_stack_spacing_through_sagemaker(bundle, images, expected, aws, tmp_path) -> None:
@@ -326,8 +305,8 @@ def test_unnamed_sequences_through_sagemaker(bundle, images, aws, tmp_path) -> N
     for name in ("unnamed", "s3_unnamed"):
         r, out = res[name]
         assert r["status"] == 422, out[:300]
-        error, _, detail = out.decode().split("\n", 1)[0].partition(": ")
-        _unnamed_refused(error, detail)
+        refusal = json.loads(out.decode().split("\n", 1)[0])  # the error JSON Serve answers
+        _unnamed_refused(refusal["error"], refusal["detail"])
     for json_case, binary_case in (("named_json", "named_nifti"), ("dicom_json", "dicom_seg")):
         r, out = res[binary_case]
         assert r["status"] == 200, out[:300]
@@ -467,8 +446,9 @@ def test_choosing_a_series_through_sagemaker(bundle, two_flair, aws, tmp_path) -
         "slices": (codecs.encode_npy(sample_images(3)), NPY, NPY, {ATTRIBUTES: "series=2"}),
     }, tmp_path, aws["env"])
     r, out = res["refused"]
-    assert r["status"] == 422 and out.startswith(b"several_series: "), out[:300]
-    _lists_candidates(out.decode().split("\n", 1)[0], two_flair["uids"])
+    refusal = json.loads(out.decode().split("\n", 1)[0])  # the error JSON Serve answers
+    assert r["status"] == 422 and refusal["error"] == "several_series", out[:300]
+    _lists_candidates(refusal["detail"], two_flair["uids"])
     expected = np.load(io.BytesIO(res["plain"][1]))
     np.testing.assert_array_equal(np.load(io.BytesIO(res["number"][1])), expected)
     written = boto3.client("s3").get_object(Bucket=BUCKET, Key="studies/two_mask.npy")["Body"].read()

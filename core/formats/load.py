@@ -77,3 +77,18 @@ def load_volume(
     if kind == "nifti":
         return read_nifti(source, sequences=sequences, name=name, limits=limits, rescale=rescale)
     return read_dicom(source, series=series, name=name, limits=limits, rescale=rescale)
+
+
+def check_request_size(volume: Volume, max_slices: int, min_size: int, max_size: int) -> Volume:
+    """A scan's canonical slices within a request's limits, the same on Serve and SageMaker: 413 ``too_large``
+    past ``max_slices`` or ``max_size`` a side, 422 ``invalid_input`` under ``min_size``."""
+    from core.formats.media import DecodeError
+
+    n, h, w = volume.images.shape[:3]
+    if n > max_slices:
+        raise DecodeError(413, "too_large", f"{n} axial slices; at most {max_slices} per request")
+    if max(h, w) > max_size:
+        raise DecodeError(413, "too_large", f"axial slices of {h}x{w}; at most {max_size} a side")
+    if min(h, w) < min_size:
+        raise DecodeError(422, "invalid_input", f"axial slices of {h}x{w}; at least {min_size} a side")
+    return volume

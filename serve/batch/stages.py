@@ -19,7 +19,7 @@ import numpy as np
 from core.evaluation.metrics import segmentation_metrics
 from core.formats.decoders import decode, stack_volume
 from core.formats.encoders import encode_tiff, mask_scale
-from core.formats.media import EXTENSIONS, DecodeError
+from core.formats.media import EXTENSIONS, DecodeError, error_answer
 from core.inference.results import result_json
 from core.inference.spacing import scan_spacing, stack_spacing
 from serve.batch import scans
@@ -71,7 +71,7 @@ def _read_scan(job: dict[str, Any], src: Store, options: dict[str, Any]) -> dict
         meta.update(geometry=scans.pack(volume), spacing=[float(v) for v in volume.spacing])
     except Exception as exc:  # VolumeError names the problem; S3 and OS errors name the file
         named = scans.named_files(job, src)
-        meta.update(error=f"{', '.join(named)}: {exc}", bad_files=named)
+        meta.update(error=f"{', '.join(named)}: {exc}", bad_files=named, error_code=error_answer(exc)[1]["error"])
         return _empty(meta)
     return {"meta": json.dumps(meta), "images": volume.images, "truth": np.zeros((0, 1, 1), np.uint8)}
 
@@ -150,7 +150,7 @@ class Segmenter:
                                 review=None if review is None else bool(review))
                 except Exception as exc:  # one bad volume (e.g. out of memory) must not end the cohort
                     meta.update(error=f"{meta['patient']}: prediction failed ({type(exc).__name__}: {exc})",
-                                has_truth=False)
+                                has_truth=False, error_code=error_answer(exc)[1]["error"])
                 meta.update(predict_s=time.perf_counter() - t0, node=self.node)
             metas.append(json.dumps(meta))
             masks.append(mask)
@@ -174,8 +174,9 @@ def write_patient(row: dict[str, Any], out: Store, class_names: list[str], model
     meta = json.loads(row["meta"])
     record: dict[str, Any] = {k: meta[k] for k in ("patient", "name", "id")}
     if meta["error"]:
+        # error_code: core's one mapping (core.formats.media.error_answer), the code Serve and SageMaker answer
         return {"record": json.dumps({**record, "status": "failed", "error": meta["error"],
-                                      "files": meta.get("bad_files", [])})}
+                                      "error_code": meta.get("error_code"), "files": meta.get("bad_files", [])})}
     try:
         masks = np.asarray(row["masks"])
         area = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)

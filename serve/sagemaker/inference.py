@@ -21,8 +21,9 @@ DICOM input only). A scan's NPY/TIFF masks are in the model's slice order: axial
 inferior. A 3D NIfTI body is FLAIR; an S3 object's file name may say its sequence, as for `core predict`
 (``patient_t1.nii.gz`` is a 422). One slice of a per-patient bundle is answered (200) with a note:
 ``preprocessing_note`` in JSON, and for every answer the ``X-Amzn-SageMaker-Custom-Attributes`` header (the
-invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses carrying
-the message.
+invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses whose message
+(the body's first line) is the error JSON Serve answers, ``{"error", "detail"}``, with the status of core's one
+mapping (core.formats.media.error_answer); an unexpected failure is a 500 whose text stays in the log.
 
 What Serve takes as query parameters comes as the invocation's CustomAttributes (``spacing=5,0.94,0.94;
 sequences=flair,t1; series=3``) or, for an S3 request, as JSON fields (``"spacing": [5, 0.94, 0.94]``): a slice
@@ -53,8 +54,11 @@ from gliomaseg_core.formats.media import (
     SCAN_TYPES,
     SLICES,
     TIFF,
+    body_kind,
     check_series,
     choose_format,
+    declared_kind,
+    error_answer,
     preferences,
     refusal,
 )
@@ -77,6 +81,20 @@ except ImportError:  # outside the container: same shape, so callers can read .s
 
 log = logging.getLogger("gliomaseg.sagemaker")
 
+
+def _refusal(status: int, error: str, detail: str) -> RequestError:
+    """An error the toolkit answers with ``status``: its message (the body's first line) is the error JSON
+    Serve answers, ``{"error", "detail"}``."""
+    return RequestError(status, json.dumps({"error": error, "detail": detail}), error)
+
+
+def _refuse(exc: BaseException) -> RequestError:
+    """Any exception as core's one status and error JSON (core.formats.media.error_answer), as Serve maps it."""
+    status, body = error_answer(exc)
+    if status >= 500:
+        log.error("internal error: %s", type(exc).__name__, exc_info=exc)
+    return _refusal(status, body["error"], body["detail"])
+
 # What this endpoint answers with, in the order a wildcard picks from (``image/*``: PNG before TIFF).
 OFFERED = ("json", "npy", "png", "tiff", "nifti", "dicom-seg")
 SCOPE_HEADER = "X-Amzn-SageMaker-Custom-Attributes"  # the one response header SageMaker hands the caller
@@ -86,6 +104,7 @@ LIMITS = {
     "max_pages": int(os.environ.get("GLIOMASEG_MAX_PAGES", codecs.DEFAULT_MAX_PAGES)),
     "max_size": int(os.environ.get("GLIOMASEG_MAX_SIZE", 1024)),
 }
+MIN_SIZE = 32  # pixels a side, as Serve's min_size and the slice decoders' default
 # S3 objects are not bound by the 6 MB invocation limit, but the instance's memory still is.
 MAX_S3_BYTES = int(os.environ.get("GLIOMASEG_MAX_S3_BYTES", 512 << 20))
 # A scan: three sequences of the slice pixel limit, checked from its headers before decompressing.
@@ -112,12 +131,12 @@ class Options:
             series = ({str(k): str(v) for k, v in picked.items()} if isinstance(picked, dict)
                       else parse_series(None if picked is None else str(picked)))
         except codecs.DecodeError as exc:
-            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+            raise _refuse(exc) from exc
         sequences = values.get("sequences")
         if isinstance(sequences, str):
             sequences = [n.strip() for n in sequences.split(",")] if sequences.strip() else None
         if sequences is not None and not (isinstance(sequences, list) and all(isinstance(n, str) for n in sequences)):
-            raise RequestError(400, f"bad_request: sequences={sequences!r}; give names such as flair,t1,t1gd")
+            raise _refusal(400, "bad_request", f"sequences={sequences!r}; give names such as flair,t1,t1gd")
         return cls(spacing, sequences, series)
 
 
@@ -167,7 +186,11 @@ def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -
     if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
         body = body.encode("utf-8")
     body = bytes(body)
-    if _is_scan(media, body):
+    try:  # what the body is, by the rule of Serve's volume endpoint (core.formats.media)
+        kind = body_kind(declared_kind(media), body)
+    except codecs.DecodeError as exc:
+        raise _refuse(exc) from None
+    if kind != SLICES:
         scan = _read_scan(body, options=options)
         return Request(scan.images, True, scan=scan, options=options)
     _check_series(SLICES, options)
@@ -199,18 +222,16 @@ def predict_fn(data: Request, model: Predictor) -> Prediction:
         try:
             spacing = scan_spacing(data.scan, given)
             result = segment_volume(model, data.scan)
-        except codecs.DecodeError as exc:
-            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
-        except ValueError as exc:
-            raise RequestError(422, f"invalid_input: {exc}") from exc
+        except Exception as exc:  # core's one mapping: a refusal's status, or a 500 without its text
+            raise _refuse(exc) from None
         return Prediction(result.masks, data, model.version, result.class_names, result=result,
                           model_name=str(model.config.get("name") or "gliomaseg"), spacing=spacing)
     spacing = stack_spacing(given)
     try:  # several slices as one patient give the volume answer (with its quality), as a scan does
         answer = model.segment(data.images, spacing=spacing.mm) if data.volume else None
         masks = answer.masks if answer is not None else model.predict(data.images, spacing=given)
-    except ValueError as exc:  # input the predictor refuses (shape/dtype): the client's to fix
-        raise RequestError(422, f"invalid_input: {exc}") from exc
+    except Exception as exc:  # input the predictor refuses (422), or a 500 without its text
+        raise _refuse(exc) from None
     names = list(model.config.get("class_names", []))
     note = None if data.volume else single_slice_note(model.config, "send all the patient's slices in one body")
     return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note, answer=answer,
@@ -227,7 +248,7 @@ def output_fn(prediction: Prediction, accept: str | None, context: Any = None) -
         fmt = choose_format(preferences(accept or JSON, OFFERED), prediction.kind, "json", OFFERED,
                             len(prediction.masks))
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+        raise _refuse(exc) from exc
     _set_attributes(context, response_attributes(prediction, binary=fmt != "json"))
     if fmt == "json":
         return json.dumps(_summary(prediction, rle=True)).encode(), JSON
@@ -283,14 +304,14 @@ def _volume(flag: Any, n: int) -> bool:
         return n > 1
     if str(flag).lower() in ("false", "0", "no"):
         return False
-    raise RequestError(400, f"bad_request: volume={flag!r}; use true or false")
+    raise _refusal(400, "bad_request", f"volume={flag!r}; use true or false")
 
 
 def _decode(data: bytes, content_type: str | None) -> np.ndarray:
     try:
         return codecs.decode(data, content_type, volume=True, **LIMITS)
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+        raise _refuse(exc) from exc
 
 
 def _is_scan(media: str, body: bytes) -> bool:
@@ -309,7 +330,7 @@ def _read_scan(data: bytes, name: str | None = None, options: Options | None = N
     ``name`` (an S3 key's file name) may say a 3D NIfTI's sequence, as a file name does for `core predict`."""
     from dataclasses import replace
 
-    from gliomaseg_core.formats.load import load_volume
+    from gliomaseg_core.formats.load import check_request_size, load_volume
     from gliomaseg_core.formats.volume import Limits
 
     limits = replace(Limits(), max_voxels=MAX_VOXELS, max_bytes=min(Limits().max_bytes, 8 * MAX_VOXELS))
@@ -317,26 +338,25 @@ def _read_scan(data: bytes, name: str | None = None, options: Options | None = N
         options = options or Options()
         scan = load_volume(data, limits=limits, name=name, sequences=options.sequences, series=options.series)
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
-    n, h, w = scan.images.shape[:3]
-    if n > LIMITS["max_pages"] or max(h, w) > LIMITS["max_size"]:
-        raise RequestError(413, f"too_large: {n} axial slices of {h}x{w}; at most {LIMITS['max_pages']} of "
-                                f"{LIMITS['max_size']} a side")
-    return scan
+        raise _refuse(exc) from exc
+    try:  # the request limits Serve applies, by the same rule
+        return check_request_size(scan, LIMITS["max_pages"], MIN_SIZE, LIMITS["max_size"])
+    except codecs.DecodeError as exc:
+        raise _refuse(exc) from None
 
 
 def _check_series(kind: str, options: Options) -> None:
     try:
         check_series(kind, options.series)
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+        raise _refuse(exc) from exc
 
 
 def _check_scan_output(prediction: Prediction, fmt: str) -> None:
     """406 for a NIfTI of slices (no geometry) or a SEG of anything but DICOM (nothing to reference)."""
     why = refusal(fmt, prediction.kind)
     if why:
-        raise RequestError(406, f"not_acceptable: {why}")
+        raise _refusal(406, "not_acceptable", f"{why}")
 
 
 def _encode(prediction: Prediction, media: str) -> bytes:
@@ -349,7 +369,7 @@ def _encode(prediction: Prediction, media: str) -> bytes:
         try:
             return prediction.result.seg_bytes(prediction.model_name, prediction.model_version)
         except codecs.DecodeError as exc:
-            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+            raise _refuse(exc) from exc
     if media == NPY:
         return codecs.encode_npy(masks)
     if media == TIFF:
@@ -369,7 +389,7 @@ def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
 
 def _split_s3(uri: Any, what: str) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri.startswith("s3://") or "/" not in uri[5:] or uri.startswith("s3:///"):
-        raise RequestError(400, f"bad_request: {what} must be an s3://bucket/key string, got {uri!r}")
+        raise _refusal(400, "bad_request", f"{what} must be an s3://bucket/key string, got {uri!r}")
     bucket, _, key = uri[5:].partition("/")
     return bucket, key
 
@@ -377,33 +397,33 @@ def _split_s3(uri: Any, what: str) -> tuple[str, str]:
 def _s3_error(exc: Exception, uri: str) -> RequestError:
     code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
     if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
-        return RequestError(404, f"not_found: {uri}")
+        return _refusal(404, "not_found", f"{uri}")
     if code in ("AccessDenied", "403", "Forbidden"):
-        return RequestError(403, f"forbidden: the endpoint's role may not access {uri}")
-    return RequestError(400, f"s3_error: {uri}: {exc}")
+        return _refusal(403, "forbidden", f"the endpoint's role may not access {uri}")
+    return _refusal(400, "s3_error", f"{uri}: {exc}")
 
 
 def _json_request(body: bytes | str) -> Request:
     try:
         spec = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"bad_request: body is not valid JSON ({exc})") from exc
+        raise _refusal(400, "bad_request", f"body is not valid JSON ({exc})") from exc
     if not isinstance(spec, dict) or "s3_uri" not in spec:
-        raise RequestError(400, 'bad_request: JSON requests look like {"s3_uri": "s3://bucket/key", '
-                                '"output_prefix": "s3://bucket/prefix/"}')
+        raise _refusal(400, "bad_request", 'JSON requests look like {"s3_uri": "s3://bucket/key", '
+                       '"output_prefix": "s3://bucket/prefix/"}')
     uri = spec["s3_uri"]
     bucket, key = _split_s3(uri, "s3_uri")
     out = spec.get("output_prefix") or f"s3://{bucket}/{posixpath.dirname(key)}"
     _split_s3(out.rstrip("/") + "/x", "output_prefix")
     fmt = spec.get("format")
     if fmt not in (None, *S3_FORMATS):
-        raise RequestError(400, f"bad_request: format {fmt!r}; use {', '.join(S3_FORMATS)}")
+        raise _refusal(400, "bad_request", f"format {fmt!r}; use {', '.join(S3_FORMATS)}")
     options = Options.parse(spec)
     client = s3_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
         if int(head.get("ContentLength", 0)) > MAX_S3_BYTES:
-            raise RequestError(413, f"too_large: {uri} is {head['ContentLength']} bytes; at most {MAX_S3_BYTES}")
+            raise _refusal(413, "too_large", f"{uri} is {head['ContentLength']} bytes; at most {MAX_S3_BYTES}")
         data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except RequestError:
         raise
@@ -415,10 +435,10 @@ def _json_request(body: bytes | str) -> Request:
         scan = _read_scan(data, next((base[: -len(e)] for e in SCAN_SUFFIXES[::-1] if base.lower().endswith(e)),
                                      posixpath.splitext(base)[0]), options)
         if fmt not in (None, "nifti", "dicom-seg", "npy", "tiff"):
-            raise RequestError(400, f"bad_request: format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
+            raise _refusal(400, "bad_request", f"format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
         return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan, options=options)
     if fmt in ("nifti", "dicom-seg"):
-        raise RequestError(400, f"bad_request: format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
+        raise _refusal(400, "bad_request", f"format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
     _check_series(SLICES, options)
     ext = posixpath.splitext(key)[1].lower()
     images = _decode(data, declared or codecs.EXTENSIONS.get(ext, ""))
@@ -429,7 +449,7 @@ def _write_s3(prediction: Prediction) -> bytes:
     req, masks = prediction.request, prediction.masks
     fmt = req.output_format or ("png" if len(masks) == 1 else "tiff")
     if fmt == "png" and len(masks) != 1:
-        raise RequestError(400, f"bad_request: format png holds one slice, the input had {len(masks)}")
+        raise _refusal(400, "bad_request", f"format png holds one slice, the input had {len(masks)}")
     ctype = FORMAT_MEDIA[fmt]
     _check_scan_output(prediction, fmt)
     data = _encode(prediction, ctype)
