@@ -14,6 +14,7 @@ import tifffile
 from bundle_factory import make_random_bundle, sample_images
 from PIL import Image
 from sagemaker_sim import BUCKET, run_container
+from scan_support import KAGGLE, KAGGLE_TEXT
 
 from core.formats import codecs
 from core.inference.predictor import Predictor
@@ -175,17 +176,7 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     import highdicom as hd
     import nibabel as nib
     import pydicom
-    from scan_support import (
-        KAGGLE,
-        KAGGLE_TEXT,
-        bad_bodies,
-        dicom_study,
-        flair_headers,
-        nifti_scan,
-        read_nifti_bytes,
-        voxel_ml,
-        zip_folder,
-    )
+    from scan_support import bad_bodies, dicom_study, flair_headers, nifti_scan, read_nifti_bytes, voxel_ml, zip_folder
     from volume_support import reorient, write_nifti
 
     from core.formats.load import load_volume
