@@ -348,6 +348,7 @@ def test_unnamed_sequences_in_serve_batch(ray_session, bundle, images, tmp_path)
                                      workers=1, batch_size=8, progress=False))
     assert [f["patient"] for f in summary["failed"]] == ["case"]
     assert "unnamed_sequences" in summary["failed"][0]["error"]
+    assert summary["failed"][0]["error_code"] == "unnamed_sequences"  # the code Serve and SageMaker answer
 
 
 # ----------------------------------------------------------------------------------- choosing a series (item 5)
@@ -483,6 +484,7 @@ def test_choosing_a_series_in_serve_batch(ray_session, bundle, two_flair, tmp_pa
         summary = run_batch(BatchOptions(bundle=str(bundle), src=str(tmp_path / "cohort"), out=str(tmp_path / name),
                                          workers=1, batch_size=8, progress=False, series=series))
         if series is None:
-            assert "several_series" in summary["failed"][0]["error"] and "SAG 3D FLAIR" in summary["failed"][0]["error"]
+            failed = summary["failed"][0]
+            assert failed["error_code"] == "several_series" and "SAG 3D FLAIR" in failed["error"]
         else:
             assert summary["segmented"] == ["study"], summary

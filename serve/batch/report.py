@@ -60,7 +60,8 @@ def summary(records: list[dict[str, Any]], settings: dict[str, Any], config: dic
         "src": settings["src"], "out": settings["out"], "patients": len(records), "written": len(written),
         "segmented": [r["patient"] for r in segmented],
         "skipped": [r["patient"] for r in records if r["status"] == "skipped"],
-        "failed": [{"patient": r["patient"], "files": r.get("files", []), "error": r["error"]} for r in failed],
+        "failed": [{"patient": r["patient"], "files": r.get("files", []), "error": r["error"],
+                    "error_code": r.get("error_code")} for r in failed],  # the code Serve and SageMaker answer
         "unreadable": [f for r in failed for f in r.get("files", [])],
         "slices": sum(r["slices"] for r in written), "tumour_slices": sum(r["tumour_slices"] for r in written),
         "tumour_voxels": sum(r["tumour_voxels"] for r in written),
