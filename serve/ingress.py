@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.preprocessing import single_slice_note
 from core.formats import codecs
-from core.formats.media import body_kind, check_series, declared_kind, error_answer
+from core.formats.media import check_series, declared_kind, error_answer
 from core.inference.jobs import parse_series
 from core.inference.results import VolumeResult, notes_header, result_json
 from core.inference.spacing import VoxelSpacing, parse_spacing, scan_spacing, stack_spacing
@@ -344,7 +344,7 @@ class Ingress:
         if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
             volumes.output_format(wanted, declared, overlay)
         data = await self._body(request)
-        kind = body_kind(declared, data)
+        kind = volumes.body_kind(declared, data)
         fmt = volumes.output_format(wanted, kind, overlay)
         check_series(kind, picked)
         s = self.settings

@@ -50,6 +50,13 @@ SCAN_EXTENSIONS = (".nii.gz", ".nii", ".zip", ".dcm", ".gz")
 MASK_ALPHA = 0.45  # as codecs.overlay, so a page compositing the layers shows what overlay=true burns in
 
 
+def body_kind(declared: str | None, data: bytes) -> str:
+    """core.formats.load.body_kind, imported here when a body comes (nibabel and pydicom load with it)."""
+    from core.formats.load import body_kind as kind_of
+
+    return kind_of(declared, data)
+
+
 def offered(overlay: bool) -> tuple[str, ...]:
     return (*VOLUME_FORMATS, "png") if overlay else VOLUME_FORMATS
 

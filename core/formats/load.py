@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.formats.cases import is_nifti_name
 from core.formats.dicom import is_dicom_bytes, is_zip_bytes, looks_like_dicom_dir, read_dicom
-from core.formats.media import check_series
+from core.formats.media import ACCEPTED, DICOM, NIFTI, SLICES, DecodeError, check_series, sniff
 from core.formats.nifti import is_nifti_bytes, read_nifti
 from core.formats.volume import Limits, UnreadableVolume, Volume
 
@@ -92,3 +92,23 @@ def check_request_size(volume: Volume, max_slices: int, min_size: int, max_size:
     if min(h, w) < min_size:
         raise DecodeError(422, "invalid_input", f"axial slices of {h}x{w}; at least {min_size} a side")
     return volume
+
+
+def body_kind(declared: str | None, data: bytes) -> str:
+    """What a request body holds (SLICES, NIFTI or DICOM; ``declared`` from core.formats.media.declared_kind),
+    the same for Serve's volume endpoint and the SageMaker handlers: its bytes decide for a generic or scan
+    type (a .nii.gz sent as application/zip is still NIfTI); a slice type is decoded as declared (codecs
+    checks its bytes). An empty body is a 400, a body that is nothing known a 400 or 415."""
+    if not data:
+        raise DecodeError(400, "undecodable", "empty request body")
+    if declared == SLICES:
+        return SLICES
+    sniffed = sniff_volume(data)
+    if sniffed:
+        return sniffed
+    if declared is None and sniff(data):
+        return SLICES
+    said = "a NIfTI" if declared == NIFTI else "a zipped DICOM study" if declared == DICOM else "an image"
+    raise DecodeError(400 if declared else 415, "undecodable" if declared else "unsupported_media_type",
+                      f"the body should be {said} but its bytes are none of NIfTI (.nii, .nii.gz), a zip "
+                      f"of DICOM files, DICOM, TIFF, PNG or .npy; send {ACCEPTED}")

@@ -10,8 +10,7 @@
 - ``DecodeError``: every refusal of a body or an answer, with its HTTP status, error code and detail;
   ``error_answer``: the one status and error JSON of any exception, for every path.
 
-Standard library only (the SageMaker archive vendors it); ``body_kind`` imports core.formats.load's sniffer
-when it runs.
+Standard library only (the SageMaker archive vendors it).
 """
 
 from __future__ import annotations
@@ -101,26 +100,6 @@ def declared_kind(content_type: str | None) -> str | None:
     if base in SNIFFED:
         return None
     raise DecodeError(415, "unsupported_media_type", f"{base!r} is not supported; send {ACCEPTED}")
-
-
-def body_kind(declared: str | None, data: bytes) -> str:
-    """What the body holds: its bytes decide for a generic or scan type (a .nii.gz sent as
-    application/zip is still NIfTI); a slice type is decoded as declared (codecs checks its bytes)."""
-    from core.formats.load import sniff_volume  # here: nibabel/pydicom load only when a scan may come
-
-    if not data:
-        raise DecodeError(400, "undecodable", "empty request body")
-    if declared == SLICES:
-        return SLICES
-    sniffed = sniff_volume(data)
-    if sniffed:
-        return sniffed
-    if declared is None and sniff(data):
-        return SLICES
-    said = "a NIfTI" if declared == NIFTI else "a zipped DICOM study" if declared == DICOM else "an image"
-    raise DecodeError(400 if declared else 415, "undecodable" if declared else "unsupported_media_type",
-                             f"the body should be {said} but its bytes are none of NIfTI (.nii, .nii.gz), a zip "
-                             f"of DICOM files, DICOM, TIFF, PNG or .npy; send {ACCEPTED}")
 
 
 def base_type(media: str | None) -> str:

@@ -54,7 +54,6 @@ from gliomaseg_core.formats.media import (
     SCAN_TYPES,
     SLICES,
     TIFF,
-    body_kind,
     check_series,
     choose_format,
     declared_kind,
@@ -186,7 +185,9 @@ def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -
     if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
         body = body.encode("utf-8")
     body = bytes(body)
-    try:  # what the body is, by the rule of Serve's volume endpoint (core.formats.media)
+    from gliomaseg_core.formats.load import body_kind  # nibabel and pydicom load when a body comes
+
+    try:  # what the body is, by the rule of Serve's volume endpoint (core.formats.load)
         kind = body_kind(declared_kind(media), body)
     except codecs.DecodeError as exc:
         raise _refuse(exc) from None
