@@ -95,7 +95,7 @@ def check_request_size(volume: Volume, max_slices: int, min_size: int, max_size:
 
 
 def body_kind(declared: str | None, data: bytes) -> str:
-    """What a request body holds (SLICES, NIFTI or DICOM; ``declared`` from core.formats.media.declared_kind),
+    """What a request body holds (SLICES, NIFTI or DICOM; ``declared``: what core.formats.media.declared_kind said),
     the same for Serve's volume endpoint and the SageMaker handlers: its bytes decide for a generic or scan
     type (a .nii.gz sent as application/zip is still NIfTI); a slice type is decoded as declared (codecs
     checks its bytes). An empty body is a 400, a body that is nothing known a 400 or 415."""
