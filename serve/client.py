@@ -9,7 +9,9 @@ Folders are searched recursively (``kaggle_3m/`` gives one volume per patient).
 A scan goes to ``/v1/segment/volume`` as it is: a NIfTI file (``.nii``, ``.nii.gz``), a zipped DICOM
 study (``.zip``), one DICOM file (``.dcm``), or a folder of DICOM files (a study, its series in subfolders
 or not), zipped on the fly. Its file name travels in Content-Disposition (for a 3D NIfTI it may say the
-sequence, as for `core predict`), ``--sequences`` names a NIfTI's channels.
+sequence, as for `core predict`), ``--sequences`` names a NIfTI's channels; ``--spacing z,y,x`` (mm) gives
+slice stacks their geometry (core.inference.spacing), and a volume's ``NAME.json`` says the spacing used, the
+volume in mL where it is known, and the answer's notes.
 
 Outputs under ``--out`` (names sanitised, never outside it): per slice ``NAME_mask.png`` and
 ``NAME_overlay.png``; per volume ``NAME_masks.tif`` (one page per slice), ``NAME_overlay.png``
@@ -35,6 +37,7 @@ import numpy as np
 
 from core.formats import codecs
 from core.formats.cases import slice_order
+from core.inference.jobs import add_spacing_argument, parse_series
 from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}
@@ -163,11 +166,13 @@ def load(job: Job) -> tuple[bytes, str, np.ndarray, bool]:
 
 
 def write_outputs(out: Path, job: Job, images: np.ndarray, masks: np.ndarray, volume: bool,
-                  scale: int) -> dict[str, Any]:
-    """Write masks (foreground x ``scale``: the model's, so every job of a run looks alike) and overlays."""
+                  scale: int, said: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write masks (foreground x ``scale``: the model's, so every job of a run looks alike) and overlays; a
+    volume's ``NAME.json`` carries what its answer said beside the masks (``said``: ``volume_headers``)."""
     masks = np.asarray(masks, dtype=np.uint8).reshape(len(images), *images.shape[1:3])
     areas = [int(np.count_nonzero(m)) for m in masks]
     written: list[str] = []
+    said = said or {}
 
     def put(suffix: str, data: bytes) -> None:
         atomic_write_bytes(_inside(out, job.name + suffix), data)
@@ -177,12 +182,32 @@ def write_outputs(out: Path, job: Job, images: np.ndarray, masks: np.ndarray, vo
         put("_masks.tif", codecs.encode_tiff(masks, scale))
         put("_overlay.png", codecs.encode_animation(images, masks))
         put(".json", json.dumps({"source": str(job.source), "slices": len(masks), "tumour_pixels": sum(areas),
-                                 "slice_tumour_pixels": areas}, indent=1).encode())
+                                 "slice_tumour_pixels": areas, **said}, indent=1).encode())
     else:
         put("_mask.png", codecs.encode_mask_png(masks[0], scale))
         put("_overlay.png", codecs.encode_overlay_png(images[0], masks[0]))
     return {"input": str(job.source), "name": job.name, "volume": volume, "slices": len(masks),
-            "tumour_pixels": sum(areas), "outputs": written}
+            "tumour_pixels": sum(areas), "volume_ml": said.get("volume_ml"), "notes": said.get("notes", []),
+            "outputs": written}
+
+
+def volume_headers(headers: Any) -> dict[str, Any]:
+    """What a volume's binary answer says in its headers: the spacing used, the mL where it is known, notes."""
+    ml = headers.get("X-Tumour-Volume-mL")
+    spacing = headers.get("X-Spacing-mm")
+    return {"volume_ml": float(ml) if ml is not None else None,
+            "spacing_mm": [float(v) for v in spacing.split(",")] if spacing else None,
+            "spacing_assumed": "X-Spacing-Assumed" in headers, "notes": json.loads(headers.get("X-Notes", "[]"))}
+
+
+def local_volume_said(masks: np.ndarray, spacing: tuple[float, float, float] | None) -> dict[str, Any]:
+    """``volume_headers`` of a volume segmented here (--onnx), by the server's rule (core.inference.spacing)."""
+    from core.inference.spacing import stack_spacing
+
+    used = stack_spacing(spacing)
+    note = used.note()
+    return {"volume_ml": float(np.count_nonzero(masks)) * used.voxel_ml if used.known else None,
+            "spacing_mm": list(used.mm), "spacing_assumed": not used.known, "notes": [note] if note else []}
 
 
 def write_scan_outputs(out: Path, job: Job, answer: dict[str, Any], mask: bytes, seg: bytes | None
@@ -208,11 +233,11 @@ def _error_of(r: Any) -> RuntimeError:
     return RuntimeError(f"HTTP {r.status_code} {err.get('error')}: {err.get('detail')}")
 
 
-async def _scan_http(client: Any, job: Job, out: Path, auth: dict[str, str], sequences: list[str] | None) -> None:
+async def _scan_http(client: Any, job: Job, out: Path, auth: dict[str, str], params: dict[str, str]) -> None:
     """A scan as it is: its JSON answer, then its NIfTI mask, then (DICOM) its SEG; one request each."""
     body, ctype, filename = await asyncio.to_thread(scan_body, job)
     headers = {**auth, "Content-Type": ctype, "Content-Disposition": f'attachment; filename="{filename}"'}
-    params = {"sequences": ",".join(sequences)} if sequences else {}
+    params = {k: v for k, v in params.items() if k != "series" or is_dicom_job(job)}  # --series: DICOM only
     answers: dict[str, Any] = {}
     for fmt in ("json", "nifti", "dicom-seg"):
         if fmt == "dicom-seg" and answers["json"].get("input") != "dicom":
@@ -228,8 +253,24 @@ async def _scan_http(client: Any, job: Job, out: Path, auth: dict[str, str], seq
     job.result["model_version"] = answers["json"].get("model_version")
 
 
+def query(sequences: list[str] | None = None, spacing: tuple[float, float, float] | None = None,
+          series: dict[str, str] | None = None) -> dict[str, str]:
+    """The volume endpoint's query parameters for the CLI's options (``sequences=``, ``spacing=``, ``series=``)."""
+    params = {"sequences": ",".join(sequences)} if sequences else {}
+    if spacing is not None:
+        params["spacing"] = ",".join(repr(float(v)) for v in spacing)
+    if series:
+        params["series"] = ",".join(f"{k}={v}" for k, v in series.items())
+    return params
+
+
+def is_dicom_job(job: Job) -> bool:
+    """A DICOM study (a folder, a zip, a .dcm): the only input ``series=`` applies to."""
+    return job.kind == DICOM_FOLDER or scan_type(job.source) in (SCAN_TYPES[".zip"], SCAN_TYPES[".dcm"])
+
+
 async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, concurrency: int,
-                    timeout_s: float, sequences: list[str] | None = None) -> None:
+                    timeout_s: float, params: dict[str, str]) -> None:
     import httpx
 
     limit = asyncio.Semaphore(concurrency)
@@ -247,16 +288,18 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
             async with limit:
                 try:
                     if job.kind != SLICES:
-                        await _scan_http(client, job, out, auth, sequences)
+                        await _scan_http(client, job, out, auth, params)
                         return
                     body, kind, images, volume = await asyncio.to_thread(load, job)
                     path = "/v1/segment/volume" if volume else "/v1/segment"
-                    r = await client.post(path, params={"format": "npy"}, content=body,
+                    extra = {k: v for k, v in params.items() if k == "spacing"} if volume else {}
+                    r = await client.post(path, params={"format": "npy", **extra}, content=body,
                                           headers={**auth, "Content-Type": kind})
                     if r.status_code != 200:
                         raise _error_of(r)
                     masks = np.load(io.BytesIO(r.content), allow_pickle=False)
-                    job.result = await asyncio.to_thread(write_outputs, out, job, images, masks, volume, scale)
+                    said = volume_headers(r.headers) if volume else None
+                    job.result = await asyncio.to_thread(write_outputs, out, job, images, masks, volume, scale, said)
                     job.result["model_version"] = r.headers.get("X-Model-Version")
                 except (codecs.DecodeError, ValueError, RuntimeError, OSError, httpx.HTTPError) as exc:
                     job.result = {"input": str(job.source), "name": job.name, "error": f"{type(exc).__name__}: {exc}"}
@@ -264,13 +307,16 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
         await asyncio.gather(*(one(j) for j in jobs))
 
 
-def _scan_onnx(predictor: Any, job: Job, out: Path, sequences: list[str] | None) -> dict[str, Any]:
+def _scan_onnx(predictor: Any, job: Job, out: Path, options: dict[str, Any]) -> dict[str, Any]:
     """A scan read and segmented here as the server would (core.formats, core.inference.results)."""
     from core.formats.load import load_volume
     from core.inference.results import result_json, segment_volume
+    from core.inference.spacing import scan_spacing
 
     body, _, filename = scan_body(job)
-    volume = load_volume(body, sequences=sequences, name=_stem(Path(filename)))
+    volume = load_volume(body, sequences=options.get("sequences"), name=_stem(Path(filename)),
+                         series=options.get("series") if is_dicom_job(job) else None)
+    scan_spacing(volume, options.get("spacing"))  # a --spacing that contradicts the header is refused
     result = segment_volume(predictor, volume)
     answer = result_json(result.masks, predictor.version, result.class_names, scan=result)  # the server's JSON
     name = str(predictor.config.get("name") or "gliomaseg")
@@ -278,37 +324,44 @@ def _scan_onnx(predictor: Any, job: Job, out: Path, sequences: list[str] | None)
     return write_scan_outputs(out, job, answer, result.nifti_bytes(), seg)
 
 
-def _run_onnx(jobs: list[Job], out: Path, model: str, sequences: list[str] | None = None) -> None:
+def _run_onnx(jobs: list[Job], out: Path, model: str, options: dict[str, Any]) -> None:
+    from core.inference.spacing import stack_spacing
     from serve.edge import OnnxPredictor  # optional path: onnxruntime loads only when asked for
 
     predictor = OnnxPredictor(model)
     scale = codecs.mask_scale(predictor.config["class_names"])
+    spacing = options.get("spacing")
     for job in jobs:
         try:
             if job.kind != SLICES:
-                job.result = _scan_onnx(predictor, job, out, sequences)
+                job.result = _scan_onnx(predictor, job, out, options)
                 continue
             _, _, images, volume = load(job)
-            masks = predictor.predict(images, volume=volume)
-            job.result = write_outputs(out, job, images, masks, volume, scale)
+            masks = predictor.predict(images, volume=volume, spacing=stack_spacing(spacing).mm if volume else None)
+            said = local_volume_said(np.asarray(masks), spacing) if volume else None
+            job.result = write_outputs(out, job, images, masks, volume, scale, said)
         except (codecs.DecodeError, ValueError, OSError) as exc:
             job.result = {"input": str(job.source), "name": job.name, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = None, token: str | None = None,
                   concurrency: int = 8, onnx: str | None = None, timeout_s: float = 300.0,
-                  sequences: list[str] | None = None) -> list[dict[str, Any]]:
+                  sequences: list[str] | None = None, spacing: tuple[float, float, float] | None = None,
+                  series: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Segment every input, write outputs and ``summary.json`` under ``out``; returns the summary.
-    ``sequences`` names each NIfTI scan's channels (as `core predict --sequences`)."""
+    ``sequences`` names each NIfTI scan's channels (as `core predict --sequences`), ``spacing`` is a slice
+    stack's (slice, row, column) mm (as `core predict --spacing`), ``series`` a DICOM study's series
+    (as `core predict --series`)."""
     if (url is None) == (onnx is None):
         raise ValueError("give exactly one of --url (a gliomaseg server) or --onnx (a local ONNX model)")
     jobs = collect(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if onnx:
-        _run_onnx(jobs, out, onnx, sequences)
+        _run_onnx(jobs, out, onnx, {"sequences": sequences, "spacing": spacing, "series": series})
     else:
-        asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s, sequences))
+        params = query(sequences, spacing, series)
+        asyncio.run(_run_http(jobs, out, str(url), token, max(1, concurrency), timeout_s, params))
     summary = [j.result for j in jobs]
     write_json(out / "summary.json", summary)
     return summary
@@ -316,8 +369,11 @@ def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = N
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the summary
+    from core.inference.spacing import parse_spacing
+
     summary = predict_paths(args.inputs, args.out, url=args.url, token=args.token, concurrency=args.concurrency,
-                            onnx=args.onnx, sequences=args.sequences.split(",") if args.sequences else None)
+                            onnx=args.onnx, sequences=args.sequences.split(",") if args.sequences else None,
+                            spacing=parse_spacing(args.spacing), series=parse_series(args.series))
     failed = [s for s in summary if "error" in s]
     for s in summary:
         what = s.get("error") or f"{s['slices']} slice(s), {s['tumour_pixels']} tumour px"
@@ -340,4 +396,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", default=None, help="run this ONNX model locally instead of calling a server")
     p.add_argument("--sequences", help="NIfTI scans: each channel's sequence in order, e.g. flair,t1,t1gd,t2 "
                    "('-' skips one), as for `core predict`")
+    p.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM studies: which series is which "
+                   "sequence by SeriesNumber, description or UID (repeatable; a number or UID alone is the FLAIR "
+                   "series), as for `core predict`")
+    add_spacing_argument(p)
     p.set_defaults(func=_cmd_predict)

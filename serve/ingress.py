@@ -35,7 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.preprocessing import single_slice_note
 from core.formats import codecs
-from core.inference.results import VolumeResult, result_json
+from core.formats.media import check_series, declared_kind, error_answer
+from core.inference.jobs import parse_series
+from core.inference.results import VolumeResult, notes_header, result_json
+from core.inference.spacing import VoxelSpacing, parse_spacing, scan_spacing, stack_spacing
 from serve import volumes
 from serve.model import LocalHandle, ModelOutOfMemory, SegmentModelCore
 from serve.timing import Hops
@@ -90,10 +93,15 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.error, exc.detail, exc.headers)
 
 
-@api.exception_handler(codecs.DecodeError)
-async def _decode_error(request: Request, exc: codecs.DecodeError) -> JSONResponse:
+@api.exception_handler(ValueError)
+async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
+    """A refused body or answer (DecodeError), or input the predictor or an encoder refused: core's one mapping
+    (core.formats.media.error_answer), as SageMaker answers it."""
     await drain(request)
-    return _error(exc.status, exc.error, exc.detail)
+    status, body = error_answer(exc)
+    if status >= 500:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(body, status_code=status)
 
 
 @api.exception_handler(RequestValidationError)
@@ -323,19 +331,22 @@ class Ingress:
 
     @api.post("/v1/segment/volume")
     async def segment_volume(self, request: Request, format: str | None = None, overlay: bool = False,
-                             sequence: str = "rgb", layers: str = "", sequences: str | None = None) -> Response:
-        # Everything that can be refused without the body is refused first: auth, format, Accept, type.
+                             sequence: str = "rgb", layers: str = "", sequences: str | None = None,
+                             spacing: str | None = None, series: str | None = None) -> Response:
+        # Everything that can be refused without the body is refused first: auth, format, Accept, type, spacing.
         self._authorise(request)
         wanted = volumes.requested(format, request.headers.get("accept"), overlay)
         shown = volumes.parse_layers(layers)
         volumes.check_sequence(sequence)
+        given, picked = parse_spacing(spacing), parse_series(series)
         content_type = request.headers.get("content-type", "")
-        declared = volumes.declared_kind(content_type)
+        declared = declared_kind(content_type)
         if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
             volumes.output_format(wanted, declared, overlay)
         data = await self._body(request)
         kind = volumes.body_kind(declared, data)
         fmt = volumes.output_format(wanted, kind, overlay)
+        check_series(kind, picked)
         s = self.settings
         scan = None
         if kind == volumes.SLICES:
@@ -346,30 +357,33 @@ class Ingress:
             scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
                                            s["max_slices"], s["min_size"], s["max_size"],
                                            volumes.sequence_names(sequences),
-                                           volumes.scan_name(request.headers.get("content-disposition")))
+                                           volumes.scan_name(request.headers.get("content-disposition")), picked)
             images = scan.images
         del data
-        # The scan's spacing, so post-processing sizes in mm3 mean what they mean in `core predict`.
-        answer = await _call_model(self.model.segment_volume, images, scan.spacing if scan else None)
+        # One spacing rule (core.inference.spacing): the scan's, or the stack's given or assumed one.
+        used = scan_spacing(scan, given) if scan is not None else stack_spacing(given)
+        answer = await _call_model(self.model.segment_volume, images, used.mm)
+        return await self._volume_answer(images, answer, scan, used, fmt, overlay, sequence, shown)
+
+    async def _volume_answer(self, images: np.ndarray, answer: Any, scan: Any, spacing: VoxelSpacing, fmt: str,
+                             overlay: bool, sequence: str, shown: tuple[str, ...]) -> Response:
+        """A volume's answer in ``fmt``: the result JSON, or binary masks with its figures and notes in headers."""
         masks = np.asarray(answer.masks)
         config = (await self.info())["config"]
         names = list(config.get("class_names", ["background", "tumour"]))
         quality, review = getattr(answer, "quality", None), getattr(answer, "review", None)
         result = VolumeResult(scan, masks, names, quality, review) if scan else None
+        body = result_json(masks, (await self.info())["version"], names, scan=result, answer=answer,
+                           spacing=spacing, rle=fmt == "json")
         headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
-        if result is not None:  # the figure a radiologist asks for first, without parsing the body
-            headers["X-Tumour-Volume-mL"] = f"{result.volume_ml:.4f}"
-        if quality is not None:  # how far to trust it, on binary answers too
-            headers["X-Quality"] = f"{quality:.4f}"
-        if review is not None:
-            headers["X-Review"] = "true" if review else "false"
+        headers.update(volumes.answer_headers(body, spacing))
         if fmt == "json":
-            body = result_json(masks, headers["X-Model-Version"], names, scan=result, answer=answer)
             if overlay:
                 body["overlays"] = await asyncio.to_thread(volumes.overlay_urls, images, masks, sequence)
             if shown:
                 body["layers"] = await asyncio.to_thread(volumes.layer_urls, images, masks, shown)
             return JSONResponse(body, headers=headers)
+        headers.update(notes_header(body["notes"]))  # what the JSON answer says, beside the binary one
         if fmt == "png":
             frames = volumes.view(images, sequence)
             return Response(await asyncio.to_thread(codecs.encode_animation, frames, masks), 200, headers, codecs.PNG)

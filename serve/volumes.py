@@ -14,26 +14,25 @@ become the JSON error response).
 
 A scan body may be named (``Content-Disposition: attachment; filename="patient_t1.nii.gz"``): the name
 becomes the answer's file names and, for a 3D NIfTI, says its sequence as a file name does for `core
-predict`; ``sequences=flair,t1,...`` names a NIfTI's channels as ``--sequences`` does.
+predict`; ``sequences=flair,t1,...`` names a NIfTI's channels as ``--sequences`` does. ``spacing=z,y,x`` (mm)
+gives a slice stack its geometry (core.inference.spacing); without it the answer says which it assumed.
+Binary answers carry the JSON answer's ``notes`` in ``X-Notes``. ``series=`` (a SeriesNumber or
+SeriesInstanceUID for the FLAIR series, or ``flair=3,pre=1``) picks a DICOM study's series as ``--series`` does.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.formats import codecs
 from core.formats.media import (
-    DICOM,
     DICOM_MEDIA,
     FORMATS,
-    NIFTI,
     NIFTI_MEDIA,
-    SCAN_TYPES,
     SLICES,
-    base_type,
     choose_format,
     preferences,
 )
@@ -41,6 +40,7 @@ from core.formats.media import (
 if TYPE_CHECKING:
     from core.formats.volume import Limits, Volume
     from core.inference.results import VolumeResult
+    from core.inference.spacing import VoxelSpacing
 
 # What this endpoint answers a volume with; png only with overlay=true (an animation of the overlays).
 VOLUME_FORMATS = ("nifti", "dicom-seg", "tiff", "npy", "json")
@@ -48,41 +48,13 @@ SEQUENCE_VIEWS = ("rgb", "pre", "flair", "post")  # rgb: the three blended, as t
 _FILENAME = re.compile(r"""filename\*?\s*=\s*(?:[\w-]+'[\w-]*')?"?([^";]+)"?""", re.IGNORECASE)
 SCAN_EXTENSIONS = (".nii.gz", ".nii", ".zip", ".dcm", ".gz")
 MASK_ALPHA = 0.45  # as codecs.overlay, so a page compositing the layers shows what overlay=true burns in
-ACCEPTED = ("image/tiff, application/x-npy, image/png (slice stacks); application/gzip or application/x-nifti "
-            "(NIfTI), application/zip or application/dicom+zip (a zipped DICOM study), application/dicom")
-
-
-def declared_kind(content_type: str | None) -> str | None:
-    """NIFTI, DICOM or SLICES from the Content-Type; None when generic (sniff the bytes); 415 otherwise.
-    Called before the body is read, so an unusable type costs no upload."""
-    base = base_type(content_type)
-    if base in SCAN_TYPES:
-        return SCAN_TYPES[base]
-    if base in codecs.MEDIA_ALIASES:
-        return SLICES
-    if base in codecs.SNIFFED:
-        return None
-    raise codecs.DecodeError(415, "unsupported_media_type", f"{base!r} is not supported; send {ACCEPTED}")
 
 
 def body_kind(declared: str | None, data: bytes) -> str:
-    """What the body holds: its bytes decide for a generic or scan type (a .nii.gz sent as
-    application/zip is still NIfTI); a slice type is decoded as declared (codecs checks its bytes)."""
-    from core.formats.load import sniff_volume  # here: nibabel/pydicom load only when a volume comes
+    """core.formats.load.body_kind, imported here when a body comes (nibabel and pydicom load with it)."""
+    from core.formats.load import body_kind as kind_of
 
-    if not data:
-        raise codecs.DecodeError(400, "undecodable", "empty request body")
-    if declared == SLICES:
-        return SLICES
-    sniffed = sniff_volume(data)
-    if sniffed:
-        return sniffed
-    if declared is None and codecs.sniff(data):
-        return SLICES
-    said = "a NIfTI" if declared == NIFTI else "a zipped DICOM study" if declared == DICOM else "an image"
-    raise codecs.DecodeError(400 if declared else 415, "undecodable" if declared else "unsupported_media_type",
-                             f"the body should be {said} but its bytes are none of NIfTI (.nii, .nii.gz), a zip "
-                             f"of DICOM files, DICOM, TIFF, PNG or .npy; send {ACCEPTED}")
+    return kind_of(declared, data)
 
 
 def offered(overlay: bool) -> tuple[str, ...]:
@@ -143,19 +115,27 @@ def sequence_names(sequences: str | None) -> list[str] | None:
 
 
 def read_scan(data: bytes, limits: Limits, max_slices: int, min_size: int, max_size: int,
-              sequences: list[str] | None = None, name: str | None = None) -> Volume:
-    """A scan body -> a canonical Volume, within the request limits (VolumeError otherwise)."""
-    from core.formats.load import load_volume
+              sequences: list[str] | None = None, name: str | None = None,
+              series: dict[str, str] | None = None) -> Volume:
+    """A scan body -> a canonical Volume, within the request limits (VolumeError otherwise); ``series`` picks
+    a DICOM study's series (core.inference.jobs.parse_series)."""
+    from core.formats.load import check_request_size, load_volume
 
-    volume = load_volume(data, limits=limits, sequences=sequences, name=name)
-    n, h, w = volume.images.shape[:3]
-    if n > max_slices:
-        raise codecs.DecodeError(413, "too_large", f"{n} axial slices; at most {max_slices} per request")
-    if max(h, w) > max_size:
-        raise codecs.DecodeError(413, "too_large", f"axial slices of {h}x{w}; at most {max_size} a side")
-    if min(h, w) < min_size:
-        raise codecs.DecodeError(422, "invalid_input", f"axial slices of {h}x{w}; at least {min_size} a side")
-    return volume
+    volume = load_volume(data, limits=limits, sequences=sequences, name=name, series=series)
+    return check_request_size(volume, max_slices, min_size, max_size)
+
+
+def answer_headers(body: dict[str, Any], spacing: VoxelSpacing) -> dict[str, str]:
+    """The figures a client reads without parsing the body: the spacing used (``X-Spacing-Assumed`` where it
+    was assumed), the tumour volume in mL where the spacing is known, the quality and the review flag."""
+    out = spacing.headers()
+    if body["volume_ml"] is not None:
+        out["X-Tumour-Volume-mL"] = f"{body['volume_ml']:.4f}"
+    if body["quality"] is not None:
+        out["X-Quality"] = f"{body['quality']:.4f}"
+    if body["review"] is not None:
+        out["X-Review"] = "true" if body["review"] else "false"
+    return out
 
 
 def check_sequence(sequence: str) -> None:

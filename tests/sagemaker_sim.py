@@ -44,7 +44,7 @@ service = DefaultHandlerService(Transformer())
 service.initialize(ctx)
 results = []
 for i, req in enumerate(spec):
-    headers = {"Content-Type": req["content_type"]}
+    headers = {"Content-Type": req["content_type"], **req.get("headers", {})}  # e.g. the custom attributes
     if req.get("accept"):
         headers["Accept"] = req["accept"]
     ctx.request_processor = [RequestProcessor(headers)]
@@ -107,6 +107,30 @@ def fake_runtime(reply: bytes, content_type: str = "application/x-npy") -> Itera
 
 
 BUCKET = "gliomaseg-test"
+ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"  # an invocation's CustomAttributes, request and response
+
+
+def run_handlers(bundle: Path, cases: dict[str, tuple], tmp_path: Path, env: dict[str, str] | None = None
+                 ) -> dict[str, tuple[dict, bytes]]:
+    """The archive's handlers in a fresh process on each (body, content type, accept, headers); name ->
+    (status, content type, response headers; the body)."""
+    import json
+    import tarfile
+
+    from serve.sagemaker.export import build_archive
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    archive = build_archive(bundle, tmp_path / "model.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "opt_ml_model", filter="data")
+    spec = []
+    for name, (body, kind, accept, headers) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        spec.append({"body": str(tmp_path / name), "content_type": kind, "accept": accept, "headers": headers})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = run_container(tmp_path / "opt_ml_model", tmp_path / "spec.json", tmp_path, env or {})
+    results = json.loads(out.split("RESULTS", 1)[1])
+    return {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=False)}
 
 
 @contextlib.contextmanager

@@ -18,8 +18,13 @@ NIFTI_AXES = ("R", "A", "S")  # stored unlike the model's orientation, so a wron
 DICOM_AXES = ("L", "P", "S")  # DICOM's usual storage
 
 
+KAGGLE = ["pre", "flair", "post"]  # the channels of nifti_scan's files: name them (sequences=), nothing guesses
+KAGGLE_TEXT = ",".join(KAGGLE)
+
+
 def nifti_scan(images: np.ndarray, path: Path, axcodes: tuple[str, str, str] = NIFTI_AXES) -> Path:
-    """Canonical (N,H,W,3) uint8 slices as a 4D .nii.gz (sequences along the last axis), voxels SPACING."""
+    """Canonical (N,H,W,3) uint8 slices as a 4D .nii.gz (sequences along the last axis), voxels SPACING; its
+    three channels are pre-contrast, FLAIR, post-contrast (KAGGLE), which a reader must be told."""
     source, affine = reorient(images, axcodes)
     return write_nifti(path, source, affine)
 
@@ -63,8 +68,8 @@ def bad_bodies(images: np.ndarray, tmp: Path) -> dict[str, tuple[bytes, str, int
         zf.writestr("a.dcm", bytes(16 << 20))  # 16 MB of zeros in ~16 kB
     out["zip_bomb"] = (bomb.getvalue(), "application/zip", 413, "zip_bomb")
     source, affine = reorient(images, NIFTI_AXES)
-    nan = source.astype(np.float32)
-    nan[3, 4, 2, 1] = np.nan
+    nan = source[..., 1].astype(np.float32)  # one channel (FLAIR): nothing to name, so the NaN is the refusal
+    nan[3, 4, 2] = np.nan
     out["nan_nifti"] = (write_nifti(tmp / "nan.nii.gz", nan, affine).read_bytes(), "application/gzip", 422,
                         "non_finite")
     raw = bytearray(gzip.decompress(write_nifti(tmp / "ok.nii.gz", source, affine).read_bytes()))

@@ -115,8 +115,10 @@ def test_an_early_4xx_reaches_a_urllib_client_still_uploading(urls: dict[str, st
 
 # Where the handlers answer differently from the HTTP app: they read every body as a volume, so 10k
 # pages, or (64,64,C) as 64 slices of 64xC, are past GLIOMASEG_MAX_PAGES rather than one slice of the
-# wrong shape; and JSON is a request type there (an S3 URI), so a JSON body without one is a 400.
-SAGEMAKER_STATUS = {"pages_10k_tiff": 413, "five_channels": 413, "two_channels": 413, "json_type": 400}
+# wrong shape; JSON is a request type there (an S3 URI), so a JSON body without one is a 400; and they read a
+# body as the volume endpoint does (core.formats.media.body_kind), where an empty body is a 400 before its type.
+SAGEMAKER_STATUS = {"pages_10k_tiff": 413, "five_channels": 413, "two_channels": 413, "json_type": 400,
+                    "zero_byte_untyped": 400}
 
 
 def test_corpus_against_sagemaker_handlers(bundle: Path, tmp_path: Path) -> None:

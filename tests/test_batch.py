@@ -22,6 +22,7 @@ from s3_support import moto_s3
 
 from core.cli import dispatch
 from core.data.prepare import patient_id
+from core.inference.jobs import ScanOptions
 from serve.batch.run import BatchOptions, run_batch
 
 PATIENTS, SLICES = 4, 12  # 12 slices: numeric order (1, 2, ..., 10) differs from name order (1, 10, 11, 2)
@@ -211,6 +212,9 @@ def scan_cohort(tmp_path_factory, cohort) -> Path:
 
     root = tmp_path_factory.mktemp("scans") / "cohort"
     root.mkdir()
+    # The channels' names, as an nnU-Net dataset.json gives them (three volumes are never guessed)
+    names = {"channel_names": {"0": "pre", "1": "FLAIR", "2": "post"}}
+    (root.parent / "dataset.json").write_text(json.dumps(names))
     patients = list(read_patients(cohort))
     first = sorted(p for p in cohort.iterdir() if p.is_dir())[0]
     shutil.copytree(first, root / first.name)
@@ -292,8 +296,9 @@ def test_a_bad_scan_fails_only_its_patient(ray_session, scan_cohort, bundle, tmp
     from bundle_factory import sample_images
     from scan_support import bad_bodies
 
-    src = tmp_path / "src"
-    src.mkdir()
+    src = tmp_path / "dataset" / "src"
+    src.mkdir(parents=True)
+    shutil.copy(scan_cohort.parent / "dataset.json", src.parent)  # names good.nii.gz's three channels
     shutil.copy(scan_cohort / "caseA.nii.gz", src / "good.nii.gz")
     bad = bad_bodies(sample_images(SLICES), tmp_path / "bad")
     (src / "broken.nii.gz").write_bytes(bad["nan_nifti"][0])
@@ -322,11 +327,13 @@ def test_s3_scans_are_read_and_written_like_local_ones(ray_session, scan_cohort,
                                                                    or "studyC" in p.parts)]
     for f in files:
         s3.put_object(Bucket=BUCKET, Key=f"scans/{f.relative_to(scan_cohort).as_posix()}", Body=f.read_bytes())
+    kaggle = ["pre", "flair", "post"]  # caseB's channels: an S3 prefix has no dataset.json beside it
     summary = run_batch(BatchOptions(bundle=str(bundle), src=f"s3://{BUCKET}/scans", out=f"s3://{BUCKET}/scan-out",
-                                     workers=1, progress=False))
+                                     workers=1, progress=False, sequences=kaggle))
     assert summary["segmented"] == ["studyC", "caseB"] and not summary["failed"]
     predictor = Predictor.from_bundle(str(bundle), "cpu", 8)
-    run(predictor, [scan_cohort / "caseB_0000.nii.gz", scan_cohort / "studyC"], tmp_path / "ref")
+    run(predictor, [scan_cohort / "caseB_0000.nii.gz", scan_cohort / "studyC"], tmp_path / "ref",
+        ScanOptions(sequences=kaggle))
     voxels = {}
     for name in ("caseB", "studyC"):
         body = s3.get_object(Bucket=BUCKET, Key=f"scan-out/{name}/{name}_mask.nii.gz")["Body"].read()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from core.cli import dispatch
 from core.data.prepare import DataError, read_patients
 from core.evaluation.evaluate import arrays_from_src, scans_from_src, write_report
 from core.formats.volume import VolumeError
+from core.inference.jobs import ScanOptions
 from core.inference.postprocess import KAGGLE_SPACING_MM
 from core.inference.predict import run
 
@@ -74,7 +76,7 @@ def test_one_case_gives_the_same_masks_as_tiff_as_nifti_and_as_dicom(kaggle, pre
     scan = write_nifti(tmp_path / "case.nii.gz", source, affine)
     write_study(tmp_path / "study", patient.images, axcodes, spacing=KAGGLE_SPACING_MM)
     archive = _zip(tmp_path / "study", tmp_path / "case_dicom.zip")
-    rows = run(predictor, [scan, archive], tmp_path / "scans")
+    rows = run(predictor, [scan, archive], tmp_path / "scans", ScanOptions(sequences=["pre", "flair", "post"]))
     expected_source, _ = reorient(tiff_masks, axcodes)
     for name in ("case", "case_dicom"):
         image = nib.Nifti1Image.from_bytes(gzip.decompress((tmp_path / "scans" / f"{name}_mask.nii.gz").read_bytes()))
@@ -103,7 +105,7 @@ def _bad_scans(patient, root: Path) -> dict[str, Path]:
     source, affine = reorient(patient.images, ("R", "A", "S"))
     nan = source.astype(np.float32)
     nan[1, 2, 3, 0] = np.nan
-    bad = {"nan": write_nifti(root / "nan.nii.gz", nan, affine),
+    bad = {"nan": write_nifti(root / "nan_t1_flair_t1c.nii.gz", nan, affine),  # its name names its channels
            "5d": write_nifti(root / "fived.nii.gz", source[..., None, :], affine)}
     huge = bytearray(gzip.decompress(bad["5d"].read_bytes()))
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(huge[:352])))
@@ -170,6 +172,8 @@ def test_predict_cli_writes_mask_seg_and_ml(kaggle, bundle, tmp_path, capsys):
 def test_evaluate_src_reads_nifti_scans_with_masks_beside_them(kaggle, predictor, bundle, tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()
+    names = {"channel_names": {"0": "pre", "1": "FLAIR", "2": "post"}}  # three volumes are never guessed
+    (tmp_path / "dataset.json").write_text(json.dumps(names))
     for i, p in enumerate(read_patients(kaggle)):
         axcodes = [("R", "A", "S"), ("L", "P", "I")][i]
         write_nifti(scans / f"{p.id}.nii.gz", *reorient(p.images, axcodes))

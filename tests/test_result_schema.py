@@ -95,7 +95,7 @@ def bundle(tmp_path_factory) -> Path:
 
 
 def test_serve_and_sagemaker_answer_the_same_json(ray_session, bundle, tmp_path) -> None:
-    from scan_support import nifti_scan, voxel_ml
+    from scan_support import KAGGLE_TEXT, nifti_scan, voxel_ml
     from serve_support import serving
 
     from serve.app import ServeSettings
@@ -109,7 +109,8 @@ def test_serve_and_sagemaker_answer_the_same_json(ray_session, bundle, tmp_path)
         served = {}
         for name, (body, kind) in bodies.items():
             path = "/v1/segment" if name == "slice" else "/v1/segment/volume"
-            r = httpx.post(f"{urls['/']}{path}", content=body, params={"format": "json"}, timeout=120,
+            params = {"format": "json", **({"sequences": KAGGLE_TEXT} if name == "scan" else {})}
+            r = httpx.post(f"{urls['/']}{path}", content=body, params=params, timeout=120,
                            headers={"Content-Type": kind})
             assert r.status_code == 200, r.text
             served[name] = r.json()
@@ -120,7 +121,8 @@ def test_serve_and_sagemaker_answer_the_same_json(ray_session, bundle, tmp_path)
     spec = []
     for name, (body, kind) in bodies.items():
         (tmp_path / name).write_bytes(body)
-        spec.append({"body": str(tmp_path / name), "content_type": kind, "accept": codecs.JSON})
+        named = {"X-Amzn-SageMaker-Custom-Attributes": f"sequences={KAGGLE_TEXT}"} if name == "scan" else {}
+        spec.append({"body": str(tmp_path / name), "content_type": kind, "accept": codecs.JSON, "headers": named})
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     results = json.loads(run_container(tmp_path / "opt_ml_model", tmp_path / "spec.json", tmp_path, {})
                          .split("RESULTS", 1)[1])

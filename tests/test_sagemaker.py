@@ -14,6 +14,7 @@ import tifffile
 from bundle_factory import make_random_bundle, sample_images
 from PIL import Image
 from sagemaker_sim import BUCKET, run_container
+from scan_support import KAGGLE, KAGGLE_TEXT
 
 from core.formats import codecs
 from core.inference.predictor import Predictor
@@ -39,14 +40,14 @@ def predictor(bundle) -> Predictor:
 
 
 
-def run_cases(archive: Path, cases: dict[str, tuple[bytes, str, str | None]], tmp_path: Path,
-              env: dict[str, str]) -> str:
-    """The extracted archive's handlers on each (body, content type, accept) in a fresh process; the
-    answers land in ``tmp_path/<name>.out``; returns the driver's stdout."""
+def run_cases(archive: Path, cases: dict[str, tuple], tmp_path: Path, env: dict[str, str]) -> str:
+    """The extracted archive's handlers on each (body, content type, accept[, request headers]) in a fresh
+    process; the answers land in ``tmp_path/<name>.out``; returns the driver's stdout."""
     spec = []
-    for name, (body, ctype, accept) in cases.items():
+    for name, (body, ctype, accept, *headers) in cases.items():
         (tmp_path / name).write_bytes(body)
-        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept})
+        spec.append({"body": str(tmp_path / name), "content_type": ctype, "accept": accept,
+                     "headers": headers[0] if headers else {}})
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     model_dir = tmp_path / "opt_ml_model"
     with tarfile.open(archive) as tar:
@@ -186,7 +187,8 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     nii = nii_path.read_bytes()
     info = dicom_study(vol, tmp_path / "study")
     dcm = zip_folder(tmp_path / "study")
-    from_nifti, from_dicom = (segment_volume(predictor, load_volume(b)) for b in (nii, dcm))
+    from_nifti = segment_volume(predictor, load_volume(nii, sequences=KAGGLE))
+    from_dicom = segment_volume(predictor, load_volume(dcm))
     assert 0 < from_nifti.masks.sum() < from_nifti.masks.size
     s3 = boto3.client("s3")
     s3.put_object(Bucket=BUCKET, Key="scans/case.nii.gz", Body=nii)
@@ -194,23 +196,24 @@ def test_archive_handlers_take_nifti_and_dicom_scans(archive, predictor, aws, tm
     t1 = write_nifti(tmp_path / "t1.nii.gz", *reorient(vol[..., 1], ("R", "A", "S")))  # one sequence, named T1 on S3
     s3.put_object(Bucket=BUCKET, Key="scans/patient_t1.nii.gz", Body=t1.read_bytes())
     json_type = "application/json"
+    named = {"X-Amzn-SageMaker-Custom-Attributes": f"sequences={KAGGLE_TEXT}"}  # the 4D file's three channels
     cases = {
-        "nifti_json": (nii, "application/gzip", json_type),
-        "nifti_mask": (nii, "application/x-nifti", "application/gzip"),
-        "nifti_sniffed": (nii, "application/octet-stream", "application/x-npy"),
+        "nifti_json": (nii, "application/gzip", json_type, named),
+        "nifti_mask": (nii, "application/x-nifti", "application/gzip", named),
+        "nifti_sniffed": (nii, "application/octet-stream", "application/x-npy", named),
         "dicom_seg": (dcm, "application/zip", "application/dicom"),
         "dicom_nifti": (dcm, "application/dicom+zip", "application/x-nifti"),
-        "s3_nifti": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/case.nii.gz", "output_prefix": f"s3://{BUCKET}/o/"})
-                     .encode(), json_type, json_type),
+        "s3_nifti": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/case.nii.gz", "output_prefix": f"s3://{BUCKET}/o/",
+                                 "sequences": KAGGLE_TEXT}).encode(), json_type, json_type),
         "s3_seg": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/study.zip", "format": "dicom-seg"}).encode(),
                    json_type, json_type),
         "s3_t1": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/patient_t1.nii.gz"}).encode(), json_type, json_type),
-        "seg_of_nifti": (nii, "application/gzip", "application/dicom"),
+        "seg_of_nifti": (nii, "application/gzip", "application/dicom", named),
         "nifti_of_slices": (_npy(vol), "application/x-npy", "application/gzip"),
     }
     bad = bad_bodies(vol, tmp_path / "bad")
     cases.update({name: (body, kind, json_type) for name, (body, kind, _, _) in bad.items()})
-    cases["after_errors"] = (nii, "application/gzip", "application/x-npy")
+    cases["after_errors"] = (nii, "application/gzip", "application/x-npy", named)
     results = json.loads(run_cases(archive, cases, tmp_path, aws["env"]).split("RESULTS", 1)[1])
     res = {name: (r, (tmp_path / f"{name}.out").read_bytes()) for name, r in zip(cases, results, strict=False)}
 

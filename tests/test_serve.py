@@ -264,12 +264,12 @@ def scan_images() -> np.ndarray:
     return sample_images(12, seed=7)  # the random bundle finds tumour on some slices, not all
 
 
-def _expected(predictor, body: bytes):
+def _expected(predictor, body: bytes, sequences: list[str] | None = None):
     """What `core predict` does with the same file: core.inference.results.segment_volume."""
     from core.formats.load import load_volume
     from core.inference.results import segment_volume
 
-    result = segment_volume(predictor, load_volume(body))
+    result = segment_volume(predictor, load_volume(body, sequences=sequences))
     assert 0 < result.masks.sum() < result.masks.size
     return result
 
@@ -277,20 +277,20 @@ def _expected(predictor, body: bytes):
 def test_nifti_body_gives_the_mask_on_the_source_grid_and_its_volume(url: str, predictor, scan_images,
                                                                        tmp_path: Path) -> None:
     import nibabel as nib
-    from scan_support import nifti_scan, read_nifti_bytes, voxel_ml
+    from scan_support import KAGGLE_TEXT, nifti_scan, read_nifti_bytes, voxel_ml
 
     from serve.volumes import mask_rgba
 
     path = nifti_scan(scan_images, tmp_path / "case.nii.gz")
     body = path.read_bytes()
-    expected = _expected(predictor, body)
+    expected = _expected(predictor, body, KAGGLE_TEXT.split(","))
     source = nib.load(path)
     ml = np.count_nonzero(expected.masks) * voxel_ml()
     assert expected.volume_ml == pytest.approx(ml, rel=1e-6)
     # The Content-Type, the bytes alone, and the bare .nii all say NIfTI; NIfTI is a scan's default answer.
     for kind, data in [("application/gzip", body), ("application/octet-stream", body),
                        ("application/x-nifti", read_nifti_bytes(body).to_bytes())]:
-        r = post(url, "/v1/segment/volume", data, kind)
+        r = post(url, "/v1/segment/volume", data, kind, sequences=KAGGLE_TEXT)
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/gzip" and "_mask.nii.gz" in r.headers["content-disposition"]
         mask = read_nifti_bytes(r.content)
@@ -301,15 +301,15 @@ def test_nifti_body_gives_the_mask_on_the_source_grid_and_its_volume(url: str, p
         assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(ml, abs=1e-4)
         assert r.headers["X-Slices"] == "12" and int(r.headers["X-Tumour-Pixels"]) == int(expected.masks.sum())
     # Canonical slice order for the array formats, chosen by format= or by Accept.
-    r = httpx.post(f"{url}/v1/segment/volume", content=body, timeout=60,
+    r = httpx.post(f"{url}/v1/segment/volume", content=body, timeout=60, params={"sequences": KAGGLE_TEXT},
                    headers={"Content-Type": "application/gzip", "Accept": "application/x-npy"})
     np.testing.assert_array_equal(np.load(io.BytesIO(r.content), allow_pickle=False), expected.masks)
-    r = post(url, "/v1/segment/volume", body, "application/gzip", format="tiff")
+    r = post(url, "/v1/segment/volume", body, "application/gzip", sequences=KAGGLE_TEXT, format="tiff")
     np.testing.assert_array_equal(tifffile.imread(io.BytesIO(r.content)) // 255, expected.masks)
     assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(ml, abs=1e-4)
     # JSON: per-slice areas, the volume in mL from the spacing, and the FLAIR slices + mask layers as PNGs.
-    r = post(url, "/v1/segment/volume", body, "application/gzip", format="json", layers="flair", overlay="true",
-             sequence="flair")
+    r = post(url, "/v1/segment/volume", body, "application/gzip", sequences=KAGGLE_TEXT, format="json", layers="flair",
+             overlay="true", sequence="flair")
     got = r.json()
     assert got["input"] == "nifti" and got["volume_ml"] == pytest.approx(ml, rel=1e-6)
     assert got["voxel_ml"] == pytest.approx(voxel_ml()) and got["spacing_mm"] == pytest.approx([3.0, 0.9, 0.8])
@@ -326,9 +326,9 @@ def test_nifti_body_gives_the_mask_on_the_source_grid_and_its_volume(url: str, p
         grey = np.repeat(scan_images[k, ..., 1:2], 3, axis=-1)
         np.testing.assert_array_equal(png(got["overlays"][k]), codecs.overlay(grey, expected.masks[k]))
     # A DICOM SEG needs a DICOM source: a clear 406, before the model runs.
-    assert "DICOM" in assert_error(post(url, "/v1/segment/volume", body, "application/gzip", format="dicom-seg"),
-                                   406)["detail"]
-    r = httpx.post(f"{url}/v1/segment/volume", content=body, timeout=60,
+    refused = post(url, "/v1/segment/volume", body, "application/gzip", sequences=KAGGLE_TEXT, format="dicom-seg")
+    assert "DICOM" in assert_error(refused, 406)["detail"]
+    r = httpx.post(f"{url}/v1/segment/volume", content=body, timeout=60, params={"sequences": KAGGLE_TEXT},
                    headers={"Content-Type": "application/gzip", "Accept": "application/dicom"})
     assert_error(r, 406)
 

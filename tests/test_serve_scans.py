@@ -22,6 +22,7 @@ from volume_support import enhance_series, reorient, strip_attributes, write_nif
 from core.cli import dispatch
 from serve.app import ServeSettings
 
+CASE = "case_t1_flair_t1c"  # a 4D NIfTI whose name says its channels: pre-contrast, FLAIR, post-contrast
 STRIPPED = ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
@@ -136,7 +137,7 @@ def test_clinical_nifti_over_http(url: str, images, tmp_path: Path) -> None:
 def test_client_sends_scans(url: str, images, tmp_path: Path) -> None:
     scans = tmp_path / "in"
     scans.mkdir()
-    nifti = nifti_scan(images, scans / "case.nii.gz")
+    nifti = nifti_scan(images, scans / f"{CASE}.nii.gz")  # its name names its three channels
     dicom_study(images, scans / "study")  # a DICOM folder: the client zips it
     archive = tmp_path / "zipped.zip"
     archive.write_bytes(zip_folder(scans / "study"))
@@ -145,13 +146,13 @@ def test_client_sends_scans(url: str, images, tmp_path: Path) -> None:
     argv = ["predict", "--url", url, str(scans), str(archive), str(t1), "--out", str(out)]
     assert dispatch("python -m serve", "", ["serve.client"], argv) == 1  # the T1 file is refused alone
     summary = {s["name"]: s for s in json.loads((out / "summary.json").read_text())}
-    assert set(summary) == {"case", "study", "zipped", "patient_t1"}
+    assert set(summary) == {CASE, "study", "zipped", "patient_t1"}
     assert "not_flair" in summary["patient_t1"]["error"]
-    direct = {"case": (nifti.read_bytes(), "application/gzip"), "zipped": (archive.read_bytes(), "application/zip")}
+    direct = {CASE: (nifti.read_bytes(), "application/gzip"), "zipped": (archive.read_bytes(), "application/zip")}
     direct["study"] = direct["zipped"]
     for name, (body, kind) in direct.items():
-        expected = _mask(_post(url, body, kind))
-        ml = _post(url, body, kind, format="json").json()["volume_ml"]
+        expected = _mask(_post(url, body, kind, name=nifti.name))  # the name a zip's reader ignores
+        ml = _post(url, body, kind, name=nifti.name, format="json").json()["volume_ml"]
         mask = read_nifti_bytes((out / f"{name}_mask.nii.gz").read_bytes())
         np.testing.assert_array_equal(np.asanyarray(mask.dataobj), expected)
         assert summary[name]["volume_ml"] == pytest.approx(ml, rel=1e-9)
@@ -160,7 +161,7 @@ def test_client_sends_scans(url: str, images, tmp_path: Path) -> None:
         assert answer["volume_ml"] == pytest.approx(ml, rel=1e-9) and answer["scan"]["sources"]["flair"]
     for name in ("study", "zipped"):
         assert pydicom.dcmread(out / f"{name}_seg.dcm").Modality == "SEG"
-    assert not (out / "case_seg.dcm").exists()
+    assert not (out / f"{CASE}_seg.dcm").exists()
     argv = ["predict", "--url", url, str(t1), "--sequences", "flair", "--out", str(tmp_path / "told")]
     assert dispatch("python -m serve", "", ["serve.client"], argv) == 0
     assert (tmp_path / "told" / "patient_t1_mask.nii.gz").is_file()

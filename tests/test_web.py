@@ -121,7 +121,7 @@ def test_page_scrolls_a_nifti_scan_in_grey_with_the_mask_and_its_volume(url: str
     from core.inference.results import segment_volume
 
     images = sample_images(8, seed=4)
-    scan = nifti_scan(images, tmp_path / "patient.nii.gz")
+    scan = nifti_scan(images, tmp_path / "patient_t1_flair_t1ce.nii.gz")  # the name says the three sequences
     expected = segment_volume(Predictor.from_bundle(bundle, device="cpu"), load_volume(scan))
     masks = expected.masks
     assert 0 < masks.sum() < masks.size

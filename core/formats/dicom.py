@@ -78,6 +78,20 @@ class _Series:
         h = self.header
         return f"series {h.get('SeriesNumber', '?')} {str(h.get('SeriesDescription', '') or '(no description)')!r}"
 
+    @property
+    def plane(self) -> str:
+        """'axial', 'coronal' or 'sagittal' from ImageOrientationPatient (the slice normal's nearest axis)."""
+        try:
+            iop = np.array([float(v) for v in self.header.ImageOrientationPatient], np.float64)
+        except (AttributeError, TypeError, ValueError):
+            return "plane unknown"
+        normal = np.abs(np.cross(iop[:3], iop[3:]))
+        return ("sagittal", "coronal", "axial")[int(np.argmax(normal))] if normal.any() else "plane unknown"
+
+    def describe(self) -> str:
+        """What a client needs to pick this series: number, description, plane, slices and UID."""
+        return f"{self.label} ({self.plane}, {len(self.files)} slices, SeriesInstanceUID {self.uid})"
+
 
 
 def _scan(files: list[Member], where: str, notes: list[str]) -> list[_Series]:
@@ -117,43 +131,68 @@ def _match(selector: str, candidates: list[_Series]) -> list[_Series]:
             or sel.lower() == str(s.header.get("SeriesDescription", "")).strip().lower()]
 
 
-def _choose(series: list[_Series], mapping: Mapping[str, str] | None, where: str, notes: list[str]
-            ) -> dict[str, _Series]:
-    listing = "; ".join(s.label for s in series)
-    chosen: dict[str, _Series] = {}
-    if mapping:
-        for key, selector in mapping.items():
-            seq = parse_sequences([key])[0]
-            if seq is None:
-                raise VolumeError(f"{where}: {key!r} is not a sequence (one of {', '.join(SEQUENCES)}, or t1, t1c ...)")
-            found = _match(selector, series)
-            if not found:
-                raise VolumeError(f"{where}: no series matches {selector!r} for {SEQUENCE_TITLES[seq]} ({listing})")
-            if len(found) > 1:
-                raise SeveralSeriesError(f"{where}: {len(found)} series match {selector!r} for {SEQUENCE_TITLES[seq]}: "
-                                         f"{'; '.join(s.label for s in found)}; give a SeriesInstanceUID")
-            chosen[seq] = found[0]
-        if "flair" not in chosen:
-            raise MissingSequenceError(f"{where}: the mapping names no FLAIR series ({listing})")
-        return chosen
+PICK = ("say which with series=<SeriesNumber or SeriesInstanceUID> (HTTP; series=... in SageMaker's custom "
+        "attributes; --series in the CLIs), or a mapping such as series=flair=3,pre=1")
+
+
+def _by_description(series: list[_Series], where: str, chosen: Mapping[str, _Series]) -> dict[str, _Series]:
+    """The sequences not ``chosen`` yet, named by SeriesDescription (or ProtocolName) among the series not
+    chosen; two candidates for one sequence are a SeveralSeriesError listing both."""
+    taken = {s.uid for s in chosen.values()}
     by_seq: dict[str, list[_Series]] = {}
     for s in series:
         seq = sequence_name(str(s.header.get("SeriesDescription", "") or s.header.get("ProtocolName", "")))
-        if seq is not None:
+        if seq is not None and seq not in chosen and s.uid not in taken:
             by_seq.setdefault(seq, []).append(s)
+    chosen: dict[str, _Series] = {}
     for seq, found in by_seq.items():
         if len(found) > 1:
             raise SeveralSeriesError(f"{where}: {len(found)} series look like {SEQUENCE_TITLES[seq]}: "
-                                     f"{'; '.join(s.label for s in found)}; say which with a mapping (--series)")
+                                     f"{'; '.join(s.describe() for s in found)}; {PICK}")
         chosen[seq] = found[0]
+    return chosen
+
+
+def _mapped(series: list[_Series], mapping: Mapping[str, str], where: str) -> dict[str, _Series]:
+    """The series a mapping names (sequence -> SeriesInstanceUID, SeriesNumber or description)."""
+    listing = "; ".join(s.describe() for s in series)
+    chosen: dict[str, _Series] = {}
+    for key, selector in mapping.items():
+        seq = parse_sequences([key])[0]
+        if seq is None:
+            raise VolumeError(f"{where}: {key!r} is not a sequence (one of {', '.join(SEQUENCES)}, or t1, t1c ...)")
+        found = _match(selector, series)
+        if not found:
+            raise VolumeError(f"{where}: no series matches {selector!r} for {SEQUENCE_TITLES[seq]} ({listing})")
+        if len(found) > 1:
+            raise SeveralSeriesError(f"{where}: {len(found)} series match {selector!r} for {SEQUENCE_TITLES[seq]}: "
+                                     f"{'; '.join(s.describe() for s in found)}; give a SeriesInstanceUID")
+        chosen[seq] = found[0]
+    return chosen
+
+
+def _choose(series: list[_Series], mapping: Mapping[str, str] | None, where: str, notes: list[str]
+            ) -> dict[str, _Series]:
+    """Each sequence's series: the mapping's where it names one, else the one series whose description says
+    it (among those the mapping left); a FLAIR is required."""
+    listing = "; ".join(s.describe() for s in series)
+    chosen = _mapped(series, mapping, where) if mapping else {}
+    if mapping and "flair" not in chosen:
+        raise MissingSequenceError(f"{where}: the mapping names no FLAIR series ({listing})")
+    guessed = _by_description(series, where, chosen)
+    if mapping and guessed:
+        notes.append("chosen by description where the mapping named none: "
+                     + ", ".join(f"{SEQUENCE_TITLES[k]} = {v.label}" for k, v in guessed.items()))
+    chosen.update(guessed)
     if not chosen and len(series) == 1:
         notes.append(f"the only series ({series[0].label}) taken as FLAIR: its description names no sequence")
         chosen["flair"] = series[0]
     if "flair" not in chosen:
-        raise MissingSequenceError(f"{where}: no FLAIR series among {listing}; say which series is which with "
-                                   "a mapping (--series flair=NUMBER)")
-    if len(series) > len(chosen):
-        notes.append(f"{len(series) - len(chosen)} other series ignored ({listing})")
+        raise MissingSequenceError(f"{where}: no FLAIR series among {listing}; {PICK}")
+    if len(series) > len({s.uid for s in chosen.values()}):
+        used = {s.uid for s in chosen.values()}
+        notes.append(f"{len(series) - len(used)} other series ignored "
+                     f"({'; '.join(s.label for s in series if s.uid not in used)})")
     return chosen
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.formats.cases import is_nifti_name
 from core.formats.dicom import is_dicom_bytes, is_zip_bytes, looks_like_dicom_dir, read_dicom
+from core.formats.media import ACCEPTED, DICOM, NIFTI, SLICES, DecodeError, check_series, sniff
 from core.formats.nifti import is_nifti_bytes, read_nifti
 from core.formats.volume import Limits, UnreadableVolume, Volume
 
@@ -72,6 +73,42 @@ def load_volume(
             raise FileNotFoundError(f"{source}: no such file or directory")
         where = "request body" if isinstance(source, bytes) else str(source)
         raise UnreadableVolume(f"{where}: neither NIfTI (.nii, .nii.gz) nor DICOM (a folder, a zip or a .dcm file)")
+    check_series(kind, series)
     if kind == "nifti":
         return read_nifti(source, sequences=sequences, name=name, limits=limits, rescale=rescale)
     return read_dicom(source, series=series, name=name, limits=limits, rescale=rescale)
+
+
+def check_request_size(volume: Volume, max_slices: int, min_size: int, max_size: int) -> Volume:
+    """A scan's canonical slices within a request's limits, the same on Serve and SageMaker: 413 ``too_large``
+    past ``max_slices`` or ``max_size`` a side, 422 ``invalid_input`` under ``min_size``."""
+    from core.formats.media import DecodeError
+
+    n, h, w = volume.images.shape[:3]
+    if n > max_slices:
+        raise DecodeError(413, "too_large", f"{n} axial slices; at most {max_slices} per request")
+    if max(h, w) > max_size:
+        raise DecodeError(413, "too_large", f"axial slices of {h}x{w}; at most {max_size} a side")
+    if min(h, w) < min_size:
+        raise DecodeError(422, "invalid_input", f"axial slices of {h}x{w}; at least {min_size} a side")
+    return volume
+
+
+def body_kind(declared: str | None, data: bytes) -> str:
+    """What a request body holds (SLICES, NIFTI or DICOM; ``declared``: what core.formats.media.declared_kind said),
+    the same for Serve's volume endpoint and the SageMaker handlers: its bytes decide for a generic or scan
+    type (a .nii.gz sent as application/zip is still NIfTI); a slice type is decoded as declared (codecs
+    checks its bytes). An empty body is a 400, a body that is nothing known a 400 or 415."""
+    if not data:
+        raise DecodeError(400, "undecodable", "empty request body")
+    if declared == SLICES:
+        return SLICES
+    sniffed = sniff_volume(data)
+    if sniffed:
+        return sniffed
+    if declared is None and sniff(data):
+        return SLICES
+    said = "a NIfTI" if declared == NIFTI else "a zipped DICOM study" if declared == DICOM else "an image"
+    raise DecodeError(400 if declared else 415, "undecodable" if declared else "unsupported_media_type",
+                      f"the body should be {said} but its bytes are none of NIfTI (.nii, .nii.gz), a zip "
+                      f"of DICOM files, DICOM, TIFF, PNG or .npy; send {ACCEPTED}")

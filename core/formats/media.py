@@ -7,7 +7,8 @@
   the formats it names; ``choose_format`` takes the first one this input can have (``refusal``: no DICOM
   SEG but of DICOM, no NIfTI of a slice stack, no PNG of several slices), a wildcard standing for the
   endpoint's default. 406 when none is left.
-- ``DecodeError``: every refusal of a body or an answer, with its HTTP status, error code and detail.
+- ``DecodeError``: every refusal of a body or an answer, with its HTTP status, error code and detail;
+  ``error_answer``: the one status and error JSON of any exception, for every path.
 
 Standard library only (the SageMaker archive vendors it).
 """
@@ -54,6 +55,51 @@ class DecodeError(ValueError):
 
     def to_dict(self) -> dict[str, str]:
         return {"error": self.error, "detail": self.detail}
+
+
+INTERNAL_DETAIL = "the server failed to answer this request; the cause is in its log"
+
+
+def error_answer(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """The one HTTP status and error JSON (``{"error", "detail"}``) for an exception, whoever answers: Serve,
+    the SageMaker handlers, `serve batch`'s failure records and the CLIs' messages.
+
+    A DecodeError is its own status; any other ValueError is input the predictor or an encoder refused (422
+    ``invalid_input``, its message the detail); anything else is a 500 whose text stays in the log (it may
+    name paths, hosts or a patient). An error raised in another process and wrapped (Ray's RayTaskError) is
+    mapped by its ``cause``."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    if isinstance(exc, DecodeError):
+        return exc.status, exc.to_dict()
+    if isinstance(exc, ValueError):
+        return 422, {"error": "invalid_input", "detail": str(exc) or type(exc).__name__}
+    return 500, {"error": "internal", "detail": INTERNAL_DETAIL}
+
+
+def check_series(kind: str, series: object) -> None:
+    """``series=`` picks DICOM series: given with a NIfTI or a slice stack it is a 400 ``bad_series``, not ignored."""
+    if series and kind != DICOM:
+        what = "a NIfTI scan (name its channels with sequences=)" if kind == NIFTI else "a slice stack"
+        raise DecodeError(400, "bad_series", f"series= picks a DICOM series; the input is {what}")
+
+
+ACCEPTED = ("image/tiff, application/x-npy, image/png (slice stacks); application/gzip or application/x-nifti "
+            "(NIfTI), application/zip or application/dicom+zip (a zipped DICOM study), application/dicom")
+
+
+def declared_kind(content_type: str | None) -> str | None:
+    """NIFTI, DICOM or SLICES from the Content-Type; None when generic (sniff the bytes); 415 otherwise.
+    Called before the body is read, so an unusable type costs no upload."""
+    base = base_type(content_type)
+    if base in SCAN_TYPES:
+        return SCAN_TYPES[base]
+    if base in MEDIA_ALIASES:
+        return SLICES
+    if base in SNIFFED:
+        return None
+    raise DecodeError(415, "unsupported_media_type", f"{base!r} is not supported; send {ACCEPTED}")
 
 
 def base_type(media: str | None) -> str:

@@ -5,8 +5,10 @@ sequence: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... Which channel is w
 ``sequences`` (names such as ``flair,t1,t1gd,t2``; see core.formats.volume.sequence_name), else from the
 ``dataset.json`` of an nnU-Net dataset the files sit in, else (one 3D file) from its file name (``flair``,
 ``t2f``, ``t2_flair``; a name saying ``t1``, ``t1c``, ``t2`` ... is refused: FLAIR is the one sequence the
-model needs), else: one channel is FLAIR, three are the Kaggle order (pre-contrast, FLAIR, post-contrast);
-any other count must be named. The Volume's notes say where the names came from.
+model needs; a multi-channel file's name may name each channel in order, ``case_t1_flair_t1ce``), else one
+channel is FLAIR. Several channels that nothing names are refused (422 ``unnamed_sequences``, naming the
+choices): three volumes are never assumed to be pre-contrast, FLAIR, post-contrast. The Volume's notes say
+where the names came from.
 
 Geometry is the header's: a file with neither qform nor sform (both codes 0) is refused, since left and
 right cannot be told apart; spatial units (``xyzt_units``) in metres or microns are converted, so the
@@ -34,14 +36,15 @@ import numpy as np
 from core.formats.cases import channel_gap, nifti_cases, split_name
 from core.formats.volume import (
     SEQUENCE_TITLES,
-    SEQUENCES,
     DimensionError,
     Limits,
     MissingSequenceError,
     NoOrientationError,
     NotFlairError,
+    UnnamedSequencesError,
     UnreadableVolume,
     Volume,
+    VolumeError,
     VolumeTooLarge,
     build_volume,
     parse_sequences,
@@ -188,13 +191,26 @@ def read_array(image: nib.Nifti1Image, where: str) -> np.ndarray:
     return data.astype(np.float32) if data.dtype.kind == "f" and data.dtype != np.float32 else data
 
 
-def _default_sequences(count: int, where: str) -> list[str | None]:
-    if count == 1:
-        return ["flair"]
+NAMING = ("name them, one name per channel in order: sequences=pre,flair,post (HTTP, or the SageMaker custom "
+          "attribute sequences=...; --sequences in the CLIs), a dataset.json with channel_names beside imagesTr/, or "
+          "a file name that names each channel in order (case_t1_flair_t1ce.nii.gz). Names: pre, flair, post, t1, "
+          "t1c (t1gd, t1ce), t2, or - to skip a channel")
+
+
+def _unnamed(count: int, where: str) -> VolumeError:
+    """Several channels and nothing naming them: never guessed (a wrong guess feeds T2 as FLAIR)."""
     if count == 3:
-        return list(SEQUENCES)
-    raise DimensionError(f"{where}: {count} channels; name them (e.g. sequences=flair,t1,t1gd,t2 or "
-                         "--sequences), one name per channel")
+        return UnnamedSequencesError(f"{where}: 3 channels and nothing names them; they are not assumed to be "
+                                     f"pre-contrast, FLAIR, post-contrast: {NAMING}")
+    return DimensionError(f"{where}: {count} channels and nothing names them; {NAMING}")
+
+
+def _file_name_sequences(label: str, count: int) -> tuple[list[str | None], str] | None:
+    """A multi-channel file whose name names each channel in order (``case_t1_flair_t1ce``), else None."""
+    words = SEQUENCE_WORDS.findall(" ".join(re.split(r"[^a-z0-9]+", label.lower())))
+    if len(words) != count:
+        return None
+    return parse_sequences(words), f"the file name ({label!r} says {', '.join(repr(w) for w in words)})"
 
 
 def name_sequence(name: str) -> tuple[str | None, str]:
@@ -219,8 +235,10 @@ def _sequence_names(sequences: Sequence[str] | None, paths: list[Any], count: in
     channel = None if isinstance(first, bytes) else _channel(Path(first))
     if names and count == 1 and channel and channel[1] < len(names):
         return parse_sequences([names[channel[1]]]), "the dataset.json channel_names"
+    if names and len(paths) == 1 and channel is None and count == len(names) > 1:  # one 4D file of the dataset
+        return parse_sequences(names), "the dataset.json channel_names"
+    label = name if isinstance(first, bytes) else Path(first).name
     if count == 1:
-        label = name if isinstance(first, bytes) else Path(first).name
         seq, word = name_sequence(label or "")
         if seq == "flair":
             return ["flair"], f"the file name ({label!r} says {word!r})"
@@ -231,7 +249,10 @@ def _sequence_names(sequences: Sequence[str] | None, paths: list[Any], count: in
                                 "(--sequences flair, or sequences=flair)")
         return ["flair"], ("the default: one channel is FLAIR (no sequence names given, no dataset.json, "
                       "no sequence word in its name)")
-    return _default_sequences(count, where), "the default: three channels are pre-contrast, FLAIR, post-contrast"
+    named = _file_name_sequences(label or "", count) if len(paths) == 1 else None
+    if named is None:
+        raise _unnamed(count, where)
+    return named
 
 
 def mm_affine(image: Any) -> np.ndarray:

@@ -101,6 +101,10 @@ class NotFlairError(VolumeError):
     code = "not_flair"
 
 
+class UnnamedSequencesError(VolumeError):
+    code = "unnamed_sequences"
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a reader accepts, checked from headers before any pixel data is decompressed."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.formats.cases import is_nifti_name, slice_order
+from core.formats.media import DecodeError
 
 if TYPE_CHECKING:
     from core.formats.volume import Limits
@@ -121,19 +122,30 @@ class ScanOptions:
     series: dict[str, str] | None = None
     rescale: str = "auto"
     limits: Limits | None = None  # None: core.formats.volume.Limits()
+    spacing: tuple[float, float, float] | None = None  # a slice stack's (slice, row, column) mm; None: assumed
 
 
-def parse_series(values: list[str] | None) -> dict[str, str] | None:
-    """``--series flair=3 --series pre=1.2.840...`` -> {"flair": "3", "pre": "1.2.840..."}."""
+SERIES_ID = re.compile(r"^\d+(\.\d+)*$")  # a SeriesNumber (3) or SeriesInstanceUID (1.2.840...)
+
+
+def parse_series(values: str | list[str] | None) -> dict[str, str] | None:
+    """Which DICOM series is which sequence: ``--series flair=3 --series pre=1.2.840...`` (a list: one item
+    each) or ``series=flair=3,pre=1`` (a string, comma-separated) -> {"flair": "3", "pre": "1.2.840..."}. A bare
+    SeriesNumber or SeriesInstanceUID (``--series 3``, ``series=3``) picks the FLAIR series; the others are
+    then found by their descriptions. A malformed item is a 400 ``bad_series`` naming it."""
     if not values:
         return None
-    out = {}
-    for value in values:
+    items = [v for v in values.split(",") if v.strip()] if isinstance(values, str) else list(values)
+    out: dict[str, str] = {}
+    for value in items:
         key, sep, selector = value.partition("=")
-        if not sep or not key.strip() or not selector.strip():
-            raise ValueError(f"--series {value!r}: expected SEQUENCE=SERIES (a number, description or UID)")
+        if not sep and SERIES_ID.match(value.strip()):
+            key, selector = "flair", value
+        elif not sep or not key.strip() or not selector.strip():
+            raise DecodeError(400, "bad_series", f"series {value!r}: expected SEQUENCE=SERIES (a number, description "
+                              "or UID), or a SeriesNumber or SeriesInstanceUID alone for the FLAIR series")
         out[key.strip()] = selector.strip()
-    return out
+    return out or None
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,14 +154,25 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
                         "('-' skips one; default: the dataset.json beside the files, else 1 channel is FLAIR, 3 "
                         "are pre-contrast,FLAIR,post-contrast)")
     parser.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM: which series is which "
-                        "sequence (pre, flair, post) by SeriesNumber, description or UID; repeatable. Default: "
-                        "from SeriesDescription")
+                        "sequence (pre, flair, post) by SeriesNumber, description or UID; repeatable; a number or "
+                        "UID alone is the FLAIR series. Default: from SeriesDescription")
     parser.add_argument("--rescale", default="auto", choices=("auto", "percentile", "none"),
                         help="scan intensities to uint8: percentiles 0.5..99.5 of the nonzero voxels; auto keeps "
                         "8-bit scans as they are")
+    add_spacing_argument(parser)
+
+
+def add_spacing_argument(parser: argparse.ArgumentParser) -> None:
+    """--spacing z,y,x: a slice stack's voxel size (core.inference.spacing), for its mm rules and its mL."""
+    parser.add_argument("--spacing", metavar="Z,Y,X", help="slice stacks (TIFF/PNG/NPY): slice, row and column "
+                        "spacing in mm, for the post-processing's mm3/mm2 rules and the volume in mL (default: the "
+                        "Kaggle grid's 5,0.9375,0.9375 is assumed, no mL given, and the answer says so); a scan's "
+                        "comes from its header")
 
 
 def scan_options(args: argparse.Namespace) -> ScanOptions:
     """The ScanOptions of ``add_scan_arguments``' options."""
+    from core.inference.spacing import parse_spacing
+
     return ScanOptions(sequences=args.sequences.split(",") if args.sequences else None,
-                       series=parse_series(args.series), rescale=args.rescale)
+                       series=parse_series(args.series), rescale=args.rescale, spacing=parse_spacing(args.spacing))

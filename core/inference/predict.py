@@ -6,8 +6,10 @@ applies), a folder of patient folders, a NIfTI scan (``.nii``/``.nii.gz``, 4D or
 on its own grid (its header, or the DICOM series' geometry), for DICOM also ``<name>_seg.dcm`` (a DICOM
 SEG referencing the series), and its tumour volume in mL in predictions.csv. Output names come from
 input names with every path part and unusual character removed, so nothing is written outside ``--out``
-(core.inference.jobs); a scan's ``<name>_volume.json`` is the result schema (core.inference.results). The
-command line itself is core/inference/cli.py.
+(core.inference.jobs); a scan's or a patient's ``<name>_volume.json`` is the result schema
+(core.inference.results) with the answer's notes. A patient's slices have the ``--spacing`` given
+(core.inference.spacing), else the Kaggle grid's, assumed and said so. The command line itself is
+core/inference/cli.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from core.formats.encoders import encode_mask_png, mask_scale
 from core.formats.overlays import encode_overlay_png
 from core.inference.jobs import Job, ScanOptions, collect_jobs, safe_name
 from core.inference.results import result_json, review_label, segment_volume
+from core.inference.spacing import scan_spacing, stack_spacing
 from core.io import atomic_write_bytes, write_csv, write_json
 
 if TYPE_CHECKING:
@@ -66,6 +69,7 @@ def _run_scan(predictor: SlicePredictor, job: Job, out: Path, options: ScanOptio
     else:
         volume = read_dicom(job.paths[0], series=options.series, name=job.name, limits=limits,
                             rescale=options.rescale)
+    scan_spacing(volume, options.spacing)  # a --spacing that contradicts the header is refused
     result = segment_volume(predictor, volume)
     # Every output is encoded before any is written, so a failure leaves nothing half-written.
     outputs = {f"{job.name}_mask.nii.gz": result.nifti_bytes()}
@@ -83,33 +87,50 @@ def _run_scan(predictor: SlicePredictor, job: Job, out: Path, options: ScanOptio
             "dicom_seg": f"{job.name}_seg.dcm" if volume.kind == "dicom" else "", "notes": "; ".join(volume.notes)}
 
 
+def _run_slices(predictor: SlicePredictor, job: Job, out: Path, options: ScanOptions, scale: int
+                ) -> list[dict[str, object]]:
+    """A slice job: one slice alone, or a patient's slices (a folder, a multi-page TIFF) as one volume at the
+    given spacing (else the Kaggle grid's, assumed and said so); one row per slice, and for a volume its
+    ``<name>_volume.json`` (the result schema: its mL where the spacing was given, and its notes)."""
+    entries, images = read_slices(job)  # a multi-page TIFF gives several slices of one file
+    volume = job.volume or len(entries) > 1
+    quality: object = ""
+    review, notes, voxel_ml = "", "", None
+    if volume:
+        spacing = stack_spacing(options.spacing)
+        answer = predictor.segment(images, spacing=spacing.mm)
+        masks, quality = answer.masks, answer.quality
+        review = review_label(answer.review)
+        names = list(predictor.config.get("class_names", ["background", "tumour"]))
+        summary = result_json(masks, predictor.version, names, answer=answer, rle=False, spacing=spacing)
+        write_json(out / f"{job.name}_volume.json", {"name": job.name, **summary})
+        notes, voxel_ml = "; ".join(summary["notes"]), summary["voxel_ml"]
+    else:
+        masks = predictor.predict(images)
+    target = out / job.name if volume else out
+    rows: list[dict[str, object]] = []
+    for (path, stem), image, mask in zip(entries, images, masks, strict=True):
+        atomic_write_bytes(target / f"{stem}_mask.png", encode_mask_png(mask, scale))
+        atomic_write_bytes(target / f"{stem}_overlay.png", encode_overlay_png(image, mask))
+        pixels = int(np.count_nonzero(mask))
+        rows.append({"input": str(path), "mask": (target / f"{stem}_mask.png").relative_to(out).as_posix(),
+                     "tumour_pixels": pixels, "volume_ml": "" if voxel_ml is None else round(pixels * voxel_ml, 6),
+                     "quality": quality, "review": review, "dicom_seg": "", "notes": notes})
+    return rows
+
+
 def run(predictor: SlicePredictor, inputs: list[Path], out: Path, options: ScanOptions | None = None
         ) -> list[dict[str, object]]:
     """Predict every job; write <name>_mask.png and <name>_overlay.png per slice (a NIfTI mask, and a DICOM
-    SEG for DICOM, per scan); return one row per slice or scan."""
+    SEG for DICOM, per scan); return one row per slice or scan (a slice of a volume: its own mL, where the
+    spacing is known)."""
     options = options or ScanOptions()
     scale = mask_scale(predictor.config.get("class_names", ["background", "tumour"]))
     rows: list[dict[str, object]] = []
     for job in collect_jobs(inputs):
         if job.kind != "slices":
             rows.append(_run_scan(predictor, job, out, options))
-            continue
-        entries, images = read_slices(job)  # a multi-page TIFF gives several slices of one file
-        volume = job.volume or len(entries) > 1
-        quality: object = ""
-        review = ""
-        if volume:
-            answer = predictor.segment(images)
-            masks, quality = answer.masks, answer.quality
-            review = review_label(answer.review)
         else:
-            masks = predictor.predict(images)
-        target = out / job.name if volume else out
-        for (path, stem), image, mask in zip(entries, images, masks, strict=True):
-            atomic_write_bytes(target / f"{stem}_mask.png", encode_mask_png(mask, scale))
-            atomic_write_bytes(target / f"{stem}_overlay.png", encode_overlay_png(image, mask))
-            rows.append({"input": str(path), "mask": (target / f"{stem}_mask.png").relative_to(out).as_posix(),
-                         "tumour_pixels": int(np.count_nonzero(mask)), "volume_ml": "", "quality": quality,
-                         "review": review, "dicom_seg": "", "notes": ""})
+            rows += _run_slices(predictor, job, out, options, scale)
     write_csv(out / "predictions.csv", rows, COLUMNS)
     return rows

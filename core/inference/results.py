@@ -21,6 +21,7 @@ from core.formats.media import SLICES
 if TYPE_CHECKING:
     from core.formats.volume import Volume
     from core.inference.slices import SlicePredictor
+    from core.inference.spacing import VoxelSpacing
 
 CANONICAL_ORDER = ("axial slices, the first the most inferior; rows toward posterior, columns toward the "
                    "patient's left (the Kaggle display orientation)")
@@ -87,12 +88,13 @@ def masks_rle(masks: np.ndarray, class_names: Sequence[str]) -> list[Any]:
 
 def result_json(masks: np.ndarray, model_version: str, class_names: Sequence[str], *,
                 scan: VolumeResult | None = None, answer: Any = None, volume: bool = True,
-                note: str | None = None, rle: bool = True) -> dict[str, Any]:
+                note: str | None = None, rle: bool = True, spacing: VoxelSpacing | None = None) -> dict[str, Any]:
     """The result schema (RESULT_KEYS) for (N,H,W) masks: ``scan`` for a NIfTI or DICOM input (its mL and
-    geometry; None for slices, whose pixels have no size), ``answer`` the predictor's volume answer (its
-    ``quality`` and ``review``, read where present; the scan's by default), ``volume`` whether the slices
-    were segmented as one patient, ``note`` a per-patient bundle's single-slice note, ``rle`` whether the
-    masks travel in the body (False where they are written beside it)."""
+    geometry), ``spacing`` a slice stack's (core.inference.spacing: its mL where the client gave it, a note
+    where it was assumed), ``answer`` the predictor's volume answer (its ``quality`` and ``review``, read
+    where present; the scan's by default), ``volume`` whether the slices were segmented as one patient,
+    ``note`` a per-patient bundle's single-slice note, ``rle`` whether the masks travel in the body (False
+    where they are written beside it). ``notes`` gathers what the answer assumed or did (``answer_notes``)."""
     masks = np.asarray(masks)
     areas = [int(a) for a in np.count_nonzero(masks.reshape(len(masks), -1), axis=1)]
     answer = scan if answer is None else answer
@@ -106,10 +108,32 @@ def result_json(masks: np.ndarray, model_version: str, class_names: Sequence[str
         "volume_ml": None, "class_ml": None, "voxel_ml": None, "spacing_mm": None, "scan": None,
         "quality": None if quality is None else float(quality),
         "review": None if getattr(answer, "review", None) is None else bool(answer.review),
-        "preprocessing_note": note, "masks_rle": masks_rle(masks, class_names) if rle else None,
+        "preprocessing_note": note, "notes": answer_notes(scan, spacing),
+        "masks_rle": masks_rle(masks, class_names) if rle else None,
     }
     if scan is not None:
         summary = scan.volume.summary()
         body.update(volume_ml=float(scan.volume_ml), class_ml=scan.class_ml(), voxel_ml=float(summary["voxel_ml"]),
                     spacing_mm=summary["spacing_mm"], scan={k: summary[k] for k in SCAN_FIELDS})
+    elif spacing is not None and spacing.known:  # a slice stack whose spacing the client gave
+        voxel = spacing.voxel_ml
+        body.update(volume_ml=sum(areas) * voxel, voxel_ml=voxel, spacing_mm=list(spacing.mm),
+                    class_ml={name: float(np.count_nonzero(masks == k)) * voxel
+                              for k, name in enumerate(class_names) if k})
     return body
+
+
+def answer_notes(scan: VolumeResult | None, spacing: VoxelSpacing | None = None) -> list[str]:
+    """What an answer says beside its masks: a scan's notes (sequences, series, resampling ...), and the
+    spacing a slice stack was assumed to have. JSON answers carry them as ``notes``, binary ones beside them
+    (``notes_header``, or a JSON side file in the CLIs)."""
+    notes = list(scan.volume.notes) if scan is not None else []
+    said = spacing.note() if spacing is not None else None
+    return [*notes, said] if said else notes
+
+
+def notes_header(notes: Sequence[str]) -> dict[str, str]:
+    """``X-Notes``: the notes as a JSON list in ASCII (a header is one Latin-1 line), ``[]`` when there are none."""
+    import json
+
+    return {"X-Notes": json.dumps(list(notes), ensure_ascii=True)}

@@ -37,7 +37,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     summary = run_batch(BatchOptions(
         bundle=args.bundle, src=args.src, out=args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, address=args.address,
-        sequences=scan.sequences, series=scan.series, rescale=scan.rescale))
+        sequences=scan.sequences, series=scan.series, rescale=scan.rescale, spacing=scan.spacing))
     m = summary["metrics"]
     scores = f"; dsc_volume={m['dsc_volume']:.4f} dice_tumour={m['dice_tumour']:.4f}" if m else ""
     print(f"{summary['written']} of {summary['patients']} patients written ({len(summary['skipped'])} skipped, "

@@ -10,7 +10,7 @@ from typing import Any
 
 # Slice means are weighted by the slices they average over when patients are combined.
 WEIGHTS = {"dice_tumour": "truth_tumour_slices", "dice_all": "slices", "fp_slice_rate": "truth_empty_slices"}
-# volume_ml: the tumour volume from a scan's voxel spacing (blank for slices, whose pixels have no size)
+# volume_ml: the tumour volume from the voxel spacing: a scan's, or --spacing for slices (blank without one)
 # quality: 0-1, higher = more trustworthy; review: true where it is below the bundle's cut (core.inference.quality)
 CSV_COLUMNS = ["patient", "status", "slices", "tumour_slices", "tumour_voxels", "largest_slice_area", "volume_ml",
                "quality", "review"]
@@ -60,7 +60,8 @@ def summary(records: list[dict[str, Any]], settings: dict[str, Any], config: dic
         "src": settings["src"], "out": settings["out"], "patients": len(records), "written": len(written),
         "segmented": [r["patient"] for r in segmented],
         "skipped": [r["patient"] for r in records if r["status"] == "skipped"],
-        "failed": [{"patient": r["patient"], "files": r.get("files", []), "error": r["error"]} for r in failed],
+        "failed": [{"patient": r["patient"], "files": r.get("files", []), "error": r["error"],
+                    "error_code": r.get("error_code")} for r in failed],  # the code Serve and SageMaker answer
         "unreadable": [f for r in failed for f in r.get("files", [])],
         "slices": sum(r["slices"] for r in written), "tumour_slices": sum(r["tumour_slices"] for r in written),
         "tumour_voxels": sum(r["tumour_voxels"] for r in written),

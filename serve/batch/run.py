@@ -38,6 +38,7 @@ class BatchOptions:
     sequences: list[str] | None = None  # NIfTI channel names (core predict --sequences); None: dataset.json/default
     series: dict[str, str] | None = None  # DICOM sequence -> series (core predict --series); None: descriptions
     rescale: str = "auto"  # scan intensities to uint8 (core predict --rescale)
+    spacing: tuple[float, float, float] | None = None  # slice patients' mm (core predict --spacing); None: assumed
 
 
 def _resources(opts: BatchOptions, patients: int) -> tuple[int, float]:
@@ -82,7 +83,8 @@ def _segment(todo: list[dict[str, Any]], src: Store, out: Store, config: dict[st
     remote_args = worker_runtime_env()  # S3 endpoint, region, profile: never the keys
     ds = ray.data.from_items([{"job": json.dumps(j)} for j in todo], override_num_blocks=len(todo))
     io_pool = ray.data.TaskPoolStrategy(size=min(len(todo), io_tasks(workers, gpw)))
-    scan_options = {"sequences": opts.sequences, "series": opts.series, "rescale": opts.rescale}
+    scan_options = {"sequences": opts.sequences, "series": opts.series, "rescale": opts.rescale,
+                    "spacing": opts.spacing}
     ds = ds.map(read_patient, fn_kwargs={"src": src, "classes": max(1, len(class_names) - 1),
                                          "scan_options": scan_options},
                 compute=io_pool, num_cpus=IO_CPUS, **remote_args)

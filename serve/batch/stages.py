@@ -19,8 +19,9 @@ import numpy as np
 from core.evaluation.metrics import segmentation_metrics
 from core.formats.decoders import decode, stack_volume
 from core.formats.encoders import encode_tiff, mask_scale
-from core.formats.media import EXTENSIONS, DecodeError
+from core.formats.media import EXTENSIONS, DecodeError, error_answer
 from core.inference.results import result_json
+from core.inference.spacing import scan_spacing, stack_spacing
 from serve.batch import scans
 from serve.batch.store import Store
 
@@ -66,10 +67,11 @@ def _read_scan(job: dict[str, Any], src: Store, options: dict[str, Any]) -> dict
     meta.update(error="", bad_files=[], has_truth=False)
     try:
         volume = scans.read_scan(job, src, options)
+        scan_spacing(volume, options.get("spacing"))  # a --spacing that contradicts the header is refused
         meta.update(geometry=scans.pack(volume), spacing=[float(v) for v in volume.spacing])
     except Exception as exc:  # VolumeError names the problem; S3 and OS errors name the file
         named = scans.named_files(job, src)
-        meta.update(error=f"{', '.join(named)}: {exc}", bad_files=named)
+        meta.update(error=f"{', '.join(named)}: {exc}", bad_files=named, error_code=error_answer(exc)[1]["error"])
         return _empty(meta)
     return {"meta": json.dumps(meta), "images": volume.images, "truth": np.zeros((0, 1, 1), np.uint8)}
 
@@ -81,6 +83,8 @@ def read_patient(row: dict[str, Any], src: Store, classes: int, scan_options: di
     if job["kind"] != "slices":
         return _read_scan(job, src, scan_options or {})
     meta = {k: job[k] for k in ("patient", "name", "id", "outputs", "kind")}
+    given = (scan_options or {}).get("spacing")  # the slices' (slice, row, column) mm; None: assumed
+    meta.update(spacing=list(stack_spacing(given).mm), spacing_given=given is not None)
     if job.get("error"):  # slices the plan could not order (core.formats.cases.slice_order): its message
         meta.update(error=job["error"], bad_files=[src.where(job["patient"])], has_truth=False)
         return _empty(meta)
@@ -146,7 +150,7 @@ class Segmenter:
                                 review=None if review is None else bool(review))
                 except Exception as exc:  # one bad volume (e.g. out of memory) must not end the cohort
                     meta.update(error=f"{meta['patient']}: prediction failed ({type(exc).__name__}: {exc})",
-                                has_truth=False)
+                                has_truth=False, error_code=error_answer(exc)[1]["error"])
                 meta.update(predict_s=time.perf_counter() - t0, node=self.node)
             metas.append(json.dumps(meta))
             masks.append(mask)
@@ -170,8 +174,9 @@ def write_patient(row: dict[str, Any], out: Store, class_names: list[str], model
     meta = json.loads(row["meta"])
     record: dict[str, Any] = {k: meta[k] for k in ("patient", "name", "id")}
     if meta["error"]:
+        # error_code: core's one mapping (core.formats.media.error_answer), the code Serve and SageMaker answer
         return {"record": json.dumps({**record, "status": "failed", "error": meta["error"],
-                                      "files": meta.get("bad_files", [])})}
+                                      "error_code": meta.get("error_code"), "files": meta.get("bad_files", [])})}
     try:
         masks = np.asarray(row["masks"])
         area = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)
@@ -188,10 +193,13 @@ def write_patient(row: dict[str, Any], out: Store, class_names: list[str], model
         if meta.get("kind", "slices") != "slices":
             result = scans.scan_result(meta["geometry"], masks, class_names, answer.quality, answer.review)
             files = scans.scan_files(result, model[0] or "gliomaseg", model[1] or "unknown")
-        else:
+        spacing = None
+        if result is None:  # slices: at the spacing given, else the assumed one, as every path says it
             scale = mask_scale(class_names)
             files = {f: encode_tiff(m, scale) for f, m in zip(record["masks"], masks, strict=True)}
-        record.update(result_json(masks, model[1] or "unknown", class_names, scan=result, answer=answer, rle=False))
+            spacing = stack_spacing(meta["spacing"] if meta.get("spacing_given") else None)
+        record.update(result_json(masks, model[1] or "unknown", class_names, scan=result, answer=answer, rle=False,
+                                  spacing=spacing))
         out.write_patient(meta["name"], files, record)
     except Exception as exc:  # a full disk or a refused S3 write fails this patient, not the cohort
         return {"record": json.dumps({**record, "status": "failed",

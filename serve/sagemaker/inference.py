@@ -21,8 +21,16 @@ DICOM input only). A scan's NPY/TIFF masks are in the model's slice order: axial
 inferior. A 3D NIfTI body is FLAIR; an S3 object's file name may say its sequence, as for `core predict`
 (``patient_t1.nii.gz`` is a 422). One slice of a per-patient bundle is answered (200) with a note:
 ``preprocessing_note`` in JSON, and for every answer the ``X-Amzn-SageMaker-Custom-Attributes`` header (the
-invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses carrying
-the message.
+invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses whose message
+(the body's first line) is the error JSON Serve answers, ``{"error", "detail"}``, with the status of core's one
+mapping (core.formats.media.error_answer); an unexpected failure is a 500 whose text stays in the log.
+
+What Serve takes as query parameters comes as the invocation's CustomAttributes (``spacing=5,0.94,0.94;
+sequences=flair,t1; series=3``) or, for an S3 request, as JSON fields (``"spacing": [5, 0.94, 0.94]``): a slice
+stack's spacing in mm (core.inference.spacing; without one the answer says which it assumed,
+``spacing_assumed=`` in the response's custom attributes), a NIfTI's sequence names, a DICOM study's series
+(a SeriesNumber or SeriesInstanceUID for FLAIR, or ``flair=3,pre=1``). A binary answer's notes (what the JSON answer
+says in ``notes``) come back in the response's custom attributes as ``notes=[...]``.
 """
 
 from __future__ import annotations
@@ -46,12 +54,17 @@ from gliomaseg_core.formats.media import (
     SCAN_TYPES,
     SLICES,
     TIFF,
+    check_series,
     choose_format,
+    declared_kind,
+    error_answer,
     preferences,
     refusal,
 )
+from gliomaseg_core.inference.jobs import parse_series
 from gliomaseg_core.inference.predictor import Predictor
-from gliomaseg_core.inference.results import result_json
+from gliomaseg_core.inference.results import answer_notes, result_json
+from gliomaseg_core.inference.spacing import parse_spacing, scan_spacing, stack_spacing
 from gliomaseg_core.io import s3_client
 
 try:
@@ -67,6 +80,20 @@ except ImportError:  # outside the container: same shape, so callers can read .s
 
 log = logging.getLogger("gliomaseg.sagemaker")
 
+
+def _refusal(status: int, error: str, detail: str) -> RequestError:
+    """An error the toolkit answers with ``status``: its message (the body's first line) is the error JSON
+    Serve answers, ``{"error", "detail"}``."""
+    return RequestError(status, json.dumps({"error": error, "detail": detail}), error)
+
+
+def _refuse(exc: BaseException) -> RequestError:
+    """Any exception as core's one status and error JSON (core.formats.media.error_answer), as Serve maps it."""
+    status, body = error_answer(exc)
+    if status >= 500:
+        log.error("internal error: %s", type(exc).__name__, exc_info=exc)
+    return _refusal(status, body["error"], body["detail"])
+
 # What this endpoint answers with, in the order a wildcard picks from (``image/*``: PNG before TIFF).
 OFFERED = ("json", "npy", "png", "tiff", "nifti", "dicom-seg")
 SCOPE_HEADER = "X-Amzn-SageMaker-Custom-Attributes"  # the one response header SageMaker hands the caller
@@ -76,11 +103,40 @@ LIMITS = {
     "max_pages": int(os.environ.get("GLIOMASEG_MAX_PAGES", codecs.DEFAULT_MAX_PAGES)),
     "max_size": int(os.environ.get("GLIOMASEG_MAX_SIZE", 1024)),
 }
+MIN_SIZE = 32  # pixels a side, as Serve's min_size and the slice decoders' default
 # S3 objects are not bound by the 6 MB invocation limit, but the instance's memory still is.
 MAX_S3_BYTES = int(os.environ.get("GLIOMASEG_MAX_S3_BYTES", 512 << 20))
 # A scan: three sequences of the slice pixel limit, checked from its headers before decompressing.
 MAX_VOXELS = int(os.environ.get("GLIOMASEG_MAX_VOXELS", 3 * LIMITS["max_pixels"]))
 S3_FORMATS = ("png", "tiff", "npy", "nifti", "dicom-seg")
+ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"  # the invocation's CustomAttributes, as the container sees them
+MAX_ATTRIBUTES = 1024  # characters SageMaker passes back in the response's custom attributes
+
+
+@dataclass
+class Options:
+    """How to read a request's input, from its custom attributes (``spacing=5,1,1; sequences=flair,t1``) or
+    its JSON fields: a slice stack's spacing (core.inference.spacing), a NIfTI's sequence names."""
+
+    spacing: tuple[float, float, float] | None = None
+    sequences: list[str] | None = None
+    series: dict[str, str] | None = None  # a DICOM study's series (core.inference.jobs.parse_series)
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> Options:
+        picked = values.get("series")
+        try:
+            spacing = parse_spacing(values.get("spacing"))
+            series = ({str(k): str(v) for k, v in picked.items()} if isinstance(picked, dict)
+                      else parse_series(None if picked is None else str(picked)))
+        except codecs.DecodeError as exc:
+            raise _refuse(exc) from exc
+        sequences = values.get("sequences")
+        if isinstance(sequences, str):
+            sequences = [n.strip() for n in sequences.split(",")] if sequences.strip() else None
+        if sequences is not None and not (isinstance(sequences, list) and all(isinstance(n, str) for n in sequences)):
+            raise _refusal(400, "bad_request", f"sequences={sequences!r}; give names such as flair,t1,t1gd")
+        return cls(spacing, sequences, series)
 
 
 @dataclass
@@ -91,6 +147,7 @@ class Request:
     output_prefix: str | None = None
     output_format: str | None = None
     scan: Any = None  # a gliomaseg_core.formats.volume.Volume for NIfTI/DICOM input
+    options: Options = field(default_factory=Options)
 
 
 @dataclass
@@ -103,6 +160,7 @@ class Prediction:
     result: Any = None  # gliomaseg_core.inference.results.VolumeResult for a scan: its grid, mL, NIfTI, SEG
     model_name: str = "gliomaseg"  # a DICOM SEG names the algorithm that made it
     answer: Any = None  # the predictor's volume answer (its quality and review), for a volume
+    spacing: Any = None  # the VoxelSpacing a volume was post-processed at (given, the scan's, or assumed)
 
     @property
     def kind(self) -> str:
@@ -118,55 +176,111 @@ def model_fn(model_dir: str) -> Predictor:
     return predictor
 
 
-def input_fn(body: bytes | str, content_type: str | None) -> Request:
+def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -> Request:
+    """The request's input; ``context`` (the toolkit passes it) carries the invocation's custom attributes."""
     media, params = _parse_type(content_type)
     if media == JSON:
         return _json_request(body)
+    options = Options.parse(custom_attributes(context))
     if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
         body = body.encode("utf-8")
     body = bytes(body)
-    if _is_scan(media, body):
-        scan = _read_scan(body)
-        return Request(scan.images, True, scan=scan)
+    from gliomaseg_core.formats.load import body_kind  # nibabel and pydicom load when a body comes
+
+    try:  # what the body is, by the rule of Serve's volume endpoint (core.formats.load)
+        kind = body_kind(declared_kind(media), body)
+    except codecs.DecodeError as exc:
+        raise _refuse(exc) from None
+    if kind != SLICES:
+        scan = _read_scan(body, options=options)
+        return Request(scan.images, True, scan=scan, options=options)
+    _check_series(SLICES, options)
     images = _decode(body, content_type.split(";", 1)[0] if content_type else None)
-    return Request(images, _volume(params.get("volume"), len(images)))
+    return Request(images, _volume(params.get("volume"), len(images)), options=options)
+
+
+def custom_attributes(context: Any) -> dict[str, str]:
+    """The invocation's CustomAttributes (``key=value; key=value``, keys lower-cased); {} without any."""
+    try:
+        properties = dict(context.request_processor[0].get_request_properties())
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return {}
+    raw = next((v for k, v in properties.items() if str(k).lower() == ATTRIBUTES), "") or ""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes | bytearray) else str(raw)
+    out = {}
+    for item in text.split(";"):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            out[key.strip().lower()] = value.strip()
+    return out
 
 
 def predict_fn(data: Request, model: Predictor) -> Prediction:
+    given = data.options.spacing
     if data.scan is not None:  # what `core predict` does with the same file
         from gliomaseg_core.inference.results import segment_volume
 
         try:
+            spacing = scan_spacing(data.scan, given)
             result = segment_volume(model, data.scan)
-        except ValueError as exc:
-            raise RequestError(422, f"invalid_input: {exc}") from exc
+        except Exception as exc:  # core's one mapping: a refusal's status, or a 500 without its text
+            raise _refuse(exc) from None
         return Prediction(result.masks, data, model.version, result.class_names, result=result,
-                          model_name=str(model.config.get("name") or "gliomaseg"))
+                          model_name=str(model.config.get("name") or "gliomaseg"), spacing=spacing)
+    spacing = stack_spacing(given)
     try:  # several slices as one patient give the volume answer (with its quality), as a scan does
-        answer = model.segment(data.images) if data.volume else None
-        masks = answer.masks if answer is not None else model.predict(data.images)
-    except ValueError as exc:  # input the predictor refuses (shape/dtype): the client's to fix
-        raise RequestError(422, f"invalid_input: {exc}") from exc
+        answer = model.segment(data.images, spacing=spacing.mm) if data.volume else None
+        masks = answer.masks if answer is not None else model.predict(data.images, spacing=given)
+    except Exception as exc:  # input the predictor refuses (422), or a 500 without its text
+        raise _refuse(exc) from None
     names = list(model.config.get("class_names", []))
     note = None if data.volume else single_slice_note(model.config, "send all the patient's slices in one body")
-    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note, answer=answer)
+    return Prediction(np.asarray(masks, dtype=np.uint8), data, model.version, names, note, answer=answer,
+                      spacing=spacing if data.volume else None)
 
 
 def output_fn(prediction: Prediction, accept: str | None, context: Any = None) -> tuple[bytes, str]:
     """The answer in the negotiated format; ``context`` (the toolkit passes it) carries the single-slice note
     of a per-patient bundle as the invocation's custom attributes, as Serve's Warning header does."""
-    if prediction.preprocessing_note and hasattr(context, "set_response_header"):
-        context.set_response_header(0, SCOPE_HEADER, f"preprocessing_scope=slice; {prediction.preprocessing_note}")
     if prediction.request.s3_uri:
+        _set_attributes(context, response_attributes(prediction, binary=False))
         return _write_s3(prediction), JSON
     try:
         fmt = choose_format(preferences(accept or JSON, OFFERED), prediction.kind, "json", OFFERED,
                             len(prediction.masks))
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+        raise _refuse(exc) from exc
+    _set_attributes(context, response_attributes(prediction, binary=fmt != "json"))
     if fmt == "json":
         return json.dumps(_summary(prediction, rle=True)).encode(), JSON
     return _encode(prediction, FORMAT_MEDIA[fmt]), FORMAT_MEDIA[fmt]
+
+
+def response_attributes(prediction: Prediction, binary: bool) -> str:
+    """The answer's custom attributes (the one header SageMaker hands back): a per-patient bundle's slice scope,
+    the spacing used (``spacing_assumed=`` where assumed), the volume in mL where known, and for a binary answer
+    its notes as a JSON list (``notes=[...]``, cut to SageMaker's 1024 characters)."""
+    parts = []
+    if prediction.preprocessing_note:
+        parts.append(f"preprocessing_scope=slice; {prediction.preprocessing_note}")
+    spacing = prediction.spacing
+    if spacing is not None:
+        parts.append(f"spacing_mm={spacing.text()}" if spacing.known else f"spacing_assumed={spacing.text()}")
+        if spacing.known and prediction.kind == SLICES:
+            parts.append(f"volume_ml={float(np.count_nonzero(prediction.masks)) * spacing.voxel_ml:.4f}")
+        elif prediction.result is not None:
+            parts.append(f"volume_ml={prediction.result.volume_ml:.4f}")
+    notes = answer_notes(prediction.result, spacing)
+    if binary and notes:
+        room = MAX_ATTRIBUTES - len("; ".join(parts)) - len("; notes=")
+        text = json.dumps(notes, ensure_ascii=True)
+        parts.append("notes=" + (text if len(text) <= room else text[: max(room - 4, 0)] + '..."]'))
+    return "; ".join(parts)
+
+
+def _set_attributes(context: Any, attributes: str) -> None:
+    if attributes and hasattr(context, "set_response_header"):
+        context.set_response_header(0, SCOPE_HEADER, attributes)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -191,14 +305,14 @@ def _volume(flag: Any, n: int) -> bool:
         return n > 1
     if str(flag).lower() in ("false", "0", "no"):
         return False
-    raise RequestError(400, f"bad_request: volume={flag!r}; use true or false")
+    raise _refusal(400, "bad_request", f"volume={flag!r}; use true or false")
 
 
 def _decode(data: bytes, content_type: str | None) -> np.ndarray:
     try:
         return codecs.decode(data, content_type, volume=True, **LIMITS)
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+        raise _refuse(exc) from exc
 
 
 def _is_scan(media: str, body: bytes) -> bool:
@@ -212,31 +326,38 @@ def _is_scan(media: str, body: bytes) -> bool:
     return sniff_volume(body) is not None
 
 
-def _read_scan(data: bytes, name: str | None = None) -> Any:
+def _read_scan(data: bytes, name: str | None = None, options: Options | None = None) -> Any:
     """A scan's bytes -> a canonical Volume within the limits (VolumeError is a DecodeError: its status);
     ``name`` (an S3 key's file name) may say a 3D NIfTI's sequence, as a file name does for `core predict`."""
     from dataclasses import replace
 
-    from gliomaseg_core.formats.load import load_volume
+    from gliomaseg_core.formats.load import check_request_size, load_volume
     from gliomaseg_core.formats.volume import Limits
 
     limits = replace(Limits(), max_voxels=MAX_VOXELS, max_bytes=min(Limits().max_bytes, 8 * MAX_VOXELS))
     try:
-        scan = load_volume(data, limits=limits, name=name)
+        options = options or Options()
+        scan = load_volume(data, limits=limits, name=name, sequences=options.sequences, series=options.series)
     except codecs.DecodeError as exc:
-        raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
-    n, h, w = scan.images.shape[:3]
-    if n > LIMITS["max_pages"] or max(h, w) > LIMITS["max_size"]:
-        raise RequestError(413, f"too_large: {n} axial slices of {h}x{w}; at most {LIMITS['max_pages']} of "
-                                f"{LIMITS['max_size']} a side")
-    return scan
+        raise _refuse(exc) from exc
+    try:  # the request limits Serve applies, by the same rule
+        return check_request_size(scan, LIMITS["max_pages"], MIN_SIZE, LIMITS["max_size"])
+    except codecs.DecodeError as exc:
+        raise _refuse(exc) from None
+
+
+def _check_series(kind: str, options: Options) -> None:
+    try:
+        check_series(kind, options.series)
+    except codecs.DecodeError as exc:
+        raise _refuse(exc) from exc
 
 
 def _check_scan_output(prediction: Prediction, fmt: str) -> None:
     """406 for a NIfTI of slices (no geometry) or a SEG of anything but DICOM (nothing to reference)."""
     why = refusal(fmt, prediction.kind)
     if why:
-        raise RequestError(406, f"not_acceptable: {why}")
+        raise _refusal(406, "not_acceptable", f"{why}")
 
 
 def _encode(prediction: Prediction, media: str) -> bytes:
@@ -249,7 +370,7 @@ def _encode(prediction: Prediction, media: str) -> bytes:
         try:
             return prediction.result.seg_bytes(prediction.model_name, prediction.model_version)
         except codecs.DecodeError as exc:
-            raise RequestError(exc.status, f"{exc.error}: {exc.detail}") from exc
+            raise _refuse(exc) from exc
     if media == NPY:
         return codecs.encode_npy(masks)
     if media == TIFF:
@@ -261,7 +382,7 @@ def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
     """core's result schema: the JSON Serve answers for the same body."""
     return result_json(prediction.masks, prediction.model_version, prediction.class_names, scan=prediction.result,
                        answer=prediction.answer, volume=prediction.request.volume,
-                       note=prediction.preprocessing_note, rle=rle)
+                       note=prediction.preprocessing_note, rle=rle, spacing=prediction.spacing)
 
 
 # ----------------------------------------------------------------------------------------------- S3
@@ -269,7 +390,7 @@ def _summary(prediction: Prediction, rle: bool) -> dict[str, Any]:
 
 def _split_s3(uri: Any, what: str) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri.startswith("s3://") or "/" not in uri[5:] or uri.startswith("s3:///"):
-        raise RequestError(400, f"bad_request: {what} must be an s3://bucket/key string, got {uri!r}")
+        raise _refusal(400, "bad_request", f"{what} must be an s3://bucket/key string, got {uri!r}")
     bucket, _, key = uri[5:].partition("/")
     return bucket, key
 
@@ -277,32 +398,33 @@ def _split_s3(uri: Any, what: str) -> tuple[str, str]:
 def _s3_error(exc: Exception, uri: str) -> RequestError:
     code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
     if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
-        return RequestError(404, f"not_found: {uri}")
+        return _refusal(404, "not_found", f"{uri}")
     if code in ("AccessDenied", "403", "Forbidden"):
-        return RequestError(403, f"forbidden: the endpoint's role may not access {uri}")
-    return RequestError(400, f"s3_error: {uri}: {exc}")
+        return _refusal(403, "forbidden", f"the endpoint's role may not access {uri}")
+    return _refusal(400, "s3_error", f"{uri}: {exc}")
 
 
 def _json_request(body: bytes | str) -> Request:
     try:
         spec = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"bad_request: body is not valid JSON ({exc})") from exc
+        raise _refusal(400, "bad_request", f"body is not valid JSON ({exc})") from exc
     if not isinstance(spec, dict) or "s3_uri" not in spec:
-        raise RequestError(400, 'bad_request: JSON requests look like {"s3_uri": "s3://bucket/key", '
-                                '"output_prefix": "s3://bucket/prefix/"}')
+        raise _refusal(400, "bad_request", 'JSON requests look like {"s3_uri": "s3://bucket/key", '
+                       '"output_prefix": "s3://bucket/prefix/"}')
     uri = spec["s3_uri"]
     bucket, key = _split_s3(uri, "s3_uri")
     out = spec.get("output_prefix") or f"s3://{bucket}/{posixpath.dirname(key)}"
     _split_s3(out.rstrip("/") + "/x", "output_prefix")
     fmt = spec.get("format")
     if fmt not in (None, *S3_FORMATS):
-        raise RequestError(400, f"bad_request: format {fmt!r}; use {', '.join(S3_FORMATS)}")
+        raise _refusal(400, "bad_request", f"format {fmt!r}; use {', '.join(S3_FORMATS)}")
+    options = Options.parse(spec)
     client = s3_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
         if int(head.get("ContentLength", 0)) > MAX_S3_BYTES:
-            raise RequestError(413, f"too_large: {uri} is {head['ContentLength']} bytes; at most {MAX_S3_BYTES}")
+            raise _refusal(413, "too_large", f"{uri} is {head['ContentLength']} bytes; at most {MAX_S3_BYTES}")
         data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except RequestError:
         raise
@@ -312,22 +434,23 @@ def _json_request(body: bytes | str) -> Request:
     if declared in SCAN_TYPES or (not declared and key.lower().endswith(SCAN_SUFFIXES)) or _is_scan(declared, data):
         base = posixpath.basename(key)
         scan = _read_scan(data, next((base[: -len(e)] for e in SCAN_SUFFIXES[::-1] if base.lower().endswith(e)),
-                                     posixpath.splitext(base)[0]))
+                                     posixpath.splitext(base)[0]), options)
         if fmt not in (None, "nifti", "dicom-seg", "npy", "tiff"):
-            raise RequestError(400, f"bad_request: format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
-        return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan)
+            raise _refusal(400, "bad_request", f"format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
+        return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan, options=options)
     if fmt in ("nifti", "dicom-seg"):
-        raise RequestError(400, f"bad_request: format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
+        raise _refusal(400, "bad_request", f"format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
+    _check_series(SLICES, options)
     ext = posixpath.splitext(key)[1].lower()
     images = _decode(data, declared or codecs.EXTENSIONS.get(ext, ""))
-    return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt)
+    return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt, options=options)
 
 
 def _write_s3(prediction: Prediction) -> bytes:
     req, masks = prediction.request, prediction.masks
     fmt = req.output_format or ("png" if len(masks) == 1 else "tiff")
     if fmt == "png" and len(masks) != 1:
-        raise RequestError(400, f"bad_request: format png holds one slice, the input had {len(masks)}")
+        raise _refusal(400, "bad_request", f"format png holds one slice, the input had {len(masks)}")
     ctype = FORMAT_MEDIA[fmt]
     _check_scan_output(prediction, fmt)
     data = _encode(prediction, ctype)

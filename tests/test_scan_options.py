@@ -1,0 +1,490 @@
+"""What a client says about its scan, the same on every path: a slice stack's spacing (``spacing=z,y,x``,
+``--spacing``, a SageMaker custom attribute or JSON field) and a NIfTI's sequence names (``sequences=``, a
+dataset.json or the file name; never guessed), with the answer's notes beside binary answers (NIfTI, DICOM
+SEG). Each is checked through the HTTP API, the SageMaker handlers in a fresh process, and the CLIs
+(`core predict`, `serve predict`, `serve batch`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from bundle_factory import make_random_bundle, sample_images
+from sagemaker_sim import ATTRIBUTES, run_handlers
+from volume_support import strip_attributes
+
+from core.cli import dispatch
+from core.formats import codecs
+from core.inference.predictor import Predictor
+from core.inference.results import result_json
+from core.inference.spacing import parse_spacing, scan_spacing, stack_spacing
+
+FINE = (1.0, 0.5, 0.5)  # a 1 mm, 0.5 mm in-plane stack: 1/17 of a Kaggle voxel's volume
+FINE_TEXT = "1,0.5,0.5"
+KAGGLE_TEXT = "5,0.9375,0.9375"
+# 40 mm3: on the Kaggle grid (4.4 mm3 a voxel) the network's small components stay, at FINE (0.25 mm3) they go
+RULES = {"min_volume_mm3": 40.0}
+NPY = codecs.NPY
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("options") / "bundle", postprocess=RULES)
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle) -> Predictor:
+    return Predictor.from_bundle(bundle, "cpu")
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return sample_images(12, seed=7)
+
+
+@pytest.fixture(scope="module")
+def expected(predictor, images) -> dict[str, np.ndarray]:
+    """The Predictor's masks at the fine spacing and at the assumed (Kaggle) one: different, so a path that
+    ignores the spacing shows."""
+    out = {"fine": predictor.segment(images, spacing=FINE).masks, "assumed": predictor.segment(images).masks}
+    assert out["fine"].sum() > 0 and not np.array_equal(out["fine"], out["assumed"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, bundle):
+    from serve_support import serving
+
+    from serve.app import ServeSettings
+
+    with serving({"/": ServeSettings(bundle=str(bundle), max_slices=32)}) as urls:
+        yield urls["/"]
+
+
+def _post(url: str, body: bytes, kind: str, **params) -> httpx.Response:
+    return httpx.post(f"{url}/v1/segment/volume", content=body, headers={"Content-Type": kind}, params=params,
+                      timeout=120)
+
+
+def _npy(r: httpx.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+
+# ------------------------------------------------------------------------------------------------ core
+
+
+def test_spacing_is_parsed_once_and_refused_clearly() -> None:
+    assert parse_spacing(" 1, 0.5,0.5") == FINE and parse_spacing([1, 0.5, 0.5]) == FINE
+    assert parse_spacing(None) is None and parse_spacing("") is None
+    for bad in ("1,2", "a,b,c", "0,1,1", "-1,1,1", "1,1,nan", "1,1,500", [1, 2]):
+        with pytest.raises(codecs.DecodeError) as err:
+            parse_spacing(bad)
+        assert err.value.status == 400 and err.value.error == "bad_spacing" and "z,y,x" in err.value.detail
+    assumed, given = stack_spacing(None), stack_spacing(FINE)
+    assert not assumed.known and assumed.text() == KAGGLE_TEXT and "assumed" in assumed.note()
+    assert assumed.headers() == {"X-Spacing-mm": KAGGLE_TEXT, "X-Spacing-Assumed": KAGGLE_TEXT}
+    assert given.known and given.note() is None and given.headers() == {"X-Spacing-mm": FINE_TEXT}
+
+
+def test_result_json_gives_ml_only_where_the_spacing_is_known() -> None:
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[1, :2, :3] = 1
+    names = ["background", "tumour"]
+    known = result_json(masks, "v", names, spacing=stack_spacing(FINE))
+    assert known["volume_ml"] == pytest.approx(6 * 0.25 / 1000) and known["spacing_mm"] == list(FINE)
+    assert known["class_ml"] == {"tumour": pytest.approx(6 * 0.25 / 1000)} and known["notes"] == []
+    assumed = result_json(masks, "v", names, spacing=stack_spacing(None))
+    assert assumed["volume_ml"] is None and assumed["spacing_mm"] is None and assumed["voxel_ml"] is None
+    assert len(assumed["notes"]) == 1 and KAGGLE_TEXT in assumed["notes"][0]
+
+
+def test_a_scan_keeps_its_header_spacing(tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    from core.formats.load import load_volume
+
+    volume = load_volume(nifti_scan(sample_images(4), tmp_path / "case.nii.gz"), sequences=["pre", "flair", "post"])
+    assert scan_spacing(volume).mm == pytest.approx((3.0, 0.9, 0.8)) and scan_spacing(volume).known
+    assert scan_spacing(volume, (3.0, 0.9, 0.8)).source == "scan"
+    with pytest.raises(codecs.DecodeError) as err:
+        scan_spacing(volume, FINE)
+    assert err.value.status == 422 and err.value.error == "spacing_conflict" and "3,0.9,0.8" in err.value.detail
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+
+
+def test_slice_stack_spacing_over_http(url, images, expected, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    body = codecs.encode_npy(images)
+    r = _post(url, body, NPY, format="npy", spacing=FINE_TEXT)
+    np.testing.assert_array_equal(_npy(r), expected["fine"])  # the mm3 rule at the real spacing
+    assert r.headers["X-Spacing-mm"] == FINE_TEXT and "X-Spacing-Assumed" not in r.headers
+    assert float(r.headers["X-Tumour-Volume-mL"]) == pytest.approx(expected["fine"].sum() * 0.25e-3, abs=1e-4)
+    r = _post(url, body, NPY, format="npy")
+    np.testing.assert_array_equal(_npy(r), expected["assumed"])
+    assert r.headers["X-Spacing-Assumed"] == KAGGLE_TEXT and "X-Tumour-Volume-mL" not in r.headers
+    assert any("assumed" in n for n in json.loads(r.headers["X-Notes"]))  # the binary answer says it too
+    told = _post(url, body, NPY, format="json", spacing=FINE_TEXT).json()
+    assert told["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3) and told["notes"] == []
+    assert told["spacing_mm"] == list(FINE)
+    untold = _post(url, body, NPY, format="json").json()
+    assert untold["volume_ml"] is None and any(KAGGLE_TEXT in n for n in untold["notes"])
+    r = _post(url, body, NPY, spacing="1,2")
+    assert r.status_code == 400 and r.json()["error"] == "bad_spacing", r.text
+    scan = nifti_scan(images, tmp_path / "case.nii.gz").read_bytes()
+    r = _post(url, scan, "application/gzip", sequences="pre,flair,post", spacing=FINE_TEXT)
+    assert r.status_code == 422 and r.json()["error"] == "spacing_conflict", r.text
+    r = _post(url, scan, "application/gzip", sequences="pre,flair,post", spacing="3,0.9,0.8", format="json")
+    assert r.status_code == 200 and r.headers["X-Spacing-mm"] == "3,0.9,0.8", r.text
+
+
+# ------------------------------------------------------------------------------------------- SageMaker
+
+
+def test_slice_stack_spacing_through_sagemaker(bundle, images, expected, aws, tmp_path) -> None:
+    import boto3
+    from sagemaker_sim import BUCKET
+
+    body = codecs.encode_npy(images)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="stacks/p.npy", Body=body)
+    fine = {ATTRIBUTES: f"spacing={FINE_TEXT}"}
+    s3 = {"s3_uri": f"s3://{BUCKET}/stacks/p.npy", "format": "npy", "spacing": list(FINE)}
+    res = run_handlers(bundle, {
+        "fine": (body, NPY, NPY, fine), "assumed": (body, NPY, NPY, {}),
+        "fine_json": (body, NPY, codecs.JSON, fine), "assumed_json": (body, NPY, codecs.JSON, {}),
+        "s3": (json.dumps(s3).encode(), codecs.JSON, codecs.JSON, {}),
+        "bad": (body, NPY, NPY, {ATTRIBUTES: "spacing=1,2"}),
+    }, tmp_path, aws["env"])
+    r, out = res["fine"]
+    assert r["status"] == 200, out[:300]
+    np.testing.assert_array_equal(np.load(io.BytesIO(out)), expected["fine"])
+    attributes = r["headers"][ATTRIBUTES]
+    assert f"spacing_mm={FINE_TEXT}" in attributes and "volume_ml=" in attributes and "notes=" not in attributes
+    r, out = res["assumed"]
+    np.testing.assert_array_equal(np.load(io.BytesIO(out)), expected["assumed"])
+    attributes = r["headers"][ATTRIBUTES]
+    assert f"spacing_assumed={KAGGLE_TEXT}" in attributes and "volume_ml" not in attributes
+    assert "assumed" in json.loads(attributes.split("notes=", 1)[1])[0]
+    told = json.loads(res["fine_json"][1])
+    assert told["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3) and told["notes"] == []
+    untold = json.loads(res["assumed_json"][1])
+    assert untold["volume_ml"] is None and any(KAGGLE_TEXT in n for n in untold["notes"])
+    from_s3 = json.loads(res["s3"][1])
+    assert from_s3["volume_ml"] == pytest.approx(told["volume_ml"]) and from_s3["spacing_mm"] == list(FINE)
+    r, out = res["bad"]
+    assert r["status"] == 400 and b"bad_spacing" in out, out[:300]
+
+
+# ------------------------------------------------------------------------------------------------ CLIs
+
+
+def _patient_folder(images: np.ndarray, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for k, image in enumerate(images):
+        tifffile.imwrite(folder / f"p_{k + 1}.tif", image)
+    return folder
+
+
+def test_core_predict_spacing(bundle, images, expected, tmp_path) -> None:
+    folder = _patient_folder(images, tmp_path / "p")
+    base = ["predict", "--bundle", str(bundle), "--device", "cpu", str(folder)]
+    assert dispatch("core", "", ["core.inference.cli"], [*base, "--out", str(tmp_path / "fine"),
+                                                         "--spacing", FINE_TEXT]) == 0
+    assert dispatch("core", "", ["core.inference.cli"], [*base, "--out", str(tmp_path / "assumed")]) == 0
+    for name, ml in (("fine", expected["fine"].sum() * 0.25e-3), ("assumed", None)):
+        summary = json.loads((tmp_path / name / "p_volume.json").read_text())
+        rows = list(csv.DictReader(io.StringIO((tmp_path / name / "predictions.csv").read_text())))
+        assert summary["tumour_pixels"] == int(expected[name].sum())
+        if ml is None:
+            assert summary["volume_ml"] is None and "assumed" in summary["notes"][0]
+            assert all(r["volume_ml"] == "" and "assumed" in r["notes"] for r in rows)
+        else:
+            assert summary["volume_ml"] == pytest.approx(ml) and summary["notes"] == []
+            assert sum(float(r["volume_ml"]) for r in rows) == pytest.approx(ml, abs=1e-5)
+    assert dispatch("core", "", ["core.inference.cli"], [*base, "--out", str(tmp_path / "x"), "--spacing", "1"]) == 2
+
+
+def test_serve_predict_spacing(url, images, expected, tmp_path) -> None:
+    folder = _patient_folder(images, tmp_path / "p")
+    for name, extra in (("fine", ["--spacing", FINE_TEXT]), ("assumed", [])):
+        argv = ["predict", "--url", url, str(folder), "--out", str(tmp_path / name), *extra]
+        assert dispatch("python -m serve", "", ["serve.client"], argv) == 0
+        said = json.loads((tmp_path / name / "p.json").read_text())
+        assert said["tumour_pixels"] == int(expected[name].sum())
+        if name == "fine":
+            assert said["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3, abs=1e-4)
+            assert said["spacing_mm"] == list(FINE) and said["notes"] == []
+        else:
+            assert said["volume_ml"] is None and said["spacing_assumed"] and "assumed" in said["notes"][0]
+
+
+def test_serve_batch_spacing(ray_session, bundle, images, expected, tmp_path) -> None:
+    from serve.batch.run import BatchOptions, run_batch
+
+    _patient_folder(images, tmp_path / "cohort" / "p")
+    for name, spacing in (("fine", FINE), ("assumed", None)):
+        out = tmp_path / name
+        summary = run_batch(BatchOptions(bundle=str(bundle), src=str(tmp_path / "cohort"), out=str(out), workers=1,
+                                         batch_size=8, progress=False, spacing=spacing))
+        assert summary["segmented"] == ["p"], summary
+        record = json.loads((out / "p" / "patient.json").read_text())
+        row = next(csv.DictReader(io.StringIO((out / "patients.csv").read_text())))
+        assert record["tumour_pixels"] == int(expected[name].sum())
+        if spacing:
+            assert record["volume_ml"] == pytest.approx(expected["fine"].sum() * 0.25e-3)
+            assert float(row["volume_ml"]) == pytest.approx(record["volume_ml"])
+        else:
+            assert record["volume_ml"] is None and row["volume_ml"] == "" and "assumed" in record["notes"][0]
+
+
+# ------------------------------------------------------------------------------- unnamed sequences (item 6)
+
+NAMED = "case_t1_flair_t1ce"  # a 4D NIfTI whose file name names its three channels in order
+
+
+def _unnamed_refused(error: str, detail: str) -> None:
+    assert error == "unnamed_sequences" and "sequences=" in detail and "dataset.json" in detail, detail
+    assert "file name" in detail and "3 channels" in detail
+
+
+def test_unnamed_sequences_over_http(url, images, tmp_path) -> None:
+    from scan_support import dicom_study, nifti_scan, zip_folder
+
+    scan = nifti_scan(images, tmp_path / "case.nii.gz").read_bytes()
+    r = _post(url, scan, "application/gzip")
+    assert r.status_code == 422, r.text
+    _unnamed_refused(r.json()["error"], r.json()["detail"])
+    named = httpx.post(f"{url}/v1/segment/volume", content=scan, params={"format": "json"}, timeout=120,
+                       headers={"Content-Type": "application/gzip",
+                                "Content-Disposition": f'attachment; filename="{NAMED}.nii.gz"'}).json()
+    told = _post(url, scan, "application/gzip", sequences="pre,flair,post", format="json").json()
+    assert named["masks_rle"] == told["masks_rle"] and named["tumour_pixels"] > 0
+    assert any("the file name" in n for n in named["notes"]) and any("given sequence" in n for n in told["notes"])
+    r = _post(url, scan, "application/gzip", sequences="pre,flair,post", format="nifti")
+    assert r.status_code == 200 and json.loads(r.headers["X-Notes"]) == told["notes"], r.text
+    dicom_study(images, tmp_path / "study")
+    strip_attributes(tmp_path / "study", ("PatientSex",))  # anonymised: the answer notes it
+    study = zip_folder(tmp_path / "study")
+    answer = _post(url, study, "application/zip", format="json").json()
+    for fmt in ("dicom-seg", "nifti"):  # the notes of the JSON answer beside each binary one
+        r = _post(url, study, "application/zip", format=fmt)
+        assert r.status_code == 200 and json.loads(r.headers["X-Notes"]) == answer["notes"], r.text
+    assert answer["notes"] == answer["scan"]["notes"] and answer["notes"]
+
+
+def test_unnamed_sequences_through_sagemaker(bundle, images, aws, tmp_path) -> None:
+    import boto3
+    from sagemaker_sim import BUCKET
+    from scan_support import dicom_study, nifti_scan, zip_folder
+
+    scan = nifti_scan(images, tmp_path / "case.nii.gz").read_bytes()
+    dicom_study(images, tmp_path / "study")
+    strip_attributes(tmp_path / "study", ("PatientSex",))  # anonymised: the answer notes it
+    study = zip_folder(tmp_path / "study")
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="scans/case.nii.gz", Body=scan)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=f"scans/{NAMED}.nii.gz", Body=scan)
+    named = {ATTRIBUTES: "sequences=pre,flair,post"}
+    gz, js = "application/gzip", codecs.JSON
+    res = run_handlers(bundle, {
+        "unnamed": (scan, gz, js, {}), "named_json": (scan, gz, js, named), "named_nifti": (scan, gz, gz, named),
+        "s3_unnamed": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/case.nii.gz"}).encode(), js, js, {}),
+        "s3_file_name": (json.dumps({"s3_uri": f"s3://{BUCKET}/scans/{NAMED}.nii.gz"}).encode(), js, js, {}),
+        "dicom_json": (study, "application/zip", js, {}),
+        "dicom_seg": (study, "application/zip", "application/dicom", {}),
+    }, tmp_path, aws["env"])
+    for name in ("unnamed", "s3_unnamed"):
+        r, out = res[name]
+        assert r["status"] == 422, out[:300]
+        refusal = json.loads(out.decode().split("\n", 1)[0])  # the error JSON Serve answers
+        _unnamed_refused(refusal["error"], refusal["detail"])
+    for json_case, binary_case in (("named_json", "named_nifti"), ("dicom_json", "dicom_seg")):
+        r, out = res[binary_case]
+        assert r["status"] == 200, out[:300]
+        notes = json.loads(res[json_case][1])["notes"]
+        assert notes and json.loads(r["headers"][ATTRIBUTES].split("notes=", 1)[1]) == notes
+    assert any("the file name" in n for n in json.loads(res["s3_file_name"][1])["notes"])
+
+
+def test_unnamed_sequences_in_the_clis(url, bundle, images, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    scans = tmp_path / "in"
+    scans.mkdir()
+    nifti_scan(images, scans / "case.nii.gz")
+    core = ["predict", "--bundle", str(bundle), "--device", "cpu", str(scans / "case.nii.gz")]
+    assert dispatch("core", "", ["core.inference.cli"], [*core, "--out", str(tmp_path / "refused")]) == 2
+    assert dispatch("core", "", ["core.inference.cli"], [*core, "--out", str(tmp_path / "core"),
+                                                         "--sequences", "pre,flair,post"]) == 0
+    side = json.loads((tmp_path / "core" / "case_volume.json").read_text())  # the notes beside the NIfTI mask
+    assert any("given sequence names" in n for n in side["notes"])
+    assert (tmp_path / "core" / "case_mask.nii.gz").is_file()
+    argv = ["predict", "--url", url, str(scans / "case.nii.gz"), "--out", str(tmp_path / "serve")]
+    assert dispatch("python -m serve", "", ["serve.client"], argv) == 1
+    assert "unnamed_sequences" in json.loads((tmp_path / "serve" / "summary.json").read_text())[0]["error"]
+    assert dispatch("python -m serve", "", ["serve.client"], [*argv, "--sequences", "pre,flair,post"]) == 0
+    served = json.loads((tmp_path / "serve" / "case.json").read_text())
+    assert served["tumour_pixels"] == side["tumour_pixels"] and len(served["notes"]) == len(side["notes"])
+    assert any("given sequence names" in n for n in served["notes"])  # the side file beside the NIfTI mask
+
+
+def test_unnamed_sequences_in_serve_batch(ray_session, bundle, images, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    from serve.batch.run import BatchOptions, run_batch
+
+    (tmp_path / "cohort").mkdir()
+    nifti_scan(images, tmp_path / "cohort" / "case.nii.gz")
+    summary = run_batch(BatchOptions(bundle=str(bundle), src=str(tmp_path / "cohort"), out=str(tmp_path / "out"),
+                                     workers=1, batch_size=8, progress=False))
+    assert [f["patient"] for f in summary["failed"]] == ["case"]
+    assert "unnamed_sequences" in summary["failed"][0]["error"]
+    assert summary["failed"][0]["error_code"] == "unnamed_sequences"  # the code Serve and SageMaker answer
+
+
+# ----------------------------------------------------------------------------------- choosing a series (item 5)
+
+
+def _two_flair_study(images: np.ndarray, folder: Path) -> dict:
+    """A routine study: pre, axial FLAIR (series 2), post, and a 3D sagittal FLAIR (series 4) of the same
+    head; returns the series UIDs by number."""
+    import pydicom
+    from volume_support import dcm_files, reorient, write_dicom_series, write_study
+
+    info = write_study(folder, images)
+    source, affine = reorient(images, ("A", "S", "L"))  # slices along left-right: sagittal
+    write_dicom_series(folder / "s3", source[..., 1], affine, "SAG 3D FLAIR", study=info["study"], series_number=4)
+    return {int(ds.SeriesNumber): str(ds.SeriesInstanceUID)
+            for ds in (pydicom.dcmread(sorted(dcm_files(folder / f"s{c}"))[0], stop_before_pixels=True)
+                       for c in range(4))}
+
+
+@pytest.fixture(scope="module")
+def two_flair(images, tmp_path_factory) -> dict:
+    """The two-FLAIR study zipped, its series UIDs, and the same study without the sagittal series."""
+    from scan_support import zip_folder
+
+    root = tmp_path_factory.mktemp("two_flair")
+    uids = _two_flair_study(images, root / "study")
+    plain = root / "plain"
+    shutil.copytree(root / "study", plain, ignore=lambda d, names: names if d.endswith("s3") else [])
+    return {"zip": zip_folder(root / "study", root / "study.zip"), "path": root / "study.zip", "uids": uids,
+            "plain": zip_folder(plain)}
+
+
+def _lists_candidates(detail: str, uids: dict) -> None:
+    """The 422 names both FLAIR-like series by UID, number, description, plane and slices."""
+    for number, plane, slices in ((2, "axial", 12), (4, "sagittal", 64)):
+        assert uids[number] in detail and f"series {number}" in detail, detail
+        assert f"{plane}, {slices} slices" in detail, detail
+    assert "'AX T2 FLAIR'" in detail and "'SAG 3D FLAIR'" in detail and "series=" in detail
+
+
+def test_series_selectors_are_parsed_once() -> None:
+    from core.inference.jobs import parse_series
+
+    assert parse_series("2") == {"flair": "2"} and parse_series(["1.2.840.1"]) == {"flair": "1.2.840.1"}
+    assert parse_series("flair=2,pre=1") == {"flair": "2", "pre": "1"} and parse_series(None) is None
+    assert parse_series(["flair=AX T2, FLAIR"]) == {"flair": "AX T2, FLAIR"}  # a CLI value is never split
+    with pytest.raises(codecs.DecodeError, match="SEQUENCE=SERIES") as err:
+        parse_series("flair")
+    assert err.value.status == 400 and err.value.error == "bad_series"
+
+
+def test_choosing_a_series_in_core(two_flair) -> None:
+    from core.formats.dicom import read_dicom
+    from core.formats.volume import SeveralSeriesError
+
+    with pytest.raises(SeveralSeriesError) as err:
+        read_dicom(two_flair["zip"])
+    assert err.value.status == 422
+    _lists_candidates(err.value.detail, two_flair["uids"])
+    plain = read_dicom(two_flair["plain"])
+    for selector in ({"flair": "2"}, {"flair": two_flair["uids"][2]}):
+        picked = read_dicom(two_flair["zip"], series=selector)
+        np.testing.assert_array_equal(picked.images, plain.images)  # pre and post still found by description
+        assert picked.filled == () and any("'SAG 3D FLAIR'" in n and "ignored" in n for n in picked.notes)
+
+
+def test_choosing_a_series_over_http(url, two_flair, tmp_path) -> None:
+    from scan_support import nifti_scan
+
+    r = _post(url, two_flair["zip"], "application/zip")
+    assert r.status_code == 422 and r.json()["error"] == "several_series", r.text
+    _lists_candidates(r.json()["detail"], two_flair["uids"])
+    expected = _npy(_post(url, two_flair["plain"], "application/zip", format="npy"))
+    assert expected.any()
+    for selector in ("2", two_flair["uids"][2], "flair=2,pre=1,post=3"):
+        np.testing.assert_array_equal(_npy(_post(url, two_flair["zip"], "application/zip", format="npy",
+                                                 series=selector)), expected)
+    r = _post(url, two_flair["zip"], "application/zip", series="flair")
+    assert r.status_code == 400 and r.json()["error"] == "bad_series", r.text
+    scan = nifti_scan(sample_images(4), tmp_path / "case.nii.gz").read_bytes()
+    r = _post(url, scan, "application/gzip", series="2", sequences="pre,flair,post")
+    assert r.status_code == 400 and r.json()["error"] == "bad_series" and "NIfTI" in r.json()["detail"], r.text
+
+
+def test_choosing_a_series_through_sagemaker(bundle, two_flair, aws, tmp_path) -> None:
+    import boto3
+    from sagemaker_sim import BUCKET
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="studies/two.zip", Body=two_flair["zip"])
+    zipped, js = "application/zip", codecs.JSON
+    s3 = {"s3_uri": f"s3://{BUCKET}/studies/two.zip", "format": "npy", "series": two_flair["uids"][2]}
+    res = run_handlers(bundle, {
+        "plain": (two_flair["plain"], zipped, NPY, {}), "refused": (two_flair["zip"], zipped, js, {}),
+        "number": (two_flair["zip"], zipped, NPY, {ATTRIBUTES: "series=2"}),
+        "s3": (json.dumps(s3).encode(), js, js, {}),
+        "slices": (codecs.encode_npy(sample_images(3)), NPY, NPY, {ATTRIBUTES: "series=2"}),
+    }, tmp_path, aws["env"])
+    r, out = res["refused"]
+    refusal = json.loads(out.decode().split("\n", 1)[0])  # the error JSON Serve answers
+    assert r["status"] == 422 and refusal["error"] == "several_series", out[:300]
+    _lists_candidates(refusal["detail"], two_flair["uids"])
+    expected = np.load(io.BytesIO(res["plain"][1]))
+    np.testing.assert_array_equal(np.load(io.BytesIO(res["number"][1])), expected)
+    written = boto3.client("s3").get_object(Bucket=BUCKET, Key="studies/two_mask.npy")["Body"].read()
+    assert res["s3"][0]["status"] == 200, res["s3"][1][:300]
+    np.testing.assert_array_equal(np.load(io.BytesIO(written)), expected)
+    assert res["slices"][0]["status"] == 400 and b"bad_series" in res["slices"][1]
+
+
+def test_choosing_a_series_in_the_clis(url, bundle, two_flair, tmp_path) -> None:
+    from core.formats.load import load_volume
+    from core.inference.results import segment_volume
+
+    expected = segment_volume(Predictor.from_bundle(bundle, "cpu"), load_volume(two_flair["plain"]))
+    study = str(two_flair["path"])
+    core = ["predict", "--bundle", str(bundle), "--device", "cpu", study]
+    assert dispatch("core", "", ["core.inference.cli"], [*core, "--out", str(tmp_path / "refused")]) == 2
+    assert dispatch("core", "", ["core.inference.cli"], [*core, "--out", str(tmp_path / "core"), "--series", "2"]) == 0
+    assert json.loads((tmp_path / "core" / "study_volume.json").read_text())["tumour_pixels"] == expected.masks.sum()
+    argv = ["predict", "--url", url, study, "--out", str(tmp_path / "serve")]
+    assert dispatch("python -m serve", "", ["serve.client"], argv) == 1
+    assert "several_series" in json.loads((tmp_path / "serve" / "summary.json").read_text())[0]["error"]
+    assert dispatch("python -m serve", "", ["serve.client"], [*argv, "--series", two_flair["uids"][2]]) == 0
+    assert json.loads((tmp_path / "serve" / "study.json").read_text())["tumour_pixels"] == expected.masks.sum()
+
+
+def test_choosing_a_series_in_serve_batch(ray_session, bundle, two_flair, tmp_path) -> None:
+    from serve.batch.run import BatchOptions, run_batch
+
+    (tmp_path / "cohort").mkdir()
+    shutil.copy(two_flair["path"], tmp_path / "cohort" / "study.zip")
+    for name, series in (("refused", None), ("picked", {"flair": "2"})):
+        summary = run_batch(BatchOptions(bundle=str(bundle), src=str(tmp_path / "cohort"), out=str(tmp_path / name),
+                                         workers=1, batch_size=8, progress=False, series=series))
+        if series is None:
+            failed = summary["failed"][0]
+            assert failed["error_code"] == "several_series" and "SAG 3D FLAIR" in failed["error"]
+        else:
+            assert summary["segmented"] == ["study"], summary
