@@ -30,7 +30,7 @@ T = TypeVar("T")
 class TrainConfig:
     """Hyperparameters and run settings of one training run (one tune trial)."""
 
-    arch: str = field(default="unet", metadata={"choices": ARCHS, "help": "network from core.networks.models"})
+    arch: str = field(default="unet", metadata={"choices": ARCHS, "help": "network (core.networks.models.MODELS)"})
     filters: int = field(default=32, metadata={"help": "first-block filters f (f,2f,4f,... per level)"})
     dropout: float = 0.02
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
