@@ -168,3 +168,25 @@ def test_folds_from_takes_fold_models_trained_elsewhere_and_checks_their_patient
                                         "test_split": args.out / "test-split.json", "config": None,
                                         "folds_from": elsewhere, "out": tmp_path / "out2", "record": None,
                                         "readme": None, "export": None}))
+
+
+def test_a_cv_init_must_name_each_folds_own_model(tmp_path) -> None:
+    """Progressive resizing in a CV: fold k starts from a fold-k model of the same folds, never one that saw it."""
+    from tune.cv import check_fold_inits, fold_init
+
+    folds = [["a", "b"], ["c", "d"]]
+    cv = tmp_path / "cv"
+    for k in range(2):
+        (cv / "folds" / f"fold{k}").mkdir(parents=True)
+        (cv / "folds" / f"fold{k}" / "metrics.json").write_text(json.dumps({"fold": k}))
+    (cv / "folds.json").write_text(json.dumps({"folds": folds}))
+    init = str(cv / "folds" / "fold{fold}")
+    assert fold_init(init, 1) == str(cv / "folds" / "fold1")
+    check_fold_inits(init, folds)  # the same folds: each start never saw its fold
+    with pytest.raises(ValueError, match="name each fold's own bundle"):
+        check_fold_inits(str(cv / "folds" / "fold0"), folds)
+    with pytest.raises(ValueError, match="trained on patients of fold 0"):
+        check_fold_inits(init, [["a", "c"], ["b", "d"]])  # other folds: fold0's model trained on c and d
+    (cv / "folds" / "fold1" / "metrics.json").write_text(json.dumps({"fold": 1, "train_patients": ["a", "c"]}))
+    with pytest.raises(ValueError, match="trained on patients of fold 1"):
+        check_fold_inits(init, folds)

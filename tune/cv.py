@@ -69,8 +69,46 @@ def make_folds(pool: SplitArrays, folds: int, seed: int) -> list[list[str]]:
 def cv_trial(config: dict[str, Any], pool: SplitArrays, folds: list[list[str]], split_info: dict[str, Any]) -> None:
     """One fold: core's trainer through tune's trial function, on this fold's train and val."""
     config = dict(config)
-    train, val, info = pool.fold(folds, int(config.pop("fold")), split_info)
+    k = int(config.pop("fold"))
+    if config.get("init"):
+        config["init"] = fold_init(config["init"], k)
+    train, val, info = pool.fold(folds, k, split_info)
     train_trial(config, train, val, info)
+
+
+FOLD = "{fold}"
+
+
+def fold_init(init: str, k: int) -> str:
+    """Fold k's --init: ``{fold}`` in the path names that fold's own bundle. Progressive resizing in a CV starts
+    each fold from its own smaller-image model, which never saw the fold's patients; one bundle for every fold
+    would have seen them all."""
+    return init.replace(FOLD, str(k))
+
+
+def check_fold_inits(init: str, folds: list[list[str]]) -> None:
+    """An --init in a CV must be per fold (``{fold}``), and fold k's bundle must be a fold-k model of these folds:
+    by its own record of its training patients, or by the folds.json of the CV that made it."""
+    if not init:
+        return
+    if FOLD not in init:
+        raise ValueError(f"init {init}: in a CV every fold would start from weights that saw its patients; "
+                         f"name each fold's own bundle with {FOLD} (e.g. runs/study/cv/folds/fold{FOLD})")
+    for k, fold in enumerate(folds):
+        bundle = Path(fold_init(init, k))
+        if not (bundle / "metrics.json").is_file():
+            raise ValueError(f"init {init}: fold {k} has no bundle at {bundle}")
+        metrics = read_json(bundle / "metrics.json")
+        trained_on = metrics.get("train_patients")
+        made_by = bundle.parent.parent / "folds.json"
+        if trained_on is not None:
+            seen = set(trained_on) & set(fold)
+        elif metrics.get("fold") == k and made_by.is_file():
+            seen = set() if read_json(made_by)["folds"] == folds else set(fold)
+        else:
+            raise ValueError(f"{bundle}: records neither its training patients nor a CV's folds.json")
+        if seen:
+            raise ValueError(f"{bundle}: trained on patients of fold {k} (or on other folds): not fold {k}'s start")
 
 
 def base_config(config_file: Path | None, from_run: Path | None, fixed: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +147,10 @@ def run_cv(
         raise ValueError(f"{folds_file}: its folds do not cover the pool's patients exactly once")
     write_json(run_dir / "folds.json", {"folds": fold_lists, "seed": seed, "data": str(data),
                                         "split_hash": split_hash(info)})
+    if config.get("init") and "://" not in config["init"]:  # trials run in their own directories
+        config = {**config, "init": str(Path(config["init"]).resolve())}
     cfg = TrainConfig.from_dict(config)
+    check_fold_inits(cfg.init, fold_lists)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
     trainable = tune.with_resources(tune.with_parameters(cv_trial, pool=pool, folds=fold_lists, split_info=info),
