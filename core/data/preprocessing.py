@@ -226,21 +226,25 @@ def mirror_boxes(boxes: np.ndarray | None, width: int) -> np.ndarray | None:
 
 def crop_matrix(start: int, side: int, extent: int, out: int) -> np.ndarray:
     """(out, extent): resample source pixels [start, start+side) of one axis to ``out`` (zero outside)."""
-    full = resize_matrix(side, out)  # (out, side)
-    src = np.arange(start, start + side)
-    inside = (src >= 0) & (src < extent)
-    m = np.zeros((out, extent), np.float32)
-    m[:, src[inside]] = full[:, inside]
-    return m
+    return _on_source_axis(resize_matrix(side, out), start, extent, axis=1)
 
 
 def uncrop_matrix(start: int, side: int, extent: int, out: int) -> np.ndarray:
     """(extent, out): model-size values back into source pixels [start, start+side), zero elsewhere."""
-    full = resize_matrix(out, side)  # (side, out)
-    dst = np.arange(start, start + side)
-    inside = (dst >= 0) & (dst < extent)
-    m = np.zeros((extent, out), np.float32)
-    m[dst[inside]] = full[inside]
+    return _on_source_axis(resize_matrix(out, side), start, extent, axis=0)
+
+
+def _on_source_axis(full: np.ndarray, start: int, extent: int, axis: int) -> np.ndarray:
+    """``full`` with its source-pixel ``axis`` (pixels start, start+1, ...) laid on [0, extent): a crop box
+    may reach past the image, and what lies outside it is dropped."""
+    src = np.arange(start, start + full.shape[axis])
+    inside = (src >= 0) & (src < extent)
+    shape = list(full.shape)
+    shape[axis] = extent
+    m = np.zeros(shape, np.float32)
+    put, take = [slice(None), slice(None)], [slice(None), slice(None)]
+    put[axis], take[axis] = src[inside], inside
+    m[tuple(put)] = full[tuple(take)]
     return m
 
 
