@@ -292,7 +292,7 @@ async def _run_http(jobs: list[Job], out: Path, url: str, token: str | None, con
                         return
                     body, kind, images, volume = await asyncio.to_thread(load, job)
                     path = "/v1/segment/volume" if volume else "/v1/segment"
-                    extra = {k: v for k, v in params.items() if k == "spacing"} if volume else {}
+                    extra = {k: v for k, v in params.items() if k == "spacing"}  # a slice's mm2 rules too
                     r = await client.post(path, params={"format": "npy", **extra}, content=body,
                                           headers={**auth, "Content-Type": kind})
                     if r.status_code != 200:

@@ -290,14 +290,15 @@ class Ingress:
 
     @api.post("/v1/segment")
     async def segment(self, request: Request, format: str = "png", overlay: bool = False, sequence: str = "rgb",
-                      layers: str = "") -> Response:
+                      layers: str = "", spacing: str | None = None) -> Response:
         hops = Hops(request.headers.get(TIMING_HEADER) == "1")
         _check_format(format)
         shown = volumes.parse_layers(layers)
         volumes.check_sequence(sequence)  # a bad name is a 400 before the body is read
+        given = parse_spacing(spacing)  # the one-slice mm2 rules' pixel size; None: the Kaggle grid's
         image = (await self._decode(request, volume=False, hops=hops))[0]
         hops.mark("decode")
-        mask, batch, inner = await _call_model(self.model.segment, image)
+        mask, batch, inner = await _call_model(self.model.segment, image, given)
         hops.split("handle", inner)  # what is left of the call is its hop (none when the model is here)
         response = await self._slice_answer(image, mask, batch, format, overlay, sequence, shown)
         hops.mark("encode")

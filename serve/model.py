@@ -30,7 +30,7 @@ import numpy as np
 from ray import serve
 
 from core.config import BATCH_SIZE
-from core.inference.slices import Segmentation
+from core.inference.slices import Segmentation, Spacing
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +128,25 @@ class SegmentModelCore:
             raise
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)  # set per replica in __init__
-    async def _segment_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int, float, float]]:
-        """One HxWx3 slice per caller -> (mask, batch size, batch start, model seconds)."""
+    async def _segment_batch(self, requests: list[tuple[np.ndarray, Spacing]]
+                             ) -> list[tuple[np.ndarray, int, float, float]]:
+        """One (HxWx3 slice, its spacing) per caller -> (mask, batch size, batch start, model seconds). The
+        network sees the whole batch at once; the one-slice mm2 rules apply at each caller's own spacing."""
         started = time.perf_counter()
-        masks = await self._run(self.predictor.predict, images)
+        masks = await self._run(self._predict_at_spacings, requests)
         model_s = time.perf_counter() - started
-        return [(m, len(images), started, model_s) for m in masks]
+        return [(m, len(requests), started, model_s) for m in masks]
 
-    async def segment(self, image: np.ndarray) -> tuple[np.ndarray, int, dict[str, float]]:
-        """One HxWx3 slice -> (HxW mask, size of the batch it ran in, {"wait", "model"} seconds)."""
+    def _predict_at_spacings(self, requests: list[tuple[np.ndarray, Spacing]]) -> list[np.ndarray]:
+        probs = self.predictor.predict_proba([image for image, _ in requests])
+        return [self.predictor.slice_mask(image, p, spacing) for (image, spacing), p in zip(requests, probs,
+                                                                                             strict=True)]
+
+    async def segment(self, image: np.ndarray, spacing: Spacing = None) -> tuple[np.ndarray, int, dict[str, float]]:
+        """One HxWx3 slice (at ``spacing`` mm, None: the Kaggle grid's) -> (HxW mask, size of the batch it ran
+        in, {"wait", "model"} seconds)."""
         queued = time.perf_counter()
-        mask, batch, started, model_s = await self._segment_batch(image)
+        mask, batch, started, model_s = await self._segment_batch((image, spacing))
         return mask, batch, {"wait": started - queued, "model": model_s}
 
     async def segment_volume(self, images: np.ndarray, spacing: tuple[float, float, float] | None = None

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 from bundle_factory import make_random_bundle, sample_images
+from PIL import Image
 from sagemaker_sim import ATTRIBUTES, run_handlers
 from volume_support import strip_attributes
 
@@ -29,8 +30,9 @@ from core.inference.spacing import parse_spacing, scan_spacing, stack_spacing
 FINE = (1.0, 0.5, 0.5)  # a 1 mm, 0.5 mm in-plane stack: 1/17 of a Kaggle voxel's volume
 FINE_TEXT = "1,0.5,0.5"
 KAGGLE_TEXT = "5,0.9375,0.9375"
-# 40 mm3: on the Kaggle grid (4.4 mm3 a voxel) the network's small components stay, at FINE (0.25 mm3) they go
-RULES = {"min_volume_mm3": 40.0}
+# 40 mm3: on the Kaggle grid (4.4 mm3 a voxel) the network's small components stay, at FINE (0.25 mm3) they go;
+# 2 mm2 does the same for a slice posted alone (0.88 mm2 a Kaggle pixel, 0.25 mm2 at FINE)
+RULES = {"min_volume_mm3": 40.0, "min_area_slice_mm2": 2.0}
 NPY = codecs.NPY
 
 
@@ -488,3 +490,30 @@ def test_choosing_a_series_in_serve_batch(ray_session, bundle, two_flair, tmp_pa
             assert failed["error_code"] == "several_series" and "SAG 3D FLAIR" in failed["error"]
         else:
             assert summary["segmented"] == ["study"], summary
+
+
+def test_a_slice_posted_alone_is_post_processed_at_its_spacing_on_every_path(url, bundle, predictor, images, aws,
+                                                                             tmp_path) -> None:
+    """The one-slice mm2 rules at the given pixel size: /v1/segment, SageMaker, `core predict`, `serve predict`."""
+    image = images[3]
+    fine, assumed = (predictor.predict(image[None], spacing=s)[0] for s in (FINE, None))
+    assert fine.sum() > 0 and not np.array_equal(fine, assumed)  # a path that ignores the spacing shows
+    body = io.BytesIO()
+    tifffile.imwrite(body, image)
+    tiff = body.getvalue()
+    got = {"http": _npy(httpx.post(f"{url}/v1/segment", content=tiff, headers={"Content-Type": "image/tiff"},
+                                   params={"format": "npy", "spacing": FINE_TEXT}, timeout=120))}
+    res = run_handlers(bundle, {"fine": (tiff, "image/tiff", NPY, {ATTRIBUTES: f"spacing={FINE_TEXT}"})}, tmp_path,
+                       aws["env"])
+    got["sagemaker"] = np.load(io.BytesIO(res["fine"][1])).reshape(fine.shape)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "s.tif").write_bytes(tiff)
+    assert dispatch("core", "", ["core.inference.cli"], ["predict", "--bundle", str(bundle), "--device", "cpu",
+                    str(tmp_path / "in" / "s.tif"), "--out", str(tmp_path / "core"), "--spacing", FINE_TEXT]) == 0
+    assert dispatch("python -m serve", "", ["serve.client"], ["predict", "--url", url, str(tmp_path / "in" / "s.tif"),
+                    "--out", str(tmp_path / "client"), "--spacing", FINE_TEXT]) == 0
+    for name in ("core", "client"):
+        got[name] = np.asarray(Image.open(tmp_path / name / "s_mask.png"))
+    for name, mask in got.items():
+        np.testing.assert_array_equal(np.asarray(mask) > 0, fine > 0, err_msg=name)
+

@@ -105,8 +105,8 @@ def _run_slices(predictor: SlicePredictor, job: Job, out: Path, options: ScanOpt
         summary = result_json(masks, predictor.version, names, answer=answer, rle=False, spacing=spacing)
         write_json(out / f"{job.name}_volume.json", {"name": job.name, **summary})
         notes, voxel_ml = "; ".join(summary["notes"]), summary["voxel_ml"]
-    else:
-        masks = predictor.predict(images)
+    else:  # single slices: the one-slice mm2 rules at the given pixel size
+        masks = predictor.predict(images, spacing=options.spacing)
     target = out / job.name if volume else out
     rows: list[dict[str, object]] = []
     for (path, stem), image, mask in zip(entries, images, masks, strict=True):

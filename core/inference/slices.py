@@ -227,15 +227,18 @@ class SlicePredictor:
         an array."""
         if volume:
             return self.segment(images, spacing).masks
-        masks = []
         slices = as_slices(images)
-        for s, p in zip(slices, self.predict_proba(slices), strict=True):
-            mask = self.masks_from_proba(p)[None]
-            masks.append(apply_postprocess(mask, self._rules([s]), volume=False,
-                                           probs=None if self.multiclass else p[None], spacing=spacing)[0])
+        masks = [self.slice_mask(s, p, spacing) for s, p in zip(slices, self.predict_proba(slices), strict=True)]
         if len({m.shape for m in masks}) == 1:
             return np.stack(masks) if masks else np.zeros((0, *self.size), np.uint8)
         return masks
+
+    def slice_mask(self, image: np.ndarray, proba: np.ndarray, spacing: Spacing = None) -> np.ndarray:
+        """One slice's mask from its probabilities, with the one-slice rules at ``spacing`` (None: the Kaggle
+        grid's): what ``predict`` gives a slice, for callers that batch slices of different spacings."""
+        mask = self.masks_from_proba(proba)[None]
+        return apply_postprocess(mask, self._rules([image]), volume=False,
+                                 probs=None if self.multiclass else proba[None], spacing=spacing)[0]
 
     def _rules(self, images: Images) -> dict[str, Any]:
         """The post-processing for these slices: the FLAIR-only path's where every slice's pre- and
