@@ -105,10 +105,10 @@ class MemoryBudget:
         with self._lock:
             if delta > 0:
                 if request > self.total:
-                    raise DecodeError(413, "too_large", f"this volume needs about {request // MB} MB "
-                                      f"({WORKING_COPIES}x its decoded slices), over the whole memory budget for "
-                                      f"volumes of {self.total // MB} MB: send fewer or smaller slices, or raise "
-                                      "the budget (volume_budget_mb)")
+                    raise DecodeError(413, "too_large", f"this volume needs about {request // MB} MB (its body, "
+                                      f"then {WORKING_COPIES}x its decoded slices), over the whole memory budget "
+                                      f"for volumes of {self.total // MB} MB: send fewer or smaller slices, or "
+                                      "raise the budget (volume_budget_mb)")
                 if self._held + delta > self.total:
                     raise self._busy(f"volumes being answered hold {self._held // MB} MB of the "
                                      f"{self.total // MB} MB memory budget; this one needs about "
