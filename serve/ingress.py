@@ -3,7 +3,10 @@
 Decoding and encoding run here (in a thread, off the event loop), so the model replica only ever sees
 (H,W,3) uint8 arrays and only ever returns masks. Every error is JSON ``{"error", "detail"}``. What a
 volume body is and how its answer is made (NIfTI, DICOM SEG, TIFF, NPY) is serve/volumes.py; a JSON answer
-is core's result schema (core.inference.results.result_json), as SageMaker's is.
+is core's result schema (core.inference.results.result_json), as SageMaker's is. A volume holds its share of
+the replica's memory budget (core.inference.budget, ``volume_budget_mb``) from its body until its answer is
+made: one that does not fit beside the volumes in progress is a 503 with Retry-After, while slices, which
+never count, keep being answered.
 
 The model is a DeploymentHandle (a split app) or, given its constructor arguments, a SegmentModelCore in
 this replica (serve.model.LocalHandle: the same calls, no second hop). A 4xx is answered only after the
