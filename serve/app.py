@@ -57,6 +57,11 @@ class ServeSettings:
         "never waits for company"))
     max_ongoing_requests: int = field(default=0, metadata=meta(
         "requests per model replica at once; 0: 2 x --max-batch-size (room to fill the next batch)"))
+    volume_budget_mb: float = field(default=0.0, metadata=meta(
+        "memory per replica for the volumes it answers at once, each counted as 4x its decoded slices: a volume "
+        "that does not fit beside those in progress is answered 503 with Retry-After, one over the whole budget "
+        "413; single slices never count; 0: half the memory the replica may use when it starts (its "
+        "container's limit or the machine's)"))
     colocate: bool = field(default=True, metadata=meta(
         "the model inside the ingress replica (one hop); --split runs it as its own deployment behind the ingress",
         false_flag="--split"))
@@ -87,8 +92,8 @@ class ServeSettings:
             raise ValueError(f"max_batch_size must be in 1..1024, got {self.max_batch_size}")
         if self.batch_wait_ms < 0 or (self.gpus_per_replica or 0) < 0 or self.max_body_mb <= 0:
             raise ValueError("batch_wait_ms and gpus_per_replica must be >= 0 and max_body_mb > 0")
-        if self.max_ongoing_requests < 0 or self.torch_threads < 0:
-            raise ValueError("max_ongoing_requests and torch_threads must be >= 0 (0: derived)")
+        if self.max_ongoing_requests < 0 or self.torch_threads < 0 or self.volume_budget_mb < 0:
+            raise ValueError("max_ongoing_requests, torch_threads and volume_budget_mb must be >= 0 (0: derived)")
 
     def ongoing(self) -> int:
         """Requests a model replica takes at once: room for several batches, or @serve.batch never sees

@@ -3,7 +3,10 @@
 Decoding and encoding run here (in a thread, off the event loop), so the model replica only ever sees
 (H,W,3) uint8 arrays and only ever returns masks. Every error is JSON ``{"error", "detail"}``. What a
 volume body is and how its answer is made (NIfTI, DICOM SEG, TIFF, NPY) is serve/volumes.py; a JSON answer
-is core's result schema (core.inference.results.result_json), as SageMaker's is.
+is core's result schema (core.inference.results.result_json), as SageMaker's is. A volume holds its share of
+the replica's memory budget (core.inference.budget, ``volume_budget_mb``) from its body until its answer is
+made: one that does not fit beside the volumes in progress is a 503 with Retry-After, while slices, which
+never count, keep being answered.
 
 The model is a DeploymentHandle (a split app) or, given its constructor arguments, a SegmentModelCore in
 this replica (serve.model.LocalHandle: the same calls, no second hop). A 4xx is answered only after the
@@ -35,7 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data.preprocessing import single_slice_note
 from core.formats import codecs
-from core.formats.media import check_series, declared_kind, error_answer
+from core.formats.media import check_series, declared_kind, error_answer, error_headers
+from core.inference.budget import MB, MemoryBudget, budget_from_mb, volume_bytes
 from core.inference.jobs import parse_series
 from core.inference.results import VolumeResult, notes_header, result_json
 from core.inference.spacing import VoxelSpacing, parse_spacing, scan_spacing, stack_spacing
@@ -95,13 +99,13 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 @api.exception_handler(ValueError)
 async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-    """A refused body or answer (DecodeError), or input the predictor or an encoder refused: core's one mapping
-    (core.formats.media.error_answer), as SageMaker answers it."""
+    """A refused body or answer (DecodeError; a Busy one with Retry-After), or input the predictor or an encoder
+    refused: core's one mapping (core.formats.media.error_answer), as SageMaker answers it."""
     await drain(request)
     status, body = error_answer(exc)
     if status >= 500:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=error_headers(exc))
 
 
 @api.exception_handler(RequestValidationError)
@@ -164,6 +168,16 @@ async def _awaitable(response: Any) -> Any:
     return await response  # asyncio.wait_for wants a coroutine, a DeploymentResponse is only awaitable
 
 
+def _overlay_png(image: np.ndarray, mask: np.ndarray, sequence: str) -> bytes:
+    """One slice's overlay PNG of ``sequence`` (CPU work: run in a thread)."""
+    return codecs.encode_overlay_png(volumes.view(image[None], sequence)[0], mask)
+
+
+def _animation_png(images: np.ndarray, masks: np.ndarray, sequence: str) -> bytes:
+    """A volume's animated overlay PNG of ``sequence`` (CPU work: run in a thread)."""
+    return codecs.encode_animation(volumes.view(images, sequence), masks)
+
+
 # The helpers above must be defined before the class: @serve.ingress freezes the FastAPI app (by
 # cloudpickle) at decoration time, capturing only the module globals that exist by then.
 @serve.deployment(name="Ingress")
@@ -177,6 +191,9 @@ class Ingress:
         self.model = LocalHandle(self.local) if self.local is not None else model
         self.settings = settings
         self.max_body = int(settings["max_body_mb"] * 1024 * 1024)
+        # Volumes held at once (their bodies, decoded slices and the copies made from them), bounded apart
+        # from the request limit, which counts a slice and a volume alike.
+        self.budget = MemoryBudget(budget_from_mb(float(settings.get("volume_budget_mb") or 0)))
         self.token_sha256 = settings.get("token_sha256")
         if settings.get("token_env") and not self.token_sha256:
             # Built where the variable was unset (e.g. `serve deploy`): read it here, and fail closed.
@@ -282,6 +299,7 @@ class Ingress:
             **{k: config.get(k) for k in keys}, "metrics": info["metrics"], "device": info["device"],
             "serving": {"max_batch_size": s["max_batch_size"], "batch_wait_ms": s["batch_wait_ms"],
                         "max_ongoing_requests": s["max_ongoing_requests"],  # ServeSettings.ongoing()
+                        "volume_budget_mb": round(self.budget.total / MB, 1),  # as resolved in this replica
                         "colocate": bool(s.get("colocate")),
                         "replicas": s["replicas"], "max_body_mb": s["max_body_mb"], "max_slices": s["max_slices"],
                         "max_pixels": s["max_pixels"],
@@ -315,17 +333,15 @@ class Ingress:
             headers.update({"X-Preprocessing-Scope": "slice", "Warning": f'299 gliomaseg "{note}"'})
         if format == "json":
             names = (await self.info())["config"].get("class_names", [])
-            body = {**result_json(mask[None], headers["X-Model-Version"], names, volume=False, note=note),
-                    "batch_size": batch}
+            body = {**await asyncio.to_thread(result_json, mask[None], headers["X-Model-Version"], names,
+                                              volume=False, note=note), "batch_size": batch}
             if overlay:
                 body["overlay"] = (await asyncio.to_thread(volumes.overlay_urls, image[None], mask[None], sequence))[0]
             if shown:
                 body["layers"] = await asyncio.to_thread(volumes.layer_urls, image[None], mask[None], shown)
             return JSONResponse(body, headers=headers)
         if overlay:
-            shown_image = volumes.view(image[None], sequence)[0]
-            return Response(await asyncio.to_thread(codecs.encode_overlay_png, shown_image, mask), 200, headers,
-                            codecs.PNG)
+            return Response(await asyncio.to_thread(_overlay_png, image, mask, sequence), 200, headers, codecs.PNG)
         if format == "npy":  # a copy of a small array: cheaper here than a thread hop
             return _encode_masks(mask, format, await self._scale(), headers)
         return await asyncio.to_thread(_encode_masks, mask, format, await self._scale(), headers)
@@ -344,27 +360,38 @@ class Ingress:
         declared = declared_kind(content_type)
         if declared == volumes.SLICES:  # a slice type is decoded as declared: its answers are known now
             volumes.output_format(wanted, declared, overlay)
-        data = await self._body(request)
-        kind = volumes.body_kind(declared, data)
-        fmt = volumes.output_format(wanted, kind, overlay)
-        check_series(kind, picked)
+        declared_bytes = request.headers.get("content-length", "")
+        # The volume holds its share of the memory budget from its body on, until its answer is made.
+        with self.budget.hold(min(int(declared_bytes), self.max_body) if declared_bytes.isdigit() else 0) as held:
+            data = await self._body(request)
+            held.resize(len(data))
+            kind = volumes.body_kind(declared, data)
+            fmt = volumes.output_format(wanted, kind, overlay)
+            check_series(kind, picked)
+            images, scan = await self._decode_volume(request, data, kind, sequences, picked)
+            del data
+            held.resize(volume_bytes(images.nbytes))  # a 503 here when it does not fit beside the others
+            # One spacing rule (core.inference.spacing): the scan's, or the stack's given or assumed one.
+            used = scan_spacing(scan, given) if scan is not None else stack_spacing(given)
+            answer = await _call_model(self.model.segment_volume, images, used.mm)
+            return await self._volume_answer(images, answer, scan, used, fmt, overlay, sequence, shown)
+
+    async def _decode_volume(self, request: Request, data: bytes, kind: str, sequences: str | None,
+                             picked: Any) -> tuple[np.ndarray, Any]:
+        """(N,H,W,3) uint8 slices of a volume body and, for NIfTI or DICOM, its scan; decoding, decompressing
+        and reorienting are CPU work, done in a thread off the event loop."""
         s = self.settings
-        scan = None
         if kind == volumes.SLICES:
             images = await asyncio.to_thread(
-                codecs.decode, data, content_type, volume=True, max_pages=s["max_slices"],
-                max_pixels=s["max_pixels"], min_size=s["min_size"], max_size=s["max_size"])
-        else:  # NIfTI or DICOM: decompressing and reorienting is CPU work, off the event loop
-            scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
-                                           s["max_slices"], s["min_size"], s["max_size"],
-                                           volumes.sequence_names(sequences),
-                                           volumes.scan_name(request.headers.get("content-disposition")), picked)
-            images = scan.images
-        del data
-        # One spacing rule (core.inference.spacing): the scan's, or the stack's given or assumed one.
-        used = scan_spacing(scan, given) if scan is not None else stack_spacing(given)
-        answer = await _call_model(self.model.segment_volume, images, used.mm)
-        return await self._volume_answer(images, answer, scan, used, fmt, overlay, sequence, shown)
+                codecs.decode, data, request.headers.get("content-type", ""), volume=True,
+                max_pages=s["max_slices"], max_pixels=s["max_pixels"], min_size=s["min_size"],
+                max_size=s["max_size"])
+            return images, None
+        scan = await asyncio.to_thread(volumes.read_scan, data, volumes.scan_limits(s["max_pixels"]),
+                                       s["max_slices"], s["min_size"], s["max_size"],
+                                       volumes.sequence_names(sequences),
+                                       volumes.scan_name(request.headers.get("content-disposition")), picked)
+        return scan.images, scan
 
     async def _volume_answer(self, images: np.ndarray, answer: Any, scan: Any, spacing: VoxelSpacing, fmt: str,
                              overlay: bool, sequence: str, shown: tuple[str, ...]) -> Response:
@@ -374,8 +401,8 @@ class Ingress:
         names = list(config.get("class_names", ["background", "tumour"]))
         quality, review = getattr(answer, "quality", None), getattr(answer, "review", None)
         result = VolumeResult(scan, masks, names, quality, review) if scan else None
-        body = result_json(masks, (await self.info())["version"], names, scan=result, answer=answer,
-                           spacing=spacing, rle=fmt == "json")
+        body = await asyncio.to_thread(result_json, masks, (await self.info())["version"], names, scan=result,
+                                       answer=answer, spacing=spacing, rle=fmt == "json")
         headers = await self._headers(int(np.count_nonzero(masks)), **{"X-Slices": len(masks)})
         headers.update(volumes.answer_headers(body, spacing))
         if fmt == "json":
@@ -386,8 +413,8 @@ class Ingress:
             return JSONResponse(body, headers=headers)
         headers.update(notes_header(body["notes"]))  # what the JSON answer says, beside the binary one
         if fmt == "png":
-            frames = volumes.view(images, sequence)
-            return Response(await asyncio.to_thread(codecs.encode_animation, frames, masks), 200, headers, codecs.PNG)
+            return Response(await asyncio.to_thread(_animation_png, images, masks, sequence), 200, headers,
+                            codecs.PNG)
         data, media, extra = await asyncio.to_thread(volumes.encode_masks, fmt, masks, await self._scale(), result,
                                                      str(config.get("name") or "gliomaseg"), headers["X-Model-Version"])
         return Response(data, 200, headers | extra, media)

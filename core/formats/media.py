@@ -8,7 +8,8 @@
   SEG but of DICOM, no NIfTI of a slice stack, no PNG of several slices), a wildcard standing for the
   endpoint's default. 406 when none is left.
 - ``DecodeError``: every refusal of a body or an answer, with its HTTP status, error code and detail;
-  ``error_answer``: the one status and error JSON of any exception, for every path.
+  ``error_answer``: the one status and error JSON of any exception, for every path; ``Busy`` (503) a refusal
+  that a retry may pass, whose ``Retry-After`` ``error_headers`` gives.
 
 Standard library only (the SageMaker archive vendors it).
 """
@@ -57,6 +58,15 @@ class DecodeError(ValueError):
         return {"error": self.error, "detail": self.detail}
 
 
+class Busy(DecodeError):
+    """A request the server has no room for now (503, e.g. its memory budget for volumes is full): the same
+    request may succeed after ``retry_after`` seconds, which the answer's ``Retry-After`` says."""
+
+    def __init__(self, error: str, detail: str, retry_after: int) -> None:
+        super().__init__(503, error, detail)
+        self.retry_after = retry_after
+
+
 INTERNAL_DETAIL = "the server failed to answer this request; the cause is in its log"
 
 
@@ -76,6 +86,14 @@ def error_answer(exc: BaseException) -> tuple[int, dict[str, str]]:
     if isinstance(exc, ValueError):
         return 422, {"error": "invalid_input", "detail": str(exc) or type(exc).__name__}
     return 500, {"error": "internal", "detail": INTERNAL_DETAIL}
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """The headers an error answer carries beside ``error_answer``'s JSON: ``Retry-After`` for a Busy."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    return {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else {}
 
 
 def check_series(kind: str, series: object) -> None:

@@ -23,7 +23,9 @@ inferior. A 3D NIfTI body is FLAIR; an S3 object's file name may say its sequenc
 ``preprocessing_note`` in JSON, and for every answer the ``X-Amzn-SageMaker-Custom-Attributes`` header (the
 invocation's CustomAttributes). Bad requests raise errors the container turns into 4xx responses whose message
 (the body's first line) is the error JSON Serve answers, ``{"error", "detail"}``, with the status of core's one
-mapping (core.formats.media.error_answer); an unexpected failure is a 500 whose text stays in the log.
+mapping (core.formats.media.error_answer); an unexpected failure is a 500 whose text stays in the log. A volume
+is checked against a memory budget as Serve checks it (``GLIOMASEG_VOLUME_BUDGET_MB``; core.inference.budget):
+413 over the whole budget, 503 with ``Retry-After`` while the memory free now cannot take it.
 
 What Serve takes as query parameters comes as the invocation's CustomAttributes (``spacing=5,0.94,0.94;
 sequences=flair,t1; series=3``) or, for an S3 request, as JSON fields (``"spacing": [5, 0.94, 0.94]``): a slice
@@ -54,6 +56,7 @@ from gliomaseg_core.formats.media import (
     SCAN_TYPES,
     SLICES,
     TIFF,
+    Busy,
     check_series,
     choose_format,
     declared_kind,
@@ -61,6 +64,7 @@ from gliomaseg_core.formats.media import (
     preferences,
     refusal,
 )
+from gliomaseg_core.inference.budget import MemoryBudget, available_memory, budget_from_mb, volume_bytes
 from gliomaseg_core.inference.jobs import parse_series
 from gliomaseg_core.inference.predictor import Predictor
 from gliomaseg_core.inference.results import answer_notes, result_json
@@ -109,6 +113,10 @@ MAX_S3_BYTES = int(os.environ.get("GLIOMASEG_MAX_S3_BYTES", 512 << 20))
 # A scan: three sequences of the slice pixel limit, checked from its headers before decompressing.
 MAX_VOXELS = int(os.environ.get("GLIOMASEG_MAX_VOXELS", 3 * LIMITS["max_pixels"]))
 S3_FORMATS = ("png", "tiff", "npy", "nifti", "dicom-seg")
+# Memory for one volume (estimated as Serve counts it): over it a 413; a 503 with Retry-After when the memory
+# free right now (the container's other workers hold the rest) cannot take it. 0: half of what is free at start.
+VOLUME_BUDGET = MemoryBudget(budget_from_mb(float(os.environ.get("GLIOMASEG_VOLUME_BUDGET_MB", 0))),
+                             available=available_memory)
 ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"  # the invocation's CustomAttributes, as the container sees them
 MAX_ATTRIBUTES = 1024  # characters SageMaker passes back in the response's custom attributes
 
@@ -180,7 +188,7 @@ def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -
     """The request's input; ``context`` (the toolkit passes it) carries the invocation's custom attributes."""
     media, params = _parse_type(content_type)
     if media == JSON:
-        return _json_request(body)
+        return _json_request(body, context)
     options = Options.parse(custom_attributes(context))
     if isinstance(body, str):  # the toolkit UTF-8-decodes text/csv bodies; undo it
         body = body.encode("utf-8")
@@ -193,10 +201,28 @@ def input_fn(body: bytes | str, content_type: str | None, context: Any = None) -
         raise _refuse(exc) from None
     if kind != SLICES:
         scan = _read_scan(body, options=options)
+        _check_memory(scan.images, context)
         return Request(scan.images, True, scan=scan, options=options)
     _check_series(SLICES, options)
     images = _decode(body, content_type.split(";", 1)[0] if content_type else None)
+    _check_memory(images, context)
     return Request(images, _volume(params.get("volume"), len(images)), options=options)
+
+
+def _check_memory(images: np.ndarray, context: Any = None) -> None:
+    """Several slices against the memory budget for volumes (core.inference.budget), as Serve checks them: a
+    413 over the whole budget, a 503 (``Retry-After`` set on the answer where the toolkit gives a context)
+    when the memory free now cannot take it. One slice never counts."""
+    if len(images) <= 1:
+        return
+    try:
+        VOLUME_BUDGET.check(volume_bytes(images.nbytes))
+    except Busy as exc:
+        if hasattr(context, "set_response_header"):
+            context.set_response_header(0, "Retry-After", str(exc.retry_after))
+        raise _refuse(exc) from None
+    except codecs.DecodeError as exc:
+        raise _refuse(exc) from None
 
 
 def custom_attributes(context: Any) -> dict[str, str]:
@@ -404,7 +430,7 @@ def _s3_error(exc: Exception, uri: str) -> RequestError:
     return _refusal(400, "s3_error", f"{uri}: {exc}")
 
 
-def _json_request(body: bytes | str) -> Request:
+def _json_request(body: bytes | str, context: Any = None) -> Request:
     try:
         spec = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -437,12 +463,14 @@ def _json_request(body: bytes | str) -> Request:
                                      posixpath.splitext(base)[0]), options)
         if fmt not in (None, "nifti", "dicom-seg", "npy", "tiff"):
             raise _refusal(400, "bad_request", f"format {fmt!r} for a scan; use nifti, dicom-seg, npy or tiff")
+        _check_memory(scan.images, context)
         return Request(scan.images, True, uri, out, fmt or "nifti", scan=scan, options=options)
     if fmt in ("nifti", "dicom-seg"):
         raise _refusal(400, "bad_request", f"format {fmt!r} needs a NIfTI or DICOM scan; {uri} holds slices")
     _check_series(SLICES, options)
     ext = posixpath.splitext(key)[1].lower()
     images = _decode(data, declared or codecs.EXTENSIONS.get(ext, ""))
+    _check_memory(images, context)
     return Request(images, _volume(spec.get("volume"), len(images)), uri, out, fmt, options=options)
 
 
