@@ -54,6 +54,11 @@ class Scan:
         return self.content_type in (GZ, ZIP)
 
     @property
+    def dicom(self) -> bool:
+        """A DICOM study: its masks also come back as a DICOM SEG."""
+        return self.content_type == ZIP
+
+    @property
     def file_name(self) -> str | None:
         """The name HTTP sends a scan with (Content-Disposition), as `serve predict` does."""
         return self.path.name if self.scan else None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 import tifffile
 from bundle_factory import make_random_bundle
@@ -61,6 +62,7 @@ class Answer:
 
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     grids: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    segs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # a DICOM study's SEG frames (``_seg``)
     notes: dict[str, list[str]] = field(default_factory=dict)
     error: tuple[int | None, str, str] | None = None  # (status where the path says one, code, detail)
 
@@ -72,6 +74,20 @@ def _binary(masks: np.ndarray) -> np.ndarray:
 def _grid(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     image = read_nifti_bytes(data)
     return np.asanyarray(image.dataobj).astype(np.uint8), image.affine
+
+
+def _seg(data: bytes) -> dict[str, np.ndarray]:
+    """A DICOM SEG's frames by what each references: the source instance, its frame, the segment."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+    shared = ds.SharedFunctionalGroupsSequence[0]  # one segment: highdicom names it here, not per frame
+    out = {}
+    for group, frame in zip(ds.PerFrameFunctionalGroupsSequence, frames, strict=True):
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        segment = (group if "SegmentIdentificationSequence" in group else shared).SegmentIdentificationSequence[0]
+        segment = segment.ReferencedSegmentNumber
+        out[f"{source.ReferencedSOPInstanceUID}/{source.get('ReferencedFrameNumber', '')}/{segment}"] = frame
+    return out
 
 
 def _rle(body: dict) -> np.ndarray:
@@ -115,6 +131,8 @@ def _core(bundle: Path, scan: Scan, out: Path) -> Answer:
     answer = Answer(notes={"volume.json": json.loads(side.read_text())["notes"]})
     if scan.scan:
         answer.grids["nifti"] = _grid(next(out.glob("*_mask.nii.gz")).read_bytes())
+        if scan.dicom:
+            answer.segs["seg.dcm"] = _seg(next(out.glob("*_seg.dcm")).read_bytes())
     else:
         rows = list(csv.DictReader((out / "predictions.csv").open()))
         answer.masks["png"] = _binary(np.stack([np.asarray(Image.open(out / r["mask"])) for r in rows]))
@@ -134,6 +152,8 @@ def _client(url: str, scan: Scan, out: Path) -> Answer:
     if scan.scan:
         answer.masks["json rle"] = _rle(body)
         answer.grids["nifti"] = _grid((out / f"{name}_mask.nii.gz").read_bytes())
+        if scan.dicom:
+            answer.segs["seg.dcm"] = _seg((out / f"{name}_seg.dcm").read_bytes())
     else:
         answer.masks["tiff"] = _binary(tifffile.imread(out / f"{name}_masks.tif"))
     return answer
@@ -153,14 +173,16 @@ def _http(url: str, scan: Scan) -> Answer:
     if r.status_code != 200:
         return Answer(error=(r.status_code, r.json()["error"], r.json()["detail"]))
     answer = Answer(masks={"json rle": _rle(r.json())}, notes={"json": r.json()["notes"]})
-    for fmt in ("npy", "nifti") if scan.scan else ("npy",):
+    for fmt in ("npy", "nifti", "dicom-seg")[: 1 + scan.scan + scan.dicom]:
         r = post(fmt)
         assert r.status_code == 200, r.text
         answer.notes[f"{fmt} X-Notes"] = json.loads(r.headers["X-Notes"])
         if fmt == "npy":
             answer.masks["npy"] = np.load(io.BytesIO(r.content), allow_pickle=False)
-        else:
+        elif fmt == "nifti":
             answer.grids["nifti"] = _grid(r.content)
+        else:
+            answer.segs[fmt] = _seg(r.content)
     return answer
 
 
@@ -172,7 +194,8 @@ def _sagemaker_cases(scan: Scan) -> dict[str, tuple]:
         spec = {"s3_uri": f"s3://{BUCKET}/corpus/{scan.path.name}", **scan.options}
         return {f"{scan.name}|s3 {fmt}": (json.dumps({**spec, "format": fmt}).encode(), codecs.JSON, codecs.JSON, {})
                 for fmt in ("npy", "nifti")}
-    accepts = {"json": codecs.JSON, "npy": codecs.NPY, **({"nifti": "application/gzip"} if scan.scan else {})}
+    accepts = {"json": codecs.JSON, "npy": codecs.NPY, **({"nifti": "application/gzip"} if scan.scan else {}),
+               **({"dicom-seg": "application/dicom"} if scan.dicom else {})}
     return {f"{scan.name}|{fmt}": (scan.body, scan.content_type, accept, attributes) for fmt, accept in accepts.items()}
 
 
@@ -204,8 +227,10 @@ def _sagemaker(scan: Scan, answered: dict[str, tuple[dict, bytes]]) -> Answer:
             answer.notes[f"{fmt} attributes"] = json.loads(beside)
             if fmt == "npy":
                 answer.masks[fmt] = np.load(io.BytesIO(out), allow_pickle=False)
-            else:
+            elif fmt == "nifti":
                 answer.grids[fmt] = _grid(out)
+            else:
+                answer.segs[fmt] = _seg(out)
     return answer
 
 
@@ -237,6 +262,8 @@ def _batch(bundle: Path, scans: list[Scan], tmp: Path) -> dict[str, Answer]:
             answer = answers[scan.name] = Answer(notes={"patient.json": record["notes"]})
             if scan.scan:
                 answer.grids["nifti"] = _grid((out / name / f"{name}_mask.nii.gz").read_bytes())
+                if scan.dicom:
+                    answer.segs["seg.dcm"] = _seg((out / name / f"{name}_seg.dcm").read_bytes())
             else:
                 answer.masks["tiff"] = _binary(np.stack([tifffile.imread(out / name / m) for m in record["masks"]]))
     return answers
@@ -319,6 +346,13 @@ def test_every_entry_point_answers_a_scan_alike(name: str, corpus, answers) -> N
         assert grid.sum() == masks[first].sum(), where  # the source grid is the canonical one reordered
         np.testing.assert_array_equal(grid, ref, err_msg=f"{name}: {where}")
         np.testing.assert_allclose(affine, ref_affine, atol=1e-4, err_msg=f"{name}: {where}")
+    segs = {f"{path} {how}": seg for path, a in by_path.items() for how, seg in a.segs.items()}
+    assert len(segs) == (len(scan.paths) if scan.dicom else 0), sorted(segs)  # one SEG from each path
+    for where, seg in segs.items():
+        ref = next(iter(segs.values()))
+        assert sorted(seg) == sorted(ref), where  # the same source instances (and frames) and segments
+        for key, frame in seg.items():
+            np.testing.assert_array_equal(frame, ref[key], err_msg=f"{name}: {where} {key}")
     notes = {f"{path} {how}": n for path, a in by_path.items() for how, n in a.notes.items()}
     alike = {json.dumps([_said(n, scan) for n in said]) for said in notes.values()}
     assert len(alike) == 1, json.dumps(notes, indent=1)
