@@ -1,13 +1,13 @@
 """A small corpus of scans that every entry point must answer alike (issue 41): `core predict`, `serve
 predict`, ``POST /v1/segment/volume``, `serve batch` and the SageMaker handlers.
 
-``build_corpus`` writes it under a folder at test time from the synthetic generator (core.data.synth), with
-tifffile, numpy, nibabel (tests/volume_support.py), pydicom and highdicom, and optionally from one lossless
-real patient (tests/conftest.py's ``real_lgg_src``). Each scan exercises one item of the issue: slice files
-whose number is not at the end of the name, 16-bit slices with one hot pixel (one intensity rule per
-volume), slice stacks with a spacing given or assumed, NIfTI files named or unnamed, DICOM studies (single-
-frame, enhanced multi-frame, two FLAIR-like series) and the notes their answers carry. Nothing here runs an
-entry point: tests/test_scan_corpus.py does.
+``synthetic_scans`` writes it under a folder at test time from the synthetic generator (core.data.synth),
+with tifffile, Pillow, numpy, nibabel (tests/volume_support.py), pydicom and highdicom; ``real_scan`` adds
+slices of one lossless real patient (tests/conftest.py's ``real_lgg_src``) where the data is. Each scan
+exercises one item of the issue: PNG slice files whose number is not at the end of the name, 16-bit slices
+with one hot pixel (one intensity rule per volume), slice stacks with a spacing given or assumed, NIfTI
+files named, unnamed or 3D, DICOM studies (single-frame, enhanced multi-frame, two FLAIR-like series) and
+the notes their answers carry. Nothing here runs an entry point: tests/test_scan_corpus.py does.
 """
 
 from __future__ import annotations
@@ -80,10 +80,16 @@ def tiff_bytes(stack: np.ndarray) -> bytes:
 
 
 def write_slices(folder: Path, names: list[str], stack: np.ndarray) -> Path:
-    """One file per slice, ``names[k]`` holding ``stack[k]``, written in reverse (creation order says nothing)."""
+    """One TIFF or PNG file per slice, ``names[k]`` holding ``stack[k]``, written in reverse (creation order
+    says nothing)."""
+    from PIL import Image
+
     folder.mkdir(parents=True)
     for name, image in reversed(list(zip(names, stack, strict=True))):
-        tifffile.imwrite(folder / name, image)
+        if name.endswith(".png"):
+            Image.fromarray(image).save(folder / name)
+        else:
+            tifffile.imwrite(folder / name, image)
     return folder
 
 
@@ -106,7 +112,7 @@ def synthetic_scans(root: Path) -> list[Scan]:
     images = synthetic_images(root / "synth")
     n = len(images)
     spacing = {"spacing": SPACING_TEXT}
-    order = write_slices(root / "order" / "order", [f"s{k + 1}_flair.tif" for k in range(n)], images)
+    order = write_slices(root / "order" / "order", [f"s{k + 1}_flair.png" for k in range(n)], images)
     stack16 = hot_uint16(images)
     hot16 = write_slices(root / "hot16" / "hot16", [f"P_{k + 1}.tif" for k in range(n)], stack16)
     (root / "stacks").mkdir()
@@ -118,6 +124,8 @@ def synthetic_scans(root: Path) -> list[Scan]:
     named = nifti_scan(images, root / "named" / NAMED)
     (root / "unnamed").mkdir()
     unnamed = nifti_scan(images, root / "unnamed" / "case.nii.gz")
+    (root / "flair3d").mkdir()
+    flair3d = nifti_scan(images[..., 1], root / "flair3d" / "case3d.nii.gz")  # one channel: FLAIR, the rest filled
     dicom_study(images, root / "dicom" / "study")
     strip_attributes(root / "dicom" / "study", ("PatientSex",))  # anonymised: the answer notes it
     dicom_study(images, root / "enhanced" / "enhanced")
@@ -132,6 +140,7 @@ def synthetic_scans(root: Path) -> list[Scan]:
         Scan("nifti_named", named, named.read_bytes(), GZ, s3=True),
         Scan("nifti_unnamed", unnamed, unnamed.read_bytes(), GZ, error=(422, "unnamed_sequences")),
         Scan("nifti_told", unnamed, unnamed.read_bytes(), GZ, {"sequences": KAGGLE_TEXT}),
+        Scan("nifti_3d", flair3d, flair3d.read_bytes(), GZ),
         Scan("dicom", study, study.read_bytes(), ZIP),
         Scan("dicom_enhanced", enhanced, enhanced.read_bytes(), ZIP),
         Scan("two_flair", two, two.read_bytes(), ZIP, error=(422, "several_series")),

@@ -48,7 +48,7 @@ from core.formats.encoders import rle_decode
 from core.inference.jobs import parse_series
 from core.inference.spacing import parse_spacing
 
-NAMES = ("order", "hot16", "hot16_tiff", "stack_npy", "nifti_named", "nifti_unnamed", "nifti_told", "dicom",
+NAMES = ("order", "hot16", "hot16_tiff", "stack_npy", "nifti_named", "nifti_unnamed", "nifti_told", "nifti_3d", "dicom",
          "dicom_enhanced", "two_flair", "two_flair_told", "real")
 RULES = {"min_volume_mm3": 40.0}  # a rule in mm3: a path that loses a scan's spacing answers another mask
 FLAGS = {"spacing": "--spacing", "sequences": "--sequences", "series": "--series"}
@@ -64,6 +64,7 @@ class Answer:
     grids: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     segs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # a DICOM study's SEG frames (``_seg``)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    ml: dict[str, float | None] = field(default_factory=dict)  # the tumour volume it gave (None: spacing unknown)
     error: tuple[int | None, str, str] | None = None  # (status where the path says one, code, detail)
 
 
@@ -128,7 +129,8 @@ def _core(bundle: Path, scan: Scan, out: Path) -> Answer:
         assert code == 2, err.getvalue()  # the user's to fix (a 4xx on the other paths); no status said
         return Answer(error=_cli_error(err.getvalue().split("error: ", 1)[1]))
     (side,) = out.glob("*_volume.json")
-    answer = Answer(notes={"volume.json": json.loads(side.read_text())["notes"]})
+    said = json.loads(side.read_text())
+    answer = Answer(notes={"volume.json": said["notes"]}, ml={"volume.json": said["volume_ml"]})
     if scan.scan:
         answer.grids["nifti"] = _grid(next(out.glob("*_mask.nii.gz")).read_bytes())
         if scan.dicom:
@@ -148,7 +150,7 @@ def _client(url: str, scan: Scan, out: Path) -> Answer:
         return Answer(error=_cli_error(said["error"].split(": ", 1)[1]))
     name = said["name"]
     body = json.loads((out / f"{name}.json").read_text())
-    answer = Answer(notes={"json": body["notes"]})
+    answer = Answer(notes={"json": body["notes"]}, ml={"json": body["volume_ml"]})
     if scan.scan:
         answer.masks["json rle"] = _rle(body)
         answer.grids["nifti"] = _grid((out / f"{name}_mask.nii.gz").read_bytes())
@@ -172,11 +174,14 @@ def _http(url: str, scan: Scan) -> Answer:
     r = post("json")
     if r.status_code != 200:
         return Answer(error=(r.status_code, r.json()["error"], r.json()["detail"]))
-    answer = Answer(masks={"json rle": _rle(r.json())}, notes={"json": r.json()["notes"]})
+    answer = Answer(masks={"json rle": _rle(r.json())}, notes={"json": r.json()["notes"]},
+                    ml={"json": r.json()["volume_ml"]})
     for fmt in ("npy", "nifti", "dicom-seg")[: 1 + scan.scan + scan.dicom]:
         r = post(fmt)
         assert r.status_code == 200, r.text
         answer.notes[f"{fmt} X-Notes"] = json.loads(r.headers["X-Notes"])
+        ml = r.headers.get("X-Tumour-Volume-mL")
+        answer.ml[f"{fmt} X-Tumour-Volume-mL"] = None if ml is None else float(ml)
         if fmt == "npy":
             answer.masks["npy"] = np.load(io.BytesIO(r.content), allow_pickle=False)
         elif fmt == "nifti":
@@ -214,17 +219,20 @@ def _sagemaker(scan: Scan, answered: dict[str, tuple[dict, bytes]]) -> Answer:
             said = json.loads(out)
             key = said["mask_uri"].split("/", 3)[3]
             data = boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
-            answer.notes[fmt] = said["notes"]
+            answer.notes[fmt], answer.ml[fmt] = said["notes"], said["volume_ml"]
             if fmt == "s3 npy":
                 answer.masks[fmt] = np.load(io.BytesIO(data), allow_pickle=False)
             else:
                 answer.grids[fmt] = _grid(data)
         elif fmt == "json":
-            answer.masks[fmt], answer.notes[fmt] = _rle(json.loads(out)), json.loads(out)["notes"]
+            said = json.loads(out)
+            answer.masks[fmt], answer.notes[fmt], answer.ml[fmt] = _rle(said), said["notes"], said["volume_ml"]
         else:
             attributes = r["headers"].get(ATTRIBUTES, "")
             beside = attributes.split("notes=", 1)[1] if "notes=" in attributes else "[]"
             answer.notes[f"{fmt} attributes"] = json.loads(beside)
+            ml = re.search(r"volume_ml=([0-9.]+)", attributes.split("notes=", 1)[0])
+            answer.ml[f"{fmt} attributes"] = float(ml[1]) if ml else None
             if fmt == "npy":
                 answer.masks[fmt] = np.load(io.BytesIO(out), allow_pickle=False)
             elif fmt == "nifti":
@@ -259,7 +267,8 @@ def _batch(bundle: Path, scans: list[Scan], tmp: Path) -> dict[str, Answer]:
                 answers[scan.name] = Answer(error=(None, code, error.split(f"{code}: ", 1)[-1]))
                 continue
             record = json.loads((out / name / "patient.json").read_text())
-            answer = answers[scan.name] = Answer(notes={"patient.json": record["notes"]})
+            answer = answers[scan.name] = Answer(notes={"patient.json": record["notes"]},
+                                                 ml={"patient.json": record["volume_ml"]})
             if scan.scan:
                 answer.grids["nifti"] = _grid((out / name / f"{name}_mask.nii.gz").read_bytes())
                 if scan.dicom:
@@ -353,6 +362,11 @@ def test_every_entry_point_answers_a_scan_alike(name: str, corpus, answers) -> N
         assert sorted(seg) == sorted(ref), where  # the same source instances (and frames) and segments
         for key, frame in seg.items():
             np.testing.assert_array_equal(frame, ref[key], err_msg=f"{name}: {where} {key}")
+    mls = {f"{path} {how}": ml for path, a in by_path.items() for how, ml in a.ml.items()}
+    ref_ml = next(iter(mls.values()))
+    for where, ml in mls.items():  # headers and custom attributes round to 4 decimals
+        assert ml == ref_ml if ref_ml is None else ml == pytest.approx(ref_ml, abs=1e-4), (where, mls)
+    assert (ref_ml is None) == (scan.options.get("spacing") is None and not scan.scan), mls
     notes = {f"{path} {how}": n for path, a in by_path.items() for how, n in a.notes.items()}
     alike = {json.dumps([_said(n, scan) for n in said]) for said in notes.values()}
     assert len(alike) == 1, json.dumps(notes, indent=1)
