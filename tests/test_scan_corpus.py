@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,10 @@ def _said(text: str, scan: Scan) -> str:
     """A note or error detail with what it names the scan by written alike: the CLIs and `serve batch` read a
     file and name it (its path; `serve batch` reads a copy in its cohort), HTTP and SageMaker get bytes, named
     "request body" or by the file name sent beside them without its folder and extension (a SageMaker body
-    has none). Only that differs by transport; every other word must be the same."""
+    has none). Only that differs by transport; every other word must be the same. A slice stack's notes name
+    no file."""
+    if not scan.scan:
+        return text
     name = re.escape(batch_name(scan))
     return re.sub(rf"(?:[^\s'\"(]*/)?(?<![\w.-]){name}(?:\.nii\.gz|\.nii|\.zip)?(?![\w-])|request body", "<scan>", text)
 
@@ -213,7 +217,9 @@ def _sagemaker(scan: Scan, answered: dict[str, tuple[dict, bytes]]) -> Answer:
         fmt = case.split("|", 1)[1]
         if r["status"] != 200:
             refusal = json.loads(out.decode().split("\n", 1)[0])  # the error JSON Serve answers
-            answer.error = (r["status"], refusal["error"], refusal["detail"])
+            error = (r["status"], refusal["error"], refusal["detail"])
+            assert answer.error in (None, error), (case, error, answer.error)  # one refusal, whatever was asked
+            answer.error = error
             continue
         if fmt.startswith("s3 "):
             said = json.loads(out)
@@ -244,8 +250,6 @@ def _sagemaker(scan: Scan, answered: dict[str, tuple[dict, bytes]]) -> Answer:
 
 def _batch(bundle: Path, scans: list[Scan], tmp: Path) -> dict[str, Answer]:
     """`serve batch` over a cohort of copies of the scans, one run per option set (batch_groups)."""
-    import shutil
-
     from serve.batch.run import BatchOptions, run_batch
 
     answers: dict[str, Answer] = {}
