@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-from volume_support import SPACING, dcm_files, reorient, write_nifti, write_study
+from volume_support import SPACING, dcm_files, reorient, write_dicom_series, write_nifti, write_study
 
 NIFTI_AXES = ("R", "A", "S")  # stored unlike the model's orientation, so a wrong turn would show
 DICOM_AXES = ("L", "P", "S")  # DICOM's usual storage
@@ -43,6 +43,17 @@ def zip_folder(folder: Path, target: Path | None = None) -> bytes:
 def dicom_study(images: np.ndarray, folder: Path, axcodes: tuple[str, str, str] = DICOM_AXES) -> dict:
     """Three shuffled series (pre, FLAIR, post) of the slices under ``folder``; write_study's truth."""
     return write_study(folder, images, axcodes)
+
+
+def two_flair_study(images: np.ndarray, folder: Path) -> dict[int, str]:
+    """A routine study: pre, axial FLAIR (series 2), post, and a 3D sagittal FLAIR (series 4) of the same
+    head; returns the series UIDs by number."""
+    info = write_study(folder, images)
+    source, affine = reorient(images, ("A", "S", "L"))  # slices along left-right: sagittal
+    write_dicom_series(folder / "s3", source[..., 1], affine, "SAG 3D FLAIR", study=info["study"], series_number=4)
+    return {int(ds.SeriesNumber): str(ds.SeriesInstanceUID)
+            for ds in (pydicom.dcmread(sorted(dcm_files(folder / f"s{c}"))[0], stop_before_pixels=True)
+                       for c in range(4))}
 
 
 def flair_headers(folder: Path) -> list[pydicom.Dataset]:

@@ -348,3 +348,27 @@ def test_s3_scans_are_read_and_written_like_local_ones(ray_session, scan_cohort,
     for r in rows:
         assert float(r["volume_ml"]) == pytest.approx(voxels[r["patient"]] * voxel_ml(), rel=1e-6)
     assert sum(voxels.values()) > 0
+
+
+def test_a_scan_keeps_its_geometry_between_the_stages(tmp_path):
+    """pack/unpack carry every Volume field but the pixels from the read stage to the write stage (as JSON):
+    an enhanced image's frame order too, without which its DICOM SEG cannot be written."""
+    from dataclasses import fields
+
+    from bundle_factory import sample_images
+    from scan_support import dicom_study
+    from volume_support import enhance_series
+
+    from core.formats.dicom import read_dicom
+    from serve.batch.scans import pack, unpack
+
+    dicom_study(sample_images(4), tmp_path / "study")
+    enhance_series(tmp_path / "study" / "s1")
+    volume = read_dicom(tmp_path / "study")
+    back = unpack(json.loads(json.dumps(pack(volume))))
+    assert volume.frames and back.images.shape == volume.images.shape
+    for f in fields(volume):
+        if f.name in ("images", "header", "datasets"):  # stand-in pixels; headers re-read from their bytes
+            continue
+        np.testing.assert_equal(getattr(back, f.name), getattr(volume, f.name), err_msg=f.name)
+    assert [d.SOPInstanceUID for d in back.datasets] == [d.SOPInstanceUID for d in volume.datasets]

@@ -356,27 +356,13 @@ def test_unnamed_sequences_in_serve_batch(ray_session, bundle, images, tmp_path)
 # ----------------------------------------------------------------------------------- choosing a series (item 5)
 
 
-def _two_flair_study(images: np.ndarray, folder: Path) -> dict:
-    """A routine study: pre, axial FLAIR (series 2), post, and a 3D sagittal FLAIR (series 4) of the same
-    head; returns the series UIDs by number."""
-    import pydicom
-    from volume_support import dcm_files, reorient, write_dicom_series, write_study
-
-    info = write_study(folder, images)
-    source, affine = reorient(images, ("A", "S", "L"))  # slices along left-right: sagittal
-    write_dicom_series(folder / "s3", source[..., 1], affine, "SAG 3D FLAIR", study=info["study"], series_number=4)
-    return {int(ds.SeriesNumber): str(ds.SeriesInstanceUID)
-            for ds in (pydicom.dcmread(sorted(dcm_files(folder / f"s{c}"))[0], stop_before_pixels=True)
-                       for c in range(4))}
-
-
 @pytest.fixture(scope="module")
 def two_flair(images, tmp_path_factory) -> dict:
     """The two-FLAIR study zipped, its series UIDs, and the same study without the sagittal series."""
-    from scan_support import zip_folder
+    from scan_support import two_flair_study, zip_folder
 
     root = tmp_path_factory.mktemp("two_flair")
-    uids = _two_flair_study(images, root / "study")
+    uids = two_flair_study(images, root / "study")
     plain = root / "plain"
     shutil.copytree(root / "study", plain, ignore=lambda d, names: names if d.endswith("s3") else [])
     return {"zip": zip_folder(root / "study", root / "study.zip"), "path": root / "study.zip", "uids": uids,

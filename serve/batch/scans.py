@@ -136,7 +136,7 @@ def pack(volume: Volume) -> dict[str, Any]:
     header = volume.header
     return {"affine": volume.affine.tolist(), "source_shape": list(volume.source_shape), "kind": volume.kind,
             "name": volume.name, "sources": volume.sources, "filled": list(volume.filled), "notes": volume.notes,
-            "shape": list(volume.images.shape[:3]),
+            "shape": list(volume.images.shape[:3]), "frames": [int(f) for f in volume.frames],
             "header": None if header is None else [type(header).__name__, _b64(header.binaryblock)],
             "datasets": datasets}
 
@@ -157,7 +157,7 @@ def unpack(geometry: Mapping[str, Any]) -> Volume:
     return Volume(images=stand_in, affine=np.asarray(geometry["affine"], np.float64),
                   source_shape=tuple(geometry["source_shape"]), kind=geometry["kind"], name=geometry["name"],
                   sources=dict(geometry["sources"]), filled=tuple(geometry["filled"]), notes=list(geometry["notes"]),
-                  header=header, datasets=datasets)
+                  header=header, datasets=datasets, frames=list(geometry["frames"]))
 
 
 def scan_result(geometry: Mapping[str, Any], masks: np.ndarray, class_names: list[str],
