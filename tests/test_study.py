@@ -190,3 +190,18 @@ def test_a_cv_init_must_name_each_folds_own_model(tmp_path) -> None:
     (cv / "folds" / "fold1" / "metrics.json").write_text(json.dumps({"fold": 1, "train_patients": ["a", "c"]}))
     with pytest.raises(ValueError, match="trained on patients of fold 1"):
         check_fold_inits(init, folds)
+
+
+@pytest.mark.parametrize("stop", ["early-stopped by none", "error: RayTaskError", "not started"])
+def test_an_interrupted_cv_is_continued_never_summarised(monkeypatch, tmp_path, stop: str) -> None:
+    """A CV whose driver was stopped (Ctrl+C) holds folds mid-schedule with checkpoints: summarising them would
+    export half-trained fold models as the study's."""
+    from core.config import TrainConfig
+    from tune import cv
+
+    trials = [{"config": {"fold": 0}, "checkpoint": object(), "stop_reason": "completed", "epochs_run": 20},
+              {"config": {"fold": 1}, "checkpoint": object(), "stop_reason": stop, "epochs_run": 11}]
+    monkeypatch.setattr(cv.results, "collect", lambda *args: trials)
+    with pytest.raises(RuntimeError, match=f"fold 1 stopped at epoch 11 \\({stop}\\); rerun"):
+        cv.summarise(None, tmp_path, None, [], {}, TrainConfig(), half=False)
+    assert not (tmp_path / "folds").exists()

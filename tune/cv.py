@@ -39,7 +39,7 @@ from core.inference.predictor import Predictor
 from core.io import read_json, write_json
 from core.training.ensemble import build_ensemble_bundle
 from tune import results
-from tune.objective import objective_key
+from tune.objective import COMPLETED, DIVERGED, PATIENCE, objective_key
 from tune.search import sets_field, tune_env
 from tune.trainable import train_trial
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 POOLS = ("train+val", "train")
+# How a fold's training may end for the CV to be summarised: its schedule run out, or its own stop rules.
+FINISHED = {results.STOP_REASONS[reason] for reason in (COMPLETED, PATIENCE, DIVERGED)}
 
 
 def pool_splits(prepared: Path, pool: str = "train+val") -> tuple[SplitArrays, dict[str, Any]]:
@@ -176,10 +178,13 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
               cfg: TrainConfig, half: bool, held_out: SplitArrays | None = None) -> dict[str, Any]:
     """Per-fold bundles and metrics, mean +- sd, and the fold ensemble."""
     rows, bundles = [], []
-    for trial in sorted(results.collect(grid, cfg.metric, "none"), key=lambda t: t["config"]["fold"]):
+    trials = sorted(results.collect(grid, cfg.metric, "none"), key=lambda t: t["config"]["fold"])
+    for trial in trials:  # an interrupted CV (Ctrl+C, a killed trial) is continued, never summarised
+        if trial["checkpoint"] is None or trial["stop_reason"] not in FINISHED:
+            raise RuntimeError(f"fold {trial['config']['fold']} stopped at epoch {trial['epochs_run']} "
+                               f"({trial['stop_reason']}); rerun to continue it")
+    for trial in trials:
         k = int(trial["config"]["fold"])
-        if trial["checkpoint"] is None:
-            raise RuntimeError(f"fold {k} has no checkpoint ({trial['stop_reason']}); rerun to continue it")
         train, val, fold_info = pool.fold(folds, k, info)
         bundle = run_dir / "folds" / f"fold{k}"
         with trial["checkpoint"].as_directory() as folder:
