@@ -301,7 +301,7 @@ def axial_grid(shape: Sequence[int], spacing: Sequence[float], plane: str,
     if thick > MAX_RESAMPLED_SLICE_MM or count < MIN_RESAMPLED_SLICES:
         raise PlaneError(f"{plane} acquisition of {count} slices {thick:g} mm apart: too "
                          f"{'thick' if thick > MAX_RESAMPLED_SLICE_MM else 'few'} to resample to axial slices (at "
-                         f"least {MIN_RESAMPLED_SLICES} slices at most {MAX_RESAMPLED_SLICE_MM:g} mm apart); "
+                         f"least {MIN_RESAMPLED_SLICES} slices, at most {MAX_RESAMPLED_SLICE_MM:g} mm apart); "
                          "send an axial series of this study")
     target = max(min(sh, sw), float(np.sqrt(h * sh * w * sw * len(SEQUENCES) * n / max_voxels)))
     rows = h if abs(sh - target) <= 0.01 * target else max(1, round(h * sh / target))
