@@ -337,7 +337,8 @@ def read_dicom(
             notes.append(f"{ref.label}: no {', '.join(missing)} (removed by an anonymiser?); a DICOM SEG of it "
                          "carries them empty")
         return build_volume(channels, ref_affine, kind="dicom", name=label, sources=sources, rescale=rescale,
-                            notes=notes, datasets=datasets, frames=orders[ref_seq] if ref.enhanced is not None else ())
+                            notes=notes, datasets=datasets, frames=orders[ref_seq] if ref.enhanced is not None else (),
+                            limits=limits)
     finally:
         if zf is not None:
             zf.close()

@@ -342,7 +342,7 @@ def read_nifti(
         channels[seq] = data
     sources = {seq: label for seq, (label, _, _) in chosen.items()}
     return build_volume(channels, ref_affine, kind="nifti", name=name, sources=sources, rescale=rescale,
-                        notes=notes, header=ref.header)
+                        notes=notes, header=ref.header, limits=limits)
 
 
 def nifti_mask_image(volume: Volume, masks: np.ndarray, labels: int = 1) -> nib.Nifti1Image:

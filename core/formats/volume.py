@@ -9,6 +9,11 @@ axes (nibabel's orientation tools: no interpolation), fills a missing sequence w
 set does) and rescales each channel to uint8 by its own percentiles. ``Volume.to_source`` is the exact
 inverse, so a mask goes back with the source's shape and affine.
 
+A sagittal or coronal scan with thick slices would give axial pixels as long as its slice spacing, so
+its reordered slices are resampled to square pixels at its finest in-plane spacing (``axial_grid``; the
+rule and its limits are there) and its masks go back to its own grid by core.formats.regrid; its
+``spacing`` and ``voxel_ml`` are then the resampled grid's, the one the model and the mm rules see.
+
 Errors are ``VolumeError`` subclasses of core.formats.media.DecodeError: a ValueError whose ``status``
 is the HTTP answer (400 unreadable, 413 too large, 422 unusable) and whose message names the problem.
 """
@@ -25,6 +30,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from core.formats.intensity import to_uint8
 from core.formats.media import DecodeError
+from core.formats.regrid import labels_to, zoom_images, zoom_labels
 
 SEQUENCES = ("pre", "flair", "post")  # channel order of the model's input (the Kaggle TIFFs)
 SEQUENCE_TITLES = {"pre": "pre-contrast", "flair": "FLAIR", "post": "post-contrast"}
@@ -32,6 +38,13 @@ SEQUENCE_TITLES = {"pre": "pre-contrast", "flair": "FLAIR", "post": "post-contra
 # axis codes): rows toward posterior and columns toward the left are the DICOM display orientation.
 CANONICAL_AXES = ("S", "P", "L")
 PLANES = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "L": "sagittal", "R": "sagittal"}
+# A sagittal or coronal scan is resampled when its reordered axial pixels are longer than MAX_ANISOTROPY
+# times their width (a 3D acquisition of near-cubic voxels is reordered only), and refused when its slices
+# are more than MAX_RESAMPLED_SLICE_MM apart or fewer than MIN_RESAMPLED_SLICES: beyond that a tumour
+# spans two or three slices and its axial outline would be the interpolation's, not the scanner's.
+MAX_ANISOTROPY = 1.25
+MAX_RESAMPLED_SLICE_MM = 6.0
+MIN_RESAMPLED_SLICES = 8
 RESCALES = ("auto", "percentile", "none")
 
 
@@ -105,6 +118,10 @@ class UnnamedSequencesError(VolumeError):
     code = "unnamed_sequences"
 
 
+class PlaneError(VolumeError):
+    code = "unusable_plane"
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a reader accepts, checked from headers before any pixel data is decompressed."""
@@ -163,6 +180,8 @@ class Volume:
     # and ``frames`` the source frame (0-based) of each slice
     datasets: list[Any] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)
+    # the canonical shape before resampling to square axial pixels (axial_grid); None: reordered only
+    resampled_from: tuple[int, int, int] | None = None
 
     @property
     def ornt(self) -> np.ndarray:
@@ -170,18 +189,30 @@ class Volume:
         return canonical_ornt(self.affine)
 
     @property
+    def source_spacing(self) -> tuple[float, float, float]:
+        """The source's voxel size in mm (its header's), along the canonical (slice, row, column) axes."""
+        return reordered_spacing(self.affine)
+
+    @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the canonical (slice, row, column) axes."""
-        sizes = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        out = [0.0, 0.0, 0.0]
-        for src_axis, (dst_axis, _) in enumerate(self.ornt):
-            out[int(dst_axis)] = float(sizes[src_axis])
-        return out[0], out[1], out[2]
+        """Voxel size in mm along the canonical (slice, row, column) axes: the grid the model sees."""
+        own = self.source_spacing
+        if self.resampled_from is None:
+            return own
+        z, y, x = (s * f / n for s, f, n in zip(own, self.resampled_from, self.images.shape[:3], strict=True))
+        return z, y, x
+
+    @property
+    def source_voxel_ml(self) -> float:
+        """One source voxel's volume in mL (|det| of the affine: exact for oblique and sheared grids too)."""
+        return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
     @property
     def voxel_ml(self) -> float:
-        """One voxel's volume in mL (|det| of the affine: exact for oblique and sheared grids too)."""
-        return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        """One canonical voxel's volume in mL: the source's, scaled by the resampling where there was one."""
+        if self.resampled_from is None:
+            return self.source_voxel_ml
+        return self.source_voxel_ml * float(np.prod(self.resampled_from)) / float(np.prod(self.images.shape[:3]))
 
     @property
     def plane(self) -> str:
@@ -189,26 +220,33 @@ class Volume:
         return acquisition_plane(self.affine)
 
     def to_source(self, masks: np.ndarray) -> np.ndarray:
-        """(N,H,W) canonical masks -> the source grid, exactly (the inverse permutation and flip)."""
+        """(N,H,W) canonical masks -> the source grid: the inverse permutation and flip, exactly, after
+        the label covering most of each reordered voxel where the slices were resampled."""
         masks = np.asarray(masks)
         if masks.shape != self.images.shape[:3]:
             raise ValueError(f"masks of shape {masks.shape} for a volume of {self.images.shape[:3]}")
+        if self.resampled_from is not None:
+            masks = labels_to(masks, self.resampled_from)
         back = ornt_transform(axcodes2ornt(CANONICAL_AXES), io_orientation(self.affine))
         out = np.ascontiguousarray(apply_orientation(masks, back))
         assert out.shape == self.source_shape, (out.shape, self.source_shape)
         return out
 
     def to_canonical(self, array: np.ndarray) -> np.ndarray:
-        """A source-grid array (a label map beside the scan, say; extra trailing axes kept) -> canonical."""
+        """A source-grid label map (beside the scan, say; extra trailing axes kept) -> canonical: reordered,
+        and by the nearest voxel onto the resampled grid where there is one."""
         array = np.asarray(array)
         if array.shape[:3] != self.source_shape:
             raise ValueError(f"array of shape {array.shape} for a source grid of {self.source_shape}")
-        return np.ascontiguousarray(apply_orientation(array, self.ornt))
+        out = np.ascontiguousarray(apply_orientation(array, self.ornt))
+        return out if self.resampled_from is None else zoom_labels(out, self.images.shape[:3])
 
     def volume_ml(self, masks: np.ndarray, label: int | None = None) -> float:
         """Tumour volume in mL of canonical or source-grid masks (foreground, or one label)."""
-        selected = np.asarray(masks) > 0 if label is None else np.asarray(masks) == label
-        return float(np.count_nonzero(selected)) * self.voxel_ml
+        masks = np.asarray(masks)
+        selected = masks > 0 if label is None else masks == label
+        source = self.resampled_from is not None and masks.shape[:3] != self.images.shape[:3]
+        return float(np.count_nonzero(selected)) * (self.source_voxel_ml if source else self.voxel_ml)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (shapes, spacing, sequences, notes) for responses and CSVs."""
@@ -237,6 +275,40 @@ def canonical_ornt(affine: np.ndarray) -> np.ndarray:
     return ornt_transform(src, axcodes2ornt(CANONICAL_AXES))
 
 
+def reordered_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """A grid's voxel size in mm along the canonical (slice, row, column) axes it is reordered to."""
+    sizes = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
+    out = [0.0, 0.0, 0.0]
+    for src_axis, (dst_axis, _) in enumerate(canonical_ornt(affine)):
+        out[int(dst_axis)] = float(sizes[src_axis])
+    return out[0], out[1], out[2]
+
+
+def axial_grid(shape: Sequence[int], spacing: Sequence[float], plane: str,
+               max_voxels: int) -> tuple[int, int, int] | None:
+    """The (slice, row, column) shape a reordered sagittal or coronal scan is resampled to, None where its
+    axial pixels are square enough (MAX_ANISOTROPY) to be used as they are.
+
+    Both in-plane axes go to the finer one's spacing (square pixels, the source's own detail kept), coarser
+    only where the three sequences would not fit ``max_voxels``; the slice axis keeps its spacing. A
+    PlaneError (422) where the thick axis has too few slices or too thick ones (see MIN_RESAMPLED_SLICES).
+    """
+    n, h, w = (int(v) for v in shape)
+    _, sh, sw = (float(v) for v in spacing)
+    if plane == "axial" or max(sh, sw) <= MAX_ANISOTROPY * min(sh, sw):
+        return None
+    count, thick = (h, sh) if sh > sw else (w, sw)
+    if thick > MAX_RESAMPLED_SLICE_MM or count < MIN_RESAMPLED_SLICES:
+        raise PlaneError(f"{plane} acquisition of {count} slices {thick:g} mm apart: too "
+                         f"{'thick' if thick > MAX_RESAMPLED_SLICE_MM else 'few'} to resample to axial slices (at "
+                         f"least {MIN_RESAMPLED_SLICES} slices, at most {MAX_RESAMPLED_SLICE_MM:g} mm apart); "
+                         "send an axial series of this study")
+    target = max(min(sh, sw), float(np.sqrt(h * sh * w * sw * len(SEQUENCES) * n / max_voxels)))
+    rows = h if abs(sh - target) <= 0.01 * target else max(1, round(h * sh / target))
+    cols = w if abs(sw - target) <= 0.01 * target else max(1, round(w * sw / target))
+    return n, rows, cols
+
+
 def acquisition_plane(affine: np.ndarray) -> str:
     """'axial', 'coronal' or 'sagittal': the world axis nearest the source's third voxel axis."""
     codes = "RAS"
@@ -262,13 +334,15 @@ def build_volume(
     header: Any = None,
     datasets: Sequence[Any] = (),
     frames: Sequence[int] = (),
+    limits: Limits = Limits(),
 ) -> Volume:
     """Source-grid sequences (each (I,J,K), one grid, keys from SEQUENCES) -> a canonical Volume.
 
     ``rescale``: ``percentile`` (core.formats.intensity.to_uint8: percentiles of the nonzero voxels to
     0..255), ``none`` (the values are already 0..255 display levels, as in a volume built from Kaggle
     slices), or ``auto``: ``none`` for uint8 data, ``percentile`` otherwise. A missing pre- or
-    post-contrast sequence is FLAIR's copy.
+    post-contrast sequence is FLAIR's copy. A thick-sliced sagittal or coronal scan is resampled to
+    square axial pixels (``axial_grid``, within ``limits``), and its notes say so.
     """
     if rescale not in RESCALES:
         raise ValueError(f"rescale {rescale!r} is not one of {', '.join(RESCALES)}")
@@ -299,14 +373,32 @@ def build_volume(
     if filled:
         notes.append(f"no {' or '.join(SEQUENCE_TITLES[s] for s in filled)} sequence: filled with a copy of FLAIR "
                      "(as the Kaggle data set does)")
-    plane = acquisition_plane(affine)
-    if plane != "axial":
-        notes.append(f"{plane} acquisition: the model sees axial slices made by reordering its voxels "
-                     "(no interpolation; in-plane pixels are as long as the source's slice spacing)")
     images = np.ascontiguousarray(apply_orientation(out, canonical_ornt(affine)))
+    reordered = (images.shape[0], images.shape[1], images.shape[2])
+    grid = axial_grid(reordered, reordered_spacing(affine), acquisition_plane(affine), limits.max_voxels)
+    notes.extend(plane_notes(affine, reordered, grid))
+    if grid is not None:
+        images = zoom_images(images, grid)
     return Volume(images=images, affine=np.asarray(affine, np.float64), source_shape=(shape[0], shape[1], shape[2]),
                   kind=kind, name=name, sources=dict(sources), filled=filled, notes=notes, header=header,
-                  datasets=list(datasets), frames=[int(f) for f in frames])
+                  datasets=list(datasets), frames=[int(f) for f in frames], resampled_from=None if grid is None
+                  else reordered)
+
+
+def plane_notes(affine: np.ndarray, reordered: tuple[int, int, int],
+                grid: tuple[int, int, int] | None) -> list[str]:
+    """What an answer says of a sagittal or coronal scan: reordered only, or resampled and at what spacing."""
+    plane = acquisition_plane(affine)
+    if plane == "axial":
+        return []
+    spacing = reordered_spacing(affine)
+    if grid is None:
+        return [f"{plane} acquisition: the model sees axial slices made by reordering its voxels (no interpolation; "
+                f"its axial pixels, {spacing[1]:.3g} x {spacing[2]:.3g} mm, are near square)"]
+    row, col = (s * r / g for s, r, g in zip(spacing[1:], reordered[1:], grid[1:], strict=True))
+    return [f"{plane} acquisition resampled to axial at {row:.3g} x {col:.3g} mm in-plane (linear; its "
+            f"{spacing[1]:.3g} x {spacing[2]:.3g} mm axial pixels, {reordered[1]}x{reordered[2]}, became "
+            f"{grid[1]}x{grid[2]}) and the masks mapped back to its grid (each voxel the label covering most of it)"]
 
 
 def slices_grid(slices: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),

@@ -89,11 +89,12 @@ def stack_spacing(given: Sequence[float] | None) -> VoxelSpacing:
 
 
 def scan_spacing(volume: Volume, given: Sequence[float] | None = None) -> VoxelSpacing:
-    """A scan's spacing, from its header; a given spacing must agree with it (1%), else 422
-    ``spacing_conflict``: the header is the scanner's record, and two answers for one scan must not differ."""
-    own = tuple(float(v) for v in volume.spacing)
+    """A scan's spacing: its canonical grid's (its header's, or the axial grid a thick sagittal or coronal scan was
+    resampled to); a given spacing must agree with the header (1%), else 422 ``spacing_conflict``: the header is
+    the scanner's record, and two answers for one scan must not differ."""
+    own = tuple(float(v) for v in volume.source_spacing)
     if given is not None and any(abs(g - o) > 0.01 * o for g, o in zip(given, own, strict=True)):
         mine = ",".join(f"{v:g}" for v in own)
         raise DecodeError(422, "spacing_conflict", f"spacing={','.join(f'{v:g}' for v in given)} but the "
                           f"{volume.kind} header says {mine} mm (slice, row, column); leave spacing out for a scan")
-    return VoxelSpacing(own, SCAN)  # type: ignore[arg-type]
+    return VoxelSpacing(tuple(float(v) for v in volume.spacing), SCAN)  # type: ignore[arg-type]

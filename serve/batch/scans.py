@@ -137,6 +137,7 @@ def pack(volume: Volume) -> dict[str, Any]:
     return {"affine": volume.affine.tolist(), "source_shape": list(volume.source_shape), "kind": volume.kind,
             "name": volume.name, "sources": volume.sources, "filled": list(volume.filled), "notes": volume.notes,
             "shape": list(volume.images.shape[:3]), "frames": [int(f) for f in volume.frames],
+            "resampled_from": None if volume.resampled_from is None else list(volume.resampled_from),
             "header": None if header is None else [type(header).__name__, _b64(header.binaryblock)],
             "datasets": datasets}
 
@@ -157,7 +158,8 @@ def unpack(geometry: Mapping[str, Any]) -> Volume:
     return Volume(images=stand_in, affine=np.asarray(geometry["affine"], np.float64),
                   source_shape=tuple(geometry["source_shape"]), kind=geometry["kind"], name=geometry["name"],
                   sources=dict(geometry["sources"]), filled=tuple(geometry["filled"]), notes=list(geometry["notes"]),
-                  header=header, datasets=datasets, frames=list(geometry["frames"]))
+                  header=header, datasets=datasets, frames=list(geometry["frames"]),
+                  resampled_from=None if geometry.get("resampled_from") is None else tuple(geometry["resampled_from"]))
 
 
 def scan_result(geometry: Mapping[str, Any], masks: np.ndarray, class_names: list[str],
