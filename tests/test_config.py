@@ -20,6 +20,7 @@ from core.config import (
     PredictorOptions,
     TrainConfig,
     add_predictor_arguments,
+    flag,
     from_args,
     from_mapping,
 )
@@ -28,6 +29,7 @@ from serve.app import LaunchOptions, ServeSettings
 from tune.cv import CVOptions
 from tune.search import SearchOptions
 from tune.space import parse_space
+from tune.study import StudyOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +64,12 @@ def _tune_cv() -> argparse.ArgumentParser:
     return _command(register)
 
 
+def _tune_study() -> argparse.ArgumentParser:
+    from tune.study import register
+
+    return _command(register)
+
+
 def _predictor() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_predictor_arguments(parser)
@@ -74,6 +82,7 @@ JOBS = {
     "serve run": (_serve_run, (ServeSettings, LaunchOptions), ["--bundle", "b"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
     "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
+    "tune study": (_tune_study, (StudyOptions,), ["--src", "s", "--out", "o"]),
     "core evaluate/predict": (_predictor, (PredictorOptions,), ["--bundle", "b"]),
 }
 
@@ -94,6 +103,8 @@ def test_a_flag_left_out_takes_the_fields_default(job: str) -> None:
     for model in models:
         given = {f.name: getattr(from_args(args, model), f.name) for f in fields(model)}
         for f in fields(model):
+            if flag(f) in required:  # typed (one of a required group, e.g. tune study's --src)
+                continue
             if f.default is not MISSING:
                 assert given[f.name] == f.default, f"{job}: --{f.name} defaults to {given[f.name]!r}"
             elif f.default_factory is not MISSING:
@@ -110,10 +121,21 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
     assert opts.fixed == {"arch": "lite", "lr": 1e-3} and opts.verbose == 0 and opts.gpus_per_trial == 0.5
     cv = from_args(_tune_cv().parse_args(["--data", "d", "--from", "runs/x", "--set", "lr=1e-3", "--half"]), CVOptions)
     assert (cv.from_run, cv.fixed, cv.half, cv.storage) == (Path("runs/x"), {"lr": 1e-3}, True, Path("runs"))
+    study = from_args(_tune_study().parse_args(["--data", "d", "--out", "o", "--folds-from", "f", "--set", "lr=1e-3"]),
+                      StudyOptions)
+    assert (study.src, study.data, study.folds_from, study.fixed) == (None, Path("d"), Path("f"), {"lr": 1e-3})
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):
         from_mapping(SearchOptions, {"data": "d", "name": "n", "search": "grid"}, "tune options")
+
+
+def test_one_of_a_group_must_be_given_and_only_one(capsys) -> None:
+    """Fields naming one ``one_of`` group are a required mutually exclusive group (tune study's --src | --data)."""
+    for argv in (["--out", "o"], ["--out", "o", "--src", "s", "--data", "d"]):
+        with pytest.raises(SystemExit):
+            _tune_study().parse_args(argv)
+    assert "not allowed with argument --src" in capsys.readouterr().err
 
 
 def test_inference_batch_size_is_one_default() -> None:
