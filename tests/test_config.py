@@ -26,6 +26,7 @@ from core.config import (
 )
 from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
+from serve.batch.run import BatchOptions
 from tune.cv import CVOptions
 from tune.search import SearchOptions
 from tune.space import parse_space
@@ -70,6 +71,12 @@ def _tune_study() -> argparse.ArgumentParser:
     return _command(register)
 
 
+def _serve_batch() -> argparse.ArgumentParser:
+    from serve.batch.cli import register
+
+    return _command(register)
+
+
 def _predictor() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_predictor_arguments(parser)
@@ -80,6 +87,7 @@ def _predictor() -> argparse.ArgumentParser:
 JOBS = {
     "core train": (_train, (TrainRun, TrainConfig), ["--data", "d", "--out", "o"]),
     "serve run": (_serve_run, (ServeSettings, LaunchOptions), ["--bundle", "b"]),
+    "serve batch": (_serve_batch, (BatchOptions,), ["--bundle", "b", "--src", "s", "--out", "o"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
     "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
     "tune study": (_tune_study, (StudyOptions,), ["--src", "s", "--out", "o"]),
@@ -124,6 +132,11 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
     study = from_args(_tune_study().parse_args(["--data", "d", "--out", "o", "--folds-from", "f", "--set", "lr=1e-3"]),
                       StudyOptions)
     assert (study.src, study.data, study.folds_from, study.fixed) == (None, Path("d"), Path("f"), {"lr": 1e-3})
+    batch = from_args(_serve_batch().parse_args(["--bundle", "b", "--src", "s", "--out", "o", "--no-progress",
+                                                 "--sequences", "flair,t1", "--series", "flair=3", "--series",
+                                                 "pre=1", "--spacing", "5,1,1"]), BatchOptions)
+    assert (batch.progress, batch.sequences, batch.series, batch.spacing) == (
+        False, ["flair", "t1"], {"flair": "3", "pre": "1"}, (5.0, 1.0, 1.0))
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):
