@@ -28,6 +28,8 @@ from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
 from serve.batch.run import BatchOptions
 from tune.cv import CVOptions
+from tune.ensemble import EnsembleOptions
+from tune.report import ReportOptions
 from tune.search import SearchOptions
 from tune.space import parse_space
 from tune.study import StudyOptions
@@ -77,6 +79,18 @@ def _serve_batch() -> argparse.ArgumentParser:
     return _command(register)
 
 
+def _tune_ensemble() -> argparse.ArgumentParser:
+    from tune.ensemble import register
+
+    return _command(register)
+
+
+def _tune_report() -> argparse.ArgumentParser:
+    from tune.report import register
+
+    return _command(register)
+
+
 def _predictor() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_predictor_arguments(parser)
@@ -90,6 +104,8 @@ JOBS = {
     "serve batch": (_serve_batch, (BatchOptions,), ["--bundle", "b", "--src", "s", "--out", "o"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
     "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
+    "tune ensemble": (_tune_ensemble, (EnsembleOptions,), ["runs/r"]),
+    "tune report": (_tune_report, (ReportOptions,), ["s3://b/runs/r"]),
     "tune study": (_tune_study, (StudyOptions,), ["--src", "s", "--out", "o"]),
     "core evaluate/predict": (_predictor, (PredictorOptions,), ["--bundle", "b"]),
 }
@@ -137,6 +153,9 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
                                                  "pre=1", "--spacing", "5,1,1"]), BatchOptions)
     assert (batch.progress, batch.sequences, batch.series, batch.spacing) == (
         False, ["flair", "t1"], {"flair": "3", "pre": "1"}, (5.0, 1.0, 1.0))
+    ensemble = from_args(_tune_ensemble().parse_args(["runs/r", "--half", "--top", "5"]), EnsembleOptions)
+    assert (ensemble.run, ensemble.half, ensemble.top) == (Path("runs/r"), True, 5)
+    assert from_args(_tune_report().parse_args(["s3://b/runs/r"]), ReportOptions).run == "s3://b/runs/r"
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):
