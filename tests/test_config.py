@@ -5,6 +5,7 @@ wherever it comes from."""
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import re
@@ -24,6 +25,8 @@ from core.config import (
     from_args,
     from_mapping,
 )
+from core.data.cli import DownloadOptions, EdaOptions, ExportNnunetOptions, PrepareOptions, SynthOptions
+from core.data.prepare import SplitOptions
 from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
 from serve.batch.run import BatchOptions
@@ -91,6 +94,13 @@ def _tune_report() -> argparse.ArgumentParser:
     return _command(register)
 
 
+def _data(name: str) -> argparse.ArgumentParser:
+    from core.data.cli import register
+
+    commands = next(a for a in _command(register)._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
 def _predictor() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_predictor_arguments(parser)
@@ -107,6 +117,13 @@ JOBS = {
     "tune ensemble": (_tune_ensemble, (EnsembleOptions,), ["runs/r"]),
     "tune report": (_tune_report, (ReportOptions,), ["s3://b/runs/r"]),
     "tune study": (_tune_study, (StudyOptions,), ["--src", "s", "--out", "o"]),
+    "core data synth": (functools.partial(_data, "synth"), (SynthOptions,), ["--out", "o"]),
+    "core data prepare": (functools.partial(_data, "prepare"), (PrepareOptions, SplitOptions),
+                          ["--src", "s", "--out", "o"]),
+    "core data export-nnunet": (functools.partial(_data, "export-nnunet"), (ExportNnunetOptions, SplitOptions),
+                                ["--src", "s", "--out", "Dataset501_X"]),
+    "core data eda": (functools.partial(_data, "eda"), (EdaOptions,), ["p"]),
+    "core data download": (functools.partial(_data, "download"), (DownloadOptions,), ["--out", "o"]),
     "core evaluate/predict": (_predictor, (PredictorOptions,), ["--bundle", "b"]),
 }
 
@@ -156,6 +173,8 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
     ensemble = from_args(_tune_ensemble().parse_args(["runs/r", "--half", "--top", "5"]), EnsembleOptions)
     assert (ensemble.run, ensemble.half, ensemble.top) == (Path("runs/r"), True, 5)
     assert from_args(_tune_report().parse_args(["s3://b/runs/r"]), ReportOptions).run == "s3://b/runs/r"
+    prepare = _data("prepare").parse_args(["--src", "s", "--out", "o", "--no-progress", "--val", "2"])
+    assert from_args(prepare, PrepareOptions).progress is False and from_args(prepare, SplitOptions).val == 2.0
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from core.config import meta
 from core.data.arrays import SPLITS, SplitArrays, save_split, split_hash
 from core.io import atomic_dir, read_json, write_json
 
@@ -171,6 +172,15 @@ def fold_patients(tumour_fraction: dict[str, float], folds: int, seed: int, trie
             best, best_cost = parts, cost
     assert best is not None
     return sorted((sorted(ids[i] for i in part) for part in best), key=lambda f: f[0])
+
+
+@dataclass
+class SplitOptions:
+    """A seeded split of patients into train, val and test, balanced by tumour fraction (``split_patients``)."""
+
+    val: float = field(default=0.1, metadata=meta("fraction of patients, or a count when >= 1"))
+    test: float = field(default=0.1, metadata=meta("fraction of patients, or a count when >= 1"))
+    seed: int = field(default=0, metadata=meta("seeds the split"))
 
 
 def prepare(
