@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import inspect
 import json
 import re
@@ -40,65 +41,28 @@ from tune.study import StudyOptions
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _command(register) -> argparse.ArgumentParser:
+def _command(module: str, *names: str) -> argparse.ArgumentParser:
+    """The command ``module``'s register() adds (its subcommand ``names``, for core data's)."""
     sub = argparse.ArgumentParser().add_subparsers()
-    register(sub)
-    return next(iter(sub.choices.values()))
+    importlib.import_module(module).register(sub)
+    parser = next(iter(sub.choices.values()))
+    for name in names:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
 
 
-def _train() -> argparse.ArgumentParser:
-    from core.training.cli import register
-
-    return _command(register)
-
-
-def _serve_run() -> argparse.ArgumentParser:
-    from serve.app import register
-
-    return _command(register)
-
-
-def _tune_run() -> argparse.ArgumentParser:
-    from tune.search import register
-
-    return _command(register)
-
-
-def _tune_cv() -> argparse.ArgumentParser:
-    from tune.cv import register
-
-    return _command(register)
-
-
-def _tune_study() -> argparse.ArgumentParser:
-    from tune.study import register
-
-    return _command(register)
-
-
-def _serve_batch() -> argparse.ArgumentParser:
-    from serve.batch.cli import register
-
-    return _command(register)
-
-
-def _tune_ensemble() -> argparse.ArgumentParser:
-    from tune.ensemble import register
-
-    return _command(register)
-
-
-def _tune_report() -> argparse.ArgumentParser:
-    from tune.report import register
-
-    return _command(register)
+_train = functools.partial(_command, "core.training.cli")
+_serve_run = functools.partial(_command, "serve.app")
+_serve_batch = functools.partial(_command, "serve.batch.cli")
+_tune_run = functools.partial(_command, "tune.search")
+_tune_cv = functools.partial(_command, "tune.cv")
+_tune_study = functools.partial(_command, "tune.study")
+_tune_ensemble = functools.partial(_command, "tune.ensemble")
+_tune_report = functools.partial(_command, "tune.report")
 
 
 def _data(name: str) -> argparse.ArgumentParser:
-    from core.data.cli import register
-
-    commands = next(a for a in _command(register)._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices[name]
+    return _command("core.data.cli", name)
 
 
 def _predictor() -> argparse.ArgumentParser:
