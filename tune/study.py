@@ -83,14 +83,14 @@ def prepared_data(opts: StudyOptions, out: Path) -> Path:
     """The prepared directory whose test split is fixed: ``--data`` as given, or ``--src`` prepared once."""
     if opts.data:
         return opts.data
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
 
     prepared = out / "prepared"
     if not (prepared / "split.json").is_file():
         if opts.test_split:
             prepare(opts.src, prepared, split_file=opts.test_split, progress=False)
         else:
-            prepare(opts.src, prepared, val=0, test=opts.test, seed=opts.seed, progress=False)
+            prepare(opts.src, prepared, SplitOptions(val=0, test=opts.test, seed=opts.seed), progress=False)
     return prepared
 
 

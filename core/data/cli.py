@@ -106,11 +106,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
     opts, split = from_args(args, PrepareOptions), from_args(args, SplitOptions)
     if is_nnunet_dataset(opts.src):
-        info = prepare_nnunet(opts.src, opts.out, split.val, split.test, split.seed, opts.split_file, opts.size,
-                              opts.fold)
+        info = prepare_nnunet(opts.src, opts.out, split, opts.split_file, opts.size, opts.fold)
     else:
-        info = prepare(opts.src, opts.out, split.val, split.test, split.seed, opts.split_file,
-                       progress=opts.progress)
+        info = prepare(opts.src, opts.out, split, opts.split_file, progress=opts.progress)
     for name, c in info["counts"].items():
         print(f"{name:5s} {c['patients']:3d} patients {c['slices']:5d} slices {c['tumour_fraction']:.1%} tumour")
     print(f"wrote {opts.out} (split {info['split_hash']})")
@@ -127,7 +125,7 @@ def _export_nnunet(args: argparse.Namespace) -> int:
         spacing = ()
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"--spacing {opts.spacing!r}: expected three positive numbers SLICE,ROW,COL")
-    meta = export_nnunet(opts.src, opts.out, split.val, split.test, split.seed, spacing)  # type: ignore[arg-type]
+    meta = export_nnunet(opts.src, opts.out, split, spacing)  # type: ignore[arg-type]
     print(f"wrote {opts.out}: {meta['numTraining']} training cases, splits_final.json (copy it to "
           "nnUNet_preprocessed/<dataset>/ after nnUNetv2_plan_and_preprocess)")
     return 0

@@ -183,20 +183,14 @@ class SplitOptions:
     seed: int = field(default=0, metadata=meta("seeds the split"))
 
 
-def prepare(
-    src: str | Path,
-    out: str | Path,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-    split_file: str | Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Read, validate, split and write; ``out`` is replaced atomically only when everything succeeded."""
+def prepare(src: str | Path, out: str | Path, split: SplitOptions | None = None,
+            split_file: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Read, validate, split (``split_file``'s patients, else ``split``, by default SplitOptions()) and write;
+    ``out`` is replaced atomically only when everything succeeded."""
     src = Path(src)
     class_names = source_class_names(src)
     patients = {p.id: p for p in read_patients(src, len(class_names) - 1, progress)}
-    return write_prepared(src, patients, out, class_names, val, test, seed, split_file)
+    return write_prepared(src, patients, out, class_names, split, split_file)
 
 
 def source_class_names(src: Path) -> list[str]:
@@ -211,16 +205,14 @@ def write_prepared(
     patients: dict[str, Patient],
     out: str | Path,
     class_names: list[str],
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
+    split: SplitOptions | None = None,
     split_file: str | Path | None = None,
     assignment: dict[str, list[str]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Split (``assignment`` as given, a split file's, or balanced by seed) and write; any source's patients
     (the Kaggle layout here, nnU-Net datasets in core.data.nnunet) of one in-plane size."""
-    src = Path(src)
+    src, split = Path(src), split or SplitOptions()
     classes = len(class_names) - 1
     if not patients:
         raise DataError(f"{src}: no patients")
@@ -237,11 +229,11 @@ def write_prepared(
         assignment = {s: sorted(wanted.get(s, [])) for s in SPLITS}
     else:
         fractions = {pid: float((p.masks.reshape(len(p.masks), -1).max(1) > 0).mean()) for pid, p in patients.items()}
-        assignment = split_patients(fractions, val, test, seed)
+        assignment = split_patients(fractions, split.val, split.test, split.seed)
     first = next(iter(patients.values()))
     info: dict[str, Any] = {
         "src": str(src.resolve()),
-        "seed": seed,
+        "seed": split.seed,
         "image_size": list(first.images.shape[1:3]),
         "channels": 3,
         "classes": classes,
