@@ -318,6 +318,9 @@ def _group(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
 
 
 def _caster(kind: Any) -> Any:
+    """What argparse turns each value into (each item, for a ``list[X]`` field with ``nargs``)."""
+    if typing.get_origin(kind) is list:
+        return _caster(typing.get_args(kind)[0])
     return kind if kind in (int, float, Path) else str
 
 

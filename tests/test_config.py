@@ -28,6 +28,9 @@ from core.config import (
 )
 from core.data.cli import DownloadOptions, EdaOptions, ExportNnunetOptions, PrepareOptions, SynthOptions
 from core.data.prepare import SplitOptions
+from core.evaluation.cli import EvaluateJob
+from core.inference.cli import PredictJob
+from core.inference.jobs import ScanFlags
 from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
 from serve.batch.run import BatchOptions
@@ -88,6 +91,10 @@ JOBS = {
                                 ["--src", "s", "--out", "Dataset501_X"]),
     "core data eda": (functools.partial(_data, "eda"), (EdaOptions,), ["p"]),
     "core data download": (functools.partial(_data, "download"), (DownloadOptions,), ["--out", "o"]),
+    "core evaluate": (functools.partial(_command, "core.evaluation.cli"), (PredictorOptions, EvaluateJob),
+                      ["--bundle", "b", "--data", "d", "--out", "o"]),
+    "core predict": (functools.partial(_command, "core.inference.cli"), (PredictorOptions, PredictJob, ScanFlags),
+                     ["--bundle", "b", "x.tif", "--out", "o"]),
     "core evaluate/predict": (_predictor, (PredictorOptions,), ["--bundle", "b"]),
 }
 
@@ -139,6 +146,8 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
     assert from_args(_tune_report().parse_args(["s3://b/runs/r"]), ReportOptions).run == "s3://b/runs/r"
     prepare = _data("prepare").parse_args(["--src", "s", "--out", "o", "--no-progress", "--val", "2"])
     assert from_args(prepare, PrepareOptions).progress is False and from_args(prepare, SplitOptions).val == 2.0
+    predict = _command("core.inference.cli").parse_args(["--bundle", "b", "a.tif", "b", "--out", "o"])
+    assert from_args(predict, PredictJob).inputs == [Path("a.tif"), Path("b")]
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):
@@ -155,7 +164,6 @@ def test_one_of_a_group_must_be_given_and_only_one(capsys) -> None:
 
 def test_inference_batch_size_is_one_default() -> None:
     from core.inference.predictor import Predictor
-    from serve.batch.run import BatchOptions
     from serve.edge import OnnxPredictor
 
     defaults = [inspect.signature(Predictor.__init__).parameters["batch_size"].default,
