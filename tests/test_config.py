@@ -34,6 +34,9 @@ from core.inference.jobs import ScanFlags
 from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
 from serve.batch.run import BatchOptions
+from serve.demo import DemoOptions
+from serve.demo import parser as demo_parser
+from serve.onnx_export import OnnxExportOptions
 from tune.cv import CVOptions
 from tune.ensemble import EnsembleOptions
 from tune.report import ReportOptions
@@ -79,6 +82,8 @@ JOBS = {
     "core train": (_train, (TrainRun, TrainConfig), ["--data", "d", "--out", "o"]),
     "serve run": (_serve_run, (ServeSettings, LaunchOptions), ["--bundle", "b"]),
     "serve batch": (_serve_batch, (BatchOptions,), ["--bundle", "b", "--src", "s", "--out", "o"]),
+    "serve export-onnx": (functools.partial(_command, "serve.onnx_export"), (OnnxExportOptions,), ["--bundle", "b"]),
+    "serve demo": (demo_parser, (DemoOptions,), ["--bundle", "b", "--data", "d", "--out", "o"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
     "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
     "tune ensemble": (_tune_ensemble, (EnsembleOptions,), ["runs/r"]),
@@ -148,6 +153,9 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
     assert from_args(prepare, PrepareOptions).progress is False and from_args(prepare, SplitOptions).val == 2.0
     predict = _command("core.inference.cli").parse_args(["--bundle", "b", "a.tif", "b", "--out", "o"])
     assert from_args(predict, PredictJob).inputs == [Path("a.tif"), Path("b")]
+    onnx = _command("serve.onnx_export").parse_args(["--bundle", "b", "--no-verify", "--calibration-slices", "8"])
+    assert (from_args(onnx, OnnxExportOptions).verify, from_args(onnx, OnnxExportOptions).calibration_slices) == (
+        False, 8)
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):
