@@ -34,6 +34,7 @@ from core.inference.jobs import ScanFlags
 from core.training.cli import TrainRun
 from serve.app import LaunchOptions, ServeSettings
 from serve.batch.run import BatchOptions
+from serve.client import ClientOptions
 from serve.demo import DemoOptions
 from serve.demo import parser as demo_parser
 from serve.onnx_export import OnnxExportOptions
@@ -82,6 +83,7 @@ JOBS = {
     "core train": (_train, (TrainRun, TrainConfig), ["--data", "d", "--out", "o"]),
     "serve run": (_serve_run, (ServeSettings, LaunchOptions), ["--bundle", "b"]),
     "serve batch": (_serve_batch, (BatchOptions,), ["--bundle", "b", "--src", "s", "--out", "o"]),
+    "serve predict": (functools.partial(_command, "serve.client"), (ClientOptions,), ["a.tif", "--out", "o"]),
     "serve export-onnx": (functools.partial(_command, "serve.onnx_export"), (OnnxExportOptions,), ["--bundle", "b"]),
     "serve demo": (demo_parser, (DemoOptions,), ["--bundle", "b", "--data", "d", "--out", "o"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
@@ -156,6 +158,9 @@ def test_flags_spelled_their_own_way_reach_their_fields() -> None:
     onnx = _command("serve.onnx_export").parse_args(["--bundle", "b", "--no-verify", "--calibration-slices", "8"])
     assert (from_args(onnx, OnnxExportOptions).verify, from_args(onnx, OnnxExportOptions).calibration_slices) == (
         False, 8)
+    client = from_args(_command("serve.client").parse_args(["a.tif", "b", "--out", "o", "--series", "3"]),
+                       ClientOptions)
+    assert (client.inputs, client.series) == (["a.tif", "b"], {"flair": "3"})
     train_args = _train().parse_args(["--data", "d", "--out", "o", "--no-augment", "--batch-size", "8"])
     assert from_args(train_args).augment is False and from_args(train_args).batch_size == 8
     with pytest.raises(ConfigError, match="^tune options: --search 'grid'"):

@@ -14,7 +14,7 @@ import argparse
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.config import add_arguments, from_args, meta
 from core.formats.cases import is_nifti_name, slice_order
@@ -148,25 +148,39 @@ def _spacing(text: str | None) -> tuple[float, float, float] | None:
     return parse_spacing(text)
 
 
+def sequences_field(text: str) -> Any:
+    """A ``--sequences a,b,c`` option as a ``list[str] | None`` field."""
+    return field(default=None, metadata=meta(text, from_arg=_channels))
+
+
+def series_field(text: str) -> Any:
+    """The repeatable ``--series SEQ=SERIES`` option as a ``dict[str, str] | None`` field (``parse_series``)."""
+    return field(default=None, metadata=meta(text, argument={"action": "append", "metavar": "SEQ=SERIES"},
+                                             from_arg=parse_series))
+
+
+def spacing_field() -> Any:
+    """``--spacing Z,Y,X``: a slice stack's voxel size (core.inference.spacing), for its mm rules and its mL."""
+    return field(default=None, metadata=meta(
+        "slice stacks (TIFF/PNG/NPY): slice, row and column spacing in mm, for the post-processing's mm3/mm2 "
+        "rules and the volume in mL (default: the Kaggle grid's 5,0.9375,0.9375 is assumed, no mL given, and the "
+        "answer says so); a scan's comes from its header", argument={"metavar": "Z,Y,X"}, from_arg=_spacing))
+
+
 @dataclass
 class ScanFlags:
     """How scans are read, as the command lines spell it (core predict, serve batch): each field a flag."""
 
-    sequences: list[str] | None = field(default=None, metadata=meta(
+    sequences: list[str] | None = sequences_field(
         "NIfTI: the sequence of each channel in order, e.g. flair,t1,t1gd,t2 ('-' skips one; default: the "
-        "dataset.json beside the files, else 1 channel is FLAIR, 3 are pre-contrast,FLAIR,post-contrast)",
-        from_arg=_channels))
-    series: dict[str, str] | None = field(default=None, metadata=meta(
+        "dataset.json beside the files, else 1 channel is FLAIR, 3 are pre-contrast,FLAIR,post-contrast)")
+    series: dict[str, str] | None = series_field(
         "DICOM: which series is which sequence (pre, flair, post) by SeriesNumber, description or UID; "
-        "repeatable; a number or UID alone is the FLAIR series. Default: from SeriesDescription",
-        argument={"action": "append", "metavar": "SEQ=SERIES"}, from_arg=parse_series))
+        "repeatable; a number or UID alone is the FLAIR series. Default: from SeriesDescription")
     rescale: str = field(default="auto", metadata=meta(
         "scan intensities to uint8: percentiles 0.5..99.5 of the nonzero voxels; auto keeps 8-bit scans as they "
         "are", choices=("auto", "percentile", "none")))
-    spacing: tuple[float, float, float] | None = field(default=None, metadata=meta(
-        "slice stacks (TIFF/PNG/NPY): slice, row and column spacing in mm, for the post-processing's mm3/mm2 "
-        "rules and the volume in mL (default: the Kaggle grid's 5,0.9375,0.9375 is assumed, no mL given, and the "
-        "answer says so); a scan's comes from its header", argument={"metavar": "Z,Y,X"}, from_arg=_spacing))
+    spacing: tuple[float, float, float] | None = spacing_field()
 
 
 @dataclass
@@ -179,12 +193,6 @@ class ScanOptions(ScanFlags):
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     """--sequences, --series, --rescale, --spacing: how scans are read (core predict); see ``scan_options``."""
     add_arguments(parser, ScanFlags)
-
-
-def add_spacing_argument(parser: argparse.ArgumentParser) -> None:
-    """--spacing z,y,x: a slice stack's voxel size (core.inference.spacing), for its mm rules and its mL."""
-    spacing = next(f for f in fields(ScanFlags) if f.name == "spacing")
-    parser.add_argument("--spacing", metavar="Z,Y,X", help=spacing.metadata["help"])
 
 
 def scan_options(args: argparse.Namespace) -> ScanOptions:
