@@ -38,6 +38,12 @@ from serve.client import ClientOptions
 from serve.demo import DemoOptions
 from serve.demo import parser as demo_parser
 from serve.onnx_export import OnnxExportOptions
+from serve.sagemaker.cli import (
+    DeploySagemakerOptions,
+    ExportSagemakerOptions,
+    InvokeSagemakerOptions,
+    TransformSagemakerOptions,
+)
 from tune.cv import CVOptions
 from tune.ensemble import EnsembleOptions
 from tune.report import ReportOptions
@@ -68,6 +74,12 @@ _tune_ensemble = functools.partial(_command, "tune.ensemble")
 _tune_report = functools.partial(_command, "tune.report")
 
 
+def _sagemaker(name: str) -> argparse.ArgumentParser:
+    sub = argparse.ArgumentParser().add_subparsers()
+    importlib.import_module("serve.sagemaker.cli").register(sub)
+    return sub.choices[name]
+
+
 def _data(name: str) -> argparse.ArgumentParser:
     return _command("core.data.cli", name)
 
@@ -85,6 +97,15 @@ JOBS = {
     "serve batch": (_serve_batch, (BatchOptions,), ["--bundle", "b", "--src", "s", "--out", "o"]),
     "serve predict": (functools.partial(_command, "serve.client"), (ClientOptions,), ["a.tif", "--out", "o"]),
     "serve export-onnx": (functools.partial(_command, "serve.onnx_export"), (OnnxExportOptions,), ["--bundle", "b"]),
+    "serve export-sagemaker": (functools.partial(_sagemaker, "export-sagemaker"), (ExportSagemakerOptions,),
+                               ["--bundle", "b"]),
+    "serve deploy-sagemaker": (functools.partial(_sagemaker, "deploy-sagemaker"), (DeploySagemakerOptions,),
+                               ["--model-data", "s3://b/m.tar.gz", "--role", "r", "--endpoint", "e"]),
+    "serve invoke-sagemaker": (functools.partial(_sagemaker, "invoke-sagemaker"), (InvokeSagemakerOptions,),
+                               ["--endpoint", "e", "f.tif"]),
+    "serve batch-transform-sagemaker": (functools.partial(_sagemaker, "batch-transform-sagemaker"),
+                                        (TransformSagemakerOptions,),
+                                        ["--model", "m", "--input", "s3://b/i/", "--output", "s3://b/o/"]),
     "serve demo": (demo_parser, (DemoOptions,), ["--bundle", "b", "--data", "d", "--out", "o"]),
     "tune run": (_tune_run, (SearchOptions,), ["--data", "d", "--name", "n"]),
     "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
@@ -173,6 +194,20 @@ def test_one_of_a_group_must_be_given_and_only_one(capsys) -> None:
         with pytest.raises(SystemExit):
             _tune_study().parse_args(argv)
     assert "not allowed with argument --src" in capsys.readouterr().err
+
+
+def test_sagemaker_flags_reach_their_fields(capsys) -> None:
+    deploy = ["--model-data", "s3://b/m.tar.gz", "--role", "r", "--endpoint", "e"]
+    opts = from_args(_sagemaker("deploy-sagemaker").parse_args(
+        [*deploy, "--serverless", "--env", "A=1", "--env", "B=2", "--dry-run"]), DeploySagemakerOptions)
+    assert (opts.serverless, opts.env, opts.dry_run, opts.instance_type) == (True, ["A=1", "B=2"], True,
+                                                                           "ml.g4dn.xlarge")
+    with pytest.raises(SystemExit):  # --instance-type and --serverless: at most one of the "kind" group
+        _sagemaker("deploy-sagemaker").parse_args([*deploy, "--instance-type", "ml.m5.large", "--serverless"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    invoke = from_args(_sagemaker("invoke-sagemaker").parse_args(["--endpoint", "e", "a.tif", "b.nii.gz", "--slices"]),
+                       InvokeSagemakerOptions)
+    assert (invoke.files, invoke.slices, invoke.accept) == (["a.tif", "b.nii.gz"], True, "application/json")
 
 
 def test_inference_batch_size_is_one_default() -> None:
