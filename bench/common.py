@@ -73,7 +73,7 @@ def timed_repeats(fn: Callable[[], Any], min_reps: int, max_reps: int, min_secon
 def synthetic_prepared(patients: int, slices: int, size: int, seed: int = 0,
                        cache: Path = CACHE) -> tuple[Path, Path]:
     """(kaggle_3m TIFF folder, prepared folder) of a synthetic data set, made once and cached."""
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
     from core.data.synth import synthesize
 
     base = cache / f"synth-p{patients}-s{slices}-{size}px-seed{seed}"
@@ -81,7 +81,7 @@ def synthetic_prepared(patients: int, slices: int, size: int, seed: int = 0,
     if not (tiffs / "data.csv").is_file():
         synthesize(base, patients=patients, slices=slices, size=size, seed=seed)
     if not (prepared / "split.json").is_file():
-        prepare(tiffs, prepared, val=0.2, test=0.1, seed=seed, progress=False)
+        prepare(tiffs, prepared, SplitOptions(val=0.2, test=0.1, seed=seed), progress=False)
     return tiffs, prepared
 
 

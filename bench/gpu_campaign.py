@@ -63,7 +63,7 @@ SMOKE_BUDGET_S, SMOKE_PATIENTS, SMOKE_FOLDS = 170.0, 4, 2
 def pool_data(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, float]]:
     """The pool restored from the carried pack (synthesised for a smoke without the real data) and prepared
     whole (no val, no test: the folds split it); both kept under ``work``, so a second run skips them."""
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
 
     tiffs, prepared = work / "kaggle_3m", work / "prepared"
     times: dict[str, float] = {}
@@ -78,7 +78,7 @@ def pool_data(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, flo
     times["restore_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not (prepared / "split.json").is_file():
-        prepare(tiffs, prepared, val=0, test=0, seed=args.seed, progress=False)
+        prepare(tiffs, prepared, SplitOptions(val=0, test=0, seed=args.seed), progress=False)
     times["prepare_s"] = time.perf_counter() - t0
     return prepared, times
 

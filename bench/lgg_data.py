@@ -22,7 +22,7 @@ LGG = next((p for p in (ROOT.parent / "shared" / "data" / "lgg", ROOT / "shared"
 # ---- 1. data -------------------------------------------------------------------------------------------
 def real_data(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
     """(kaggle_3m folder, prepared folder, seconds per step): restored and prepared once per --work."""
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
 
     work = Path(args.work) / f"{args.pack}-p{args.patients or 'all'}"
     tiffs, prepared = work / "kaggle_3m", work / "prepared"
@@ -40,7 +40,7 @@ def real_data(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
     if not (prepared / "split.json").is_file():
         patients = sum(1 for d in tiffs.iterdir() if d.is_dir())
         # The earlier study's 88/11 split of 99 patients; 1 val patient when there are only a few.
-        prepare(tiffs, prepared, val=11 if patients > 20 else 1, test=0, seed=args.seed, progress=False)
+        prepare(tiffs, prepared, SplitOptions(val=11 if patients > 20 else 1, test=0, seed=args.seed), progress=False)
     times["prepare_s"] = time.perf_counter() - t0
     return tiffs, prepared, times
 

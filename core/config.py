@@ -169,8 +169,10 @@ def _optional(kind: Any) -> tuple[Any, bool]:
 
 def meta(text: str, **more: Any) -> dict[str, Any]:
     """A field's metadata: its help text, and optionally ``choices``, ``flag`` (another spelling),
-    ``false_flag`` (another spelling of a bool's ``--no-x``), ``argument`` (more ``add_argument`` keywords)
-    and ``from_arg`` (turns the parsed flag into the field's value)."""
+    ``false_flag`` (another spelling of a bool's ``--no-x``), ``argument`` (more ``add_argument`` keywords),
+    ``from_arg`` (turns the parsed flag into the field's value), ``positional`` (typed without a flag), and
+    ``one_of`` or ``at_most_one_of`` (a group name: exactly one, or at most one, of the fields naming that
+    group may be given)."""
     return {"help": text, **more}
 
 
@@ -183,7 +185,7 @@ def coerce(kind: Any, value: Any, key: str, source: str) -> Any:
     problem = f"{source}: {key}: expected {getattr(kind, '__name__', kind)}{' or None' if nullable else ''}, " \
               f"got {value!r}"
     container = typing.get_origin(kind)
-    if container in (dict, list):  # structured values (tune's --set pairs) pass as they are
+    if container in (dict, list, tuple):  # structured values (tune's --set pairs, a spacing) pass as they are
         if isinstance(value, container):
             return value
         raise ConfigError(problem)
@@ -268,33 +270,57 @@ def flag(f: dataclasses.Field) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type = TrainConfig) -> None:
-    """One option per field of the dataclass ``cls``, with its default, type, choices and help; a bool is
-    ``--x/--no-x`` (metadata ``false_flag`` adds another spelling of ``--no-x``); a field with no default is
-    a required option."""
+    """One option per field of the dataclass ``cls``, with its default, type, choices and help (a positional
+    argument where its metadata says); a bool is ``--x/--no-x`` (metadata ``false_flag`` adds another
+    spelling of ``--no-x``); a field with no default is a required option; fields naming the same
+    ``one_of``/``at_most_one_of`` group are mutually exclusive."""
     kinds = field_types(cls)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(cls):
         kind, _ = _optional(kinds[f.name])
         help_text = f.metadata.get("help", "")
+        target = _group(parser, groups, f)
+        if f.metadata.get("positional"):  # typed without a flag (e.g. tune report RUN)
+            target.add_argument(f.name, type=_caster(kind), help=help_text, **f.metadata.get("argument", {}))
+            continue
         if "argument" in f.metadata:  # spelled its own way (e.g. tune's --set, --quiet)
-            parser.add_argument(flag(f), dest=f.name, help=help_text,
+            target.add_argument(flag(f), dest=f.name, help=help_text,
                                 **{"default": f.default, **f.metadata["argument"]})
             continue
         if _required(f):
-            parser.add_argument(flag(f), dest=f.name, required=True, type=_caster(kind), help=help_text)
+            target.add_argument(flag(f), dest=f.name, required=True, type=_caster(kind), help=help_text)
             continue
-        help_text += f" (default: {f.default})"
+        if f.default not in (None, ""):  # "(default: None)" tells the reader nothing
+            help_text += f" (default: {f.default})"
         if kind is bool:
-            parser.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+            target.add_argument(flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
             if "false_flag" in f.metadata:
-                parser.add_argument(f.metadata["false_flag"], dest=f.name, action="store_false",
+                target.add_argument(f.metadata["false_flag"], dest=f.name, action="store_false",
                                     help=f"the same as --no-{flag(f)[2:]}")
         else:
-            parser.add_argument(flag(f), dest=f.name, type=_caster(kind), default=f.default,
+            target.add_argument(flag(f), dest=f.name, type=_caster(kind), default=f.default,
                                 choices=f.metadata.get("choices"), help=help_text)
 
 
+def _group(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+           groups: dict[str, argparse._MutuallyExclusiveGroup],
+           f: dataclasses.Field) -> argparse.ArgumentParser | argparse._ArgumentGroup:
+    """Where the field's option goes: ``parser``, or the mutually exclusive group its metadata names (made on
+    first use, required for ``one_of``)."""
+    for key, required in (("one_of", True), ("at_most_one_of", False)):
+        if key in f.metadata:
+            name = f.metadata[key]
+            if name not in groups:
+                groups[name] = parser.add_mutually_exclusive_group(required=required)
+            return groups[name]
+    return parser
+
+
 def _caster(kind: Any) -> Any:
+    """What argparse turns each value into (each item, for a ``list[X]`` field with ``nargs``)."""
+    if typing.get_origin(kind) is list:
+        return _caster(typing.get_args(kind)[0])
     return kind if kind in (int, float, Path) else str
 
 

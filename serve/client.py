@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from core.config import add_arguments, from_args, meta
 from core.formats import codecs
 from core.formats.cases import slice_order
-from core.inference.jobs import add_spacing_argument, parse_series
+from core.inference.jobs import sequences_field, series_field, spacing_field
 from core.io import atomic_write_bytes, write_json
 
 SLICE_EXTS = {".tif", ".tiff", ".png", ".npy"}
@@ -369,35 +370,41 @@ def predict_paths(inputs: list[str | Path], out: str | Path, url: str | None = N
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the summary
-    from core.inference.spacing import parse_spacing
-
-    summary = predict_paths(args.inputs, args.out, url=args.url, token=args.token, concurrency=args.concurrency,
-                            onnx=args.onnx, sequences=args.sequences.split(",") if args.sequences else None,
-                            spacing=parse_spacing(args.spacing), series=parse_series(args.series))
+    opts = from_args(args, ClientOptions)
+    summary = predict_paths(opts.inputs, opts.out, url=opts.url, token=opts.token, concurrency=opts.concurrency,
+                            onnx=opts.onnx, sequences=opts.sequences, spacing=opts.spacing, series=opts.series)
     failed = [s for s in summary if "error" in s]
     for s in summary:
         what = s.get("error") or f"{s['slices']} slice(s), {s['tumour_pixels']} tumour px"
         if s.get("volume_ml") is not None:
             what += f", {s['volume_ml']:.4g} mL"
         print(f"{s['input']}: {what}")
-    print(f"{len(summary) - len(failed)}/{len(summary)} ok; outputs in {args.out}")
+    print(f"{len(summary) - len(failed)}/{len(summary)} ok; outputs in {opts.out}")
     return 1 if failed else 0
+
+
+@dataclass(kw_only=True)
+class ClientOptions:
+    """The `serve predict` options."""
+
+    inputs: list[str] = field(metadata=meta(
+        "slices (.tif/.png/.npy), patient folders, .nii/.nii.gz, DICOM .zip/.dcm or DICOM folders", positional=True,
+        argument={"nargs": "+", "metavar": "FILES_OR_FOLDERS"}))
+    url: str | None = field(default=None, metadata=meta("server base URL, e.g. http://127.0.0.1:8000"))
+    token: str | None = field(default=None, metadata=meta("bearer token, if the server requires one"))
+    out: str = field(metadata=meta("output folder (created)"))
+    concurrency: int = field(default=8, metadata=meta("requests in flight"))
+    onnx: str | None = field(default=None, metadata=meta("run this ONNX model locally instead of calling a server"))
+    sequences: list[str] | None = sequences_field(
+        "NIfTI scans: each channel's sequence in order, e.g. flair,t1,t1gd,t2 ('-' skips one), as for `core predict`")
+    series: dict[str, str] | None = series_field(
+        "DICOM studies: which series is which sequence by SeriesNumber, description or UID (repeatable; a number or "
+        "UID alone is the FLAIR series), as for `core predict`")
+    spacing: tuple[float, float, float] | None = spacing_field()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment slice files, patient folders and scans (NIfTI, DICOM) via a "
                        "server (or --onnx locally)")
-    p.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS",
-                   help="slices (.tif/.png/.npy), patient folders, .nii/.nii.gz, DICOM .zip/.dcm or DICOM folders")
-    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--token", default=None, help="bearer token, if the server requires one")
-    p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    p.add_argument("--onnx", default=None, help="run this ONNX model locally instead of calling a server")
-    p.add_argument("--sequences", help="NIfTI scans: each channel's sequence in order, e.g. flair,t1,t1gd,t2 "
-                   "('-' skips one), as for `core predict`")
-    p.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM studies: which series is which "
-                   "sequence by SeriesNumber, description or UID (repeatable; a number or UID alone is the FLAIR "
-                   "series), as for `core predict`")
-    add_spacing_argument(p)
+    add_arguments(p, ClientOptions)
     p.set_defaults(func=_cmd_predict)

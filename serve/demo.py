@@ -14,9 +14,11 @@ import random
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import add_arguments, from_args, meta
 from core.io import write_json
 
 
@@ -81,13 +83,24 @@ def run_demo(bundle: str | Path, data: str | Path, out: str | Path, slices: int 
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class DemoOptions:
+    """The `python -m serve.demo` options."""
+
+    bundle: str = field(metadata=meta("bundle directory to serve"))
+    data: str = field(metadata=meta("Kaggle-layout folder (e.g. demo/data/kaggle_3m)"))
+    out: str = field(metadata=meta("where the responses go"))
+    slices: int = field(default=4, metadata=meta("single slices to send"))
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", required=True, help="bundle directory to serve")
-    p.add_argument("--data", required=True, help="Kaggle-layout folder (e.g. demo/data/kaggle_3m)")
-    p.add_argument("--out", required=True, help="where the responses go")
-    p.add_argument("--slices", type=int, default=4, help="single slices to send")
-    args = p.parse_args(argv)
+    add_arguments(p, DemoOptions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = from_args(parser().parse_args(argv), DemoOptions)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result = run_demo(args.bundle, args.data, args.out, args.slices)

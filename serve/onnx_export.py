@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from core.bundle import load_bundle
+from core.config import add_arguments, from_args, meta
 from serve.edge import FORMAT, META_CONFIG, META_FORMAT, META_METRICS
 from serve.quantize import DEFAULT_CALIBRATION_SLICES, META_QUANT, MODES, calibration_images, model_inputs
 
@@ -182,24 +184,34 @@ def verify_onnx(path: str | os.PathLike, module: torch.nn.Module, shape: tuple[i
     return float(np.abs(got - ref).max())
 
 
+@dataclass
+class OnnxExportOptions:
+    """The `serve export-onnx` options."""
+
+    bundle: str = field(metadata=meta("bundle directory (e.g. runs/NAME/best)"))
+    out: str = field(default="model.onnx", metadata=meta("the ONNX file to write"))
+    opset: int = field(default=DEFAULT_OPSET, metadata=meta("ONNX opset"))
+    verify: bool = field(default=True, metadata=meta(
+        "the ONNX Runtime vs PyTorch comparison (--no-verify skips it)"))
+    quantize: str = field(default="none", metadata=meta(
+        "int8: INT8 model for CPUs and edge devices (static with --calibration, else dynamic)", choices=MODES))
+    calibration: str | None = field(default=None, metadata=meta(
+        "prepared directory whose val slices calibrate static INT8 quantization", argument={"metavar": "PREPARED"}))
+    calibration_slices: int = field(default=DEFAULT_CALIBRATION_SLICES, metadata=meta(
+        f"calibration slices, half with tumour where masks say (default {DEFAULT_CALIBRATION_SLICES})",
+        argument={"metavar": "N", "type": int}))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-onnx", help="bundle -> self-contained ONNX model (dynamic batch) for edge devices")
-    p.add_argument("--bundle", required=True, help="bundle directory (e.g. runs/NAME/best)")
-    p.add_argument("--out", default="model.onnx")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
-    p.add_argument("--quantize", choices=MODES, default="none",
-                   help="int8: INT8 model for CPUs and edge devices (static with --calibration, else dynamic)")
-    p.add_argument("--calibration", default=None, metavar="PREPARED",
-                   help="prepared directory whose val slices calibrate static INT8 quantization")
-    p.add_argument("--calibration-slices", type=int, default=DEFAULT_CALIBRATION_SLICES, metavar="N",
-                   help=f"calibration slices, half with tumour where masks say (default {DEFAULT_CALIBRATION_SLICES})")
+    add_arguments(p, OnnxExportOptions)
     p.set_defaults(func=cmd_export_onnx)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    info = export_onnx(args.bundle, args.out, opset=args.opset, verify=not args.no_verify, quantize=args.quantize,
-                       calibration=args.calibration, calibration_slices=args.calibration_slices)
+    opts = from_args(args, OnnxExportOptions)
+    info = export_onnx(opts.bundle, opts.out, opset=opts.opset, verify=opts.verify, quantize=opts.quantize,
+                       calibration=opts.calibration, calibration_slices=opts.calibration_slices)
     print(json.dumps(info, indent=2))
     if info.get("max_abs_diff", 0.0) > 1e-4:
         log.warning("ONNX probabilities differ from PyTorch by up to %.2e", info["max_abs_diff"])

@@ -44,22 +44,22 @@ def synth_src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_dir(synth_src, tmp_path_factory) -> Path:
     """The binary synthetic set prepared with 2 val and 2 test patients."""
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(synth_src, out, val=2, test=2, seed=0, progress=False)
+    prepare(synth_src, out, SplitOptions(val=2, test=2, seed=0), progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def multiclass_prepared_dir(tmp_path_factory) -> Path:
     """6 synthetic patients with 3 foreground classes (tumour core, oedema, CSF)."""
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
     from core.data.synth import synthesize
 
     src = synthesize(tmp_path_factory.mktemp("synth_mc"), patients=6, slices=12, size=64, seed=1, classes=3)
     out = tmp_path_factory.mktemp("prepared_mc") / "prepared"
-    prepare(src, out, val=1, test=1, seed=0, progress=False)
+    prepare(src, out, SplitOptions(val=1, test=1, seed=0), progress=False)
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from core.data.arrays import SPLITS, load_split, load_split_info
-from core.data.prepare import DataError, prepare, read_patients, split_patients
+from core.data.prepare import DataError, SplitOptions, prepare, read_patients, split_patients
 from core.data.synth import synthesize
 
 
@@ -159,7 +159,7 @@ def test_bad_input_names_the_file_and_leaves_no_output(case: str, synth_src: Pat
     corrupt(stem)
     out = tmp_path / "prepared"
     with pytest.raises(DataError, match=message) as err:
-        prepare(src, out, val=1, test=1, progress=False)
+        prepare(src, out, SplitOptions(val=1, test=1), progress=False)
     assert filename in str(err.value)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -177,11 +177,11 @@ def test_empty_folders_are_errors(tmp_path: Path) -> None:
 def test_failed_prepare_keeps_previous_output(synth_src: Path, tmp_path: Path) -> None:
     src, stem = _copy(synth_src, tmp_path / "kaggle_3m")
     out = tmp_path / "prepared"
-    prepare(src, out, val=1, test=1, progress=False)
+    prepare(src, out, SplitOptions(val=1, test=1), progress=False)
     before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     Path(f"{stem}_mask.tif").unlink()
     with pytest.raises(DataError):
-        prepare(src, out, val=1, test=1, progress=False)
+        prepare(src, out, SplitOptions(val=1, test=1), progress=False)
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert len(load_split(out, "train")) == json.loads(before[Path("split.json")])["counts"]["train"]["slices"] > 0
 
@@ -215,7 +215,7 @@ def test_download_without_credentials_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_prepare_real_patients(real_lgg_src: Path, tmp_path: Path) -> None:
-    info = prepare(real_lgg_src, tmp_path / "p", val=1, test=0, seed=0, progress=False)
+    info = prepare(real_lgg_src, tmp_path / "p", SplitOptions(val=1, test=0, seed=0), progress=False)
     assert info["image_size"] == [256, 256]
     train = load_split(tmp_path / "p", "train")
     assert train.images.shape[1:] == (3, 256, 256)

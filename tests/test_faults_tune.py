@@ -190,7 +190,7 @@ def test_failed_prepare_leaves_previous_prepared_intact(synth_src, tmp_path, mon
     import core.data.prepare as prep
 
     out = tmp_path / "prepared"
-    prep.prepare(synth_src, out, val=2, test=2, seed=0, progress=False)
+    prep.prepare(synth_src, out, prep.SplitOptions(val=2, test=2, seed=0), progress=False)
     before = _digests(out)
     real, calls = prep.save_split, []
 
@@ -202,7 +202,7 @@ def test_failed_prepare_leaves_previous_prepared_intact(synth_src, tmp_path, mon
 
     monkeypatch.setattr(prep, "save_split", failing)
     with pytest.raises(OSError, match="injected"):
-        prep.prepare(synth_src, out, val=3, test=3, seed=1, progress=False)
+        prep.prepare(synth_src, out, prep.SplitOptions(val=3, test=3, seed=1), progress=False)
     assert _digests(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporary folder left
 

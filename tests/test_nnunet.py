@@ -15,7 +15,7 @@ from volume_support import reorient, write_nifti
 from core.cli import dispatch
 from core.data.arrays import SPLITS, load_split, load_split_info
 from core.data.nnunet import export_nnunet, prepare_nnunet
-from core.data.prepare import DataError, prepare
+from core.data.prepare import DataError, SplitOptions, prepare
 from core.formats.volume import to_uint8
 
 
@@ -29,7 +29,7 @@ def kaggle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def prepared(kaggle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(kaggle, out, val=1, test=1, seed=0, progress=False)
+    prepare(kaggle, out, SplitOptions(val=1, test=1, seed=0), progress=False)
     return out
 
 
@@ -113,7 +113,7 @@ def _foreign(root: Path, sizes=((64, 64), (48, 56), (64, 64))) -> Path:
 
 def test_a_foreign_dataset_prepares_with_its_names_labels_and_sizes_recorded(tmp_path):
     src = _foreign(tmp_path)
-    info = prepare_nnunet(src, tmp_path / "prepared", val=1, test=0, seed=0)
+    info = prepare_nnunet(src, tmp_path / "prepared", SplitOptions(val=1, test=0, seed=0))
     assert info["class_names"] == ["background", "edema", "non-enhancing", "enhancing"] and info["classes"] == 3
     assert info["channel_names"] == {"pre": "T1w", "flair": "FLAIR", "post": "t1gd"}
     assert info["image_size"] == [64, 64] and info["resized"] == {"brats_001": [48, 56]}
@@ -157,7 +157,7 @@ def test_broken_datasets_fail_naming_the_problem_and_write_nothing(tmp_path, bre
         meta["file_ending"] = ".png"
     (src / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=message):
-        prepare_nnunet(src, tmp_path / "out", val=1, test=0)
+        prepare_nnunet(src, tmp_path / "out", SplitOptions(val=1, test=0))
     assert not (tmp_path / "out").exists()
 
 

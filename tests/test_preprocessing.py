@@ -42,12 +42,12 @@ def head(n: int = 4, size: int = 96, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
     from core.data.synth import synthesize
 
     src = synthesize(tmp_path_factory.mktemp("synth"), patients=5, slices=8, size=NATIVE, seed=5)
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(src, out, val=1, test=0, seed=0, progress=False)
+    prepare(src, out, SplitOptions(val=1, test=0, seed=0), progress=False)
     return out
 
 

@@ -30,12 +30,12 @@ NATIVE, TRAINED = 128, 64
 
 @pytest.fixture(scope="module")
 def prepared_128(tmp_path_factory) -> Path:
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
     from core.data.synth import synthesize
 
     src = synthesize(tmp_path_factory.mktemp("synth128"), patients=5, slices=10, size=NATIVE, seed=3)
     out = tmp_path_factory.mktemp("prepared128") / "prepared"
-    prepare(src, out, val=1, test=0, seed=0, progress=False)
+    prepare(src, out, SplitOptions(val=1, test=0, seed=0), progress=False)
     return out
 
 

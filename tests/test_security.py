@@ -250,14 +250,14 @@ def test_no_patient_ids_or_image_content_in_info_logs(url: str, synth_src: Path,
                                                       capfd) -> None:
     import ray
 
-    from core.data.prepare import prepare
+    from core.data.prepare import SplitOptions, prepare
     from serve.client import predict_paths
 
     patients = sorted(d.name for d in synth_src.iterdir() if d.is_dir())
     ids = {p.rsplit("_", 1)[0] if p.count("_") == 3 else p for p in patients} | set(patients)
     assert all(i.startswith("TCGA_") for i in ids)
     caplog.set_level(logging.INFO)
-    prepare(synth_src, tmp_path / "prepared", val=2, test=2, seed=0, progress=True)
+    prepare(synth_src, tmp_path / "prepared", SplitOptions(val=2, test=2, seed=0), progress=True)
     image = slice_files(synth_src, 1)[0]
     body = image.read_bytes()
     r = httpx.post(f"{url}/v1/segment", content=body, headers={"Content-Type": "image/tiff", **AUTH},

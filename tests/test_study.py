@@ -3,7 +3,7 @@ choices, one test reading, bundle, card, README table), and the robust choice it
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import yaml
 
 from core.evaluation.choices import Candidate, robust_choice, volume_masks
 from core.evaluation.selection import ValSplit
+from tune.study import StudyOptions
 
 EPOCHS = 2
 SMOKE_CONFIG = {"arch": "lite", "filters": 4, "image_size": 64, "epochs": EPOCHS, "batch_size": 16, "lr": 3e-3,
@@ -44,7 +45,7 @@ def test_volume_rules_never_score_an_emptied_patient_as_empty() -> None:
 
 
 @pytest.fixture(scope="module")
-def study(ray_session, synth_src, tmp_path_factory) -> tuple[dict, argparse.Namespace]:
+def study(ray_session, synth_src, tmp_path_factory) -> tuple[dict, StudyOptions]:
     from tune.card import README_BEGIN, README_END
     from tune.study import run_study
 
@@ -53,12 +54,8 @@ def study(ray_session, synth_src, tmp_path_factory) -> tuple[dict, argparse.Name
     config.write_text(yaml.safe_dump(SMOKE_CONFIG))
     readme = root / "README.md"
     readme.write_text(f"# title\n\n{README_BEGIN}\nold\n{README_END}\n\nafter\n")
-    args = argparse.Namespace(
-        src=synth_src, data=None, out=root / "out", config=config, folds_from=None, set=[], test_split=None, test=3.0,
-        folds=3,
-        folds_file=None, seed=0, cpus_per_trial=1.0, gpus_per_trial=0.0, versus=None, name="gliomaseg-smoke",
-        note="", data_licence="synthetic", readings_before=0, record=root / "record.json", export=root / "bundle",
-        readme=readme)
+    args = StudyOptions(src=synth_src, out=root / "out", config=config, test=3.0, folds=3, name="gliomaseg-smoke",
+                        data_licence="synthetic", record=root / "record.json", export=root / "bundle", readme=readme)
     return run_study(args), args
 
 
@@ -122,7 +119,7 @@ def test_a_study_run_again_publishes_again_without_a_second_test_reading(study) 
     from tune.study import run_study
 
     record, args = study
-    again = run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None}))
+    again = run_study(dataclasses.replace(args, record=None, readme=None, export=None))
     assert again["test"] == record["test"] and again["bundle"] == record["bundle"]  # read once, kept
 
 
@@ -133,15 +130,13 @@ def test_versus_leaves_the_test_split_unread_unless_the_study_wins_by_cv(study) 
     earlier = args.out.parent / "earlier.json"
     earlier.write_text(json.dumps({**record, "cv": {"per_patient_dsc_volume": {
         p: d - 0.2 for p, d in record["cv"]["per_patient_dsc_volume"].items()}}}))
-    won = run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None,
-                                          "versus": earlier}))
+    won = run_study(dataclasses.replace(args, record=None, readme=None, export=None, versus=earlier))
     assert won["versus"]["verdict"] == "a" and won["versus"]["mean"] == pytest.approx(0.2)
     tied = args.out.parent / "tied.json"
     tied.write_text(json.dumps(record))  # the same study: no better by CV
     (args.out / "study.json").unlink()  # nothing read before: a reading would happen if allowed
     with pytest.raises(SystemExit, match="does not beat"):
-        run_study(argparse.Namespace(**{**vars(args), "record": None, "readme": None, "export": None,
-                                        "versus": tied}))
+        run_study(dataclasses.replace(args, record=None, readme=None, export=None, versus=tied))
     assert "test" not in json.loads((args.out / "study.json").read_text())
 
 
@@ -154,20 +149,17 @@ def test_folds_from_takes_fold_models_trained_elsewhere_and_checks_their_patient
     elsewhere = tmp_path / "campaign"  # bench/gpu_campaign.py --unpack's layout
     shutil.copytree(args.out / "cv" / "folds", elsewhere)
     shutil.copy(args.out / "cv" / "folds.json", elsewhere / "folds.json")
-    finished = run_study(argparse.Namespace(**{
-        **vars(args), "src": None, "data": args.out / "prepared", "test_split": args.out / "test-split.json",
-        "config": None, "folds_from": elsewhere, "out": tmp_path / "out", "record": None, "readme": None,
-        "export": None}))
+    elsewhere_args = dataclasses.replace(
+        args, src=None, data=args.out / "prepared", test_split=args.out / "test-split.json", config=None,
+        folds_from=elsewhere, out=tmp_path / "out", record=None, readme=None, export=None)
+    finished = run_study(elsewhere_args)
     assert finished["cv"]["per_patient_dsc_volume"] == record["cv"]["per_patient_dsc_volume"]  # the same models
     assert finished["test"]["per_patient_dsc_volume"] == record["test"]["per_patient_dsc_volume"]
     metrics = json.loads((elsewhere / "fold0" / "metrics.json").read_text())
     wrong = {**metrics, "train_patients": metrics["val_patients"]}
     (elsewhere / "fold0" / "metrics.json").write_text(json.dumps(wrong))
     with pytest.raises(SystemExit, match="not trained on exactly the pool minus fold 0"):
-        run_study(argparse.Namespace(**{**vars(args), "src": None, "data": args.out / "prepared",
-                                        "test_split": args.out / "test-split.json", "config": None,
-                                        "folds_from": elsewhere, "out": tmp_path / "out2", "record": None,
-                                        "readme": None, "export": None}))
+        run_study(dataclasses.replace(elsewhere_args, out=tmp_path / "out2"))
 
 
 def test_a_cv_init_must_name_each_folds_own_model(tmp_path) -> None:

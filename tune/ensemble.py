@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import add_arguments, from_args, meta
 from core.data.arrays import load_split, load_split_info
 from core.evaluation.metrics import METRIC_KEYS
 from core.io import read_json, write_json
@@ -91,19 +93,27 @@ def _pick(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: metrics[k] for k in METRIC_KEYS if k in metrics}
 
 
+@dataclass
+class EnsembleOptions:
+    """The `tune ensemble` options."""
+
+    run: Path = field(metadata=meta("the run directory (runs/NAME)", positional=True))
+    top: int = field(default=3, metadata=meta("members: the K best trials"))
+    out: Path | None = field(default=None, metadata=meta("bundle directory (default RUN/ensemble)"))
+    data: Path | None = field(default=None, metadata=meta("prepared directory (default: the run's)"))
+    half: bool = field(default=False, metadata=meta("fp16 weights (half the size)"))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ensemble", help="one bundle from a search's K best trials",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="the run directory (runs/NAME)")
-    p.add_argument("--top", type=int, default=3, help="members: the K best trials (default 3)")
-    p.add_argument("--out", type=Path, help="bundle directory (default RUN/ensemble)")
-    p.add_argument("--data", type=Path, help="prepared directory (default: the run's)")
-    p.add_argument("--half", action="store_true", help="fp16 weights (half the size)")
+    add_arguments(p, EnsembleOptions)
     p.set_defaults(func=ensemble_command)
 
 
 def ensemble_command(args: argparse.Namespace) -> int:
-    result = build_run_ensemble(args.run, args.top, args.out, args.data, args.half)
+    opts = from_args(args, EnsembleOptions)
+    result = build_run_ensemble(opts.run, opts.top, opts.out, opts.data, opts.half)
     ens, single = result["ensemble"], result["best_single"]
     print(f"ensemble of {ens['top']}: val dsc_volume {ens['val']['dsc_volume']:.4f} (tta {ens['tta']}, "
           f"threshold {ens['threshold']}) vs best single trial {single['val']['dsc_volume']:.4f}; "

@@ -13,7 +13,7 @@ import html
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # files only; no display on servers and in trials
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.config import add_arguments, from_args, meta  # noqa: E402
 from core.data.arrays import SplitArrays, load_split  # noqa: E402
 from core.evaluation.metrics import per_slice_dice  # noqa: E402
 from core.formats.codecs import overlay  # noqa: E402
@@ -212,14 +213,22 @@ def _short(value: str) -> str:
     return value if number.is_integer() else f"{number:.4g}"
 
 
+@dataclass
+class ReportOptions:
+    """The `tune report` options."""
+
+    run: str = field(metadata=meta("run directory (runs/NAME) or s3://bucket/prefix/NAME", positional=True))
+    data: Path | None = field(default=None, metadata=meta("prepared directory (default: the one the run used)"))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="HTML report with plots of a search", description=__doc__)
-    p.add_argument("run", help="run directory (runs/NAME) or s3://bucket/prefix/NAME")
-    p.add_argument("--data", type=Path, help="prepared directory (default: the one the run used)")
+    add_arguments(p, ReportOptions)
     p.set_defaults(func=report_command)
 
 
 def report_command(args: argparse.Namespace) -> int:
-    index = make_report(args.run, args.data)
+    opts = from_args(args, ReportOptions)
+    index = make_report(opts.run, opts.data)
     print(f"report: {index}")
     return 0

@@ -32,32 +32,65 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from core.config import add_arguments, from_args, meta
 from core.data.arrays import SplitArrays, load_split, load_split_info
 from core.io import read_json, write_json
+from tune.search import sets_field
 
 PROTOCOL = ("test split fixed before any choice and read once; K-fold CV on the rest with fold models kept "
             "at their last epoch; every setting chosen on out-of-fold predictions (the simplest not "
             "significantly worse than the best, paired per patient); intervals by bootstrap over patients")
 
 
-def prepared_data(args: argparse.Namespace, out: Path) -> Path:
+@dataclass(kw_only=True)
+class StudyOptions:
+    """The `tune study` options (also the library entry point: ``run_study(StudyOptions(...))``)."""
+
+    src: Path | None = field(default=None, metadata=meta("a Kaggle-layout folder (kaggle_3m/)", one_of="source"))
+    data: Path | None = field(default=None, metadata=meta("a prepared directory with a test split", one_of="source"))
+    out: Path = field(metadata=meta("the study's folder (prepared/, cv/, oof/, bundle/)"))
+    config: Path | None = field(default=None, metadata=meta(
+        "YAML of core train options (constants); not with --folds-from"))
+    folds_from: Path | None = field(default=None, metadata=meta(
+        "fold models trained elsewhere (bench/gpu_campaign.py --unpack): choices and test reading only"))
+    fixed: dict[str, Any] = sets_field("override a config option")
+    test_split: Path | None = field(default=None, metadata=meta("split.json whose test patients are the test split"))
+    test: float = field(default=0.2, metadata=meta("without --test-split: test patients (fraction or count)"))
+    folds: int = field(default=5, metadata=meta("folds (one trial each)"))
+    folds_file: Path | None = field(default=None, metadata=meta(
+        "the folds of an earlier study (folds.json), for --versus"))
+    seed: int = field(default=0, metadata=meta("seeds the test split and the fold assignment"))
+    cpus_per_trial: float = field(default=1.0, metadata=meta("CPUs per fold"))
+    gpus_per_trial: float = field(default=0.0, metadata=meta("GPU share per fold"))
+    versus: Path | None = field(default=None, metadata=meta("an earlier study.json on the same folds"))
+    name: str = field(default="gliomaseg", metadata=meta("the bundle's name"))
+    note: str = field(default="", metadata=meta("a sentence for the record and the card"))
+    data_licence: str = field(default="", metadata=meta("the training data and its licence, for the card"))
+    readings_before: int = field(default=0, metadata=meta("times this test split was read before"))
+    record: Path | None = field(default=None, metadata=meta("also write the record here (e.g. bench/results/...)"))
+    export: Path | None = field(default=None, metadata=meta("write the bundle, metrics.json and MODEL_CARD.md here"))
+    readme: Path | None = field(default=None, metadata=meta("replace this README's study table"))
+
+
+def prepared_data(opts: StudyOptions, out: Path) -> Path:
     """The prepared directory whose test split is fixed: ``--data`` as given, or ``--src`` prepared once."""
-    if args.data:
-        return Path(args.data)
-    from core.data.prepare import prepare
+    if opts.data:
+        return opts.data
+    from core.data.prepare import SplitOptions, prepare
 
     prepared = out / "prepared"
     if not (prepared / "split.json").is_file():
-        if args.test_split:
-            prepare(args.src, prepared, split_file=args.test_split, progress=False)
+        if opts.test_split:
+            prepare(opts.src, prepared, split_file=opts.test_split, progress=False)
         else:
-            prepare(args.src, prepared, val=0, test=args.test, seed=args.seed, progress=False)
+            prepare(opts.src, prepared, SplitOptions(val=0, test=opts.test, seed=opts.seed), progress=False)
     return prepared
 
 
@@ -204,36 +237,35 @@ def read_test(bundle: Path, test: SplitArrays) -> dict[str, Any]:
     }
 
 
-def run_study(args: argparse.Namespace) -> dict[str, Any]:
+def run_study(opts: StudyOptions) -> dict[str, Any]:
     """The whole protocol (module doc); returns the record."""
     from core.evaluation.choices import choose_settings
     from core.evaluation.oof import OutOfFold
     from core.evaluation.selection import ValSplit
     from core.evaluation.stats import BOOTSTRAP
     from tune.cv import pool_splits, run_cv
-    from tune.search import parse_sets
 
     started, cpu_started = time.time(), time.process_time()
-    out = Path(args.out).resolve()
+    out = opts.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    prepared = prepared_data(args, out).resolve()
-    info = check_test_split(prepared, args.test_split, out)
+    prepared = prepared_data(opts, out).resolve()
+    info = check_test_split(prepared, opts.test_split, out)
     pool, _ = pool_splits(prepared)
     cv_dir = out / "cv"
-    if args.folds_from:
-        cv, folds, fold_bundles = folds_from(Path(args.folds_from), pool)
+    if opts.folds_from:
+        cv, folds, fold_bundles = folds_from(opts.folds_from, pool)
     else:
-        config = study_config(args.config, parse_sets(args.set))
-        cv = run_cv(prepared, "cv", args.folds, config, out, args.folds_file, args.cpus_per_trial,
-                    args.gpus_per_trial, args.seed, half=True)
+        config = study_config(opts.config, opts.fixed)
+        cv = run_cv(prepared, "cv", opts.folds, config, out, opts.folds_file, opts.cpus_per_trial,
+                    opts.gpus_per_trial, opts.seed, half=True)
         folds = read_json(cv_dir / "folds.json")["folds"]
         fold_bundles = [cv_dir / "folds" / f"fold{k}" for k in range(len(folds))]
     val = ValSplit(np.asarray(pool.masks), np.asarray(pool.patients), np.asarray(pool.slices))
     chosen = choose_settings(OutOfFold(fold_bundles, folds, pool, out / "oof"), val)
     record: dict[str, Any] = {
-        "protocol": PROTOCOL, "bootstrap": BOOTSTRAP, "name": args.name, "note": args.note,
-        "data": args.data_licence,
-        "split": {"file": str(args.test_split) if args.test_split else str(out / "test-split.json"),
+        "protocol": PROTOCOL, "bootstrap": BOOTSTRAP, "name": opts.name, "note": opts.note,
+        "data": opts.data_licence,
+        "split": {"file": str(opts.test_split) if opts.test_split else str(out / "test-split.json"),
                   "hash": info.get("split_hash"), "test": sorted(info["patients"]["test"]),
                   "pool": len(np.unique(np.asarray(pool.patients)))},
         "config": cv["config"], "folds": {"patients": folds, "per_fold": cv["folds"]},
@@ -241,13 +273,13 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "quality": {k: v for k, v in chosen["quality"].items() if k != "per_patient"},
         "cv": {**chosen["cv"], "quality": chosen["quality"]["per_patient"]},
     }
-    if args.versus:
-        record["versus"] = compare(args.versus, chosen, folds)
+    if opts.versus:
+        record["versus"] = compare(opts.versus, chosen, folds)
         if record["versus"]["verdict"] != "a":  # decided by CV: a variant that does not win leaves the test unread
             write_json(out / "study.json", record)
-            if args.record:
-                write_json(args.record, record)
-            raise SystemExit(f"by CV this study does not beat {args.versus} (paired per patient: {record['versus']}): "
+            if opts.record:
+                write_json(opts.record, record)
+            raise SystemExit(f"by CV this study does not beat {opts.versus} (paired per patient: {record['versus']}): "
                              f"the test split was not read and nothing was exported; record {out / 'study.json'}")
     digest = members_digest(fold_bundles)
     previous = read_json(out / "study.json") if (out / "study.json").is_file() else {}
@@ -256,81 +288,60 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         # a finished study run again (to publish again, or after a kill past the reading): never a second reading
         candidate, record["bundle"], record["test"] = out / "bundle", previous["bundle"], previous["test"]
     else:
-        candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", args.name)
+        candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", opts.name)
         record["bundle"] = {"version": read_json(candidate / "config.json")["version"], "members_sha256": digest,
                             "kind": f"{len(folds)}-fold CV ensemble (fp16), probabilities averaged"}
         record["test"] = read_test(candidate, load_split(prepared, "test"))
-        record["test"]["reading"] = args.readings_before + 1
-    if args.versus and "test" in (earlier := read_json(args.versus)):  # the same test patients, paired
+        record["test"]["reading"] = opts.readings_before + 1
+    if opts.versus and "test" in (earlier := read_json(opts.versus)):  # the same test patients, paired
         from core.evaluation.stats import paired_difference
 
         record["versus"]["test"] = paired_difference(record["test"]["per_patient_dsc_volume"]["volume"],
                                                      earlier["test"]["per_patient_dsc_volume"]["volume"])
-    record["compute"] = {**(cv.get("compute") or {} if args.folds_from else training_compute(cv_dir)),
+    record["compute"] = {**(cv.get("compute") or {} if opts.folds_from else training_compute(cv_dir)),
                          "study_process_cpu_seconds": round(time.process_time() - cpu_started, 1),
                          "study_wall_seconds": round(time.time() - started, 1)}
     write_json(out / "study.json", record)
-    if args.record:
-        write_json(args.record, record)
-    publish(record, candidate, args)
+    if opts.record:
+        write_json(opts.record, record)
+    publish(record, candidate, opts)
     return record
 
 
-def publish(record: dict[str, Any], candidate: Path, args: argparse.Namespace) -> None:
+def publish(record: dict[str, Any], candidate: Path, opts: StudyOptions) -> None:
     """The exported bundle (its metrics.json and card from the record) and the README's table."""
     from tune import card
 
-    if args.export:
-        export = Path(args.export)
+    if opts.export:
+        export = opts.export
         tmp = export.with_name(export.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(candidate, tmp)
-        card.write_bundle_files(tmp, record, args.record or Path(args.out) / "study.json")
+        card.write_bundle_files(tmp, record, opts.record or opts.out / "study.json")
         shutil.rmtree(export, ignore_errors=True)
         os.replace(tmp, export)
-    if args.readme:
-        card.update_readme(Path(args.readme), record)
+    if opts.readme:
+        card.update_readme(opts.readme, record)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="the protocol: fixed test split, CV, choices on out-of-fold, one test reading",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--src", type=Path, help="a Kaggle-layout folder (kaggle_3m/)")
-    src.add_argument("--data", type=Path, help="a prepared directory with a test split")
-    p.add_argument("--out", type=Path, required=True, help="the study's folder (prepared/, cv/, oof/, bundle/)")
-    p.add_argument("--config", type=Path, help="YAML of core train options (constants); not with --folds-from")
-    p.add_argument("--folds-from", type=Path,
-                   help="fold models trained elsewhere (bench/gpu_campaign.py --unpack): choices and test reading only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
-    p.add_argument("--test-split", type=Path, help="split.json whose test patients are the test split")
-    p.add_argument("--test", type=float, default=0.2, help="without --test-split: test patients (fraction or count)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--folds-file", type=Path, help="the folds of an earlier study (folds.json), for --versus")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--versus", type=Path, help="an earlier study.json on the same folds")
-    p.add_argument("--name", default="gliomaseg", help="the bundle's name")
-    p.add_argument("--note", default="", help="a sentence for the record and the card")
-    p.add_argument("--data-licence", default="", help="the training data and its licence, for the card")
-    p.add_argument("--readings-before", type=int, default=0, help="times this test split was read before")
-    p.add_argument("--record", type=Path, help="also write the record here (e.g. bench/results/...)")
-    p.add_argument("--export", type=Path, help="write the bundle, metrics.json and MODEL_CARD.md here")
-    p.add_argument("--readme", type=Path, help="replace this README's study table")
+    add_arguments(p, StudyOptions)
     p.set_defaults(func=study_command)
 
 
 def study_command(args: argparse.Namespace) -> int:
-    if (args.config is None) == (args.folds_from is None):
+    opts = from_args(args, StudyOptions)
+    if (opts.config is None) == (opts.folds_from is None):
         raise SystemExit("give --config (train the folds here) or --folds-from DIR (folds trained elsewhere)")
-    if args.config:
-        if not Path(args.config).is_file():
-            raise SystemExit(f"--config {args.config}: no such file")
-        yaml.safe_load(Path(args.config).read_text())  # a malformed YAML fails before any training
-    record = run_study(args)
+    if opts.config:
+        if not opts.config.is_file():
+            raise SystemExit(f"--config {opts.config}: no such file")
+        yaml.safe_load(opts.config.read_text())  # a malformed YAML fails before any training
+    record = run_study(opts)
     test = record["test"]["per_patient"]["volume"]
     print(f"test split (read once, reading {record['test']['reading']}): dsc_volume {test['mean']:.4f} "
           f"[{test['ci95'][0]:.4f}, {test['ci95'][1]:.4f}], worst {test['worst']:.4f}; record "
-          f"{Path(args.out) / 'study.json'}")
+          f"{opts.out / 'study.json'}")
     return 0

@@ -28,7 +28,15 @@ import numpy as np
 from scipy import ndimage
 
 from core.data.arrays import SPLITS, load_split, load_split_info
-from core.data.prepare import DataError, Patient, read_patients, source_class_names, split_patients, write_prepared
+from core.data.prepare import (
+    DataError,
+    Patient,
+    SplitOptions,
+    read_patients,
+    source_class_names,
+    split_patients,
+    write_prepared,
+)
 from core.formats.nifti import load_nifti, mm_affine, read_array, read_nifti
 from core.formats.volume import SEQUENCE_TITLES, SEQUENCES, VolumeError, parse_sequences, slices_grid
 from core.io import atomic_dir, read_json, write_json
@@ -176,17 +184,10 @@ def read_nnunet(src: str | Path) -> Cases:
     return out
 
 
-def prepare_nnunet(
-    src: str | Path,
-    out: str | Path,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-    split_file: str | Path | None = None,
-    size: int | None = None,
-    fold: int = 0,
-) -> dict[str, Any]:
-    """An nnU-Net v2 raw dataset -> prepared/ (split.json records channels, size, resized cases, fold)."""
+def prepare_nnunet(src: str | Path, out: str | Path, split: SplitOptions | None = None,
+                   split_file: str | Path | None = None, size: int | None = None, fold: int = 0) -> dict[str, Any]:
+    """An nnU-Net v2 raw dataset -> prepared/ (split.json records channels, size, resized cases, fold); split
+    by its splits_final.json's ``fold`` unless ``split_file`` is given, else by ``split`` (``prepare``'s)."""
     src = Path(src)
     cases = read_nnunet(src)
     patients, resized = common_size(cases.patients, size)
@@ -200,26 +201,25 @@ def prepare_nnunet(
     extra = {"format": "nnunet", "channel_names": {k: cases.channels.get(k) for k in SEQUENCES},
              "resized": resized, "fold": fold if assignment else None,
              "filled_with_flair": [SEQUENCE_TITLES[s] for s in SEQUENCES if s not in cases.channels]}
-    return write_prepared(src, patients, out, cases.class_names, val, test, seed, split_file, assignment, extra)
+    return write_prepared(src, patients, out, cases.class_names, split, split_file, assignment, extra)
 
 
-def _source_patients(src: Path, val: float, test: float, seed: int
-                     ) -> tuple[dict[str, list[Patient]], list[str]]:
+def _source_patients(src: Path, split: SplitOptions) -> tuple[dict[str, list[Patient]], list[str]]:
     """Patients per split of a prepared directory, or of a Kaggle folder split by seed."""
     if (src / "split.json").is_file():
         info = load_split_info(src)
         out: dict[str, list[Patient]] = {}
-        for split in SPLITS:
-            arrays = load_split(src, split)
-            out[split] = [Patient(str(arrays.patients[r[0]]), np.asarray(arrays.images[r]).transpose(0, 2, 3, 1),
+        for name in SPLITS:
+            arrays = load_split(src, name)
+            out[name] = [Patient(str(arrays.patients[r[0]]), np.asarray(arrays.images[r]).transpose(0, 2, 3, 1),
                                   np.asarray(arrays.masks[r]), np.asarray(arrays.slices[r]))
                           for r in arrays.patient_rows()]
         return out, list(info.get("class_names", ["background", "tumour"]))
     class_names = source_class_names(src)
     patients = {p.id: p for p in read_patients(src, len(class_names) - 1)}
     fractions = {pid: float((p.masks.reshape(len(p.masks), -1).max(1) > 0).mean()) for pid, p in patients.items()}
-    split = split_patients(fractions, val, test, seed)
-    return {name: [patients[pid] for pid in split[name]] for name in SPLITS}, class_names
+    assignment = split_patients(fractions, split.val, split.test, split.seed)
+    return {name: [patients[pid] for pid in assignment[name]] for name in SPLITS}, class_names
 
 
 def _write_nifti(path: Path, canonical: np.ndarray, spacing: tuple[float, float, float]) -> None:
@@ -231,24 +231,19 @@ def _write_nifti(path: Path, canonical: np.ndarray, spacing: tuple[float, float,
     path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
 
 
-def export_nnunet(
-    src: str | Path,
-    out: str | Path,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-) -> dict[str, Any]:
-    """Write ``out`` (named DatasetNNN_Name) as an nnU-Net v2 raw dataset; returns its dataset.json."""
+def export_nnunet(src: str | Path, out: str | Path, split: SplitOptions | None = None,
+                  spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
+    """Write ``out`` (named DatasetNNN_Name) as an nnU-Net v2 raw dataset; returns its dataset.json. A kaggle_3m
+    source is split by ``split`` (default SplitOptions()), a prepared directory keeps its own."""
     src, out = Path(src), Path(out)
     if not DATASET_NAME.match(out.name):
         raise DataError(f"{out}: nnU-Net datasets are named DatasetNNN_Name (e.g. Dataset501_LGG)")
-    by_split, class_names = _source_patients(src, val, test, seed)
+    by_split, class_names = _source_patients(src, split or SplitOptions())
     if not by_split["train"]:
         raise DataError(f"{src}: no training patients to export")
     with atomic_dir(out) as tmp:
-        for split, patients in by_split.items():
-            images, labels = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
+        for name, patients in by_split.items():
+            images, labels = ("imagesTs", "labelsTs") if name == "test" else ("imagesTr", "labelsTr")
             (tmp / images).mkdir(exist_ok=True)
             (tmp / labels).mkdir(exist_ok=True)
             for p in patients:

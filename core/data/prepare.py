@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from core.config import meta
 from core.data.arrays import SPLITS, SplitArrays, save_split, split_hash
 from core.io import atomic_dir, read_json, write_json
 
@@ -173,20 +174,23 @@ def fold_patients(tumour_fraction: dict[str, float], folds: int, seed: int, trie
     return sorted((sorted(ids[i] for i in part) for part in best), key=lambda f: f[0])
 
 
-def prepare(
-    src: str | Path,
-    out: str | Path,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-    split_file: str | Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Read, validate, split and write; ``out`` is replaced atomically only when everything succeeded."""
+@dataclass
+class SplitOptions:
+    """A seeded split of patients into train, val and test, balanced by tumour fraction (``split_patients``)."""
+
+    val: float = field(default=0.1, metadata=meta("fraction of patients, or a count when >= 1"))
+    test: float = field(default=0.1, metadata=meta("fraction of patients, or a count when >= 1"))
+    seed: int = field(default=0, metadata=meta("seeds the split"))
+
+
+def prepare(src: str | Path, out: str | Path, split: SplitOptions | None = None,
+            split_file: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Read, validate, split (``split_file``'s patients, else ``split``, by default SplitOptions()) and write;
+    ``out`` is replaced atomically only when everything succeeded."""
     src = Path(src)
     class_names = source_class_names(src)
     patients = {p.id: p for p in read_patients(src, len(class_names) - 1, progress)}
-    return write_prepared(src, patients, out, class_names, val, test, seed, split_file)
+    return write_prepared(src, patients, out, class_names, split, split_file)
 
 
 def source_class_names(src: Path) -> list[str]:
@@ -201,16 +205,14 @@ def write_prepared(
     patients: dict[str, Patient],
     out: str | Path,
     class_names: list[str],
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
+    split: SplitOptions | None = None,
     split_file: str | Path | None = None,
     assignment: dict[str, list[str]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Split (``assignment`` as given, a split file's, or balanced by seed) and write; any source's patients
     (the Kaggle layout here, nnU-Net datasets in core.data.nnunet) of one in-plane size."""
-    src = Path(src)
+    src, split = Path(src), split or SplitOptions()
     classes = len(class_names) - 1
     if not patients:
         raise DataError(f"{src}: no patients")
@@ -227,11 +229,11 @@ def write_prepared(
         assignment = {s: sorted(wanted.get(s, [])) for s in SPLITS}
     else:
         fractions = {pid: float((p.masks.reshape(len(p.masks), -1).max(1) > 0).mean()) for pid, p in patients.items()}
-        assignment = split_patients(fractions, val, test, seed)
+        assignment = split_patients(fractions, split.val, split.test, split.seed)
     first = next(iter(patients.values()))
     info: dict[str, Any] = {
         "src": str(src.resolve()),
-        "seed": seed,
+        "seed": split.seed,
         "image_size": list(first.images.shape[1:3]),
         "channels": 3,
         "classes": classes,

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import add_predictor_arguments
+from core.config import add_arguments, add_predictor_arguments, from_args, meta
 from core.inference.jobs import add_scan_arguments, scan_options
 from core.inference.predict import run
+
+
+@dataclass
+class PredictJob:
+    """The `core predict` options of its own (the model's are PredictorOptions, the scans' ScanFlags)."""
+
+    inputs: list[Path] = field(metadata=meta(
+        "slice files, patient folders, .nii/.nii.gz files, DICOM folders or zips", positional=True,
+        argument={"nargs": "+", "metavar": "INPUT"}))
+    out: Path = field(metadata=meta("output directory"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "SEG) for DICOM, <name>_volume.json, and its tumour volume in mL in predictions.csv.",
     )
     add_predictor_arguments(p)
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="slice files, patient folders, .nii/.nii.gz files, DICOM folders or zips")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    add_arguments(p, PredictJob)
     add_scan_arguments(p)
     p.set_defaults(func=predict_command)
 
@@ -30,10 +39,11 @@ def predict_command(args: argparse.Namespace) -> int:
     from core.inference.predictor import Predictor  # here: `python -m core` starts without torch
 
     predictor = Predictor.from_args(args)
-    rows = run(predictor, list(args.inputs), Path(args.out), scan_options(args))
+    job = from_args(args, PredictJob)
+    rows = run(predictor, job.inputs, job.out, scan_options(args))
     scans = [r for r in rows if r["volume_ml"] != ""]
     tumour = sum(1 for r in rows if int(r["tumour_pixels"]) > 0)  # type: ignore[call-overload]
     for r in scans:
         print(f"{r['input']}: {r['volume_ml']} mL{' (' + str(r['notes']) + ')' if r['notes'] else ''}")
-    print(f"{len(rows) - len(scans)} slices and {len(scans)} scans, {tumour} with tumour; outputs in {args.out}")
+    print(f"{len(rows) - len(scans)} slices and {len(scans)} scans, {tumour} with tumour; outputs in {job.out}")
     return 0

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from core.config import add_arguments, from_args, meta
 from core.formats.cases import is_nifti_name, slice_order
 from core.formats.media import DecodeError
 
@@ -114,17 +115,6 @@ def collect_jobs(inputs: list[Path]) -> list[Job]:
     return jobs
 
 
-@dataclass
-class ScanOptions:
-    """How scans are read (core.formats): channel names, series mapping, intensity rescale, limits."""
-
-    sequences: list[str] | None = None
-    series: dict[str, str] | None = None
-    rescale: str = "auto"
-    limits: Limits | None = None  # None: core.formats.volume.Limits()
-    spacing: tuple[float, float, float] | None = None  # a slice stack's (slice, row, column) mm; None: assumed
-
-
 SERIES_ID = re.compile(r"^\d+(\.\d+)*$")  # a SeriesNumber (3) or SeriesInstanceUID (1.2.840...)
 
 
@@ -148,31 +138,64 @@ def parse_series(values: str | list[str] | None) -> dict[str, str] | None:
     return out or None
 
 
+def _channels(text: str | None) -> list[str] | None:
+    return text.split(",") if text else None
+
+
+def _spacing(text: str | None) -> tuple[float, float, float] | None:
+    from core.inference.spacing import parse_spacing
+
+    return parse_spacing(text)
+
+
+def sequences_field(text: str) -> Any:
+    """A ``--sequences a,b,c`` option as a ``list[str] | None`` field."""
+    return field(default=None, metadata=meta(text, from_arg=_channels))
+
+
+def series_field(text: str) -> Any:
+    """The repeatable ``--series SEQ=SERIES`` option as a ``dict[str, str] | None`` field (``parse_series``)."""
+    return field(default=None, metadata=meta(text, argument={"action": "append", "metavar": "SEQ=SERIES"},
+                                             from_arg=parse_series))
+
+
+def spacing_field() -> Any:
+    """``--spacing Z,Y,X``: a slice stack's voxel size (core.inference.spacing), for its mm rules and its mL."""
+    return field(default=None, metadata=meta(
+        "slice stacks (TIFF/PNG/NPY): slice, row and column spacing in mm, for the post-processing's mm3/mm2 "
+        "rules and the volume in mL (default: the Kaggle grid's 5,0.9375,0.9375 is assumed, no mL given, and the "
+        "answer says so); a scan's comes from its header", argument={"metavar": "Z,Y,X"}, from_arg=_spacing))
+
+
+@dataclass
+class ScanFlags:
+    """How scans are read, as the command lines spell it (core predict, serve batch): each field a flag."""
+
+    sequences: list[str] | None = sequences_field(
+        "NIfTI: the sequence of each channel in order, e.g. flair,t1,t1gd,t2 ('-' skips one; default: the "
+        "dataset.json beside the files, else 1 channel is FLAIR, 3 are pre-contrast,FLAIR,post-contrast)")
+    series: dict[str, str] | None = series_field(
+        "DICOM: which series is which sequence (pre, flair, post) by SeriesNumber, description or UID; "
+        "repeatable; a number or UID alone is the FLAIR series. Default: from SeriesDescription")
+    rescale: str = field(default="auto", metadata=meta(
+        "scan intensities to uint8: percentiles 0.5..99.5 of the nonzero voxels; auto keeps 8-bit scans as they "
+        "are", choices=("auto", "percentile", "none")))
+    spacing: tuple[float, float, float] | None = spacing_field()
+
+
+@dataclass
+class ScanOptions(ScanFlags):
+    """How scans are read (core.formats): channel names, series mapping, intensity rescale, spacing, limits."""
+
+    limits: Limits | None = None  # None: core.formats.volume.Limits()
+
+
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    """--sequences, --series, --rescale: how scans are read (core predict, serve batch); see ``scan_options``."""
-    parser.add_argument("--sequences", help="NIfTI: the sequence of each channel in order, e.g. flair,t1,t1gd,t2 "
-                        "('-' skips one; default: the dataset.json beside the files, else 1 channel is FLAIR, 3 "
-                        "are pre-contrast,FLAIR,post-contrast)")
-    parser.add_argument("--series", action="append", metavar="SEQ=SERIES", help="DICOM: which series is which "
-                        "sequence (pre, flair, post) by SeriesNumber, description or UID; repeatable; a number or "
-                        "UID alone is the FLAIR series. Default: from SeriesDescription")
-    parser.add_argument("--rescale", default="auto", choices=("auto", "percentile", "none"),
-                        help="scan intensities to uint8: percentiles 0.5..99.5 of the nonzero voxels; auto keeps "
-                        "8-bit scans as they are")
-    add_spacing_argument(parser)
-
-
-def add_spacing_argument(parser: argparse.ArgumentParser) -> None:
-    """--spacing z,y,x: a slice stack's voxel size (core.inference.spacing), for its mm rules and its mL."""
-    parser.add_argument("--spacing", metavar="Z,Y,X", help="slice stacks (TIFF/PNG/NPY): slice, row and column "
-                        "spacing in mm, for the post-processing's mm3/mm2 rules and the volume in mL (default: the "
-                        "Kaggle grid's 5,0.9375,0.9375 is assumed, no mL given, and the answer says so); a scan's "
-                        "comes from its header")
+    """--sequences, --series, --rescale, --spacing: how scans are read (core predict); see ``scan_options``."""
+    add_arguments(parser, ScanFlags)
 
 
 def scan_options(args: argparse.Namespace) -> ScanOptions:
     """The ScanOptions of ``add_scan_arguments``' options."""
-    from core.inference.spacing import parse_spacing
-
-    return ScanOptions(sequences=args.sequences.split(",") if args.sequences else None,
-                       series=parse_series(args.series), rescale=args.rescale, spacing=parse_spacing(args.spacing))
+    flags = from_args(args, ScanFlags)
+    return ScanOptions(**{f.name: getattr(flags, f.name) for f in fields(ScanFlags)})

@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.bundle.files import read_config
-from core.config import BATCH_SIZE
+from core.config import BATCH_SIZE, meta
+from core.inference.jobs import ScanFlags
 from serve.batch import report
 from serve.batch.plan import plan
 from serve.batch.stages import Segmenter, read_patient, write_patient
@@ -23,22 +24,30 @@ IO_CPUS = 0.25  # read/write tasks mostly wait on files or S3; a fraction lets t
 
 
 @dataclass
-class BatchOptions:
-    """One `serve batch` run: the command's options."""
+class BatchRun:
+    """The `serve batch` options of the run itself (BatchOptions adds how scans are read)."""
 
-    bundle: str  # a str, not a Path: s3:// bundles are resolved by core.bundle.load_bundle
-    src: str
-    out: str
-    workers: int | None = None  # default: one per GPU share, else (CPUs - 1) / cpus_per_worker
-    gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    cpus_per_worker: float = 1.0
-    batch_size: int = BATCH_SIZE
-    progress: bool = True  # Ray Data's progress bars
-    address: str | None = None  # Ray to start or join when none is running (None: local or RAY_ADDRESS)
-    sequences: list[str] | None = None  # NIfTI channel names (core predict --sequences); None: dataset.json/default
-    series: dict[str, str] | None = None  # DICOM sequence -> series (core predict --series); None: descriptions
-    rescale: str = "auto"  # scan intensities to uint8 (core predict --rescale)
-    spacing: tuple[float, float, float] | None = None  # slice patients' mm (core predict --spacing); None: assumed
+    # Strings, not Paths: s3:// bundles and prefixes are resolved by core.bundle.load_bundle and the Store.
+    bundle: str = field(metadata=meta("bundle directory or s3://bucket/prefix"))
+    src: str = field(metadata=meta(
+        "folder or s3://bucket/prefix of patients: Kaggle-layout folders, NIfTI cases (<case>.nii.gz, "
+        "<case>_0000.nii.gz ...) or DICOM studies (a folder or a .zip)"))
+    out: str = field(metadata=meta("output folder or s3://bucket/prefix"))
+    workers: int | None = field(default=None, metadata=meta(
+        "predictor actors (default: one per GPU share, else CPUs - 1)"))
+    gpus_per_worker: float | None = field(default=None, metadata=meta(
+        "GPU share per actor (default 1 when the cluster has a GPU, else 0)"))
+    cpus_per_worker: float = field(default=1.0, metadata=meta("CPUs (torch threads) per actor"))
+    batch_size: int = field(default=BATCH_SIZE, metadata=meta("slices per forward pass"))
+    progress: bool = field(default=True, metadata=meta("Ray Data's progress bars"))
+    address: str | None = field(default=None, metadata=meta(
+        "Ray cluster address (default: local or RAY_ADDRESS)"))
+
+
+@dataclass
+class BatchOptions(ScanFlags, BatchRun):
+    """One `serve batch` run: the command's options, the run's first, then how scans are read (as core
+    predict reads them)."""
 
 
 def _resources(opts: BatchOptions, patients: int) -> tuple[int, float]:
