@@ -13,7 +13,7 @@ import dataclasses
 import numbers
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -334,6 +334,14 @@ def _same(value: Any) -> Any:
     return value
 
 
-def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
-    """--bundle, --device, --batch-size: what Predictor.from_args reads (core evaluate and core predict)."""
-    add_arguments(parser, PredictorOptions)
+def add_command(sub: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], Any],
+                *options: type, doc: str | None = None, **parser: Any) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of each ``options`` dataclass in turn, run by ``run``: ``doc`` (a
+    module docstring) is its description as written, ``parser`` keywords (help, description) go to add_parser."""
+    if doc is not None:
+        parser.update(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, **parser)
+    for cls in options:
+        add_arguments(p, cls)
+    p.set_defaults(func=run)
+    return p

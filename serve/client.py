@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from core.config import add_arguments, from_args, meta
+from core.config import add_command, from_args, meta
 from core.formats import codecs
 from core.formats.cases import slice_order
 from core.inference.jobs import sequences_field, series_field, spacing_field
@@ -404,7 +404,5 @@ class ClientOptions:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment slice files, patient folders and scans (NIfTI, DICOM) via a "
-                       "server (or --onnx locally)")
-    add_arguments(p, ClientOptions)
-    p.set_defaults(func=_cmd_predict)
+    add_command(sub, "predict", _cmd_predict, ClientOptions,
+                help="segment slice files, patient folders and scans (NIfTI, DICOM) via a server (or --onnx locally)")

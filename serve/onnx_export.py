@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from core.bundle import load_bundle
-from core.config import add_arguments, from_args, meta
+from core.config import add_command, from_args, meta
 from serve.edge import FORMAT, META_CONFIG, META_FORMAT, META_METRICS
 from serve.quantize import DEFAULT_CALIBRATION_SLICES, META_QUANT, MODES, calibration_images, model_inputs
 
@@ -203,9 +203,8 @@ class OnnxExportOptions:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-onnx", help="bundle -> self-contained ONNX model (dynamic batch) for edge devices")
-    add_arguments(p, OnnxExportOptions)
-    p.set_defaults(func=cmd_export_onnx)
+    add_command(sub, "export-onnx", cmd_export_onnx, OnnxExportOptions,
+                help="bundle -> self-contained ONNX model (dynamic batch) for edge devices")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from core.config import (
     ConfigError,
     PredictorOptions,
     TrainConfig,
-    add_predictor_arguments,
+    add_arguments,
     flag,
     from_args,
     from_mapping,
@@ -86,7 +86,7 @@ def _data(name: str) -> argparse.ArgumentParser:
 
 def _predictor() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    add_predictor_arguments(parser)
+    add_arguments(parser, PredictorOptions)
     return parser
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from ray import tune
 
-from core.config import TrainConfig, add_arguments, from_args, meta
+from core.config import TrainConfig, add_command, from_args, meta
 from core.data.arrays import SplitArrays, load_split, load_split_info, split_hash
 from core.data.prepare import fold_patients
 from core.evaluation.evaluate import predict_split
@@ -247,10 +247,8 @@ class CVOptions:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cv", help="patient-level K-fold cross-validation of one configuration",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, CVOptions)
-    p.set_defaults(func=cv_command)
+    add_command(sub, "cv", cv_command, CVOptions, doc=__doc__,
+                help="patient-level K-fold cross-validation of one configuration")
 
 
 def cv_command(args: argparse.Namespace) -> int:

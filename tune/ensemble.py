@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import add_arguments, from_args, meta
+from core.config import add_command, from_args, meta
 from core.data.arrays import load_split, load_split_info
 from core.evaluation.metrics import METRIC_KEYS
 from core.io import read_json, write_json
@@ -105,10 +105,8 @@ class EnsembleOptions:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ensemble", help="one bundle from a search's K best trials",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, EnsembleOptions)
-    p.set_defaults(func=ensemble_command)
+    add_command(sub, "ensemble", ensemble_command, EnsembleOptions, doc=__doc__,
+                help="one bundle from a search's K best trials")
 
 
 def ensemble_command(args: argparse.Namespace) -> int:

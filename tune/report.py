@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only; no display on servers and in trials
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.config import add_arguments, from_args, meta  # noqa: E402
+from core.config import add_command, from_args, meta  # noqa: E402
 from core.data.arrays import SplitArrays, load_split  # noqa: E402
 from core.evaluation.metrics import per_slice_dice  # noqa: E402
 from core.formats.codecs import overlay  # noqa: E402
@@ -222,9 +222,8 @@ class ReportOptions:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="HTML report with plots of a search", description=__doc__)
-    add_arguments(p, ReportOptions)
-    p.set_defaults(func=report_command)
+    add_command(sub, "report", report_command, ReportOptions, help="HTML report with plots of a search",
+                description=__doc__)
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from core.config import METRICS, TrainConfig, add_arguments, from_args, meta
+from core.config import METRICS, TrainConfig, add_command, from_args, meta
 from core.data.arrays import load_split, load_split_info, split_hash
 from core.evaluation.metrics import MINIMISED
 from core.io import read_json, write_json
@@ -397,12 +397,8 @@ def finish(
 
 # ---- command line ------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run", help="hyperparameter search with Ray Tune (Optuna TPE + ASHA)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p, SearchOptions)
-    p.set_defaults(func=run_command)
+    add_command(sub, "run", run_command, SearchOptions, doc=__doc__,
+                help="hyperparameter search with Ray Tune (Optuna TPE + ASHA)")
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from core.config import add_arguments, from_args, meta
+from core.config import add_command, from_args, meta
 from core.data.arrays import SplitArrays, load_split, load_split_info
 from core.io import read_json, write_json
 from tune.search import sets_field
@@ -325,10 +325,8 @@ def publish(record: dict[str, Any], candidate: Path, opts: StudyOptions) -> None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="the protocol: fixed test split, CV, choices on out-of-fold, one test reading",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, StudyOptions)
-    p.set_defaults(func=study_command)
+    add_command(sub, "study", study_command, StudyOptions, doc=__doc__,
+                help="the protocol: fixed test split, CV, choices on out-of-fold, one test reading")
 
 
 def study_command(args: argparse.Namespace) -> int:

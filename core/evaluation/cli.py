@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import add_arguments, add_predictor_arguments, from_args, meta
+from core.config import PredictorOptions, add_command, from_args, meta
 from core.data.arrays import load_split, load_split_info
 from core.evaluation.evaluate import arrays_from_src, scans_from_src, write_report
 
@@ -27,13 +27,9 @@ class EvaluateJob:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate", help="evaluate a bundle on a prepared split or a kaggle_3m folder",
-        description="Per-slice and per-patient CSVs, summary.json and plots for one bundle.",
-    )
-    add_predictor_arguments(p)
-    add_arguments(p, EvaluateJob)
-    p.set_defaults(func=evaluate_command)
+    add_command(sub, "evaluate", evaluate_command, PredictorOptions, EvaluateJob,
+                help="evaluate a bundle on a prepared split or a kaggle_3m folder",
+                description="Per-slice and per-patient CSVs, summary.json and plots for one bundle.")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

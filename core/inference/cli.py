@@ -1,4 +1,10 @@
-"""`python -m core predict --bundle B INPUT... --out DIR`: the command line of core.inference.predict."""
+"""`python -m core predict --bundle B INPUT... --out DIR`: the command line of core.inference.predict.
+
+Writes <name>_mask.png (0/255; labels as-is for multi-class) and <name>_overlay.png per slice, and
+predictions.csv. A patient folder or a multi-page TIFF is predicted as one volume. A NIfTI scan or DICOM
+study (folder or zip) gives <name>_mask.nii.gz on its own grid, <name>_seg.dcm (DICOM SEG) for DICOM,
+<name>_volume.json, and its tumour volume in mL in predictions.csv.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import add_arguments, add_predictor_arguments, from_args, meta
-from core.inference.jobs import add_scan_arguments, scan_options
+from core.config import PredictorOptions, add_command, from_args, meta
+from core.inference.jobs import ScanFlags, scan_options
 from core.inference.predict import run
 
 
@@ -22,17 +28,8 @@ class PredictJob:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict", help="masks for TIFF/PNG slices, patient folders, NIfTI scans and DICOM studies",
-        description="Writes <name>_mask.png (0/255; labels as-is for multi-class) and <name>_overlay.png per "
-        "slice, and predictions.csv. A patient folder or a multi-page TIFF is predicted as one volume. A NIfTI "
-        "scan or DICOM study (folder or zip) gives <name>_mask.nii.gz on its own grid, <name>_seg.dcm (DICOM "
-        "SEG) for DICOM, <name>_volume.json, and its tumour volume in mL in predictions.csv.",
-    )
-    add_predictor_arguments(p)
-    add_arguments(p, PredictJob)
-    add_scan_arguments(p)
-    p.set_defaults(func=predict_command)
+    add_command(sub, "predict", predict_command, PredictorOptions, PredictJob, ScanFlags, doc=__doc__,
+                help="masks for TIFF/PNG slices, patient folders, NIfTI scans and DICOM studies")
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import add_arguments, from_args, meta
+from core.config import from_args, meta
 from core.formats.cases import is_nifti_name, slice_order
 from core.formats.media import DecodeError
 
@@ -190,12 +190,7 @@ class ScanOptions(ScanFlags):
     limits: Limits | None = None  # None: core.formats.volume.Limits()
 
 
-def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    """--sequences, --series, --rescale, --spacing: how scans are read (core predict); see ``scan_options``."""
-    add_arguments(parser, ScanFlags)
-
-
 def scan_options(args: argparse.Namespace) -> ScanOptions:
-    """The ScanOptions of ``add_scan_arguments``' options."""
+    """The ScanOptions of the ScanFlags options on a command line (core predict)."""
     flags = from_args(args, ScanFlags)
     return ScanOptions(**{f.name: getattr(flags, f.name) for f in fields(ScanFlags)})

@@ -38,7 +38,7 @@ class Predictor(SlicePredictor):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Predictor:
-        """From the options ``add_predictor_arguments`` adds (core.config; the core evaluate/predict commands)."""
+        """From the PredictorOptions flags on a command line (core.config; core evaluate and core predict)."""
         return cls.from_bundle(args.bundle, args.device, args.batch_size)
 
     def info(self) -> dict[str, Any]:

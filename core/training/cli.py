@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.config import TrainConfig, add_arguments, from_args
+from core.config import TrainConfig, add_command, from_args
 from core.data.arrays import load_split_info, split_hash
 from core.io import read_json, write_csv, write_json
 
@@ -29,13 +29,8 @@ class TrainRun:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train one model on a prepared directory",
-        description="Train one model; writes RUN/metrics.csv per epoch, RUN/checkpoint/, RUN/best/ (bundle).",
-    )
-    add_arguments(p, TrainRun)
-    add_arguments(p, TrainConfig)
-    p.set_defaults(func=train_command)
+    add_command(sub, "train", train_command, TrainRun, TrainConfig, help="train one model on a prepared directory",
+                description="Train one model; writes RUN/metrics.csv per epoch, RUN/checkpoint/, RUN/best/ (bundle).")
 
 
 # What a fine-tuning run takes from its --init bundle where the command line leaves the default: the

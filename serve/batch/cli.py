@@ -1,23 +1,22 @@
-"""`python -m serve batch`: segment a cohort (a folder or ``s3://`` prefix of patients) with Ray Data."""
+"""`python -m serve batch`: segment a cohort (a folder or ``s3://`` prefix of patients) with Ray Data.
+
+Writes OUT/<patient>/<slice>_mask.tif for a folder of slices, OUT/<case>/<case>_mask.nii.gz for a NIfTI
+case or DICOM study (and <case>_seg.dcm, a DICOM SEG, for DICOM), patients.csv (with the tumour volume in
+mL for scans) and summary.json (with the metrics where the source has masks). Scans are read as `core
+predict` reads them. A rerun skips patients already written. Exit status 1 when a patient failed.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from core.config import add_arguments, from_args
+from core.config import add_command, from_args
 from serve.batch.run import BatchOptions, run_batch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "batch", help="segment a cohort (folder or s3:// prefix of patients: slices, NIfTI or DICOM) with Ray Data",
-        description="Writes OUT/<patient>/<slice>_mask.tif for a folder of slices, OUT/<case>/<case>_mask.nii.gz "
-        "for a NIfTI case or DICOM study (and <case>_seg.dcm, a DICOM SEG, for DICOM), patients.csv (with the "
-        "tumour volume in mL for scans) and summary.json (with the metrics where the source has masks). A rerun "
-        "skips patients already written. Exit status 1 when a patient failed.",
-    )
-    add_arguments(p, BatchOptions)  # scans read as core predict reads them
-    p.set_defaults(func=_cmd_batch)
+    add_command(sub, "batch", _cmd_batch, BatchOptions, doc=__doc__,
+                help="segment a cohort (folder or s3:// prefix of patients: slices, NIfTI or DICOM) with Ray Data")
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
