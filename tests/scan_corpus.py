@@ -26,8 +26,7 @@ from core.formats import codecs
 
 CORE, CLIENT, HTTP, BATCH, SAGEMAKER = "core predict", "serve predict", "http", "serve batch", "sagemaker"
 ENTRY_POINTS = (CORE, CLIENT, HTTP, BATCH, SAGEMAKER)
-TIFF_FILE = (CORE, CLIENT, HTTP, SAGEMAKER)  # `serve batch` reads a patient's slices one file each
-NPY_FILE = (CLIENT, HTTP, SAGEMAKER)  # `core predict` reads TIFF/PNG slices, NIfTI and DICOM, not .npy
+STACK_FILE = (CORE, CLIENT, HTTP, SAGEMAKER)  # slices in one file (TIFF pages, .npy): `serve batch` reads one a file
 SPACING_TEXT = ",".join(f"{v:g}" for v in SPACING)  # every scan's header spacing, given to slice stacks too
 GZ, ZIP = "application/gzip", "application/zip"
 HOT = (4, 30, 33)  # (slice, row, column) of the planted 16-bit hot pixel
@@ -135,8 +134,8 @@ def synthetic_scans(root: Path) -> list[Scan]:
     return [
         Scan("order", order, tiff_bytes(images), codecs.TIFF),  # spacing assumed: the answer says so
         Scan("hot16", hot16, tiff_bytes(stack16), codecs.TIFF, spacing),
-        Scan("hot16_tiff", tiff, tiff.read_bytes(), codecs.TIFF, spacing, paths=TIFF_FILE),
-        Scan("stack_npy", npy, npy.read_bytes(), codecs.NPY, spacing, paths=NPY_FILE),
+        Scan("hot16_tiff", tiff, tiff.read_bytes(), codecs.TIFF, spacing, paths=STACK_FILE),
+        Scan("stack_npy", npy, npy.read_bytes(), codecs.NPY, spacing, paths=STACK_FILE),
         Scan("nifti_named", named, named.read_bytes(), GZ, s3=True),
         Scan("nifti_unnamed", unnamed, unnamed.read_bytes(), GZ, error=(422, "unnamed_sequences")),
         Scan("nifti_told", unnamed, unnamed.read_bytes(), GZ, {"sequences": KAGGLE_TEXT}),

@@ -1,9 +1,9 @@
 """`python -m core predict --bundle B INPUT... --out DIR`: the command line of core.inference.predict.
 
 Writes <name>_mask.png (0/255; labels as-is for multi-class) and <name>_overlay.png per slice, and
-predictions.csv. A patient folder or a multi-page TIFF is predicted as one volume. A NIfTI scan or DICOM
-study (folder or zip) gives <name>_mask.nii.gz on its own grid, <name>_seg.dcm (DICOM SEG) for DICOM,
-<name>_volume.json, and its tumour volume in mL in predictions.csv.
+predictions.csv. A patient folder, a multi-page TIFF or an (N,H,W[,3]) .npy is predicted as one volume. A
+NIfTI scan or DICOM study (folder or zip) gives <name>_mask.nii.gz on its own grid, <name>_seg.dcm (DICOM SEG)
+for DICOM, <name>_volume.json, and its tumour volume in mL in predictions.csv.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class PredictJob:
 
 def register(sub: argparse._SubParsersAction) -> None:
     add_command(sub, "predict", predict_command, PredictorOptions, PredictJob, ScanFlags, doc=__doc__,
-                help="masks for TIFF/PNG slices, patient folders, NIfTI scans and DICOM studies")
+                help="masks for TIFF/PNG/NPY slices, patient folders, NIfTI scans and DICOM studies")
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -1,11 +1,11 @@
 """What `core predict` (and `serve batch`) make of their inputs: one job per slice file, patient folder or
 scan, with safe output names, and how scans are read (ScanOptions).
 
-A file is a single-slice job; a folder of TIFF/PNG slices is one patient's volume (in the order of
-core.formats.cases.slice_order, as every path stacks them); a folder of such folders one volume each; NIfTI
-files are grouped into cases by core.formats.cases (nnU-Net channel files together); a DICOM study is a
-folder or a ``.zip``. Output names have every path part and unusual character removed, so nothing is
-written outside the output folder.
+A file is a single-slice job (a multi-page TIFF or an (N,H,W[,3]) .npy: a volume); a folder of TIFF/PNG/NPY
+slices is one patient's volume (in the order of core.formats.cases.slice_order, as every path stacks them); a
+folder of such folders one volume each; NIfTI files are grouped into cases by core.formats.cases (nnU-Net
+channel files together); a DICOM study is a folder or a ``.zip``. Output names have every path part and
+unusual character removed, so nothing is written outside the output folder.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from core.formats.media import DecodeError
 if TYPE_CHECKING:
     from core.formats.volume import Limits
 
-SUFFIXES = (".tif", ".tiff", ".png")
+SUFFIXES = (".tif", ".tiff", ".png", ".npy")  # slice files: decoded as a request body is
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -46,7 +46,7 @@ def safe_name(name: str) -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """A folder's TIFF/PNG slices (masks and hidden files left out) in slice order; ValueError if unorderable."""
+    """A folder's TIFF/PNG/NPY slices (masks and hidden files left out) in slice order; ValueError if unorderable."""
     return slice_order(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
                        and not p.stem.endswith("_mask") and not p.name.startswith("."))
 
@@ -84,7 +84,7 @@ def collect_jobs(inputs: list[Path]) -> list[Job]:
             elif kind == "dicom":
                 jobs.append(Job(safe_name(item.stem), [item], volume=True, kind="dicom"))
             elif item.suffix.lower() not in SUFFIXES:
-                raise ValueError(f"{item}: not a TIFF, PNG, NIfTI or DICOM file")
+                raise ValueError(f"{item}: not a TIFF, PNG, .npy, NIfTI or DICOM file")
             else:
                 jobs.append(Job(safe_name(item.stem), [item], volume=False))
         elif item.is_dir():

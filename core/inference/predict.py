@@ -1,14 +1,14 @@
 """What `python -m core predict --bundle B INPUT... --out DIR` writes: masks for slices, patients and scans.
 
-INPUT is a TIFF/PNG slice, a patient folder (its slices form one volume, so 3D post-processing
-applies), a folder of patient folders, a NIfTI scan (``.nii``/``.nii.gz``, 4D or nnU-Net channel files
-``<case>_0000.nii.gz`` ...) or a DICOM study (a folder or a ``.zip``). A scan gives ``<name>_mask.nii.gz``
-on its own grid (its header, or the DICOM series' geometry), for DICOM also ``<name>_seg.dcm`` (a DICOM
-SEG referencing the series), and its tumour volume in mL in predictions.csv. Output names come from
-input names with every path part and unusual character removed, so nothing is written outside ``--out``
-(core.inference.jobs); a scan's or a patient's ``<name>_volume.json`` is the result schema
-(core.inference.results) with the answer's notes. A patient's slices have the ``--spacing`` given
-(core.inference.spacing), else the Kaggle grid's, assumed and said so. The command line itself is
+INPUT is a TIFF/PNG/NPY slice (a multi-page TIFF or an .npy stack: a volume), a patient folder (its slices
+form one volume, so 3D post-processing applies), a folder of patient folders, a NIfTI scan
+(``.nii``/``.nii.gz``, 4D or nnU-Net channel files ``<case>_0000.nii.gz`` ...) or a DICOM study (a folder or a
+``.zip``). A scan gives ``<name>_mask.nii.gz`` on its own grid (its header, or the DICOM series' geometry),
+for DICOM also ``<name>_seg.dcm`` (a DICOM SEG referencing the series), and its tumour volume in mL in
+predictions.csv. Output names come from input names with every path part and unusual character removed, so
+nothing is written outside ``--out`` (core.inference.jobs); a scan's or a patient's ``<name>_volume.json`` is
+the result schema (core.inference.results) with the answer's notes. A patient's slices have the ``--spacing``
+given (core.inference.spacing), else the Kaggle grid's, assumed and said so. The command line itself is
 core/inference/cli.py.
 """
 
@@ -35,7 +35,7 @@ LOCAL_MAX_SIZE, LOCAL_MAX_PAGES = 4096, 4096
 
 
 def read_image(path: Path, raw: bool = False) -> np.ndarray:
-    """(N,H,W,3) uint8 slices of one TIFF/PNG file (a multi-page TIFF is a volume), via core.formats.codecs.
+    """(N,H,W,3) uint8 slices of one TIFF/PNG/NPY file (TIFF pages or an .npy stack: a volume).
 
     Same decoding rules as the HTTP API (uint16 rescaled, grey replicated to 3 channels), with limits
     wide enough for local files; ``raw=True`` keeps uint16 for ``stack_volume`` to scale a patient's files as one.
