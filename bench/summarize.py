@@ -1,4 +1,5 @@
-"""Render bench/results/*.json into the table in bench/README.md (between the RESULTS markers).
+"""Render bench/results/*.json into the tables in bench/README.md (between the RESULTS markers): the
+benchmarks' summaries, and the `tune study --versus` variants against the study they were compared with.
 
     python bench/summarize.py            # rewrite the table in place
     python bench/summarize.py --print    # print it instead
@@ -58,6 +59,44 @@ def table(results: list[dict[str, Any]], others: list[str] | None = None) -> str
     return "\n".join(lines)
 
 
+def _interval(figure: dict[str, Any], sign: str = "") -> str:
+    low, high = figure["ci95"]
+    return f"{figure['mean']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
+
+
+def _variant(config: dict[str, Any]) -> str:
+    context = f", 2.5D k={config['context']} ({config['context_sequences']})" if config.get("context") else ""
+    start = f", from {config['init']}" if config.get("init") else ""
+    return f"{config['arch']} {config['filters']}, {config['image_size']} px, {config['epochs']} epochs{context}{start}"
+
+
+def variants_table(folder: Path = RESULTS) -> str:
+    """Each study record with a ``versus`` (tune study --versus) beside the record it was compared with."""
+    studies = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*study*.json"))}
+    variants = {name: s for name, s in studies.items() if isinstance(s, dict) and s.get("versus")}
+    if not variants:
+        return ""
+    lines = ["Study variants (`tune study --versus`), each against the study it names, on the same folds: dsc_volume "
+             "per patient over the out-of-fold predictions of the CV pool, after the choices each study made on "
+             "those same predictions (so not a split untouched by choices); 95% intervals by bootstrap over "
+             "patients. A variant that does not win leaves the test split unread.", "",
+             "| record | model | CV dsc_volume | against | difference (variant - other) | patients better / worse "
+             "| verdict | test read |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, study in variants.items():
+        versus = study["versus"]
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            name, _variant(study["config"]), _interval(study["cv"]["per_patient"]["volume"]),
+            Path(versus["record"]).name, _interval(versus, "+"), f"{versus['a_better']} / {versus['b_better']} of "
+            f"{versus['patients']}", {"a": "variant wins", "b": "variant loses"}.get(versus["verdict"], "undecided"),
+            "yes" if "test" in study else "no")) + " |")
+    for other in sorted({Path(s["versus"]["record"]).name for s in variants.values()} & set(studies)):
+        study = studies[other]
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            other, _variant(study["config"]), _interval(study["cv"]["per_patient"]["volume"]), "", "", "", "",
+            "yes" if "test" in study else "no")) + " |")
+    return "\n".join(lines)
+
+
 def load_results(folder: Path = RESULTS) -> tuple[list[dict[str, Any]], list[str]]:
     """(results with a ``summary`` list, names of the other JSON files)."""
     out, others = [], []
@@ -76,13 +115,18 @@ def load_results(folder: Path = RESULTS) -> tuple[list[dict[str, Any]], list[str
     return sorted(out, key=lambda r: (rank.get(r.get("benchmark"), len(ORDER)), r["_file"])), others
 
 
+def tables(folder: Path = RESULTS) -> str:
+    """The benchmarks' table, then the study variants' where there are any."""
+    return "\n\n".join(t for t in (table(*load_results(folder)), variants_table(folder)) if t)
+
+
 def render(readme: Path = README, folder: Path = RESULTS) -> str:
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme}: markers {BEGIN} / {END} missing")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table(*load_results(folder))}\n{END}{tail}"
+    return f"{head}{BEGIN}\n{tables(folder)}\n{END}{tail}"
 
 
 def main() -> None:
@@ -90,7 +134,7 @@ def main() -> None:
     p.add_argument("--print", action="store_true", help="print the table instead of rewriting README.md")
     args = p.parse_args()
     if args.print:
-        print(table(*load_results()))
+        print(tables())
         return
     README.write_text(render())
     print(f"wrote {README}")

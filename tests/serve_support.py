@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
+import numpy as np
 
 from serve.app import ServeSettings, start
 from serve.demo import free_port
@@ -37,3 +41,15 @@ def slice_files(kaggle_dir: Path, patient: int = 0) -> list[Path]:
     folder = sorted(d for d in kaggle_dir.iterdir() if d.is_dir())[patient]
     files = [f for f in folder.glob("*.tif") if not f.stem.endswith("_mask")]
     return sorted(files, key=lambda f: int(f.stem.rsplit("_", 1)[1]))
+
+
+def post_volume(url: str, body: bytes, kind: str, **params: str) -> httpx.Response:
+    """``POST /v1/segment/volume`` with ``body`` as ``kind`` and the query ``params``."""
+    return httpx.post(f"{url}/v1/segment/volume", content=body, headers={"Content-Type": kind}, params=params,
+                      timeout=120)
+
+
+def npy_answer(r: httpx.Response) -> np.ndarray:
+    """The masks of a 200 ``format=npy`` answer (its body otherwise, in the assertion)."""
+    assert r.status_code == 200, r.text
+    return np.load(io.BytesIO(r.content), allow_pickle=False)

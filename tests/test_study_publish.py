@@ -1,5 +1,6 @@
 """Every figure published about `pretrained/lgg` (its metrics.json, its MODEL_CARD.md, the README's results
-table) is the one its study record holds, and describes a path the bundle takes."""
+table) is the one its study record holds, and describes a path the bundle takes; bench/README.md's tables are
+the records' (bench/summarize.py)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,12 @@ def test_the_record_keeps_the_test_split_out_of_every_choice_and_empties_no_pati
         assert set(dice) == test, path
     # where a rule would have emptied a volume, the answer was the network's mask, flagged for review
     assert set(study["test"]["network_mask_kept"]["volume"]) <= set(study["test"]["quality"]["reviewed"])
+
+
+def test_bench_readme_tables_are_generated_from_the_records() -> None:
+    """bench/README.md's benchmark and study-variant tables are bench/summarize.py's rendering of the records."""
+    from bench.summarize import README, render, variants_table
+
+    assert render() == README.read_text(), "run python bench/summarize.py"
+    variants = variants_table()
+    assert "real-lgg-study-lite16-2.5d-cpu.json" in variants and "| undecided |" in variants
