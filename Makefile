@@ -62,8 +62,11 @@ demo: $(STAMP)
 	@echo "demo done: report $(DEMO_DIR)/runs/demo/report/index.html, best bundle $(BEST)," \
 		"served responses $(DEMO_DIR)/serve/, exports $(DEMO_DIR)/export/"
 
+# Two workers, one module each at a time (module fixtures such as a Serve app start once): on one worker the
+# suite keeps 0.7 of 2 cores busy, as most of its time goes to waiting for Ray, Serve and subprocesses to start.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -24,8 +24,10 @@ from core.io import write_json
 
 def free_port() -> int:
     """A free port below Linux's ephemeral range (32768+): a port the OS hands out now may be taken by one
-    of the many processes Ray starts before the HTTP proxy binds it ("Address already in use")."""
-    for port in random.sample(range(20000, 30000), 200):
+    of the many processes Ray starts before the HTTP proxy binds it ("Address already in use"). Drawn from the
+    OS's entropy, not the ``random`` module's state: training seeds that, and two processes seeded alike would
+    draw the same ports, where Serve's proxies (SO_REUSEPORT) would then share one and split its requests."""
+    for port in random.SystemRandom().sample(range(20000, 30000), 200):
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))
             return port

@@ -18,7 +18,7 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg"
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole run (ray.init costs 5-9 s here).
+    """One local Ray instance per test worker for the whole run (ray.init costs 5-9 s here).
 
     Logical CPUs beyond the 2 physical cores let several small trials and replicas run side by side.
     """
@@ -28,7 +28,8 @@ def ray_session():
 
     if not ray.is_initialized():
         apply_env_defaults()  # as `serve run` starts Ray: its Serve (throughput-optimized) is the one tested
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": a cluster of its own, never one a `ray start` or another test worker left running
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     # Leave Ray to the interpreter's exit hook: other session fixtures may still use it.
 

@@ -53,6 +53,18 @@ def test_haproxy_only_when_asked_for_where_there_is_one_and_never_against_the_us
     assert set(HAPROXY) <= set(apply_env_defaults({"RAY_SERVE_HAPROXY_BINARY_PATH": "/usr/sbin/haproxy"}, haproxy=True))
 
 
+def test_free_ports_do_not_follow_the_seeded_random_module():
+    """Training seeds ``random``; two processes seeded alike (two test workers) must not draw the same ports,
+    where their Serve proxies, bound with SO_REUSEPORT, would share one and answer each other's requests."""
+    import random
+
+    drawn = []
+    for _ in range(2):
+        random.seed(0)
+        drawn.append([free_port() for _ in range(3)])
+    assert drawn[0] != drawn[1]
+
+
 def test_a_start_that_cannot_finish_names_the_deployment(ray_session, bundle):
     """A replica that can never be scheduled: the error names it and Serve's reason, within the bound."""
     from ray import serve
