@@ -1,7 +1,7 @@
 """Render bench/results/*.json into the tables in bench/README.md (between the RESULTS markers): the
 benchmarks' summaries, and the `tune study --versus` variants against the study they were compared with.
 
-    python bench/summarize.py            # rewrite the table in place
+    python bench/summarize.py            # rewrite the tables in place
     python bench/summarize.py --print    # print it instead
 """
 
