@@ -375,8 +375,9 @@ def build_volume(
                      "(as the Kaggle data set does)")
     images = np.ascontiguousarray(apply_orientation(out, canonical_ornt(affine)))
     reordered = (images.shape[0], images.shape[1], images.shape[2])
-    grid = axial_grid(reordered, reordered_spacing(affine), acquisition_plane(affine), limits.max_voxels)
-    notes.extend(plane_notes(affine, reordered, grid))
+    plane, spacing = acquisition_plane(affine), reordered_spacing(affine)
+    grid = axial_grid(reordered, spacing, plane, limits.max_voxels)
+    notes.extend(plane_notes(plane, spacing, reordered, grid))
     if grid is not None:
         images = zoom_images(images, grid)
     return Volume(images=images, affine=np.asarray(affine, np.float64), source_shape=(shape[0], shape[1], shape[2]),
@@ -385,13 +386,12 @@ def build_volume(
                   else reordered)
 
 
-def plane_notes(affine: np.ndarray, reordered: tuple[int, int, int],
+def plane_notes(plane: str, spacing: Sequence[float], reordered: tuple[int, int, int],
                 grid: tuple[int, int, int] | None) -> list[str]:
-    """What an answer says of a sagittal or coronal scan: reordered only, or resampled and at what spacing."""
-    plane = acquisition_plane(affine)
+    """What an answer says of a sagittal or coronal scan (``spacing``: its reordered voxels'): reordered only,
+    or resampled and at what spacing."""
     if plane == "axial":
         return []
-    spacing = reordered_spacing(affine)
     if grid is None:
         return [f"{plane} acquisition: the model sees axial slices made by reordering its voxels (no interpolation; "
                 f"its axial pixels, {spacing[1]:.3g} x {spacing[2]:.3g} mm, are near square)"]

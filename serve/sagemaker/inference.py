@@ -56,11 +56,11 @@ from gliomaseg_core.formats.media import (
     SCAN_TYPES,
     SLICES,
     TIFF,
-    Busy,
     check_series,
     choose_format,
     declared_kind,
     error_answer,
+    error_headers,
     preferences,
     refusal,
 )
@@ -217,11 +217,10 @@ def _check_memory(images: np.ndarray, context: Any = None) -> None:
         return
     try:
         VOLUME_BUDGET.check(volume_bytes(images.nbytes))
-    except Busy as exc:
-        if hasattr(context, "set_response_header"):
-            context.set_response_header(0, "Retry-After", str(exc.retry_after))
-        raise _refuse(exc) from None
     except codecs.DecodeError as exc:
+        if hasattr(context, "set_response_header"):  # Serve's headers for the same refusal
+            for name, value in error_headers(exc).items():
+                context.set_response_header(0, name, value)
         raise _refuse(exc) from None
 
 
