@@ -15,7 +15,7 @@ from pathlib import Path
 # The container's side, in a fresh interpreter: the archive's code dir on PYTHONPATH (as TorchServe
 # sets it), gliomaseg's editable install removed, the toolkit's handler service driving the handlers.
 DRIVER = r'''
-import importlib.util, json, sys
+import importlib.util, json, os, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
 sys.path_importer_cache.clear()
@@ -42,6 +42,7 @@ class Context:
 ctx = Context()
 service = DefaultHandlerService(Transformer())
 service.initialize(ctx)
+exec(os.environ.get("SIM_AFTER_LOAD", ""))  # a test's stand-in for the container's state, e.g. memory taken
 results = []
 for i, req in enumerate(spec):
     headers = {"Content-Type": req["content_type"], **req.get("headers", {})}  # e.g. the custom attributes

@@ -203,3 +203,24 @@ def test_sagemaker_handlers_check_volumes_against_the_same_budget(tmp_path: Path
     assert status["status"] == 413, body[:300]
     assert json.loads(body.split(b"\n", 1)[0])["error"] == "too_large"
     assert res["one_slice"][0]["status"] == 200 and res["small_volume"][0]["status"] == 200
+
+
+def test_sagemaker_handlers_answer_busy_with_retry_after_while_memory_is_taken(tmp_path: Path) -> None:
+    """The container's other workers hold the memory (free now: 0 bytes): a volume is a 503 whose Retry-After
+    reaches the response headers, as Serve answers it; a single slice never counts and is answered."""
+    from sagemaker_sim import run_handlers
+
+    bundle = make_random_bundle(tmp_path / "bundle")
+    npy = "application/x-npy"
+    cases = {
+        "volume": (codecs.encode_npy(sample_images(8, seed=4)), npy, npy, {}),
+        "one_slice": (codecs.encode_npy(sample_images(1, seed=2)[0]), npy, npy, {}),
+    }
+    taken = "import inference; inference.VOLUME_BUDGET._available = lambda: 0"
+    res = run_handlers(bundle, cases, tmp_path / "sm", {"GLIOMASEG_VOLUME_BUDGET_MB": str(BUDGET_MB),
+                                                        "SIM_AFTER_LOAD": taken})
+    status, body = res["volume"]
+    assert status["status"] == 503, body[:300]
+    assert json.loads(body.split(b"\n", 1)[0])["error"] == "busy"
+    assert int(status["headers"]["Retry-After"]) > 0
+    assert res["one_slice"][0]["status"] == 200
