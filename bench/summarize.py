@@ -65,6 +65,8 @@ def _interval(figure: dict[str, Any], sign: str = "") -> str:
 
 
 def _variant(config: dict[str, Any]) -> str:
+    if "ensemble_of" in config:  # tune study --ensemble-of: each study's fold models, ensembled per fold
+        return "ensemble: " + " + ".join(f"{Path(c['study']).name} ({_variant(c)})" for c in config["ensemble_of"])
     context = f", 2.5D k={config['context']} ({config['context_sequences']})" if config.get("context") else ""
     start = f", from {config['init']}" if config.get("init") else ""
     return f"{config['arch']} {config['filters']}, {config['image_size']} px, {config['epochs']} epochs{context}{start}"

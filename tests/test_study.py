@@ -184,6 +184,27 @@ def test_a_cv_init_must_name_each_folds_own_model(tmp_path) -> None:
         check_fold_inits(init, folds)
 
 
+def test_a_progressive_study_starts_and_exports_each_fold_from_its_own_model(study, tmp_path) -> None:
+    """tune study with ``init: .../fold{fold}`` (cheap small-image epochs first, then a larger size): every fold
+    trains from, and its exported bundle names, that fold's own earlier model, and the study finishes."""
+    from core.io import read_json
+    from tune.study import run_study
+
+    record, args = study
+    larger = tmp_path / "larger.yaml"
+    larger.write_text(yaml.safe_dump({**SMOKE_CONFIG, "epochs": 1, "image_size": 96, "lr": 1e-3, "keep": "last",
+                                      "init": str(args.out / "cv" / "folds" / "fold{fold}")}))
+    progressive = run_study(dataclasses.replace(
+        args, src=None, data=args.out / "prepared", test_split=args.out / "test-split.json", config=larger,
+        folds_file=args.out / "cv" / "folds.json", out=tmp_path / "out", record=None, readme=None, export=None))
+    assert progressive["folds"]["patients"] == record["folds"]["patients"]
+    for k in range(3):
+        start = read_json(args.out / "cv" / "folds" / f"fold{k}" / "config.json")["version"]
+        init = read_json(tmp_path / "out" / "cv" / "folds" / f"fold{k}" / "config.json")["init"]
+        assert init["source"] == str(args.out / "cv" / "folds" / f"fold{k}") and init["version"] == start
+    assert progressive["test"]["reading"] == 1
+
+
 @pytest.mark.parametrize("stop", ["early-stopped by none", "error: RayTaskError", "not started"])
 def test_an_interrupted_cv_is_continued_never_summarised(monkeypatch, tmp_path, stop: str) -> None:
     """A CV whose driver was stopped (Ctrl+C) holds folds mid-schedule with checkpoints: summarising them would
@@ -197,3 +218,44 @@ def test_an_interrupted_cv_is_continued_never_summarised(monkeypatch, tmp_path, 
     with pytest.raises(RuntimeError, match=f"fold 1 stopped at epoch 11 \\({stop}\\); rerun"):
         cv.summarise(None, tmp_path, None, [], {}, TrainConfig(), half=False)
     assert not (tmp_path / "folds").exists()
+
+
+def test_ensemble_of_studies_averages_their_out_of_fold_passes_and_ships_every_member(study, tmp_path) -> None:
+    """Two finished studies on the same folds, fold k's models of each ensembled: the out-of-fold passes are
+    the mean of each study's cached ones (here the same models copied, so exactly the first study's), the
+    candidate holds every member, and a study on other folds is refused by name."""
+    import shutil
+
+    from core.bundle import load_bundle
+    from tune.card import model_card
+    from tune.study import run_study
+
+    record, args = study
+    twin = tmp_path / "twin"  # a finished study of its own: its record, fold models and out-of-fold cache
+    shutil.copytree(args.out / "cv" / "folds", twin / "cv" / "folds")
+    shutil.copytree(args.out / "oof", twin / "oof")
+    shutil.copy(args.out / "study.json", twin / "study.json")
+    pair_args = dataclasses.replace(
+        args, src=None, data=args.out / "prepared", test_split=args.out / "test-split.json", config=None,
+        ensemble_of=[args.out, twin], out=tmp_path / "pair", record=None, readme=None, export=None)
+    pair = run_study(pair_args)
+    assert [c["study"] for c in pair["config"]["ensemble_of"]] == [str(args.out), str(twin)]
+    assert pair["cv"]["per_patient_dsc_volume"] == record["cv"]["per_patient_dsc_volume"]
+    assert pair["choices"] == record["choices"]
+    members = load_bundle(tmp_path / "pair" / "bundle").config["members"]
+    assert [m["source"] for m in members] == [f"{s} fold {k}" for s in ("out", "twin") for k in range(3)]
+    for patient, dice in record["test"]["per_patient_dsc_volume"]["volume"].items():
+        assert pair["test"]["per_patient_dsc_volume"]["volume"][patient] == pytest.approx(dice, abs=1e-3)
+    assert pair["compute"]["epochs"] == 2 * record["compute"]["epochs"]
+    assert "Hyperparameters of each fold model of each study" in model_card(pair, "r")
+    assert 0 < pair["bundle"]["mb"] < 1
+    with pytest.raises(SystemExit, match="over --max-bundle-mb 0.01"):  # a candidate too large to ship
+        run_study(dataclasses.replace(pair_args, out=tmp_path / "large", max_bundle_mb=0.01))
+    assert "cv" in (large := json.loads((tmp_path / "large" / "study.json").read_text())) and "test" not in large
+
+    other = json.loads((twin / "study.json").read_text())
+    folds = other["folds"]["patients"]
+    other["folds"]["patients"] = [folds[1] + folds[0][:1], folds[0][1:], *folds[2:]]
+    (twin / "study.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="folds differ"):
+        run_study(dataclasses.replace(pair_args, out=tmp_path / "pair2"))

@@ -31,6 +31,13 @@ def ordinal(n: int) -> str:
     return {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth"}.get(n, f"{n}th")
 
 
+def study_configs(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training config of each study whose fold models the bundle holds: one, or each of an ensemble of
+    studies' (``tune study --ensemble-of``), which share their preprocessing."""
+    config = record["config"]
+    return config.get("ensemble_of", [config])
+
+
 def metrics_json(record: dict[str, Any], record_path: str) -> dict[str, Any]:
     """The bundle's metrics.json: the test split's figures first, then CV, quality and provenance."""
     test = record["test"]
@@ -123,7 +130,8 @@ def readme_block(text: str) -> str:
 def model_card(record: dict[str, Any], record_path: str) -> str:
     """MODEL_CARD.md: intended use, the test split first, how the model was made, its limits."""
     lines, choices, quality = _summary_lines(record), record["choices"], record["quality"]
-    hp = {k: v for k, v in record["config"].items() if k not in ("device", "workers", "eval_batch_size")}
+    configs = study_configs(record)
+    hp = [{k: v for k, v in c.items() if k not in ("device", "workers", "eval_batch_size")} for c in configs]
     compute = record["compute"]
     versus = record.get("versus")
     versus_line = "" if not versus else (
@@ -133,7 +141,8 @@ def model_card(record: dict[str, Any], record_path: str) -> str:
     licence = f"\nTraining data: {record['data']}." if record.get("data") else ""
     active = {k: v for k, v in choices["postprocess"].items() if v}
     rules = f"`{json.dumps(active)}`" if active else "none"
-    config = record["config"]
+    config = configs[0]
+    size = max(int(c["image_size"]) for c in configs)
     preprocessing = (f"intensities {PREPROCESSING[config['normalisation']]}, brain crop "
                      f"{'none' if config['brain_crop'] == 'none' else 'per ' + config['brain_crop']}")
     if "patient" in (config["normalisation"], config["brain_crop"]):
@@ -147,7 +156,7 @@ def model_card(record: dict[str, Any], record_path: str) -> str:
 **Intended use: research and software development only. Not a medical device; not for diagnosis or
 treatment decisions.** It segments FLAIR abnormality in axial brain MRI of lower-grade glioma patients:
 three channels (pre-contrast, FLAIR, post-contrast), 8-bit, any size (resized to its
-{record['config']['image_size']} px input and back), {preprocessing}. Every volume answer carries `quality`
+{size} px input and back), {preprocessing}. Every volume answer carries `quality`
 (0-1) and `review`.{licence}
 
 ## Test split (nothing was chosen on it)
@@ -170,9 +179,9 @@ three channels (pre-contrast, FLAIR, post-contrast), 8-bit, any size (resized to
 - Training compute: {train}.
 - Record: `{record_path}`.
 
-Hyperparameters of each fold model:
+Hyperparameters of each fold model{" of each study" if len(hp) > 1 else ""}:
 ```json
-{json.dumps(hp, indent=1, sort_keys=True)}
+{json.dumps(hp if len(hp) > 1 else hp[0], indent=1, sort_keys=True)}
 ```
 
 ## Limits

@@ -70,12 +70,17 @@ def make_folds(pool: SplitArrays, folds: int, seed: int) -> list[list[str]]:
 
 def cv_trial(config: dict[str, Any], pool: SplitArrays, folds: list[list[str]], split_info: dict[str, Any]) -> None:
     """One fold: core's trainer through tune's trial function, on this fold's train and val."""
-    config = dict(config)
-    k = int(config.pop("fold"))
+    k = int(config["fold"])
+    train, val, info = pool.fold(folds, k, split_info)
+    train_trial(fold_config(config, k), train, val, info)
+
+
+def fold_config(config: dict[str, Any], k: int) -> dict[str, Any]:
+    """A CV trial's config as fold k trains and exports it: no ``fold`` key, ``{fold}`` in its init made k."""
+    config = {x: v for x, v in config.items() if x != "fold"}
     if config.get("init"):
         config["init"] = fold_init(config["init"], k)
-    train, val, info = pool.fold(folds, k, split_info)
-    train_trial(config, train, val, info)
+    return config
 
 
 FOLD = "{fold}"
@@ -188,7 +193,7 @@ def summarise(grid: Any, run_dir: Path, pool: SplitArrays, folds: list[list[str]
         train, val, fold_info = pool.fold(folds, k, info)
         bundle = run_dir / "folds" / f"fold{k}"
         with trial["checkpoint"].as_directory() as folder:
-            results.export_trial(Path(folder), {x: v for x, v in trial["config"].items() if x != "fold"}, bundle,
+            results.export_trial(Path(folder), fold_config(trial["config"], k), bundle,
                                  train, val, fold_info, "gliomaseg-cv-fold",
                                  {"fold": k, "train_patients": fold_info["patients"]["train"],
                                   "val_patients": fold_info["patients"]["val"]})

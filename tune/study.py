@@ -10,6 +10,9 @@
    stopped). Each fold model is trained for the configuration's epochs and kept at its last epoch, so no
    fold's weights are chosen on the patients it predicts. ``--folds-from DIR`` takes fold models trained
    elsewhere instead (bench/gpu_campaign.py, unpacked), checked to be trained on the pool minus their fold.
+   ``--ensemble-of STUDY STUDY ...`` takes finished studies on the same folds and test split instead: fold
+   k's model of each, probabilities averaged (as nnU-Net's find_best_configuration tries ensembles of
+   configurations), their out-of-fold passes averaged from their own caches.
 3. Out-of-fold predictions of every pool patient (core.evaluation.oof), and on them the threshold, TTA,
    volume and one-slice rules, quality method and review cut (core.evaluation.choices: among the
    candidates not significantly worse than the best, paired per patient, the simplest).
@@ -32,6 +35,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +61,13 @@ class StudyOptions:
     data: Path | None = field(default=None, metadata=meta("a prepared directory with a test split", one_of="source"))
     out: Path = field(metadata=meta("the study's folder (prepared/, cv/, oof/, bundle/)"))
     config: Path | None = field(default=None, metadata=meta(
-        "YAML of core train options (constants); not with --folds-from"))
+        "YAML of core train options (constants); or --folds-from, or --ensemble-of"))
     folds_from: Path | None = field(default=None, metadata=meta(
         "fold models trained elsewhere (bench/gpu_campaign.py --unpack): choices and test reading only"))
+    ensemble_of: list[Path] | None = field(default=None, metadata=meta(
+        "finished studies' OUT folders on the same folds and test split: fold k's models of each ensembled, "
+        "probabilities averaged; choices and test reading only", argument={"nargs": "+", "type": Path,
+                                                                         "metavar": "STUDY"}))
     fixed: dict[str, Any] = sets_field("override a config option")
     test_split: Path | None = field(default=None, metadata=meta("split.json whose test patients are the test split"))
     test: float = field(default=0.2, metadata=meta("without --test-split: test patients (fraction or count)"))
@@ -73,6 +81,8 @@ class StudyOptions:
     name: str = field(default="gliomaseg", metadata=meta("the bundle's name"))
     note: str = field(default="", metadata=meta("a sentence for the record and the card"))
     data_licence: str = field(default="", metadata=meta("the training data and its licence, for the card"))
+    max_bundle_mb: float = field(default=16.0, metadata=meta(
+        "the largest candidate bundle (MB) the test split is read for and exported (0: any); the shipped one's limit"))
     readings_before: int = field(default=0, metadata=meta("times this test split was read before"))
     record: Path | None = field(default=None, metadata=meta("also write the record here (e.g. bench/results/...)"))
     export: Path | None = field(default=None, metadata=meta("write the bundle, metrics.json and MODEL_CARD.md here"))
@@ -114,6 +124,78 @@ def study_config(config_file: Path, sets: dict[str, Any]) -> dict[str, Any]:
     from tune.cv import base_config
 
     return base_config(config_file, None, {**sets, **OUT_OF_FOLD_TRAINING})
+
+
+@dataclass
+class FoldModels:
+    """What the choices and the test reading start from: the CV's config and per-fold figures, its folds,
+    the out-of-fold passes (``oof(name)``), the candidate's member bundles and their names."""
+
+    cv: dict[str, Any]
+    folds: list[list[str]]
+    oof: Callable[[str], np.ndarray]
+    members: list[Path]
+    sources: list[str]
+    kind: str
+
+
+def fold_models(cv: dict[str, Any], folds: list[list[str]], bundles: list[Path], pool: SplitArrays,
+                out: Path) -> FoldModels:
+    """One study's fold models: out-of-fold passes predicted by them and cached in OUT/oof."""
+    from core.evaluation.oof import OutOfFold
+
+    return FoldModels(cv, folds, OutOfFold(bundles, folds, pool, out / "oof"), bundles,
+                      [f"fold {k}" for k in range(len(bundles))],
+                      f"{len(folds)}-fold CV ensemble (fp16), probabilities averaged")
+
+
+def ensembled_studies(studies: list[Path], pool: SplitArrays, info: dict[str, Any]) -> FoldModels:
+    """Finished studies on this pool's folds and test split, fold k's models of each ensembled: each
+    out-of-fold pass the mean of the studies' own (cached in their OUT/oof), the candidate all their members."""
+    from core.bundle.model import ensemble_config
+    from core.evaluation.oof import MeanOutOfFold, OutOfFold
+
+    if len(studies) < 2:
+        raise SystemExit("--ensemble-of takes two or more studies")
+    parts, members, sources, configs, computes = [], [], [], [], []
+    for study in studies:
+        path = study / "study.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; --ensemble-of takes the OUT folders of finished `tune study` runs")
+        record = read_json(path)
+        if "cv" not in record:
+            raise SystemExit(f"{path}: its out-of-fold choices have not finished; run that study again first")
+        if record["split"]["hash"] != info.get("split_hash"):
+            raise SystemExit(f"{path}: its test split is not this study's (hash {record['split']['hash']})")
+        if "ensemble_of" in record["config"]:
+            raise SystemExit(f"{path}: an ensemble of studies itself; name the studies it ensembles instead")
+        folds = record["folds"]["patients"]
+        models = Path(record["folds_from"]) if record.get("folds_from") else study / "cv" / "folds"
+        bundles = [models / f"fold{k}" for k in range(len(folds))]
+        for bundle in bundles:
+            if not (bundle / "config.json").is_file():
+                raise SystemExit(f"{bundle}: the fold model {path} names is missing")
+        parts.append(OutOfFold(bundles, folds, pool, study / "oof"))
+        members += bundles
+        sources += [f"{study.name} fold {k}" for k in range(len(folds))]
+        configs.append({"study": str(study), **record["config"]})
+        # a study stopped by --versus before its test reading may predate recording its training compute
+        computes.append(record.get("compute") or (training_compute(study / "cv") if (study / "cv" / "ray").is_dir()
+                                                  else {}))
+    try:
+        oof = MeanOutOfFold(parts)
+        ensemble_config([read_json(b / "config.json") for b in members], "check")
+    except ValueError as exc:
+        raise SystemExit(f"--ensemble-of: {exc}") from None
+    folds = parts[0].folds
+    keys = ("training_process_cpu_seconds", "training_fold_wall_seconds", "epochs")
+    compute = {k: round(sum(c[k] for c in computes), 1) for k in keys if all(k in c for c in computes)}
+    cv = {"config": {"ensemble_of": configs}, "compute": {**compute, "note": "the ensembled studies' training, summed"},
+          "folds": [{"fold": k, "patients": len(f), "members": [s for s in sources if s.endswith(f" fold {k}")]}
+                    for k, f in enumerate(folds)]}
+    return FoldModels(cv, folds, oof, members, sources,
+                      f"ensemble of {len(studies)} studies' {len(folds)}-fold CV models ({len(members)} members, "
+                      "fp16), probabilities averaged")
 
 
 def folds_from(directory: Path, pool: SplitArrays) -> tuple[dict[str, Any], list[list[str]], list[Path]]:
@@ -184,7 +266,7 @@ def members_digest(fold_bundles: list[Path]) -> str:
 
 
 def build_candidate(fold_bundles: list[Path], chosen: dict[str, Any], info: dict[str, Any], out: Path,
-                    name: str) -> Path:
+                    name: str, sources: list[str]) -> Path:
     """The fold ensemble with the CV's settings (fp16 weights); its config names the study's split."""
     from core.training.ensemble import build_ensemble_bundle
 
@@ -193,7 +275,7 @@ def build_candidate(fold_bundles: list[Path], chosen: dict[str, Any], info: dict
              "version": f"{name}-{time.strftime('%Y.%m.%d')}+{members_digest(fold_bundles)[:8]}",
              "data": {"split_hash": info.get("split_hash")}}
     return build_ensemble_bundle(fold_bundles, None, list(info.get("class_names") or ["background", "tumour"]),
-                                 out, name=name, sources=[f"fold {k}" for k in range(len(fold_bundles))],
+                                 out, name=name, sources=sources,
                                  fixed=fixed, half=True)
 
 
@@ -240,7 +322,6 @@ def read_test(bundle: Path, test: SplitArrays) -> dict[str, Any]:
 def run_study(opts: StudyOptions) -> dict[str, Any]:
     """The whole protocol (module doc); returns the record."""
     from core.evaluation.choices import choose_settings
-    from core.evaluation.oof import OutOfFold
     from core.evaluation.selection import ValSplit
     from core.evaluation.stats import BOOTSTRAP
     from tune.cv import pool_splits, run_cv
@@ -252,16 +333,20 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     info = check_test_split(prepared, opts.test_split, out)
     pool, _ = pool_splits(prepared)
     cv_dir = out / "cv"
-    if opts.folds_from:
-        cv, folds, fold_bundles = folds_from(opts.folds_from, pool)
+    if opts.ensemble_of:
+        models = ensembled_studies(opts.ensemble_of, pool, info)
+    elif opts.folds_from:
+        models = fold_models(*folds_from(opts.folds_from, pool), pool, out)
     else:
         config = study_config(opts.config, opts.fixed)
         cv = run_cv(prepared, "cv", opts.folds, config, out, opts.folds_file, opts.cpus_per_trial,
                     opts.gpus_per_trial, opts.seed, half=True)
         folds = read_json(cv_dir / "folds.json")["folds"]
-        fold_bundles = [cv_dir / "folds" / f"fold{k}" for k in range(len(folds))]
+        cv["compute"] = training_compute(cv_dir)
+        models = fold_models(cv, folds, [cv_dir / "folds" / f"fold{k}" for k in range(len(folds))], pool, out)
+    cv, folds, fold_bundles = models.cv, models.folds, models.members
     val = ValSplit(np.asarray(pool.masks), np.asarray(pool.patients), np.asarray(pool.slices))
-    chosen = choose_settings(OutOfFold(fold_bundles, folds, pool, out / "oof"), val)
+    chosen = choose_settings(models.oof, val)
     record: dict[str, Any] = {
         "protocol": PROTOCOL, "bootstrap": BOOTSTRAP, "name": opts.name, "note": opts.note,
         "data": opts.data_licence,
@@ -269,18 +354,17 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
                   "hash": info.get("split_hash"), "test": sorted(info["patients"]["test"]),
                   "pool": len(np.unique(np.asarray(pool.patients)))},
         "config": cv["config"], "folds": {"patients": folds, "per_fold": cv["folds"]},
+        **({"folds_from": str(opts.folds_from)} if opts.folds_from else {}),
         "choices": {k: chosen[k] for k in ("tta", "threshold", "postprocess", "search")},
         "quality": {k: v for k, v in chosen["quality"].items() if k != "per_patient"},
         "cv": {**chosen["cv"], "quality": chosen["quality"]["per_patient"]},
+        "compute": dict(cv.get("compute") or {}),
     }
     if opts.versus:
         record["versus"] = compare(opts.versus, chosen, folds)
         if record["versus"]["verdict"] != "a":  # decided by CV: a variant that does not win leaves the test unread
-            write_json(out / "study.json", record)
-            if opts.record:
-                write_json(opts.record, record)
-            raise SystemExit(f"by CV this study does not beat {opts.versus} (paired per patient: {record['versus']}): "
-                             f"the test split was not read and nothing was exported; record {out / 'study.json'}")
+            stop_before_test(record, out, opts, f"by CV this study does not beat {opts.versus} (paired per patient: "
+                                                f"{record['versus']})")
     digest = members_digest(fold_bundles)
     previous = read_json(out / "study.json") if (out / "study.json").is_file() else {}
     if previous.get("test") and previous.get("bundle", {}).get("members_sha256") == digest \
@@ -288,9 +372,12 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         # a finished study run again (to publish again, or after a kill past the reading): never a second reading
         candidate, record["bundle"], record["test"] = out / "bundle", previous["bundle"], previous["test"]
     else:
-        candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", opts.name)
+        candidate = build_candidate(fold_bundles, chosen, info, out / "bundle", opts.name, models.sources)
         record["bundle"] = {"version": read_json(candidate / "config.json")["version"], "members_sha256": digest,
-                            "kind": f"{len(folds)}-fold CV ensemble (fp16), probabilities averaged"}
+                            "kind": models.kind, "mb": round(folder_mb(candidate), 2)}
+        if opts.max_bundle_mb and record["bundle"]["mb"] > opts.max_bundle_mb:  # it could never ship
+            stop_before_test(record, out, opts, f"the candidate bundle is {record['bundle']['mb']} MB, over "
+                                                f"--max-bundle-mb {opts.max_bundle_mb}")
         record["test"] = read_test(candidate, load_split(prepared, "test"))
         record["test"]["reading"] = opts.readings_before + 1
     if opts.versus and "test" in (earlier := read_json(opts.versus)):  # the same test patients, paired
@@ -298,14 +385,25 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
         record["versus"]["test"] = paired_difference(record["test"]["per_patient_dsc_volume"]["volume"],
                                                      earlier["test"]["per_patient_dsc_volume"]["volume"])
-    record["compute"] = {**(cv.get("compute") or {} if opts.folds_from else training_compute(cv_dir)),
-                         "study_process_cpu_seconds": round(time.process_time() - cpu_started, 1),
-                         "study_wall_seconds": round(time.time() - started, 1)}
+    record["compute"].update(study_process_cpu_seconds=round(time.process_time() - cpu_started, 1),
+                             study_wall_seconds=round(time.time() - started, 1))
     write_json(out / "study.json", record)
     if opts.record:
         write_json(opts.record, record)
     publish(record, candidate, opts)
     return record
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def stop_before_test(record: dict[str, Any], out: Path, opts: StudyOptions, why: str) -> None:
+    """Write the record so far (CV and choices, no test reading) and stop, saying why."""
+    write_json(out / "study.json", record)
+    if opts.record:
+        write_json(opts.record, record)
+    raise SystemExit(f"{why}: the test split was not read and nothing was exported; record {out / 'study.json'}")
 
 
 def publish(record: dict[str, Any], candidate: Path, opts: StudyOptions) -> None:
@@ -331,8 +429,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def study_command(args: argparse.Namespace) -> int:
     opts = from_args(args, StudyOptions)
-    if (opts.config is None) == (opts.folds_from is None):
-        raise SystemExit("give --config (train the folds here) or --folds-from DIR (folds trained elsewhere)")
+    if sum(x is not None for x in (opts.config, opts.folds_from, opts.ensemble_of)) != 1:
+        raise SystemExit("give one of --config (train the folds here), --folds-from DIR (folds trained "
+                         "elsewhere) and --ensemble-of STUDY STUDY ... (finished studies, ensembled per fold)")
     if opts.config:
         if not opts.config.is_file():
             raise SystemExit(f"--config {opts.config}: no such file")

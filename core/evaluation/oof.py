@@ -62,3 +62,22 @@ class OutOfFold:
         np.save(path.with_suffix(".tmp.npy"), out)
         os.replace(path.with_suffix(".tmp.npy"), path)  # a killed run leaves no half-written pass
         return out
+
+
+class MeanOutOfFold:
+    """The out-of-fold probabilities of an ensemble of CV studies on the same folds (fold k's model of each,
+    nnU-Net's ensemble of configurations): each pass the mean of the studies' own passes, as the ensemble
+    bundle averages its members' probabilities."""
+
+    def __init__(self, parts: list[OutOfFold]) -> None:
+        if not parts:
+            raise ValueError("an ensemble of no studies")
+        if any(sorted(map(sorted, p.folds)) != sorted(map(sorted, parts[0].folds)) for p in parts):
+            raise ValueError("the studies' folds differ: an ensemble of studies needs the same folds")
+        self.parts = parts
+
+    def __call__(self, name: str) -> np.ndarray:
+        total = np.zeros(np.shape(self.parts[0].pool.masks), np.float32)
+        for part in self.parts:  # one at a time: a pass of the whole pool is hundreds of MB
+            total += part(name)
+        return (total / len(self.parts)).astype(np.float16)
