@@ -64,11 +64,18 @@ def _interval(figure: dict[str, Any], sign: str = "") -> str:
     return f"{figure['mean']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
+def _start(init: str) -> str:
+    """Where a progressive study's folds started, without the machine's path (a study records it resolved):
+    ``<study>'s fold models`` for a CV's ``<study>/cv/folds/fold{fold}``."""
+    parts = Path(init).parts
+    return f"{parts[-4]}'s fold models" if len(parts) >= 4 and parts[-3:-1] == ("cv", "folds") else Path(init).name
+
+
 def _variant(config: dict[str, Any]) -> str:
     if "ensemble_of" in config:  # tune study --ensemble-of: each study's fold models, ensembled per fold
         return "ensemble: " + " + ".join(f"{Path(c['study']).name} ({_variant(c)})" for c in config["ensemble_of"])
     context = f", 2.5D k={config['context']} ({config['context_sequences']})" if config.get("context") else ""
-    start = f", from {config['init']}" if config.get("init") else ""
+    start = f", from {_start(config['init'])}" if config.get("init") else ""
     return f"{config['arch']} {config['filters']}, {config['image_size']} px, {config['epochs']} epochs{context}{start}"
 
 
