@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import yaml
@@ -395,10 +395,11 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
 
 def folder_mb(folder: Path) -> float:
+    """A bundle folder's size in MB (MiB), every file in it."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
-def stop_before_test(record: dict[str, Any], out: Path, opts: StudyOptions, why: str) -> None:
+def stop_before_test(record: dict[str, Any], out: Path, opts: StudyOptions, why: str) -> NoReturn:
     """Write the record so far (CV and choices, no test reading) and stop, saying why."""
     write_json(out / "study.json", record)
     if opts.record:
