@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tune.card import interval
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
@@ -59,11 +61,6 @@ def table(results: list[dict[str, Any]], others: list[str] | None = None) -> str
     return "\n".join(lines)
 
 
-def _interval(figure: dict[str, Any], sign: str = "") -> str:
-    low, high = figure["ci95"]
-    return f"{figure['mean']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
-
-
 def _start(init: str) -> str:
     """Where a progressive study's folds started, without the machine's path (a study records it resolved):
     ``<study>'s fold models`` for a CV's ``<study>/cv/folds/fold{fold}``."""
@@ -94,14 +91,14 @@ def variants_table(folder: Path = RESULTS) -> str:
     for name, study in variants.items():
         versus = study["versus"]
         lines.append("| " + " | ".join(_cell(c) for c in (
-            name, _variant(study["config"]), _interval(study["cv"]["per_patient"]["volume"]),
-            Path(versus["record"]).name, _interval(versus, "+"), f"{versus['a_better']} / {versus['b_better']} of "
+            name, _variant(study["config"]), interval(study["cv"]["per_patient"]["volume"]),
+            Path(versus["record"]).name, interval(versus, "+"), f"{versus['a_better']} / {versus['b_better']} of "
             f"{versus['patients']}", {"a": "variant wins", "b": "variant loses"}.get(versus["verdict"], "undecided"),
             "yes" if "test" in study else "no")) + " |")
     for other in sorted({Path(s["versus"]["record"]).name for s in variants.values()} & set(studies)):
         study = studies[other]
         lines.append("| " + " | ".join(_cell(c) for c in (
-            other, _variant(study["config"]), _interval(study["cv"]["per_patient"]["volume"]), "", "", "", "",
+            other, _variant(study["config"]), interval(study["cv"]["per_patient"]["volume"]), "", "", "", "",
             "yes" if "test" in study else "no")) + " |")
     return "\n".join(lines)
 

@@ -111,7 +111,7 @@ JOBS = {
     "tune cv": (_tune_cv, (CVOptions,), ["--data", "d"]),
     "tune ensemble": (_tune_ensemble, (EnsembleOptions,), ["runs/r"]),
     "tune report": (_tune_report, (ReportOptions,), ["s3://b/runs/r"]),
-    "tune study": (_tune_study, (StudyOptions,), ["--src", "s", "--out", "o"]),
+    "tune study": (_tune_study, (StudyOptions,), ["--src", "s", "--out", "o", "--config", "c"]),
     "core data synth": (functools.partial(_data, "synth"), (SynthOptions,), ["--out", "o"]),
     "core data prepare": (functools.partial(_data, "prepare"), (PrepareOptions, SplitOptions),
                           ["--src", "s", "--out", "o"]),

@@ -61,13 +61,14 @@ class StudyOptions:
     data: Path | None = field(default=None, metadata=meta("a prepared directory with a test split", one_of="source"))
     out: Path = field(metadata=meta("the study's folder (prepared/, cv/, oof/, bundle/)"))
     config: Path | None = field(default=None, metadata=meta(
-        "YAML of core train options (constants); or --folds-from, or --ensemble-of"))
+        "YAML of core train options (constants): train the folds here", one_of="models"))
     folds_from: Path | None = field(default=None, metadata=meta(
-        "fold models trained elsewhere (bench/gpu_campaign.py --unpack): choices and test reading only"))
+        "fold models trained elsewhere (bench/gpu_campaign.py --unpack): choices and test reading only",
+        one_of="models"))
     ensemble_of: list[Path] | None = field(default=None, metadata=meta(
         "finished studies' OUT folders on the same folds and test split: fold k's models of each ensembled, "
-        "probabilities averaged; choices and test reading only", argument={"nargs": "+", "type": Path,
-                                                                         "metavar": "STUDY"}))
+        "probabilities averaged; choices and test reading only", one_of="models",
+        argument={"nargs": "+", "type": Path, "metavar": "STUDY"}))
     fixed: dict[str, Any] = sets_field("override a config option")
     test_split: Path | None = field(default=None, metadata=meta("split.json whose test patients are the test split"))
     test: float = field(default=0.2, metadata=meta("without --test-split: test patients (fraction or count)"))
@@ -191,7 +192,7 @@ def ensembled_studies(studies: list[Path], pool: SplitArrays, info: dict[str, An
     keys = ("training_process_cpu_seconds", "training_fold_wall_seconds", "epochs")
     compute = {k: round(sum(c[k] for c in computes), 1) for k in keys if all(k in c for c in computes)}
     cv = {"config": {"ensemble_of": configs}, "compute": {**compute, "note": "the ensembled studies' training, summed"},
-          "folds": [{"fold": k, "patients": len(f), "members": [s for s in sources if s.endswith(f" fold {k}")]}
+          "folds": [{"fold": k, "patients": len(f), "members": [f"{s.name} fold {k}" for s in studies]}
                     for k, f in enumerate(folds)]}
     return FoldModels(cv, folds, oof, members, sources,
                       f"ensemble of {len(studies)} studies' {len(folds)}-fold CV models ({len(members)} members, "
@@ -430,9 +431,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def study_command(args: argparse.Namespace) -> int:
     opts = from_args(args, StudyOptions)
-    if sum(x is not None for x in (opts.config, opts.folds_from, opts.ensemble_of)) != 1:
-        raise SystemExit("give one of --config (train the folds here), --folds-from DIR (folds trained "
-                         "elsewhere) and --ensemble-of STUDY STUDY ... (finished studies, ensembled per fold)")
     if opts.config:
         if not opts.config.is_file():
             raise SystemExit(f"--config {opts.config}: no such file")
